@@ -1,0 +1,170 @@
+"""The convolutional VAE and its Gaussian posterior.
+
+API in the manner of diffusers' `AutoencoderKL`: `encode(x) -> Posterior`, `decode(z)`, plus
+`sample`, `reconstruct` and `interpolate` for the things people do with a trained VAE.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vae_core.config import ModelConfig
+from vae_core.likelihoods import Likelihood, make_likelihood
+
+_ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU, "gelu": nn.GELU}
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class Posterior:
+    """Diagonal Gaussian q(z|x) = N(mean, exp(logvar)); tensors are (B, L)."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterised draw z = mean + std * eps, (B, L); differentiable in mean and logvar."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl_per_dim(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per latent dimension in closed form, (B, L) nats."""
+        return 0.5 * (self.mean.square() + self.logvar.exp() - 1.0 - self.logvar)
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)), (B,) nats."""
+        return self.kl_per_dim().sum(-1)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z|x) for z of shape (..., B, L), summed over L -> (..., B)."""
+        return (-0.5 * ((z - self.mean).square() / self.logvar.exp() + self.logvar + LOG_2PI)).sum(-1)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) summed over the last dim."""
+    return (-0.5 * (z.square() + LOG_2PI)).sum(-1)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels) if channels % min(32, channels) == 0 else 1, channels)
+    return nn.Identity()
+
+
+class ConvVAE(nn.Module):
+    """Conv encoder/decoder VAE; each hidden stage halves (encoder) or doubles (decoder) H and W.
+
+    Input is the likelihood's prepared image (B, C, H, W); `decode` returns likelihood parameters
+    (B, P*C, H, W) (logits, means or logistic mean/log-scale).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, h, w = config.input_shape
+        act = _ACTIVATIONS[config.activation]
+        widths = config.hidden_channels
+        self.likelihood: Likelihood = make_likelihood(config.likelihood, c, binarize=config.binarize)
+
+        enc: list[nn.Module] = []
+        prev = c
+        for width in widths:
+            enc += [nn.Conv2d(prev, width, 4, stride=2, padding=1), _norm(config.norm, width), act()]
+            prev = width
+        self.encoder = nn.Sequential(*enc, nn.Flatten())
+
+        factor = 2 ** len(widths)
+        self._bottleneck = (widths[-1], h // factor, w // factor)
+        flat = widths[-1] * (h // factor) * (w // factor)
+        head_in = flat
+        self.enc_dense: nn.Module = nn.Identity()
+        self.dec_dense: nn.Module = nn.Identity()
+        if config.hidden_dim:
+            self.enc_dense = nn.Sequential(nn.Linear(flat, config.hidden_dim), act())
+            head_in = config.hidden_dim
+        self.to_posterior = nn.Linear(head_in, 2 * config.latent_dim)
+
+        dec_in = config.hidden_dim or flat
+        self.from_latent = nn.Sequential(nn.Linear(config.latent_dim, dec_in), act())
+        if config.hidden_dim:
+            self.dec_dense = nn.Sequential(nn.Linear(config.hidden_dim, flat), act())
+
+        # Mirror of the encoder; the last transposed conv emits likelihood parameters directly
+        # (an extra full-resolution conv would double the decoder's cost for little gain).
+        out_ch = c * self.likelihood.params_per_channel
+        rev = list(reversed(widths))
+        dec: list[nn.Module] = []
+        for width, nxt in zip(rev[:-1], rev[1:]):
+            dec += [nn.ConvTranspose2d(width, nxt, 4, stride=2, padding=1), _norm(config.norm, nxt), act()]
+        self.decoder = nn.Sequential(*dec, nn.ConvTranspose2d(rev[-1], out_ch, 4, stride=2, padding=1))
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = self.config.input_shape
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+
+    def encode(self, x: torch.Tensor) -> Posterior:
+        """Prepared images (B, C, H, W) -> q(z|x) with (B, L) mean and logvar."""
+        self._check_input(x)
+        h = self.enc_dense(self.encoder(x))
+        mean, logvar = self.to_posterior(h).float().chunk(2, dim=-1)
+        # Clamp keeps exp(logvar) finite early in training without limiting a useful range.
+        return Posterior(mean, logvar.clamp(-30.0, 20.0))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, L) -> likelihood parameters (B, P*C, H, W)."""
+        h = self.dec_dense(self.from_latent(z))
+        return self.decoder(h.view(-1, *self._bottleneck))
+
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, Posterior]:
+        """Prepared images (B, C, H, W) -> (decoder output for one posterior sample, posterior)."""
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator)), posterior
+
+    # --- the things users do with a trained VAE; images in and out are in [0, 1] or uint8 ---
+
+    def _prepare_eval(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images, or floats in [0, 1], -> the model's input scale (no sampling, no noise)."""
+        x01 = images.float() / 255.0 if images.dtype == torch.uint8 else images
+        return self.likelihood.to_input(x01)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """n images from the prior, (n, C, H, W) in [0, 1]."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature
+        return self.likelihood.mean(self.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W), uint8 or [0, 1] floats -> reconstructions (B, C, H, W) in [0, 1] via the mode."""
+        return self.likelihood.mean(self.decode(self.encode(self._prepare_eval(images)).mode()))
+
+    @torch.no_grad()
+    def interpolate(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8) -> torch.Tensor:
+        """Decode the straight line between the posterior means of two images, (steps, C, H, W) in [0, 1]."""
+        if steps < 2:
+            raise ValueError(f"steps must be at least 2, got {steps}")
+        pair = self._prepare_eval(torch.stack([x_a, x_b]))
+        za, zb = self.encode(pair).mode()
+        t = torch.linspace(0.0, 1.0, steps, device=za.device).unsqueeze(1)
+        return self.likelihood.mean(self.decode((1 - t) * za + t * zb))

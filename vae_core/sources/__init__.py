@@ -1,0 +1,1 @@
+"""Image sources that ingestion reads: folders of image files, MNIST IDX, NumPy, Parquet, built-ins."""

@@ -1,0 +1,212 @@
+"""Training as plain functions: one step, one epoch, validation. A Ray worker calls these as they are.
+
+Batches are uint8 image tensors (B, C, H, W); the likelihood turns them into inputs and targets on the
+device, so the loader moves 1 byte per pixel and never decodes or normalises anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vae_core.config import TrainConfig, VAEConfig
+from vae_core.iwae import iwae_log_likelihood
+from vae_core.losses import beta_at, bits_per_dim, negative_elbo
+from vae_core.model import ConvVAE
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training must stop rather than write garbage weights."""
+
+
+@dataclass
+class TrainState:
+    """Where training is: counters that checkpoints carry so a resumed run continues exactly."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU generator for the sampling that training does."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a GPU when enabled; a no-op on CPU (where bf16 convs are slower, not faster)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: ConvVAE, cfg: TrainConfig, device: torch.device) -> ConvVAE:
+    """Move to the device; channels_last only on a GPU, where it speeds convolutions up."""
+    model = model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.num_threads and device.type == "cpu":
+        torch.set_num_threads(cfg.num_threads)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Cosine decay to 10% of the peak over `total_steps`, or a constant rate."""
+    if cfg.lr_schedule == "cosine":
+        def factor(step: int) -> float:
+            t = min(1.0, step / max(1, total_steps))
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def iterate_batches(
+    images: torch.Tensor,
+    batch_size: int,
+    shuffle: bool = True,
+    generator: torch.Generator | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Batches of an in-memory uint8 tensor (N, H, W, C) as (B, C, H, W) views in channels_last layout.
+
+    With `world_size` > 1 each rank takes a disjoint, equally sized slice of the (shuffled) order; all
+    ranks must pass generators in the same state so they agree on the permutation.
+    """
+    n = images.shape[0]
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    per_rank = n // world_size if world_size > 1 else n
+    order = order[rank * per_rank : (rank + 1) * per_rank]
+    stop = (len(order) // batch_size) * batch_size if drop_last else len(order)
+    for i in range(0, stop, batch_size):
+        idx = order[i : i + batch_size]
+        # NHWC -> NCHW as a view: the memory is already channels_last, no copy.
+        yield images[idx].permute(0, 3, 1, 2)
+
+
+def train_step(
+    model: ConvVAE,
+    optimizer: torch.optim.Optimizer,
+    x_u8: torch.Tensor,
+    state: TrainState,
+    cfg: TrainConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One optimiser step on a uint8 batch (B, C, H, W); returns the loss terms and gradient norm.
+
+    Raises:
+        NonFiniteLossError: the loss is NaN or infinite (before the weights are touched).
+    """
+    device = next(model.parameters()).device
+    model.train()
+    x_u8 = x_u8.to(device, non_blocking=True)
+    x, target = model.likelihood.prepare(x_u8, generator=generator if device.type == "cpu" else None)
+    beta = beta_at(state.step, cfg)
+    with autocast(device, cfg.amp):
+        params, posterior = model(x, generator=generator if device.type == "cpu" else None)
+    log_px = model.likelihood.log_prob(params, target)
+    terms = negative_elbo(log_px, posterior.kl_per_dim(), beta=beta, free_bits=cfg.free_bits)
+    loss = terms["loss"]
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at step {state.step} (epoch {state.epoch + 1}); "
+            "lower train.lr, set train.grad_clip, or check the data"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    state.step += 1
+    return {
+        "loss": loss.item(),
+        "recon": terms["recon"].item(),
+        "kl": terms["kl"].item(),
+        "elbo": terms["elbo"].item(),
+        "beta": beta,
+        "grad_norm": grad_norm.item(),
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+
+
+def train_epoch(
+    model: ConvVAE,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[torch.Tensor],
+    state: TrainState,
+    cfg: TrainConfig,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[dict[str, float], TrainState], None] | None = None,
+) -> dict[str, float]:
+    """Run one pass over `batches`; returns image-weighted means of the step metrics plus images/s."""
+    sums: dict[str, float] = {}
+    seen = 0
+    start = time.perf_counter()
+    for x_u8 in batches:
+        metrics = train_step(model, optimizer, x_u8, state, cfg, generator)
+        if scheduler is not None:
+            scheduler.step()
+        b = x_u8.shape[0]
+        seen += b
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v * b
+        if on_step is not None:
+            on_step(metrics, state)
+    elapsed = time.perf_counter() - start
+    state.epoch += 1
+    out = {k: v / max(seen, 1) for k, v in sums.items()}
+    out["images_per_s"] = seen / elapsed if elapsed > 0 else 0.0
+    out["images"] = float(seen)
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: ConvVAE,
+    batches: Iterable[torch.Tensor],
+    generator: torch.Generator | None = None,
+    iw_samples: int = 0,
+    amp: bool = False,
+) -> dict[str, float]:
+    """Mean -ELBO terms over `batches` (β = 1); with `iw_samples` > 0 also the IWAE NLL in nats and bits/dim."""
+    model.eval()
+    device = next(model.parameters()).device
+    sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+    nll_sum, seen = 0.0, 0
+    for x_u8 in batches:
+        x_u8 = x_u8.to(device, non_blocking=True)
+        gen = generator if device.type == "cpu" else None
+        x, target = model.likelihood.prepare(x_u8, generator=gen)
+        with autocast(device, amp):
+            params, posterior = model(x, generator=gen)
+        terms = negative_elbo(model.likelihood.log_prob(params, target), posterior.kl_per_dim())
+        b = x_u8.shape[0]
+        seen += b
+        for k in sums:
+            sums[k] += terms[k].item() * b
+        if iw_samples:
+            nll_sum += -iwae_log_likelihood(model, x, target, k=iw_samples, generator=gen).sum().item()
+    out = {k: v / max(seen, 1) for k, v in sums.items()}
+    if iw_samples:
+        out["nll"] = nll_sum / max(seen, 1)
+        out["bits_per_dim"] = bits_per_dim(out["nll"], math.prod(model.config.input_shape))
+    return out
