@@ -1,0 +1,31 @@
+"""Shared fixtures. Every test runs with MLflow telemetry off and state under a temporary VAE_HOME."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+REPO = Path(__file__).resolve().parent.parent
+MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture
+def vae_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "vae_home"
+    monkeypatch.setenv("VAE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def digits_u8():
+    """Real handwritten digits (scikit-learn's, shipped offline): uint8 (1797, 1, 8, 8)."""
+    import torch
+
+    from vae_core.sources.digits import load_digits_u8
+
+    images, _ = load_digits_u8()
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
