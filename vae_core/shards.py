@@ -1,0 +1,448 @@
+"""The dataset shard format: Arrow schema, manifest, atomic writes, and the reader API other stages use.
+
+Layout (any fsspec URL as the root)::
+
+    <data_root>/<name>/<version>/manifest.json
+    <data_root>/<name>/<version>/train/part-00000.parquet
+    <data_root>/<name>/<version>/val/part-00000.parquet
+    <data_root>/<name>/<version>/test/part-00000.parquet
+
+One row per image (see `shard_schema`): ``id`` string, ``image`` fixed_size_binary[H*W*C] holding raw
+uint8 pixels in HWC order, ``label`` int32 (null where the source has none), ``source`` string.
+Shards are zstd-compressed Parquet. ``manifest.json`` is written last, so a version folder without a
+manifest is an unfinished write and every reader ignores it.
+
+Reader API (what training and encoding build on)::
+
+    info = open_dataset("s3://bucket/datasets", "mnist")          # latest version
+    images, labels, ids = read_split_u8(info, "train")            # (N,H,W,C) uint8, (N,) int32, list[str]
+    urls = list_shards(info, "val")                                # full URLs, in row order
+    info.height, info.width, info.channels, info.counts, info.manifest.label_names
+
+`labels` uses -1 where a row has no label. `list_shards` plus `info.storage_options` is what a
+streaming reader (Ray Data's ``read_parquet``) needs for splits too large to hold in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FORMAT = "vae-shards/1"
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+MANIFEST = "manifest.json"
+COMPRESSION = "zstd"
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+
+def shard_schema(image_bytes: int) -> pa.Schema:
+    """Arrow schema of one shard whose images are `image_bytes` = H*W*C bytes each."""
+    if image_bytes < 1:
+        raise ValueError(f"image_bytes must be positive, got {image_bytes}")
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("image", pa.binary(image_bytes), nullable=False),
+            pa.field("label", pa.int32(), nullable=True),
+            pa.field("source", pa.string(), nullable=False),
+        ]
+    )
+
+
+def build_table(ids: list[str], images: np.ndarray, labels: np.ndarray, sources: list[str]) -> pa.Table:
+    """Rows -> Arrow table in the shard schema.
+
+    images: uint8 (N, H, W, C), C-contiguous; labels: int32 (N,), -1 meaning "no label".
+    The pixel buffer is handed to Arrow without a copy.
+    """
+    n = len(ids)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != n:
+        raise ValueError(f"images must be uint8 (N,H,W,C) with N={n}, got {images.dtype} {images.shape}")
+    if labels.shape != (n,) or len(sources) != n:
+        raise ValueError(f"{n} ids but labels {labels.shape} and {len(sources)} sources")
+    row = int(np.prod(images.shape[1:]))
+    pixels = np.ascontiguousarray(images)
+    image_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row), n, [None, pa.py_buffer(pixels)])
+    labels = labels.astype(np.int32, copy=False)
+    label_col = pa.array(labels, type=pa.int32(), mask=labels < 0)
+    return pa.Table.from_arrays(
+        [pa.array(ids, pa.string()), image_col, label_col, pa.array(sources, pa.string())],
+        schema=shard_schema(row),
+    )
+
+
+def write_options(image_bytes: int) -> dict[str, Any]:
+    """Keyword arguments for `pq.write_table` used for every shard.
+
+    Dictionary encoding and statistics are switched off for the pixel column: every value is distinct
+    and min/max of raw pixels helps no reader, so both would only cost time. Row groups hold ~16 MiB of
+    pixels so a streaming reader never needs a whole shard in memory.
+    """
+    return {
+        "compression": COMPRESSION,
+        "use_dictionary": ["label", "source"],
+        "write_statistics": ["id", "label"],
+        "row_group_size": max(1, (16 << 20) // image_bytes),
+    }
+
+
+def encode_shard(table: pa.Table) -> bytes:
+    """Arrow table -> the bytes of one Parquet shard."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, **write_options(table.schema.field("image").type.byte_width))
+    return sink.getvalue()
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -------------------------------------------------------------------------------------------- manifest
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ShardInfo(_Strict):
+    """One Parquet file: its path relative to the version folder, rows, size and SHA-256 of its bytes."""
+
+    path: str
+    rows: int = Field(ge=1)
+    bytes: int = Field(ge=1)
+    sha256: str
+
+
+class SplitInfo(_Strict):
+    rows: int = Field(ge=0)
+    shards: list[ShardInfo] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _rows_add_up(self) -> "SplitInfo":
+        if sum(s.rows for s in self.shards) != self.rows:
+            raise ValueError(f"split has {self.rows} rows but its shards hold {sum(s.rows for s in self.shards)}")
+        return self
+
+
+class QuarantineEntry(_Strict):
+    """An input item that is not in the dataset, and why."""
+
+    id: str
+    source: str
+    reason: str
+
+
+class DuplicateEntry(_Strict):
+    """An input item dropped because its pixels equal those of `duplicate_of`, which was kept."""
+
+    id: str
+    source: str
+    duplicate_of: str
+
+
+class ItemCounts(_Strict):
+    """Every item the source yielded is exactly one of ok, duplicate or quarantined."""
+
+    seen: int = Field(ge=0)
+    ok: int = Field(ge=0)
+    duplicates: int = Field(ge=0)
+    quarantined: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _nothing_lost(self) -> "ItemCounts":
+        if self.ok + self.duplicates + self.quarantined != self.seen:
+            raise ValueError(
+                f"items do not add up: ok {self.ok} + duplicates {self.duplicates} + "
+                f"quarantined {self.quarantined} != seen {self.seen}"
+            )
+        return self
+
+
+class SourceDescription(_Strict):
+    kind: str
+    url: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(_Strict):
+    """Contents of ``manifest.json``: everything a reader needs without opening a shard.
+
+    channel_mean / channel_std are per channel (length C) of pixel/255 over the train split.
+    """
+
+    format: Literal["vae-shards/1"] = FORMAT
+    name: str
+    version: str
+    created_at: str
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    channels: Literal[1, 3]
+    splits: dict[str, SplitInfo]
+    label_names: list[str] | None = None
+    channel_mean: list[float]
+    channel_std: list[float]
+    items: ItemCounts
+    quarantine: list[QuarantineEntry] = Field(default_factory=list)
+    duplicates: list[DuplicateEntry] = Field(default_factory=list)
+    source: SourceDescription
+    options: dict[str, Any] = Field(default_factory=dict, description="the ingest options that shaped the rows")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        unknown = set(self.splits) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
+        if len(self.channel_mean) != self.channels or len(self.channel_std) != self.channels:
+            raise ValueError(f"channel stats must have {self.channels} entries")
+        if sum(s.rows for s in self.splits.values()) != self.items.ok:
+            raise ValueError(f"splits hold {sum(s.rows for s in self.splits.values())} rows, items.ok is {self.items.ok}")
+        if len(self.quarantine) != self.items.quarantined or len(self.duplicates) != self.items.duplicates:
+            raise ValueError("quarantine/duplicates lists do not match items counts")
+        return self
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows per split, every split present (0 where empty)."""
+        return {s: (self.splits[s].rows if s in self.splits else 0) for s in SPLITS}
+
+    @property
+    def image_bytes(self) -> int:
+        return self.height * self.width * self.channels
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- filesystems
+
+
+def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """URL (local path, file://, memory://, s3://, ...) -> (filesystem, path without protocol)."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path.rstrip("/") or path
+
+
+def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Inverse of `resolve`: a URL that names `path` on `fs` (local paths stay plain paths)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
+
+
+def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either nothing or the whole file.
+
+    The bytes go to a hidden temporary name in the same folder, then one move publishes them (a rename
+    locally; on object stores a server-side copy, which also appears all at once).
+    """
+    parent = posixpath.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+    fs.pipe_file(tmp, data)
+    try:
+        fs.mv(tmp, path)
+    except BaseException:
+        _remove_quietly(fs, tmp)
+        raise
+
+
+def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except Exception:  # best effort: the original error is the one worth reporting
+        pass
+
+
+# -------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One published dataset version: where it is and its manifest.
+
+    url is the version folder (e.g. ``s3://b/datasets/mnist/3f2a...``); fs/path address it directly.
+    """
+
+    url: str
+    manifest: Manifest
+    fs: fsspec.AbstractFileSystem = field(repr=False, compare=False)
+    path: str = field(repr=False)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def height(self) -> int:
+        return self.manifest.height
+
+    @property
+    def width(self) -> int:
+        return self.manifest.width
+
+    @property
+    def channels(self) -> int:
+        return self.manifest.channels
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image."""
+        return (self.manifest.height, self.manifest.width, self.manifest.channels)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.manifest.counts
+
+
+def version_path(fs: fsspec.AbstractFileSystem, root: str, name: str, version: str) -> str:
+    return posixpath.join(root, name, version)
+
+
+def read_manifest(fs: fsspec.AbstractFileSystem, version_dir: str) -> Manifest:
+    """Load and validate ``manifest.json`` of one version folder."""
+    path = posixpath.join(version_dir, MANIFEST)
+    try:
+        raw = fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {MANIFEST} in {to_url(fs, version_dir)}: not a finished dataset version") from None
+    try:
+        return Manifest.model_validate_json(raw)
+    except ValueError as e:
+        raise ValueError(f"{to_url(fs, path)} is not a valid manifest: {e}") from e
+
+
+def list_versions(root_url: str, name: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Finished versions of dataset `name`, oldest first (by the manifest's created_at)."""
+    fs, root = resolve(root_url, storage_options)
+    base = posixpath.join(root, name)
+    found: list[tuple[str, str]] = []
+    for entry in _list_dirs(fs, base):
+        version = posixpath.basename(entry)
+        if version.startswith("."):
+            continue  # temporary names of unfinished writes
+        try:
+            m = read_manifest(fs, entry)
+        except FileNotFoundError:
+            continue
+        found.append((m.created_at, version))
+    return [v for _, v in sorted(found)]
+
+
+def _list_dirs(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    try:
+        entries = fs.ls(path, detail=True, refresh=True) if _accepts_refresh(fs) else fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory")
+
+
+def _accepts_refresh(fs: fsspec.AbstractFileSystem) -> bool:
+    # Object-store filesystems cache listings; a reader must see versions another process just wrote.
+    return hasattr(fs, "invalidate_cache") and fs.protocol not in ("file", ("file", "local"))
+
+
+def open_dataset(
+    root_url: str,
+    name: str,
+    version: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> DatasetInfo:
+    """Find dataset `name` under `root_url`; `version=None` picks the most recently created one.
+
+    Raises FileNotFoundError naming the dataset folder (and the versions that do exist) when there is
+    nothing to open.
+    """
+    fs, root = resolve(root_url, storage_options)
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache()
+    if version is None:
+        versions = list_versions(root_url, name, storage_options)
+        if not versions:
+            raise FileNotFoundError(f"no dataset {name!r} under {root_url}: run `vae ingest SOURCE --name {name}` first")
+        version = versions[-1]
+    vdir = version_path(fs, root, name, version)
+    try:
+        manifest = read_manifest(fs, vdir)
+    except FileNotFoundError:
+        have = list_versions(root_url, name, storage_options)
+        raise FileNotFoundError(
+            f"dataset {name!r} has no version {version!r} under {root_url} (versions: {have or 'none'})"
+        ) from None
+    return DatasetInfo(url=to_url(fs, vdir), manifest=manifest, fs=fs, path=vdir,
+                       storage_options=dict(storage_options or {}))
+
+
+def list_shards(info: DatasetInfo, split: str) -> list[str]:
+    """Full URLs of the Parquet shards of `split`, in row order (empty for an empty split)."""
+    _check_split(split)
+    s = info.manifest.splits.get(split)
+    return [to_url(info.fs, posixpath.join(info.path, sh.path)) for sh in (s.shards if s else [])]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
+
+
+def read_shard_table(info: DatasetInfo, shard: ShardInfo, verify: bool = True) -> pa.Table:
+    """One shard as an Arrow table; with verify, its SHA-256 must match the manifest."""
+    path = posixpath.join(info.path, shard.path)
+    data = info.fs.cat_file(path)
+    if verify and sha256_hex(data) != shard.sha256:
+        raise ValueError(f"{to_url(info.fs, path)}: checksum does not match the manifest (corrupt or replaced shard)")
+    return pq.read_table(pa.BufferReader(data))
+
+
+def table_to_u8(table: pa.Table, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Shard table -> (images uint8 (N,H,W,C), labels int32 (N,) with -1 for null, ids)."""
+    n = table.num_rows
+    col = table.column("image").combine_chunks()
+    width = col.type.byte_width
+    if width != int(np.prod(shape)):
+        raise ValueError(f"image column holds {width} bytes per row, manifest shape {shape} needs {int(np.prod(shape))}")
+    buf = col.buffers()[1]
+    pixels = np.frombuffer(buf, dtype=np.uint8, count=n * width, offset=col.offset * width)
+    labels = table.column("label").fill_null(-1).to_numpy().astype(np.int32, copy=False)
+    return pixels.reshape(n, *shape), labels, table.column("id").to_pylist()
+
+
+def read_split_u8(info: DatasetInfo, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Whole split in memory: images uint8 (N, H, W, C), labels int32 (N,) with -1 for "no label", ids.
+
+    Rows come in shard order, which is the order ingestion wrote them (stable across reads).
+    With verify (default), every shard's SHA-256 is checked against the manifest.
+    """
+    _check_split(split)
+    s = info.manifest.splits.get(split)
+    shards = s.shards if s else []
+    n = sum(sh.rows for sh in shards)
+    images = np.empty((n, *info.shape), dtype=np.uint8)
+    labels = np.empty((n,), dtype=np.int32)
+    ids: list[str] = []
+    at = 0
+    for sh in shards:
+        x, y, i = table_to_u8(read_shard_table(info, sh, verify), info.shape)
+        if len(i) != sh.rows:
+            raise ValueError(f"{sh.path}: manifest says {sh.rows} rows, file has {len(i)}")
+        images[at : at + len(i)] = x
+        labels[at : at + len(i)] = y
+        ids.extend(i)
+        at += len(i)
+    return images, labels, ids
