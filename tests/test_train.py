@@ -64,7 +64,7 @@ def test_nan_loss_stops_with_a_clear_error():
         model.to_posterior.weight.fill_(float("nan"))
     opt = make_optimizer(model, cfg.train)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 0"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan \(gradient norm nan\) at step 0"):
         train_step(model, opt, _images(8).permute(0, 3, 1, 2), TrainState(), cfg.train)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)

@@ -102,8 +102,13 @@ def iterate_batches(
         yield images[idx].permute(0, 3, 1, 2)
 
 
+def unwrap(model: torch.nn.Module) -> ConvVAE:
+    """The ConvVAE inside a DistributedDataParallel (or any `.module`) wrapper."""
+    return getattr(model, "module", model)
+
+
 def train_step(
-    model: ConvVAE,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     x_u8: torch.Tensor,
     state: TrainState,
@@ -112,28 +117,34 @@ def train_step(
 ) -> dict[str, float]:
     """One optimiser step on a uint8 batch (B, C, H, W); returns the loss terms and gradient norm.
 
+    `model` may be a DistributedDataParallel wrapper: the forward goes through it (so gradients are
+    all-reduced) and the likelihood is taken from the module inside.
+
     Raises:
         NonFiniteLossError: the loss is NaN or infinite (before the weights are touched).
     """
     device = next(model.parameters()).device
     model.train()
+    likelihood = unwrap(model).likelihood
     x_u8 = x_u8.to(device, non_blocking=True)
-    x, target = model.likelihood.prepare(x_u8, generator=generator if device.type == "cpu" else None)
+    x, target = likelihood.prepare(x_u8, generator=generator if device.type == "cpu" else None)
     beta = beta_at(state.step, cfg)
     with autocast(device, cfg.amp):
         params, posterior = model(x, generator=generator if device.type == "cpu" else None)
-    log_px = model.likelihood.log_prob(params, target)
+    log_px = likelihood.log_prob(params, target)
     terms = negative_elbo(log_px, posterior.kl_per_dim(), beta=beta, free_bits=cfg.free_bits)
     loss = terms["loss"]
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(
-            f"loss is {loss.item()} at step {state.step} (epoch {state.epoch + 1}); "
-            "lower train.lr, set train.grad_clip, or check the data"
-        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    # Checked after backward: under DDP a NaN on one rank reaches every rank's gradients through the
+    # all-reduce, so all ranks stop at the same step instead of some waiting forever on the others.
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} (gradient norm {grad_norm.item()}) at step {state.step} "
+            f"(epoch {state.epoch + 1}); lower train.lr, set train.grad_clip, or check the data"
+        )
     optimizer.step()
     state.step += 1
     return {
@@ -148,7 +159,7 @@ def train_step(
 
 
 def train_epoch(
-    model: ConvVAE,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Iterable[torch.Tensor],
     state: TrainState,
@@ -206,6 +217,7 @@ def evaluate(
         if iw_samples:
             nll_sum += -iwae_log_likelihood(model, x, target, k=iw_samples, generator=gen).sum().item()
     out = {k: v / max(seen, 1) for k, v in sums.items()}
+    out["images"] = float(seen)
     if iw_samples:
         out["nll"] = nll_sum / max(seen, 1)
         out["bits_per_dim"] = bits_per_dim(out["nll"], math.prod(model.config.input_shape))
