@@ -258,6 +258,19 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         raise
 
 
+def atomic_put_file(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:
+    """Upload a local file to `path` atomically (same temporary-name-then-move scheme)."""
+    parent = posixpath.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+    fs.put_file(local_path, tmp)
+    try:
+        fs.mv(tmp, path)
+    except BaseException:
+        _remove_quietly(fs, tmp)
+        raise
+
+
 def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
     try:
         fs.rm_file(path)

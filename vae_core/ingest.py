@@ -1,0 +1,569 @@
+"""Ingestion as plain functions: any image source -> validated rows -> splits -> shards + manifest.
+
+    cfg = IngestConfig(source="/data/mnist", name="mnist", data_root="s3://bucket/datasets")
+    result = run_ingest(cfg)          # = publish(build(open_source_for(cfg), cfg), cfg)
+
+Steps and why they are ordered this way:
+
+1. `open_source_for` opens and validates the source as a whole (missing, empty, wrong magic,
+   count mismatch): those fail at once with the file named, before anything is decoded.
+2. `build` decodes every item exactly once (worker processes for encoded files), checks that shapes
+   agree, drops exact pixel duplicates (the first in source order is kept), assigns splits and
+   writes zstd Parquet shards to a local staging folder, hashing the rows as they pass. Each item
+   ends as exactly one of ok, duplicate or quarantined. The version is the hash of the rows and of
+   the options that shaped them, so it is known only once everything was seen.
+3. `publish` finds that version under the data root and stops there if it exists (a re-run writes
+   nothing); otherwise it uploads the shards and then the manifest, each atomically. A crash before
+   the manifest leaves an unfinished version folder that readers ignore and the next run completes.
+
+Splits: an item keeps the source's own split (MNIST's train/t10k, folders named train/val/test,
+Parquet files or a split column). Items without one are split by a hash of their id: test if
+u < test_fraction, val if u < test_fraction + val_fraction, with u = hash(id) in [0, 1). When the
+source has no val split of its own, val is carved from its train items the same way (u <
+val_fraction). The split of an item therefore depends only on its id: adding items never moves old
+ones between splits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import posixpath
+import re
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from tqdm.auto import tqdm
+
+from vae_core.shards import (
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    DuplicateEntry,
+    ItemCounts,
+    Manifest,
+    QuarantineEntry,
+    ShardInfo,
+    SourceDescription,
+    SplitInfo,
+    atomic_put_file,
+    atomic_write_bytes,
+    build_table,
+    encode_shard,
+    read_manifest,
+    resolve,
+    sha256_hex,
+    to_url,
+    version_path,
+)
+from vae_core.sources.base import RawBatch, Source
+from vae_core.sources.decode import ShapeSpec
+from vae_core.sources.detect import Format, open_source
+from vae_core.sources.parallel import Decoded, decode_stream
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SPLIT_SALT = b"vae-split/1"  # changing it would move every item to a different split
+_STATS_CHUNK = 4096  # images per chunk of the float64 stats pass (bounds its temporary memory)
+
+
+class IngestError(RuntimeError):
+    """The run cannot produce a dataset (mixed shapes, too much quarantined, nothing usable)."""
+
+
+class IngestConfig(BaseModel):
+    """Everything `run_ingest` needs; validated at the boundary (CLI, flow)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="source URL, or builtin:digits")
+    name: str = Field(description="dataset name: letters, digits, '.', '_', '-'")
+    data_root: str = Field(description="where datasets live (any fsspec URL)")
+    format: Format = "auto"
+    image_size: tuple[int, int] | None = Field(None, description="(H, W); None keeps the source's when uniform")
+    fit: Literal["crop", "pad"] = Field("crop", description="aspect ratio: centre crop, or pad with black")
+    channels: Literal[1, 3] | None = Field(None, description="None keeps the source's when uniform")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="used only for items without a split of their own")
+    shard_mb: float = Field(64, gt=0, description="max uncompressed pixel MiB per shard")
+    max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
+    workers: int = Field(0, ge=0, description="decode processes; 0 = one per CPU")
+    image_column: str | None = None
+    label_column: str | None = None
+    source_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the source")
+    data_root_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for data_root")
+    staging_dir: str | None = Field(None, description="local scratch folder (default: the system temp folder)")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"dataset name {v!r} must start with a letter or digit and use only letters, digits, '.', '_', '-'")
+        return v
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and (v[0] < 1 or v[1] < 1):
+            raise ValueError(f"image_size must be positive, got {v[0]}x{v[1]}")
+        return v
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "IngestConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} leaves no train split")
+        return self
+
+    @property
+    def spec(self) -> ShapeSpec:
+        return ShapeSpec(self.image_size, self.channels, self.fit)
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'28,28' / '28x28' / '28' -> (H, W)."""
+    parts = [p for p in re.split(r"[,x\s]+", text.strip().lower()) if p]
+    try:
+        if len(parts) == 1:
+            return int(parts[0]), int(parts[0])
+        if len(parts) == 2:
+            return int(parts[0]), int(parts[1])
+    except ValueError:
+        pass
+    raise ValueError(f"image size {text!r} is not H,W (e.g. 28,28)")
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class StagedDataset:
+    """A fully built dataset in local staging, not yet published. `manifest.created_at` is set at publish."""
+
+    manifest: Manifest
+    staging: Path
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+@dataclass
+class IngestResult:
+    name: str
+    version: str
+    url: str
+    created: bool  # False when this version already existed and nothing was written
+    manifest: Manifest
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON `vae ingest --json` prints."""
+        items = self.manifest.items
+        return {
+            "name": self.name,
+            "version": self.version,
+            "path": self.url,
+            "created": self.created,
+            "counts": self.manifest.counts,
+            "shape": [self.manifest.height, self.manifest.width, self.manifest.channels],
+            "seen": items.seen,
+            "duplicates": items.duplicates,
+            "quarantined": items.quarantined,
+        }
+
+
+# ------------------------------------------------------------------------------------------- splits
+
+
+def id_hash_unit(ids: list[str]) -> np.ndarray:
+    """ids -> float64 (n,) in [0, 1), a fixed function of each id alone."""
+    digests = b"".join(hashlib.blake2b(i.encode(), digest_size=8, key=_SPLIT_SALT).digest() for i in ids)
+    return np.frombuffer(digests, dtype="<u8") / 2.0**64
+
+
+def assign_splits(ids: list[str], source_splits: list[str | None] | None, val_fraction: float,
+                  test_fraction: float, carve_val: bool) -> np.ndarray:
+    """-> int8 (n,) split codes (index into SPLITS: 0 train, 1 val, 2 test). See the module docstring."""
+    u = id_hash_unit(ids)
+    hashed = np.where(u < test_fraction, 2, np.where(u < test_fraction + val_fraction, 1, 0)).astype(np.int8)
+    if source_splits is None:
+        return hashed
+    own = np.array([-1 if s is None else SPLITS.index(s) for s in source_splits], dtype=np.int8)
+    if carve_val:
+        own = np.where((own == 0) & (u < val_fraction), 1, own).astype(np.int8)
+    return np.where(own < 0, hashed, own).astype(np.int8)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+class _SplitWriter:
+    """Buffers one split's rows and writes fixed-size shards to staging (in a background thread:
+    Arrow releases the GIL while compressing, so writing overlaps with hashing the next batch)."""
+
+    def __init__(self, split: str, staging: Path, rows_per_shard: int, writer: ThreadPoolExecutor):
+        self.split, self.staging, self.rows_per_shard, self.writer = split, staging, rows_per_shard, writer
+        self.ids: list[str] = []
+        self.sources: list[str] = []
+        self.images: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.buffered = 0
+        self.rows = 0
+        self.shards: list[Future[ShardInfo]] = []
+        self.hasher = hashlib.sha256()
+        self.sum = np.zeros(0)
+        self.sumsq = np.zeros(0)
+
+    def append(self, ids: list[str], images: np.ndarray, labels: np.ndarray, sources: list[str],
+               digests: list[bytes]) -> None:
+        """images uint8 (m, H, W, C); labels int32 (m,); digests: SHA-256 of each image's bytes."""
+        # The row hash covers everything a row holds, in order, so equal hashes mean equal splits.
+        self.hasher.update(b"".join(
+            d + int(lab).to_bytes(4, "little", signed=True) + i.encode() + b"\0" + s.encode() + b"\0"
+            for d, lab, i, s in zip(digests, labels.tolist(), ids, sources)))
+        self._stats(images)
+        self.ids += ids
+        self.sources += sources
+        self.images.append(images)
+        self.labels.append(labels)
+        self.buffered += len(ids)
+        self.rows += len(ids)
+        while self.buffered >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _stats(self, images: np.ndarray) -> None:
+        c = images.shape[3]
+        if not len(self.sum):
+            self.sum, self.sumsq = np.zeros(c), np.zeros(c)
+        for start in range(0, len(images), _STATS_CHUNK):
+            v = images[start : start + _STATS_CHUNK].reshape(-1, c).astype(np.float64)
+            # Integer-valued float64 partial sums stay exact below 2**53; BLAS makes the squares cheap.
+            self.sum += v.sum(axis=0)
+            self.sumsq += np.einsum("ij,ij->j", v, v) if c > 1 else np.array([v[:, 0] @ v[:, 0]])
+
+    def _flush(self, n: int) -> None:
+        images = np.concatenate(self.images) if len(self.images) > 1 else self.images[0]
+        labels = np.concatenate(self.labels) if len(self.labels) > 1 else self.labels[0]
+        table = build_table(self.ids[:n], np.ascontiguousarray(images[:n]), labels[:n], self.sources[:n])
+        rel = f"{self.split}/part-{len(self.shards):05d}.parquet"
+        self.shards.append(self.writer.submit(_write_staged, table, self.staging, rel))
+        self.ids, self.sources = self.ids[n:], self.sources[n:]
+        self.images, self.labels = ([images[n:]], [labels[n:]]) if n < len(labels) else ([], [])
+        self.buffered -= n
+
+    def close(self) -> SplitInfo:
+        if self.buffered:
+            self._flush(self.buffered)
+        return SplitInfo(rows=self.rows, shards=[f.result() for f in self.shards])
+
+
+def _write_staged(table: Any, staging: Path, rel: str) -> ShardInfo:
+    data = encode_shard(table)
+    path = staging / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return ShardInfo(path=rel, rows=table.num_rows, bytes=len(data), sha256=sha256_hex(data))
+
+
+# ----------------------------------------------------------------------------------------- building
+
+
+@dataclass
+class _Tally:
+    seen: int = 0
+    quarantine: list[QuarantineEntry] = field(default_factory=list)
+    duplicates: list[DuplicateEntry] = field(default_factory=list)
+    max_label: int = -1
+
+
+class DatasetBuilder:
+    """Consumes decoded batches in source order; every item becomes ok, duplicate or quarantined."""
+
+    def __init__(self, source: Source, cfg: IngestConfig, staging: Path):
+        self.source, self.cfg, self.staging = source, cfg, staging
+        self.tally = _Tally()
+        self.shape: tuple[int, int, int] | None = None
+        self.shape_from = ""
+        self.digests: dict[bytes, str] = {}
+        self.ids_seen: set[str] | None = None if source.ids_unique else set()
+        self.carve_val = "val" not in source.splits and cfg.val_fraction > 0
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.splits: dict[str, _SplitWriter] = {}
+
+    def add(self, batch: RawBatch, decoded: Decoded) -> None:
+        """One batch and its decoded pixels: array (n, H, W, C), or per item an array or a reason."""
+        self.tally.seen += len(batch)
+        if isinstance(decoded, np.ndarray):
+            ok = list(range(len(batch)))
+            self._check_shape(tuple(decoded.shape[1:]), batch.sources[0])  # type: ignore[arg-type]
+            pixels = decoded
+        else:
+            ok, arrays = [], []
+            for i, d in enumerate(decoded):
+                if isinstance(d, str):
+                    self._quarantine(batch, i, d)
+                else:
+                    self._check_shape(d.shape, batch.sources[i])
+                    ok.append(i)
+                    arrays.append(d)
+            pixels = np.stack(arrays) if arrays else np.empty((0, *(self.shape or (1, 1, 1))), np.uint8)
+        if self.ids_seen is not None:
+            ok, pixels = self._drop_repeated_ids(batch, ok, pixels)
+        self._add_rows(batch, ok, pixels)
+
+    def _check_shape(self, shape: tuple[int, int, int], where: str) -> None:
+        if self.shape is None:
+            self.shape, self.shape_from = shape, where
+        elif shape != self.shape:
+            h, w, c = shape
+            H, W, C = self.shape
+            hint = []
+            if (h, w) != (H, W):
+                hint.append("--image-size H,W")
+            if c != C:
+                hint.append("--channels 1|3")
+            raise IngestError(
+                f"images differ in shape: {where} is {h}x{w}x{c} but {self.shape_from} is {H}x{W}x{C}; "
+                f"choose one with {' and '.join(hint)}"
+            )
+
+    def _quarantine(self, batch: RawBatch, i: int, reason: str) -> None:
+        self.tally.quarantine.append(QuarantineEntry(id=batch.ids[i], source=batch.sources[i], reason=reason))
+
+    def _drop_repeated_ids(self, batch: RawBatch, ok: list[int], pixels: np.ndarray) -> tuple[list[int], np.ndarray]:
+        assert self.ids_seen is not None
+        keep = []
+        for j, i in enumerate(ok):
+            if batch.ids[i] in self.ids_seen:
+                self._quarantine(batch, i, f"id {batch.ids[i]!r} repeats an earlier item's id")
+            else:
+                self.ids_seen.add(batch.ids[i])
+                keep.append(j)
+        return [ok[j] for j in keep], pixels[keep] if len(keep) < len(ok) else pixels
+
+    def _add_rows(self, batch: RawBatch, ok: list[int], pixels: np.ndarray) -> None:
+        """Dedup by SHA-256 of the pixels, assign splits, hand rows to the split writers."""
+        if not ok:
+            return
+        n, row = len(ok), int(np.prod(pixels.shape[1:]))
+        flat = memoryview(np.ascontiguousarray(pixels).reshape(-1))
+        digests = [hashlib.sha256(flat[k * row : (k + 1) * row]).digest() for k in range(n)]
+        kept: list[int] = []  # positions into ok / pixels
+        seen, ids = self.digests, batch.ids
+        for k, d in enumerate(digests):
+            first = seen.get(d)
+            if first is None:
+                seen[d] = ids[ok[k]]
+                kept.append(k)
+            else:
+                self.tally.duplicates.append(DuplicateEntry(id=ids[ok[k]], source=batch.sources[ok[k]], duplicate_of=first))
+        if not kept:
+            return
+        src_idx = [ok[k] for k in kept]
+        kept_ids = [ids[i] for i in src_idx]
+        labels = batch.labels[src_idx]
+        self.tally.max_label = max(self.tally.max_label, int(labels.max()))
+        own = [batch.splits[i] for i in src_idx] if batch.splits is not None else None
+        codes = assign_splits(kept_ids, own, self.cfg.val_fraction, self.cfg.test_fraction, self.carve_val)
+        kept_arr = np.asarray(kept)
+        for code, split in enumerate(SPLITS):
+            sel = np.flatnonzero(codes == code)
+            if not len(sel):
+                continue
+            self._writer(split, pixels).append(
+                [kept_ids[s] for s in sel],
+                pixels[kept_arr[sel]],
+                labels[sel],
+                [batch.sources[src_idx[s]] for s in sel],
+                [digests[kept[s]] for s in sel],
+            )
+
+    def _writer(self, split: str, pixels: np.ndarray) -> _SplitWriter:
+        if split not in self.splits:
+            row = int(np.prod(pixels.shape[1:]))
+            rows_per_shard = max(1, int(self.cfg.shard_mb * (1 << 20)) // row)
+            self.splits[split] = _SplitWriter(split, self.staging, rows_per_shard, self.writer)
+        return self.splits[split]
+
+    def finish(self) -> Manifest:
+        """Close the shards and build the manifest (version set; created_at set at publish)."""
+        try:
+            split_infos = {s: self.splits[s].close() for s in SPLITS if s in self.splits}
+        finally:
+            self.writer.shutdown(wait=True)
+        t = self.tally
+        ok = sum(si.rows for si in split_infos.values())
+        self._check_quarantine(ok)
+        mean, std = self._channel_stats()
+        h, w, c = self.shape  # type: ignore[misc]
+        names = self.source.label_names
+        if names is None and t.max_label >= 0:
+            names = [str(i) for i in range(t.max_label + 1)]
+        if names is not None and t.max_label >= len(names):
+            raise IngestError(f"{self.source.url}: label {t.max_label} has no name ({len(names)} label names)")
+        options = options_for_version(self.cfg, self.splits)
+        m = Manifest(
+            name=self.cfg.name, version="pending", created_at="", height=h, width=w, channels=c,
+            splits=split_infos, label_names=names, channel_mean=mean, channel_std=std,
+            items=ItemCounts(seen=t.seen, ok=ok, duplicates=len(t.duplicates), quarantined=len(t.quarantine)),
+            quarantine=t.quarantine, duplicates=t.duplicates,
+            source=SourceDescription(kind=self.source.kind, url=self.source.url, details=self.source.details),
+            options=options,
+        )
+        return m.model_copy(update={"version": content_version(m, {s: w.hasher.hexdigest() for s, w in self.splits.items()})})
+
+    def _check_quarantine(self, ok: int) -> None:
+        t = self.tally
+        q = len(t.quarantine)
+        examples = "; ".join(f"{e.id}: {e.reason}" for e in t.quarantine[:5])
+        if ok == 0:
+            raise IngestError(f"{self.source.url}: no usable images among {t.seen} items"
+                              + (f" ({q} quarantined, e.g. {examples})" if q else ""))
+        if t.seen and q / t.seen > self.cfg.max_quarantine_fraction:
+            raise IngestError(
+                f"{self.source.url}: {q} of {t.seen} items ({q / t.seen:.1%}) were quarantined, above "
+                f"max_quarantine_fraction {self.cfg.max_quarantine_fraction:.1%}; e.g. {examples}"
+            )
+
+    def _channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean/std of pixel/255 over train (over all rows if train is empty)."""
+        parts = [self.splits["train"]] if "train" in self.splits else list(self.splits.values())
+        n = sum(p.rows for p in parts) * (self.shape[0] * self.shape[1])  # type: ignore[index]
+        s = sum(p.sum for p in parts) / 255.0
+        sq = sum(p.sumsq for p in parts) / 255.0**2
+        mean = s / n
+        var = np.maximum(sq / n - mean**2, 0.0)
+        return [round(float(x), 6) for x in mean], [round(float(x), 6) for x in np.sqrt(var)]
+
+
+def options_for_version(cfg: IngestConfig, writers: dict[str, _SplitWriter] | None = None) -> dict[str, Any]:
+    """The options that shape the rows and files; recorded in the manifest and part of the version."""
+    rows = next(iter(writers.values())).rows_per_shard if writers else None
+    return {
+        "image_size": list(cfg.image_size) if cfg.image_size else None,
+        "channels": cfg.channels,
+        "fit": cfg.fit if cfg.image_size else None,
+        "val_fraction": cfg.val_fraction,
+        "test_fraction": cfg.test_fraction,
+        "rows_per_shard": rows,
+    }
+
+
+def content_version(m: Manifest, split_hashes: dict[str, str]) -> str:
+    """16 hex digits of SHA-256 over the rows of every split and everything the manifest says about
+    them, except the version itself, the creation time and the source's details (which may hold
+    incidental facts such as file counts already covered by the rows)."""
+    body = m.model_dump(mode="json", exclude={"version", "created_at"})
+    body["source"] = {"kind": m.source.kind}
+    body["rows"] = split_hashes
+    body["format"] = FORMAT
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+
+
+def open_source_for(cfg: IngestConfig) -> Source:
+    """Open and validate the source named by `cfg` (fails fast with the file and problem named)."""
+    return open_source(cfg.source, cfg.format, cfg.source_options, cfg.image_column, cfg.label_column)
+
+
+def build(source: Source, cfg: IngestConfig, progress: bool = False) -> StagedDataset:
+    """Decode, validate, dedup, split and shard `source` into a local staging folder."""
+    staging = Path(tempfile.mkdtemp(prefix="vae-ingest-", dir=cfg.staging_dir))
+    try:
+        builder = DatasetBuilder(source, cfg, staging)
+        with tqdm(total=source.size, desc=f"ingest {cfg.name}", unit="img", disable=not progress,
+                  smoothing=0.1) as bar:
+            for batch, decoded in decode_stream(source.batches(), cfg.spec, cfg.workers):
+                builder.add(batch, decoded)
+                bar.update(len(batch))
+        if builder.tally.seen == 0:
+            raise IngestError(f"{source.url}: empty source (no items)")
+        return StagedDataset(manifest=builder.finish(), staging=staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def publish(staged: StagedDataset, cfg: IngestConfig) -> IngestResult:
+    """Write the staged version under the data root unless it is already there (then write nothing)."""
+    fs, root = resolve(cfg.data_root, cfg.data_root_options)
+    m = staged.manifest
+    vdir = version_path(fs, root, m.name, m.version)
+    url = to_url(fs, vdir)
+    if fs.exists(posixpath.join(vdir, MANIFEST)):
+        return IngestResult(m.name, m.version, url, created=False, manifest=read_manifest(fs, vdir))
+    for split in m.splits.values():
+        for shard in split.shards:
+            dest = posixpath.join(vdir, shard.path)
+            if _already_there(fs, dest, shard):
+                continue  # left by an earlier run that stopped before its manifest
+            atomic_put_file(fs, str(staged.staging / shard.path), dest)
+    m = m.model_copy(update={"created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")})
+    atomic_write_bytes(fs, posixpath.join(vdir, MANIFEST), m.to_json().encode())
+    return IngestResult(m.name, m.version, url, created=True, manifest=m)
+
+
+def _already_there(fs: Any, dest: str, shard: ShardInfo) -> bool:
+    try:
+        if fs.size(dest) != shard.bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    return sha256_hex(fs.cat_file(dest)) == shard.sha256
+
+
+def run_ingest(cfg: IngestConfig, progress: bool = False) -> IngestResult:
+    """Source -> published (or found) dataset version."""
+    source = open_source_for(cfg)
+    staged = build(source, cfg, progress)
+    try:
+        return publish(staged, cfg)
+    finally:
+        staged.cleanup()
+
+
+# ----------------------------------------------------------------------------------------- summary
+
+
+def summary_markdown(result: IngestResult) -> str:
+    """A short Markdown report: counts per split, shape, channel stats, duplicates and quarantine."""
+    m = result.manifest
+    lines = [
+        f"# Dataset `{m.name}` version `{m.version}`",
+        "",
+        f"{'Created' if result.created else 'Already existed (nothing written)'}: `{result.url}`  ",
+        f"Source: {m.source.kind} `{m.source.url}`  ",
+        f"Shape: {m.height} x {m.width} x {m.channels} (H x W x C), labels: "
+        f"{len(m.label_names) if m.label_names else 'none'}",
+        "",
+        "| split | rows | shards |",
+        "|---|---:|---:|",
+    ]
+    for s in SPLITS:
+        info = m.splits.get(s)
+        lines.append(f"| {s} | {info.rows if info else 0:,} | {len(info.shards) if info else 0} |")
+    stats = ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(m.channel_mean, m.channel_std))
+    i = m.items
+    lines += [
+        "",
+        f"Channel mean / std (pixel/255, train): {stats}",
+        "",
+        f"Items: {i.seen:,} seen = {i.ok:,} ok + {i.duplicates:,} duplicates + {i.quarantined:,} quarantined",
+    ]
+    if m.quarantine:
+        lines += ["", "| quarantined | reason |", "|---|---|"]
+        lines += [f"| `{q.id}` | {q.reason} |" for q in m.quarantine[:50]]
+        if len(m.quarantine) > 50:
+            lines.append(f"| ... | {len(m.quarantine) - 50} more in manifest.json |")
+    if m.duplicates:
+        lines += ["", "| duplicate | kept |", "|---|---|"]
+        lines += [f"| `{d.id}` | `{d.duplicate_of}` |" for d in m.duplicates[:20]]
+        if len(m.duplicates) > 20:
+            lines.append(f"| ... | {len(m.duplicates) - 20} more in manifest.json |")
+    return "\n".join(lines) + "\n"

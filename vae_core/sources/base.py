@@ -1,0 +1,99 @@
+"""What every image source hands to ingestion: batches of items, plus a description of the source.
+
+A source is read in batches so that memory stays bounded however large it is. Items come either
+already decoded (IDX, NumPy, built-ins: `RawBatch.pixels`) or as encoded file bytes that ingestion
+decodes in worker processes (folders, Parquet: `RawBatch.encoded`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Names a source may use for its own splits, mapped to the dataset's split names.
+SPLIT_ALIASES: dict[str, str] = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+    "t10k": "test",
+}
+
+
+class SourceError(ValueError):
+    """The source as a whole is unusable (missing, empty, wrong format, inconsistent).
+
+    The message names the file or value at fault. Raised before any expensive work.
+    """
+
+
+@dataclass
+class RawBatch:
+    """A batch of n items in source order.
+
+    ids: n unique, stable ids; sources: n locations (file, or file#index);
+    labels: int32 (n,), -1 where there is none; splits: the source's own split per item
+    ("train"/"val"/"test"), or None when the source has no splits of its own.
+    Exactly one of pixels (uint8 (n, H, W, C)) and encoded (n file contents) is set.
+    errors: per item, a problem found before decoding (e.g. unreadable file), else None.
+    """
+
+    ids: list[str]
+    sources: list[str]
+    labels: np.ndarray
+    splits: list[str | None] | None = None
+    pixels: np.ndarray | None = None
+    encoded: list[bytes | None] | None = None
+    errors: list[str | None] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if (self.pixels is None) == (self.encoded is None):
+            raise ValueError("a RawBatch holds either pixels or encoded bytes")
+        sizes = {
+            "sources": len(self.sources),
+            "labels": len(self.labels),
+            "splits": n if self.splits is None else len(self.splits),
+            "pixels": n if self.pixels is None else len(self.pixels),
+            "encoded": n if self.encoded is None else len(self.encoded),
+            "errors": n if self.errors is None else len(self.errors),
+        }
+        bad = {k: v for k, v in sizes.items() if v != n}
+        if bad:
+            raise ValueError(f"RawBatch of {n} ids has mismatched lengths {bad}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Source:
+    """An opened, validated source.
+
+    batches() yields every item exactly once, in a deterministic order. size is the item count when
+    known up front (for progress bars). shape is (H, W, C) when the source guarantees one shape.
+    splits: the dataset splits the source has of its own (empty when it has none).
+    ids_unique: whether the source guarantees unique ids (else ingestion checks them).
+    """
+
+    kind: str
+    url: str
+    batches: Callable[[], Iterator[RawBatch]]
+    size: int | None = None
+    shape: tuple[int, int, int] | None = None
+    label_names: list[str] | None = None
+    splits: tuple[str, ...] = ()
+    ids_unique: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def split_from_name(name: str) -> str | None:
+    """'train' / 'validation' / 't10k' ... -> dataset split name, else None."""
+    return SPLIT_ALIASES.get(name.lower())
