@@ -30,13 +30,67 @@ def _not_yet(stage: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _short_error(e: Exception) -> str:
+    """One line per problem; pydantic's validation errors otherwise span many lines and a URL."""
+    errors = getattr(e, "errors", None)
+    if callable(errors) and type(e).__name__ == "ValidationError":
+        return "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in errors())
+    return str(e)
+
+
 @app.command()
 def ingest(
-    source: Annotated[str, typer.Argument(help="Image folder, MNIST IDX folder, .npz, .parquet or builtin:digits.")],
-    name: Annotated[str, typer.Option(help="Dataset name.")] = "",
+    source: Annotated[str, typer.Argument(help="Image folder (any fsspec URL), MNIST IDX folder, .npz, .parquet "
+                                               "file or folder, or builtin:digits.")],
+    name: Annotated[str, typer.Option(help="Dataset name.")],
+    format: Annotated[str, typer.Option(help="auto, folder, idx, npz, parquet or builtin.")] = "auto",
+    data_root: Annotated[Optional[str], typer.Option(help="Datasets root URL (default $VAE_HOME/datasets).")] = None,
+    image_size: Annotated[Optional[str], typer.Option(help="H,W to resize to (default: keep the source's).")] = None,
+    channels: Annotated[Optional[int], typer.Option(help="1 or 3 (default: keep the source's).")] = None,
+    fit: Annotated[str, typer.Option(help="Aspect ratio with --image-size: crop (centre) or pad (black).")] = "crop",
+    val_fraction: Annotated[float, typer.Option(help="Share of train carved out as val, by id hash.")] = 0.1,
+    test_fraction: Annotated[float, typer.Option(help="Test share for sources without splits, by id hash.")] = 0.1,
+    shard_mb: Annotated[float, typer.Option(help="Max uncompressed pixel MiB per shard.")] = 64,
+    max_quarantine_fraction: Annotated[float, typer.Option(help="Fail above this share of bad items.")] = 0.05,
+    workers: Annotated[int, typer.Option(help="Decode processes (0: one per CPU).")] = 0,
+    image_column: Annotated[Optional[str], typer.Option(help="Parquet: column of image bytes.")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Parquet: column of labels.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N items (quick runs).")] = None,
+    prefect: Annotated[bool, typer.Option(help="Run as the Prefect flow `ingest-dataset` (--no-prefect: in process).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: name, version, path, counts, ...")] = False,
 ) -> None:
-    """Turn an image source into versioned, validated Parquet shards."""
-    _not_yet("ingest")
+    """Turn an image source into versioned, validated Parquet shards (a re-run finds the same version)."""
+    from flows.settings import data_root as default_data_root
+    from vae_core.ingest import IngestConfig, IngestError, parse_image_size, run_ingest
+    from vae_core.sources.base import SourceError
+
+    try:
+        params = dict(
+            source=source, name=name, data_root=data_root or default_data_root(), format=format,
+            image_size=parse_image_size(image_size) if image_size else None, channels=channels, fit=fit,
+            val_fraction=val_fraction, test_fraction=test_fraction, shard_mb=shard_mb,
+            max_quarantine_fraction=max_quarantine_fraction, workers=workers, image_column=image_column,
+            label_column=label_column, limit=limit,
+        )
+        cfg = IngestConfig(**params)  # validates every option before Prefect or a decoder starts
+        if prefect:
+            from flows.ingest import ingest_dataset
+
+            out = ingest_dataset(**params, progress=not as_json)
+        else:
+            out = run_ingest(cfg, progress=not as_json).summary()
+    except (SourceError, IngestError, ValueError, FileNotFoundError) as e:
+        typer.secho(f"error: {_short_error(e)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    verb = "created" if out["created"] else "already there, nothing written:"
+    typer.echo(f"{verb} {out['name']}@{out['version']} at {out['path']}")
+    h, w, c = out["shape"]
+    counts = ", ".join(f"{k} {v:,}" for k, v in out["counts"].items())
+    typer.echo(f"{h}x{w}x{c} images: {counts}; {out['duplicates']:,} duplicates, {out['quarantined']:,} quarantined "
+               f"of {out['seen']:,} seen")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Ingestion as plain functions: any image source -> validated rows -> splits -> shards + manifest.
 
-    cfg = IngestConfig(source="/data/mnist", name="mnist", data_root="s3://bucket/datasets")
+    cfg = IngestConfig(name="mnist", source="/data/mnist", data_root="s3://bucket/datasets")
     result = run_ingest(cfg)          # = publish(build(open_source_for(cfg), cfg), cfg)
+    result = ingest("/data/mnist", IngestConfig(name="mnist"), data_root="/tmp/ds")   # the same
 
 Steps and why they are ordered this way:
 
@@ -33,12 +34,16 @@ import posixpath
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
@@ -56,12 +61,13 @@ from vae_core.shards import (
     atomic_put_file,
     atomic_write_bytes,
     build_table,
-    encode_shard,
     read_manifest,
     resolve,
+    row_group_rows,
     sha256_hex,
     to_url,
     version_path,
+    writer_options,
 )
 from vae_core.sources.base import RawBatch, Source
 from vae_core.sources.decode import ShapeSpec
@@ -69,8 +75,7 @@ from vae_core.sources.detect import Format, open_source
 from vae_core.sources.parallel import Decoded, decode_stream
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SPLIT_SALT = b"vae-split/1"  # changing it would move every item to a different split
-_STATS_CHUNK = 4096  # images per chunk of the float64 stats pass (bounds its temporary memory)
+_STATS_CHUNK = 512  # images per chunk of the float64 stats pass: small enough to stay in cache
 
 
 class IngestError(RuntimeError):
@@ -82,9 +87,9 @@ class IngestConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(description="source URL, or builtin:digits")
     name: str = Field(description="dataset name: letters, digits, '.', '_', '-'")
-    data_root: str = Field(description="where datasets live (any fsspec URL)")
+    source: str | None = Field(None, description="source URL, or builtin:digits (required to run)")
+    data_root: str | None = Field(None, description="where datasets live, any fsspec URL (required to run)")
     format: Format = "auto"
     image_size: tuple[int, int] | None = Field(None, description="(H, W); None keeps the source's when uniform")
     fit: Literal["crop", "pad"] = Field("crop", description="aspect ratio: centre crop, or pad with black")
@@ -94,6 +99,7 @@ class IngestConfig(BaseModel):
     shard_mb: float = Field(64, gt=0, description="max uncompressed pixel MiB per shard")
     max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
     workers: int = Field(0, ge=0, description="decode processes; 0 = one per CPU")
+    limit: int | None = Field(None, ge=1, description="take only the first N items of the source (quick runs)")
     image_column: str | None = None
     label_column: str | None = None
     source_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the source")
@@ -119,6 +125,13 @@ class IngestConfig(BaseModel):
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} leaves no train split")
         return self
+
+    def require(self) -> tuple[str, str]:
+        """-> (source, data_root), both of which a run needs."""
+        missing = [k for k in ("source", "data_root") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"IngestConfig for {self.name!r} has no {' or '.join(missing)}")
+        return self.source, self.data_root  # type: ignore[return-value]
 
     @property
     def spec(self) -> ShapeSpec:
@@ -180,9 +193,30 @@ class IngestResult:
 
 
 def id_hash_unit(ids: list[str]) -> np.ndarray:
-    """ids -> float64 (n,) in [0, 1), a fixed function of each id alone."""
-    digests = b"".join(hashlib.blake2b(i.encode(), digest_size=8, key=_SPLIT_SALT).digest() for i in ids)
-    return np.frombuffer(digests, dtype="<u8") / 2.0**64
+    """ids -> float64 (n,) in [0, 1), a fixed function of each id alone.
+
+    h = FNV-1a (64-bit) over the id's Unicode code points, xor its length, then MurmurHash3's 64-bit
+    finaliser for avalanche; u = (h >> 11) / 2**53. Vectorised over the batch (a per-id cryptographic
+    hash costs more than everything else ingestion does to an MNIST image), and simple to recompute.
+    Changing it would move items between splits.
+    """
+    n = len(ids)
+    if n == 0:
+        return np.zeros(0)
+    codes = np.array(ids, dtype=str)
+    points = codes.view(np.uint32).reshape(n, -1)  # zero-padded to the longest id
+    h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
+    prime = np.uint64(0x100000001B3)
+    for j in range(points.shape[1]):
+        h ^= points[:, j]
+        h *= prime
+    h ^= np.fromiter(map(len, ids), dtype=np.uint64, count=n)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    h ^= h >> np.uint64(33)
+    return (h >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
 def assign_splits(ids: list[str], source_splits: list[str | None] | None, val_fraction: float,
@@ -202,74 +236,152 @@ def assign_splits(ids: list[str], source_splits: list[str | None] | None, val_fr
 
 
 class _SplitWriter:
-    """Buffers one split's rows and writes fixed-size shards to staging (in a background thread:
-    Arrow releases the GIL while compressing, so writing overlaps with hashing the next batch)."""
+    """One split's rows -> fixed-size zstd Parquet shards in staging, plus the split's content hash
+    and pixel sums.
 
-    def __init__(self, split: str, staging: Path, rows_per_shard: int, writer: ThreadPoolExecutor):
-        self.split, self.staging, self.rows_per_shard, self.writer = split, staging, rows_per_shard, writer
-        self.ids: list[str] = []
-        self.sources: list[str] = []
-        self.images: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
+    The main thread only buffers rows and cuts them into row groups; hashing, statistics and Parquet
+    encoding run on the writer thread, where NumPy, hashlib and Arrow release the GIL, so on a
+    multi-core machine they overlap with decoding and deduplicating the next batch. Every split
+    shares one writer thread, which runs jobs in submission order.
+    """
+
+    def __init__(self, split: str, staging: Path, row_bytes: int, channels: int, rows_per_shard: int,
+                 writer: ThreadPoolExecutor):
+        self.split, self.staging, self.writer = split, staging, writer
+        self.rows_per_shard = rows_per_shard
+        self.group_rows = min(rows_per_shard, row_group_rows(row_bytes))
+        self.rows = 0  # rows handed over so far
+        self.in_shard = 0  # rows of the current shard already cut into row groups (main thread)
+        self.buf: list[tuple[list[str], np.ndarray, np.ndarray, list[str]]] = []
         self.buffered = 0
-        self.rows = 0
-        self.shards: list[Future[ShardInfo]] = []
-        self.hasher = hashlib.sha256()
-        self.sum = np.zeros(0)
-        self.sumsq = np.zeros(0)
+        self.jobs: list[Future[None]] = []
+        # Writer-thread state.
+        self.shards: list[ShardInfo] = []
+        self.sink: pa.BufferOutputStream | None = None
+        self.pq_writer: pq.ParquetWriter | None = None
+        self.shard_rows = 0
+        self.hashers = {k: hashlib.sha256() for k in ("id", "image", "label", "source")}
+        self.sum = np.zeros(channels)
+        self.sumsq = np.zeros(channels)
 
-    def append(self, ids: list[str], images: np.ndarray, labels: np.ndarray, sources: list[str],
-               digests: list[bytes]) -> None:
-        """images uint8 (m, H, W, C); labels int32 (m,); digests: SHA-256 of each image's bytes."""
-        # The row hash covers everything a row holds, in order, so equal hashes mean equal splits.
-        self.hasher.update(b"".join(
-            d + int(lab).to_bytes(4, "little", signed=True) + i.encode() + b"\0" + s.encode() + b"\0"
-            for d, lab, i, s in zip(digests, labels.tolist(), ids, sources)))
-        self._stats(images)
-        self.ids += ids
-        self.sources += sources
-        self.images.append(images)
-        self.labels.append(labels)
+    def append(self, ids: list[str], images: np.ndarray, labels: np.ndarray, sources: list[str]) -> None:
+        """images uint8 (m, H, W, C); labels int32 (m,), -1 for none."""
+        self.buf.append((ids, images, labels, sources))
         self.buffered += len(ids)
         self.rows += len(ids)
-        while self.buffered >= self.rows_per_shard:
-            self._flush(self.rows_per_shard)
+        while self.buffered >= self._next_cut():
+            self._cut(self._next_cut())
+
+    def _next_cut(self) -> int:
+        return min(self.group_rows, self.rows_per_shard - self.in_shard)
+
+    def _cut(self, n: int) -> None:
+        """Hand the first n buffered rows to the writer thread as one row group."""
+        ids: list[str] = []
+        sources: list[str] = []
+        images, labels = [], []
+        need = n
+        while need:
+            i, x, y, s = self.buf[0]
+            take = min(need, len(i))
+            ids += i[:take]
+            sources += s[:take]
+            images.append(x[:take])
+            labels.append(y[:take])
+            if take == len(i):
+                self.buf.pop(0)
+            else:
+                self.buf[0] = (i[take:], x[take:], y[take:], s[take:])
+            need -= take
+        self.buffered -= n
+        self.in_shard += n
+        end = self.in_shard == self.rows_per_shard
+        if end:
+            self.in_shard = 0
+        self.jobs.append(self.writer.submit(self._write, ids, images, labels, sources, end))
+
+    def _write(self, ids: list[str], image_parts: list[np.ndarray], label_parts: list[np.ndarray],
+               sources: list[str], end: bool) -> None:
+        """Writer thread: hash, sum and encode one row group; close the shard when it is full."""
+        images = np.ascontiguousarray(image_parts[0] if len(image_parts) == 1 else np.concatenate(image_parts))
+        labels = label_parts[0] if len(label_parts) == 1 else np.concatenate(label_parts)
+        # Each column is hashed as its own stream, so the hash does not depend on where batches or
+        # row groups were cut, only on the rows and their order.
+        self.hashers["id"].update("\0".join(ids).encode() + b"\0")
+        self.hashers["image"].update(images)
+        self.hashers["label"].update(labels.astype("<i4").tobytes())
+        self.hashers["source"].update("\0".join(sources).encode() + b"\0")
+        self._stats(images)
+        table = build_table(ids, images, labels, sources)
+        if self.pq_writer is None:
+            self.sink = pa.BufferOutputStream()
+            self.pq_writer = pq.ParquetWriter(self.sink, table.schema, **writer_options())
+        self.pq_writer.write_table(table, row_group_size=len(ids))
+        self.shard_rows += len(ids)
+        if end:
+            self._close_shard()
 
     def _stats(self, images: np.ndarray) -> None:
         c = images.shape[3]
-        if not len(self.sum):
-            self.sum, self.sumsq = np.zeros(c), np.zeros(c)
         for start in range(0, len(images), _STATS_CHUNK):
             v = images[start : start + _STATS_CHUNK].reshape(-1, c).astype(np.float64)
-            # Integer-valued float64 partial sums stay exact below 2**53; BLAS makes the squares cheap.
+            # Integer-valued float64 sums stay exact below 2**53; the Gram matrix's diagonal is the
+            # sum of squares, computed by BLAS.
             self.sum += v.sum(axis=0)
-            self.sumsq += np.einsum("ij,ij->j", v, v) if c > 1 else np.array([v[:, 0] @ v[:, 0]])
+            self.sumsq += np.diagonal(v.T @ v)
 
-    def _flush(self, n: int) -> None:
-        images = np.concatenate(self.images) if len(self.images) > 1 else self.images[0]
-        labels = np.concatenate(self.labels) if len(self.labels) > 1 else self.labels[0]
-        table = build_table(self.ids[:n], np.ascontiguousarray(images[:n]), labels[:n], self.sources[:n])
+    def _close_shard(self) -> None:
+        assert self.pq_writer is not None and self.sink is not None
+        self.pq_writer.close()
+        data = self.sink.getvalue()
         rel = f"{self.split}/part-{len(self.shards):05d}.parquet"
-        self.shards.append(self.writer.submit(_write_staged, table, self.staging, rel))
-        self.ids, self.sources = self.ids[n:], self.sources[n:]
-        self.images, self.labels = ([images[n:]], [labels[n:]]) if n < len(labels) else ([], [])
-        self.buffered -= n
+        path = self.staging / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        self.shards.append(ShardInfo(path=rel, rows=self.shard_rows, bytes=len(data), sha256=sha256_hex(data)))
+        self.pq_writer, self.sink, self.shard_rows = None, None, 0
 
     def close(self) -> SplitInfo:
+        """Write what is left and wait for the writer; re-raises the writer thread's errors."""
         if self.buffered:
-            self._flush(self.buffered)
-        return SplitInfo(rows=self.rows, shards=[f.result() for f in self.shards])
+            n = self.buffered
+            self.in_shard = self.rows_per_shard - n  # makes this last cut close the shard
+            self._cut(n)
+        elif self.in_shard:  # the rows ended exactly on a row-group boundary inside a shard
+            self.in_shard = 0
+            self.jobs.append(self.writer.submit(self._close_shard))
+        for job in self.jobs:
+            job.result()
+        return SplitInfo(rows=self.rows, shards=self.shards)
 
-
-def _write_staged(table: Any, staging: Path, rel: str) -> ShardInfo:
-    data = encode_shard(table)
-    path = staging / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return ShardInfo(path=rel, rows=table.num_rows, bytes=len(data), sha256=sha256_hex(data))
+    def content_hash(self) -> str:
+        return hashlib.sha256("".join(self.hashers[k].hexdigest() for k in sorted(self.hashers)).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- building
+
+
+def _take(items: list, at: list[int] | np.ndarray) -> list:
+    """items[at] for a Python list (itemgetter does the loop in C)."""
+    at = list(at) if isinstance(at, list) else at.tolist()
+    if len(at) == 1:
+        return [items[at[0]]]
+    return list(itemgetter(*at)(items)) if at else []
+
+
+@dataclass
+class _Rows:
+    """Rows bound for the split writers: n ids, sources, labels int32 (n,), own splits, pixels (n,H,W,C)."""
+
+    ids: list[str]
+    sources: list[str]
+    labels: np.ndarray
+    splits: list[str | None] | None
+    pixels: np.ndarray
+
+    def take(self, sel: np.ndarray) -> "_Rows":
+        return _Rows(_take(self.ids, sel), _take(self.sources, sel), self.labels[sel],
+                     None if self.splits is None else _take(self.splits, sel), self.pixels[sel])
 
 
 @dataclass
@@ -346,12 +458,16 @@ class DatasetBuilder:
         return [ok[j] for j in keep], pixels[keep] if len(keep) < len(ok) else pixels
 
     def _add_rows(self, batch: RawBatch, ok: list[int], pixels: np.ndarray) -> None:
-        """Dedup by SHA-256 of the pixels, assign splits, hand rows to the split writers."""
+        """Dedup by SHA-256 of the pixels, assign splits, hand rows to the split writers.
+
+        ok: positions in the batch of the decoded items; pixels: their images, uint8 (len(ok), H, W, C).
+        """
         if not ok:
             return
         n, row = len(ok), int(np.prod(pixels.shape[1:]))
         flat = memoryview(np.ascontiguousarray(pixels).reshape(-1))
-        digests = [hashlib.sha256(flat[k * row : (k + 1) * row]).digest() for k in range(n)]
+        sha = hashlib.sha256
+        digests = [sha(flat[k * row : (k + 1) * row]).digest() for k in range(n)]
         kept: list[int] = []  # positions into ok / pixels
         seen, ids = self.digests, batch.ids
         for k, d in enumerate(digests):
@@ -363,31 +479,31 @@ class DatasetBuilder:
                 self.tally.duplicates.append(DuplicateEntry(id=ids[ok[k]], source=batch.sources[ok[k]], duplicate_of=first))
         if not kept:
             return
-        src_idx = [ok[k] for k in kept]
-        kept_ids = [ids[i] for i in src_idx]
-        labels = batch.labels[src_idx]
-        self.tally.max_label = max(self.tally.max_label, int(labels.max()))
-        own = [batch.splits[i] for i in src_idx] if batch.splits is not None else None
-        codes = assign_splits(kept_ids, own, self.cfg.val_fraction, self.cfg.test_fraction, self.carve_val)
-        kept_arr = np.asarray(kept)
+        if len(kept) == len(batch):  # the common case: every item decoded and new, so no gathering
+            rows = _Rows(batch.ids, batch.sources, batch.labels, batch.splits, pixels)
+        else:
+            at = [ok[k] for k in kept]
+            rows = _Rows(_take(batch.ids, at), _take(batch.sources, at), batch.labels[at],
+                         None if batch.splits is None else _take(batch.splits, at),
+                         pixels if len(kept) == n else pixels[kept])
+        self.tally.max_label = max(self.tally.max_label, int(rows.labels.max()))
+        codes = assign_splits(rows.ids, rows.splits, self.cfg.val_fraction, self.cfg.test_fraction, self.carve_val)
         for code, split in enumerate(SPLITS):
             sel = np.flatnonzero(codes == code)
             if not len(sel):
                 continue
-            self._writer(split, pixels).append(
-                [kept_ids[s] for s in sel],
-                pixels[kept_arr[sel]],
-                labels[sel],
-                [batch.sources[src_idx[s]] for s in sel],
-                [digests[kept[s]] for s in sel],
-            )
+            part = rows if len(sel) == len(rows.ids) else rows.take(sel)
+            self._writer(split, pixels).append(part.ids, part.pixels, part.labels, part.sources)
 
     def _writer(self, split: str, pixels: np.ndarray) -> _SplitWriter:
         if split not in self.splits:
             row = int(np.prod(pixels.shape[1:]))
-            rows_per_shard = max(1, int(self.cfg.shard_mb * (1 << 20)) // row)
-            self.splits[split] = _SplitWriter(split, self.staging, rows_per_shard, self.writer)
+            self.splits[split] = _SplitWriter(split, self.staging, row, pixels.shape[3], self.rows_per_shard(row),
+                                              self.writer)
         return self.splits[split]
+
+    def rows_per_shard(self, row_bytes: int) -> int:
+        return max(1, int(self.cfg.shard_mb * (1 << 20)) // row_bytes)
 
     def finish(self) -> Manifest:
         """Close the shards and build the manifest (version set; created_at set at publish)."""
@@ -405,7 +521,7 @@ class DatasetBuilder:
             names = [str(i) for i in range(t.max_label + 1)]
         if names is not None and t.max_label >= len(names):
             raise IngestError(f"{self.source.url}: label {t.max_label} has no name ({len(names)} label names)")
-        options = options_for_version(self.cfg, self.splits)
+        options = options_for_version(self.cfg, self.rows_per_shard(h * w * c))
         m = Manifest(
             name=self.cfg.name, version="pending", created_at="", height=h, width=w, channels=c,
             splits=split_infos, label_names=names, channel_mean=mean, channel_std=std,
@@ -414,7 +530,7 @@ class DatasetBuilder:
             source=SourceDescription(kind=self.source.kind, url=self.source.url, details=self.source.details),
             options=options,
         )
-        return m.model_copy(update={"version": content_version(m, {s: w.hasher.hexdigest() for s, w in self.splits.items()})})
+        return m.model_copy(update={"version": content_version(m, {s: w.content_hash() for s, w in self.splits.items()})})
 
     def _check_quarantine(self, ok: int) -> None:
         t = self.tally
@@ -440,16 +556,16 @@ class DatasetBuilder:
         return [round(float(x), 6) for x in mean], [round(float(x), 6) for x in np.sqrt(var)]
 
 
-def options_for_version(cfg: IngestConfig, writers: dict[str, _SplitWriter] | None = None) -> dict[str, Any]:
+def options_for_version(cfg: IngestConfig, rows_per_shard: int) -> dict[str, Any]:
     """The options that shape the rows and files; recorded in the manifest and part of the version."""
-    rows = next(iter(writers.values())).rows_per_shard if writers else None
     return {
         "image_size": list(cfg.image_size) if cfg.image_size else None,
         "channels": cfg.channels,
         "fit": cfg.fit if cfg.image_size else None,
         "val_fraction": cfg.val_fraction,
         "test_fraction": cfg.test_fraction,
-        "rows_per_shard": rows,
+        "rows_per_shard": rows_per_shard,
+        "limit": cfg.limit,
     }
 
 
@@ -469,30 +585,48 @@ def content_version(m: Manifest, split_hashes: dict[str, str]) -> str:
 
 def open_source_for(cfg: IngestConfig) -> Source:
     """Open and validate the source named by `cfg` (fails fast with the file and problem named)."""
-    return open_source(cfg.source, cfg.format, cfg.source_options, cfg.image_column, cfg.label_column)
+    source, _ = cfg.require()
+    return open_source(source, cfg.format, cfg.source_options, cfg.image_column, cfg.label_column)
 
 
 def build(source: Source, cfg: IngestConfig, progress: bool = False) -> StagedDataset:
     """Decode, validate, dedup, split and shard `source` into a local staging folder."""
     staging = Path(tempfile.mkdtemp(prefix="vae-ingest-", dir=cfg.staging_dir))
+    builder: DatasetBuilder | None = None
     try:
         builder = DatasetBuilder(source, cfg, staging)
         with tqdm(total=source.size, desc=f"ingest {cfg.name}", unit="img", disable=not progress,
                   smoothing=0.1) as bar:
-            for batch, decoded in decode_stream(source.batches(), cfg.spec, cfg.workers):
+            for batch, decoded in decode_stream(_limited(source.batches(), cfg.limit), cfg.spec, cfg.workers):
                 builder.add(batch, decoded)
                 bar.update(len(batch))
         if builder.tally.seen == 0:
             raise IngestError(f"{source.url}: empty source (no items)")
         return StagedDataset(manifest=builder.finish(), staging=staging)
     except BaseException:
+        if builder is not None:
+            builder.writer.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
+def _limited(batches: Iterator[RawBatch], limit: int | None) -> Iterator[RawBatch]:
+    """The first `limit` items of the stream (all when None), cut at a batch boundary if need be."""
+    left = limit
+    for batch in batches:
+        if left is None:
+            yield batch
+            continue
+        if left <= 0:
+            return
+        yield batch if len(batch) <= left else batch.head(left)
+        left -= len(batch)
+
+
 def publish(staged: StagedDataset, cfg: IngestConfig) -> IngestResult:
     """Write the staged version under the data root unless it is already there (then write nothing)."""
-    fs, root = resolve(cfg.data_root, cfg.data_root_options)
+    _, data_root = cfg.require()
+    fs, root = resolve(data_root, cfg.data_root_options)
     m = staged.manifest
     vdir = version_path(fs, root, m.name, m.version)
     url = to_url(fs, vdir)
@@ -526,6 +660,14 @@ def run_ingest(cfg: IngestConfig, progress: bool = False) -> IngestResult:
         return publish(staged, cfg)
     finally:
         staged.cleanup()
+
+
+def ingest(source: str, cfg: IngestConfig, data_root: str | None = None, progress: bool = False) -> IngestResult:
+    """`run_ingest` with the source (and optionally the data root) given apart from the options."""
+    update: dict[str, Any] = {"source": source}
+    if data_root is not None:
+        update["data_root"] = data_root
+    return run_ingest(IngestConfig.model_validate({**cfg.model_dump(), **update}), progress)
 
 
 # ----------------------------------------------------------------------------------------- summary

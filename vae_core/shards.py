@@ -84,19 +84,23 @@ def build_table(ids: list[str], images: np.ndarray, labels: np.ndarray, sources:
     )
 
 
-def write_options(image_bytes: int) -> dict[str, Any]:
-    """Keyword arguments for `pq.write_table` used for every shard.
+def writer_options() -> dict[str, Any]:
+    """Keyword arguments for `pq.ParquetWriter` (and `pq.write_table`) used for every shard.
 
     Dictionary encoding and statistics are switched off for the pixel column: every value is distinct
-    and min/max of raw pixels helps no reader, so both would only cost time. Row groups hold ~16 MiB of
-    pixels so a streaming reader never needs a whole shard in memory.
+    and min/max of raw pixels helps no reader, so both would only cost time.
     """
-    return {
-        "compression": COMPRESSION,
-        "use_dictionary": ["label", "source"],
-        "write_statistics": ["id", "label"],
-        "row_group_size": max(1, (16 << 20) // image_bytes),
-    }
+    return {"compression": COMPRESSION, "use_dictionary": ["label", "source"], "write_statistics": ["id", "label"]}
+
+
+def row_group_rows(image_bytes: int) -> int:
+    """Rows per Parquet row group: ~16 MiB of pixels, so a streaming reader never holds a whole shard."""
+    return max(1, (16 << 20) // image_bytes)
+
+
+def write_options(image_bytes: int) -> dict[str, Any]:
+    """Keyword arguments for one `pq.write_table` call that writes a whole shard."""
+    return {**writer_options(), "row_group_size": row_group_rows(image_bytes)}
 
 
 def encode_shard(table: pa.Table) -> bytes:

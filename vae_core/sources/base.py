@@ -72,6 +72,16 @@ class RawBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def head(self, n: int) -> "RawBatch":
+        """The first n items."""
+        return RawBatch(
+            ids=self.ids[:n], sources=self.sources[:n], labels=self.labels[:n],
+            splits=None if self.splits is None else self.splits[:n],
+            pixels=None if self.pixels is None else self.pixels[:n],
+            encoded=None if self.encoded is None else self.encoded[:n],
+            errors=None if self.errors is None else self.errors[:n],
+        )
+
 
 @dataclass
 class Source:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import posixpath
 import re
+import threading
 import zlib
 from collections.abc import Iterator
 
@@ -28,31 +29,143 @@ def is_idx_name(filename: str) -> bool:
     return IDX_NAME.match(posixpath.basename(filename)) is not None
 
 
-def read_idx(fs: fsspec.AbstractFileSystem, path: str, url: str) -> np.ndarray:
-    """One IDX file -> uint8 array of its declared shape. SourceError names `url` and the problem."""
-    data = fs.cat_file(path)
-    if path.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise SourceError(f"{url}: not a readable gzip file ({e})") from None
+def _parse_header(data: bytes, url: str) -> tuple[tuple[int, ...], int]:
+    """First bytes of an IDX file -> (shape, header length). SourceError on a wrong magic."""
     if len(data) < 4:
         raise SourceError(f"{url}: {len(data)} bytes is too short for an IDX header")
     magic = int.from_bytes(data[:4], "big")
     if data[0] != 0 or data[1] != 0 or data[2] != _UBYTE or not 1 <= data[3] <= 4:
         raise SourceError(f"{url}: wrong IDX magic 0x{magic:08x} (expected 0x000008nn: unsigned bytes, nn dimensions)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
+    header = 4 + 4 * data[3]
     if len(data) < header:
         raise SourceError(f"{url}: truncated IDX header ({len(data)} bytes, {header} needed)")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])), header
+
+
+def _size_error(url: str, dims: tuple[int, ...], expected: int, got: int) -> SourceError:
+    return SourceError(f"{url}: header declares shape {dims} = {expected} bytes but the file holds {got} "
+                       f"({'truncated' if got < expected else 'trailing bytes'})")
+
+
+def _gunzip(data: bytes, url: str) -> bytes:
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise SourceError(f"{url}: not a readable gzip file ({e})") from None
+
+
+def read_idx(fs: fsspec.AbstractFileSystem, path: str, url: str) -> np.ndarray:
+    """One IDX file -> uint8 array of its declared shape. SourceError names `url` and the problem."""
+    data = fs.cat_file(path)
+    if path.endswith(".gz"):
+        data = _gunzip(data, url)
+    dims, header = _parse_header(data, url)
     expected = int(np.prod(dims))
     if len(data) - header != expected:
-        raise SourceError(
-            f"{url}: header declares shape {dims} = {expected} bytes but the file holds {len(data) - header} "
-            f"({'truncated' if len(data) - header < expected else 'trailing bytes'})"
-        )
+        raise _size_error(url, dims, expected, len(data) - header)
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+class IdxImages:
+    """An IDX images file whose header was checked at open and whose pixels arrive while in use.
+
+    Gzipped files are inflated on a background thread into one preallocated array (zlib releases the
+    GIL), so ingestion handles the first images while the rest is still being decompressed. A stream
+    that ends early, fails its CRC, or holds more than the header declares raises SourceError from
+    `rows`, naming the file.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str):
+        self.fs, self.path, self.url = fs, path, url
+        if path.endswith(".gz"):
+            with fs.open(path, "rb") as f:
+                head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(f.read(1 << 16), 4 + 4 * 4)
+            self.dims, self.header = _parse_header(head, url)
+            self._check_gzip_size(int(np.prod(self.dims)))
+        else:
+            with fs.open(path, "rb") as f:
+                self.dims, self.header = _parse_header(f.read(4 + 4 * 4), url)
+            expected = int(np.prod(self.dims))
+            if fs.size(path) - self.header != expected:
+                raise _size_error(url, self.dims, expected, fs.size(path) - self.header)
+        self.count = self.dims[0] if self.dims else 0
+        self.row = int(np.prod(self.dims[1:]))
+        self._flat: np.ndarray | None = None
+        self._ready = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._stop = False
+
+    def _check_gzip_size(self, expected: int) -> None:
+        # The gzip trailer holds the uncompressed size mod 2**32: a cheap check, before any inflating,
+        # that the file is whole and matches its header.
+        size = self.fs.size(self.path)
+        tail = self.fs.cat_file(self.path, start=max(0, size - 4))
+        isize = int.from_bytes(tail[-4:], "little") if len(tail) >= 4 else -1
+        if isize != (self.header + expected) % 2**32:
+            raise SourceError(f"{self.url}: gzip trailer says {isize} bytes but the IDX header declares shape "
+                              f"{self.dims} = {self.header + expected} bytes (truncated or corrupt file)")
+
+    def start(self) -> None:
+        """Begin reading pixels (idempotent)."""
+        if self._flat is not None:
+            return
+        if not self.path.endswith(".gz"):
+            data = self.fs.cat_file(self.path)
+            self._flat = np.frombuffer(data, np.uint8, offset=self.header)
+            self._ready = len(self._flat)
+            return
+        self._flat = np.empty(self.header + self.count * self.row, np.uint8)
+        threading.Thread(target=self._inflate, name=f"gunzip {posixpath.basename(self.path)}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _inflate(self) -> None:
+        assert self._flat is not None
+        out, pos = self._flat, 0
+        try:
+            with self.fs.open(self.path, "rb") as f:
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                while not self._stop:
+                    chunk = f.read(1 << 20)
+                    if not chunk:
+                        break
+                    while chunk:
+                        piece = d.decompress(chunk)
+                        if pos + len(piece) > len(out):
+                            raise _size_error(self.url, self.dims, len(out) - self.header, pos + len(piece) - self.header)
+                        out[pos : pos + len(piece)] = np.frombuffer(piece, np.uint8)
+                        pos += len(piece)
+                        chunk = d.unused_data  # a further gzip member, if any
+                        if chunk:
+                            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    with self._cond:
+                        self._ready = max(0, pos - self.header)
+                        self._cond.notify_all()
+                if not self._stop and (not d.eof or pos != len(out)):
+                    raise _size_error(self.url, self.dims, len(out) - self.header, pos - self.header)
+        except zlib.error as e:
+            self._fail(SourceError(f"{self.url}: corrupt gzip data ({e})"))
+        except BaseException as e:
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        with self._cond:
+            self._error = e
+            self._cond.notify_all()
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Images start..stop as uint8 (stop-start, *dims[1:]), waiting for them to be inflated."""
+        self.start()
+        need = stop * self.row
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready >= need or self._error is not None)
+            if self._error is not None:
+                raise self._error
+        assert self._flat is not None
+        base = self.header if self.path.endswith(".gz") else 0
+        return self._flat[base + start * self.row : base + stop * self.row].reshape(stop - start, *self.dims[1:])
 
 
 def _pairs(fs: fsspec.AbstractFileSystem, files: list[str], url: str) -> list[tuple[str, str, str | None]]:
@@ -88,49 +201,58 @@ def open_idx(url: str, storage_options: dict | None = None) -> Source:
         siblings = sorted(fs.find(posixpath.dirname(path)))
         pairs = [p for p in _pairs(fs, siblings, url) if p[1] == pairs[0][1]]
 
-    parts = []
+    parts: list[tuple[str, str, IdxImages, np.ndarray | None]] = []
     for prefix, img_path, lab_path in pairs:
         img_url = fs.unstrip_protocol(img_path)
-        images = read_idx(fs, img_path, img_url)
-        if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
-            raise SourceError(f"{img_url}: images must be (N,H,W) or (N,H,W,1|3), header says {images.shape}")
-        images = images[..., None] if images.ndim == 3 else images
+        images = IdxImages(fs, img_path, img_url)
+        if len(images.dims) not in (3, 4) or (len(images.dims) == 4 and images.dims[3] not in (1, 3)):
+            raise SourceError(f"{img_url}: images must be (N,H,W) or (N,H,W,1|3), header says {images.dims}")
         labels = None
         if lab_path is not None:
             lab_url = fs.unstrip_protocol(lab_path)
             labels = read_idx(fs, lab_path, lab_url)
             if labels.ndim != 1:
                 raise SourceError(f"{lab_url}: labels must be 1-dimensional, header says {labels.shape}")
-            if len(labels) != len(images):
-                raise SourceError(f"{lab_url}: {len(labels)} labels for {len(images)} images in {img_url}")
+            if len(labels) != images.count:
+                raise SourceError(f"{lab_url}: {len(labels)} labels for {images.count} images in {img_url}")
         parts.append((prefix, img_url, images, labels))
 
-    shapes = {p[2].shape[1:] for p in parts}
+    def hwc(images: IdxImages) -> tuple[int, int, int]:
+        return (*images.dims[1:3], images.dims[3] if len(images.dims) == 4 else 1)  # type: ignore[return-value]
+
+    shapes = {hwc(p[2]) for p in parts}
     max_label = max((int(p[3].max()) for p in parts if p[3] is not None and len(p[3])), default=-1)
     has_labels = all(p[3] is not None for p in parts)
 
     def batches() -> Iterator[RawBatch]:
-        for prefix, img_url, images, labels in parts:
-            split = split_from_name(prefix)
-            for start in range(0, len(images), BATCH):
-                stop = min(start + BATCH, len(images))
-                idx = range(start, stop)
-                lab = labels[start:stop].astype(np.int32) if labels is not None else np.full(stop - start, -1, np.int32)
-                yield RawBatch(
-                    ids=[f"{prefix}/{i}" for i in idx],
-                    sources=[f"{img_url}#{i}" for i in idx],
-                    labels=lab,
-                    splits=[split] * (stop - start) if split else None,
-                    pixels=images[start:stop],
-                )
+        try:
+            for prefix, img_url, images, labels in parts:
+                split = split_from_name(prefix)
+                shape = hwc(images)
+                images.start()
+                for start in range(0, images.count, BATCH):
+                    stop = min(start + BATCH, images.count)
+                    idx = range(start, stop)
+                    lab = (labels[start:stop].astype(np.int32) if labels is not None
+                           else np.full(stop - start, -1, np.int32))
+                    yield RawBatch(
+                        ids=[f"{prefix}/{i}" for i in idx],
+                        sources=[f"{img_url}#{i}" for i in idx],
+                        labels=lab,
+                        splits=[split] * (stop - start) if split else None,
+                        pixels=images.rows(start, stop).reshape(stop - start, *shape),
+                    )
+        finally:
+            for p in parts:
+                p[2].stop()
 
     return Source(
         kind="idx",
         url=url,
         batches=batches,
-        size=sum(len(p[2]) for p in parts),
+        size=sum(p[2].count for p in parts),
         shape=next(iter(shapes)) if len(shapes) == 1 else None,
         label_names=[str(i) for i in range(max_label + 1)] if has_labels and max_label >= 0 else None,
         splits=tuple(sorted({s for p in parts if (s := split_from_name(p[0]))})),
-        details={"files": {p[0]: {"images": p[1], "count": len(p[2])} for p in parts}},
+        details={"files": {p[0]: {"images": p[1], "count": p[2].count} for p in parts}},
     )
