@@ -94,9 +94,34 @@ def ingest(
 
 
 @app.command()
-def train() -> None:
+def train(
+    dataset: Annotated[str, typer.Option(help="NAME or NAME@VERSION of an ingested dataset (latest by default).")],
+    config: Annotated[str, typer.Option(help="Preset from configs/ (or a YAML path).")] = "mnist",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value; repeatable.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (overrides the preset).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP ranks).")] = 1,
+    cpus_per_worker: Annotated[Optional[float], typer.Option(help="CPUs reserved per worker (fractional ok).")] = None,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per worker; > 0 trains on GPUs with NCCL.")] = 0.0,
+    model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default vae-<dataset>).")] = None,
+    max_failures: Annotated[int, typer.Option(help="Worker-group restarts from the last checkpoint.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: run, model, final metrics.")] = False,
+) -> None:
     """Train a VAE on an ingested dataset with Ray, tracked and registered in MLflow."""
-    _not_yet("train")
+    from flows.train import TrainError, train_vae
+
+    try:
+        out = train_vae(dataset=dataset, preset=config, overrides=set_ or [], epochs=epochs, workers=workers,
+                        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, model_name=model_name,
+                        max_failures=max_failures)
+    except (TrainError, FileNotFoundError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
+    if as_json:
+        typer.echo(json.dumps(out))
+    else:
+        m = out["metrics"]
+        typer.echo(f"run {out['run_id']}: {out['model_uri']} (version {out['model_version']})")
+        typer.echo(f"final loss {m.get('loss', float('nan')):.3f}, val loss {m.get('val_loss', float('nan')):.3f}")
 
 
 @app.command()

@@ -1,0 +1,163 @@
+"""The train-vae pipeline against the bare vae_core loop, measured side by side in one run.
+
+    .venv/bin/python bench/train.py [--images 20000] [--epochs 2] [--preset mnist]
+    .venv/bin/python bench/train.py --quality-minutes 20 --iw-samples 1000   # test NLL on full MNIST
+
+Throughput: MNIST (from ../shared/data/mnist) is ingested once; then, with the same model, batch and
+torch threads:
+  - bare:      `train_epoch` on an in-memory uint8 tensor, no Ray, no MLflow, no Prefect;
+  - pipeline:  the `train-vae` flow's training (Ray Train + DDP + checkpoints + MLflow) with 1, then 2
+               workers; steady-state images/s is the mean over epochs after the first, as the workers
+               report it, and fixed costs (Ray start, model registration) are reported apart.
+Prints images/s of each and pipeline/bare ratios (target >= 0.9 for 1 worker).
+
+Quality (--quality-minutes): trains the MNIST preset in one process on all 60,000 training images
+(dynamic binarisation) for that many minutes of wall clock, then reports the IWAE test NLL in nats
+over the full 10,000-image test set with --iw-samples samples, and the learning curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+def ingest_mnist(home: Path, limit: int | None) -> str:
+    """Ingest MNIST into `home`; returns the dataset reference to train on."""
+    from vae_core.ingest import IngestConfig, ingest
+
+    result = ingest(str(MNIST), IngestConfig(name="mnist", limit=limit), data_root=str(home / "datasets"))
+    return f"mnist@{result.version}"
+
+
+def bare_loop(train_x: torch.Tensor, preset: str, overrides: list[str], epochs: int) -> float:
+    from vae_core import ConvVAE, load_config
+    from vae_core.train import TrainState, iterate_batches, make_optimizer, make_scheduler, seed_everything, train_epoch
+
+    cfg = load_config(preset, overrides)
+    gen = seed_everything(cfg.train.seed)
+    model = ConvVAE(cfg.model)
+    opt = make_optimizer(model, cfg.train)
+    sched = make_scheduler(opt, cfg.train, 10_000)
+    state = TrainState()
+    rates = []
+    for _ in range(epochs):
+        m = train_epoch(model, opt, iterate_batches(train_x, cfg.train.batch_size, generator=gen), state, cfg.train,
+                        sched, gen)
+        rates.append(m["images_per_s"])
+    return sum(rates[1:]) / len(rates[1:]) if len(rates) > 1 else rates[0]
+
+
+def pipeline(dataset: str, preset: str, overrides: list[str], epochs: int, workers: int) -> dict[str, float]:
+    import mlflow
+
+    from flows.train import train_vae
+
+    t0 = time.perf_counter()
+    out = train_vae(dataset=dataset, preset=preset, overrides=overrides, epochs=epochs, workers=workers,
+                    max_failures=0)
+    wall = time.perf_counter() - t0
+    history = mlflow.MlflowClient().get_metric_history(out["run_id"], "epoch/images_per_s")
+    rates = [h.value for h in sorted(history, key=lambda h: h.step)]
+    steady = rates[1:] or rates
+    return {
+        "images_per_s": sum(steady) / len(steady),
+        "ray_start_s": out["metrics"]["startup/ray_s"],
+        "register_s": out["metrics"]["startup/register_s"],
+        "wall_s": wall,
+    }
+
+
+def quality(minutes: float, iw_samples: int, home: Path, dataset: str) -> None:
+    from vae_core import ConvVAE, load_config
+    from vae_core.shards import open_dataset, read_split_u8
+    from vae_core.train import TrainState, evaluate, iterate_batches, make_optimizer, make_scheduler, \
+        seed_everything, train_epoch
+
+    name, version = dataset.split("@")
+    info = open_dataset(str(home / "datasets"), name, version)
+    train_np, _, _ = read_split_u8(info, "train")
+    val_np, _, _ = read_split_u8(info, "val")
+    test_np, _, _ = read_split_u8(info, "test")
+    train_x = torch.from_numpy(train_np) if not len(val_np) else torch.cat([torch.from_numpy(train_np),
+                                                                            torch.from_numpy(val_np)])
+    test_x = torch.from_numpy(test_np)
+    cfg = load_config("mnist")
+    gen = seed_everything(cfg.train.seed)
+    model = ConvVAE(cfg.model)
+    opt = make_optimizer(model, cfg.train)
+    per_epoch = math.ceil(len(train_x) / cfg.train.batch_size)
+    # Estimate the epochs that fit the budget from the first epoch, so the cosine schedule ends on time.
+    state = TrainState()
+    sched = make_scheduler(opt, cfg.train, per_epoch * 10_000)
+    start = time.perf_counter()
+    first = train_epoch(model, opt, iterate_batches(train_x, cfg.train.batch_size, generator=gen), state, cfg.train,
+                        sched, gen)
+    epochs = max(2, int(minutes * 60 / (time.perf_counter() - start)))
+    sched = make_scheduler(opt, cfg.train, per_epoch * epochs)
+    for _ in range(state.step):
+        sched.step()
+    curve = [(1, time.perf_counter() - start, -first["elbo"])]
+    for epoch in range(2, epochs + 1):
+        m = train_epoch(model, opt, iterate_batches(train_x, cfg.train.batch_size, generator=gen), state, cfg.train,
+                        sched, gen)
+        curve.append((epoch, time.perf_counter() - start, -m["elbo"]))
+        print(f"epoch {epoch:3d}  {curve[-1][1]:7.1f}s  train -ELBO {curve[-1][2]:.2f}", flush=True)
+    t_eval = time.perf_counter()
+    test = evaluate(model, iterate_batches(test_x, 100, shuffle=False), gen, iw_samples=iw_samples)
+    print(json.dumps({
+        "train_minutes": (t_eval - start) / 60, "epochs": epochs, "test_images": len(test_x),
+        "iw_samples": iw_samples, "test_nll_nats": test["nll"], "test_neg_elbo": test["loss"],
+        "eval_minutes": (time.perf_counter() - t_eval) / 60,
+        "curve": [{"epoch": e, "seconds": round(s, 1), "train_neg_elbo": round(v, 2)} for e, s, v in curve],
+    }, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=20_000, help="MNIST training images for the throughput runs")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--preset", default="mnist")
+    ap.add_argument("--quality-minutes", type=float, default=0.0)
+    ap.add_argument("--iw-samples", type=int, default=1000)
+    args = ap.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="vae-bench-"))
+    os.environ["VAE_HOME"] = str(home)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from flows import tracking
+
+    tracking.configure()
+    if args.quality_minutes:
+        quality(args.quality_minutes, args.iw_samples, home, ingest_mnist(home, None))
+        return
+
+    dataset = ingest_mnist(home, args.images)
+    from vae_core.shards import open_dataset, read_split_u8
+
+    name, version = dataset.split("@")
+    train_np, _, _ = read_split_u8(open_dataset(str(home / "datasets"), name, version), "train")
+    threads = torch.get_num_threads()
+    overrides: list[str] = ["train.image_every=1000"]
+    print(f"images={len(train_np)} preset={args.preset} epochs={args.epochs} torch_threads={threads}")
+    bare = bare_loop(torch.from_numpy(train_np), args.preset, overrides, args.epochs)
+    print(f"bare vae_core loop      {bare:8.0f} images/s")
+    for workers in (1, 2):
+        p = pipeline(dataset, args.preset, overrides, args.epochs, workers)
+        print(f"pipeline {workers} worker(s)     {p['images_per_s']:8.0f} images/s  ratio {p['images_per_s'] / bare:.3f}"
+              f"  (ray start {p['ray_start_s']:.1f}s, registration {p['register_s']:.1f}s, wall {p['wall_s']:.1f}s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

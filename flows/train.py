@@ -1,0 +1,296 @@
+"""The `train-vae` flow: a dataset version in, one MLflow run and one registered model version out.
+
+    prepare (dataset, config, shape check, MLflow run)  ->  fit (Ray Train, DDP)  ->  register (@challenger)
+
+Everything that can be wrong with the request (unknown dataset, empty split, an image size the
+architecture cannot take) fails in `prepare`, before Ray starts. Ray lives here and in
+`flows.train_worker`; MLflow in `flows.tracking`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows import tracking
+from flows.settings import checkpoint_root, data_root
+from vae_core import VAEConfig, load_config
+from vae_core.shards import DatasetInfo, list_shards, open_dataset
+from vae_core.train import NonFiniteLossError
+
+
+class TrainError(RuntimeError):
+    """Training could not produce a model; the message says why and what to change."""
+
+
+class TrainRequest(BaseModel):
+    """What a user asks of `train-vae`, validated before anything starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(description="NAME or NAME@VERSION; the latest version when none is given")
+    preset: str = "mnist"
+    overrides: list[str] = Field(default_factory=list, description="key=value config overrides")
+    epochs: int | None = Field(None, ge=1)
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float | None = Field(None, gt=0, description="default: 90% of the cluster's CPUs, shared")
+    gpus_per_worker: float = Field(0.0, ge=0)
+    model_name: str | None = Field(None, description="registered model; default vae-<dataset name>")
+    experiment: str = "train-vae"
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
+    memory_budget_mb: int = Field(4096, ge=1, description="splits larger than this stream through Ray Data")
+    data_root: str | None = None
+    checkpoint_root: str | None = None
+
+
+def parse_dataset_ref(ref: str) -> tuple[str, str | None]:
+    """'mnist' -> ('mnist', None); 'mnist@3f2a' -> ('mnist', '3f2a')."""
+    name, _, version = ref.partition("@")
+    if not name:
+        raise ValueError(f"dataset reference {ref!r} has no name; use NAME or NAME@VERSION")
+    return name, version or None
+
+
+def resolve_config(req: TrainRequest, info: DatasetInfo) -> VAEConfig:
+    """Preset + overrides + the dataset's image shape; a shape the architecture cannot take is an error."""
+    overrides = list(req.overrides) + ([f"train.epochs={req.epochs}"] if req.epochs else [])
+    cfg = load_config(req.preset, overrides)
+    h, w, c = info.shape
+    try:
+        return cfg.with_image_shape(h, w, c)
+    except ValueError as e:
+        raise TrainError(
+            f"dataset {info.name}@{info.version} has {h}x{w}x{c} images, which preset {req.preset!r} cannot "
+            f"take: {e}"
+        ) from None
+
+
+def _check_splits(info: DatasetInfo) -> None:
+    if info.counts.get("train", 0) == 0:
+        raise TrainError(f"dataset {info.name}@{info.version} has no training images")
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[dict[str, float]]:
+    """Join $RAY_ADDRESS (or an already initialised Ray), else start a local Ray and shut it down after."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:
+            # A local Ray listens on loopback only; a cluster is joined through RAY_ADDRESS instead.
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     _node_ip_address="127.0.0.1")
+        started = True
+    try:
+        yield ray.cluster_resources()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _scaling(req: TrainRequest, resources: dict[str, float]) -> tuple[float, int]:
+    """CPUs reserved per worker and torch threads per worker.
+
+    Workers get fractional CPUs by default: reserving every CPU starves Ray Data's read tasks, which
+    then never run (a hang, not an error).
+    """
+    total = resources.get("CPU", os.cpu_count() or 1)
+    cpus = req.cpus_per_worker or round(max(0.1, 0.9 * total / req.workers), 2)
+    if cpus * req.workers > total:
+        raise TrainError(f"{req.workers} workers x {cpus} CPUs exceed the cluster's {total:g} CPUs")
+    if req.gpus_per_worker * req.workers > resources.get("GPU", 0):
+        raise TrainError(f"{req.workers} workers x {req.gpus_per_worker} GPUs exceed the cluster's "
+                         f"{resources.get('GPU', 0):g} GPUs")
+    return cpus, max(1, round(cpus))
+
+
+def _steps_per_epoch(rows: int, batch: int, workers: int) -> int:
+    per_rank = rows // workers
+    return max(1, per_rank // batch if workers > 1 else math.ceil(per_rank / batch))
+
+
+def _worker_spec(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str, threads: int,
+                 stream: bool) -> dict[str, Any]:
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "run_id": run_id,
+        "data_root": req.data_root or data_root(),
+        "dataset": info.name,
+        "version": info.version,
+        "has_val": info.counts.get("val", 0) > 0,
+        "stream_train": stream,
+        "steps_per_epoch": _steps_per_epoch(info.counts["train"], cfg.train.batch_size, req.workers),
+        "threads_per_worker": threads,
+    }
+
+
+def _ray_datasets(info: DatasetInfo) -> dict[str, Any]:
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    files = list_shards(info, "train")
+    fs = PyFileSystem(FSSpecHandler(info.fs))
+    paths = [info.fs._strip_protocol(f) for f in files]
+    return {"train": ray.data.read_parquet(paths, filesystem=fs, columns=["image"])}
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    seen = err
+    while True:
+        nxt = getattr(seen, "__cause__", None) or getattr(seen, "__context__", None)
+        if nxt is None or nxt is seen:
+            return seen
+        seen = nxt
+
+
+def _failure_message(err: BaseException) -> str:
+    text = str(err)
+    if NonFiniteLossError.__name__ in text or isinstance(_root_cause(err), NonFiniteLossError):
+        line = next((ln for ln in text.splitlines() if "loss is" in ln), "the loss became NaN or infinite")
+        return f"training stopped on a non-finite loss: {line.split('NonFiniteLossError:')[-1].strip()}"
+    return f"training failed: {text.strip().splitlines()[-1] if text.strip() else type(err).__name__}"
+
+
+def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str) -> tuple[Any, dict[str, float]]:
+    """Run Ray Train; returns (final checkpoint, final metrics) plus start-up timings in the metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from flows.train_worker import train_loop_per_worker
+
+    t0 = time.perf_counter()
+    with ray_session() as resources:
+        ray_start = time.perf_counter() - t0
+        cpus, threads = _scaling(req, resources)
+        stream = info.counts["train"] * info.manifest.image_bytes > req.memory_budget_mb * 2**20
+        env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "VAE_", "AWS_"))}
+        env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=_worker_spec(req, info, cfg, run_id, threads, stream),
+            scaling_config=ScalingConfig(
+                num_workers=req.workers,
+                use_gpu=req.gpus_per_worker > 0,
+                resources_per_worker={"CPU": cpus, **({"GPU": req.gpus_per_worker} if req.gpus_per_worker else {})},
+            ),
+            run_config=RunConfig(
+                name=run_id,
+                storage_path=req.checkpoint_root or checkpoint_root(),
+                failure_config=FailureConfig(max_failures=req.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                worker_runtime_env={"env_vars": env},
+            ),
+            datasets=_ray_datasets(info) if stream else None,
+        )
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray wraps worker errors; name the cause for the user
+            raise TrainError(_failure_message(e)) from e
+        if result.error is not None:
+            raise TrainError(_failure_message(result.error)) from result.error
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    metrics["startup/ray_s"] = ray_start
+    metrics["startup/total_fit_s"] = time.perf_counter() - t0
+    return result.checkpoint, metrics
+
+
+@task(name="prepare-training")
+def prepare_task(req: TrainRequest) -> tuple[DatasetInfo, VAEConfig, str]:
+    name, version = parse_dataset_ref(req.dataset)
+    info = open_dataset(req.data_root or data_root(), name, version)
+    _check_splits(info)
+    cfg = resolve_config(req, info)
+    tracking.configure()
+    run_id = tracking.start_training_run(
+        req.experiment, f"{info.name}-{cfg.name}", cfg, info.name, info.version, info.url,
+        extra_tags={"workers": str(req.workers)},
+    )
+    return info, cfg, run_id
+
+
+@task(name="fit")
+def fit_task(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str) -> tuple[Any, dict[str, float]]:
+    return fit(req, info, cfg, run_id)
+
+
+@task(name="register-model")
+def register_task(run_id: str, checkpoint: Any, model_name: str, dataset_version: str) -> tuple[int, float]:
+    from flows.train_worker import WEIGHTS
+    from vae_core.weights import load_model
+
+    t0 = time.perf_counter()
+    with checkpoint.as_directory() as d:
+        model = load_model(os.path.join(d, WEIGHTS))
+    version = tracking.log_and_register_model(run_id, model, model_name, dataset_version)
+    return version, time.perf_counter() - t0
+
+
+def _summary_markdown(out: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(out["metrics"].items()))
+    return (
+        f"# train-vae: {out['dataset']}\n\n"
+        f"- MLflow run: `{out['run_id']}` ({out['run_url']})\n"
+        f"- Model: `{out['model_uri']}` = `{out['model_name']}` version {out['model_version']}\n"
+        f"- Dataset version: `{out['dataset_version']}`\n\n| metric | value |\n|---|---|\n{rows}\n"
+    )
+
+
+@flow(name="train-vae", log_prints=True)
+def train_vae(
+    dataset: str,
+    preset: str = "mnist",
+    overrides: list[str] | None = None,
+    epochs: int | None = None,
+    workers: int = 1,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float = 0.0,
+    model_name: str | None = None,
+    max_failures: int = 2,
+) -> dict[str, Any]:
+    """Train a VAE on DATASET with Ray Train and register it as `vae-<dataset>@challenger`."""
+    from prefect.artifacts import create_markdown_artifact
+
+    req = TrainRequest(dataset=dataset, preset=preset, overrides=overrides or [], epochs=epochs, workers=workers,
+                       cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, model_name=model_name,
+                       max_failures=max_failures)
+    return run_training(req, artifact=create_markdown_artifact)
+
+
+def run_training(req: TrainRequest, artifact=None) -> dict[str, Any]:
+    """The flow's body; also what `vae train` runs. Marks the MLflow run FAILED on any error."""
+    info, cfg, run_id = prepare_task(req)
+    run = tracking.RunLogger(run_id)
+    try:
+        checkpoint, metrics = fit_task(req, info, cfg, run_id)
+        name = req.model_name or tracking.default_model_name(info.name)
+        version, register_s = register_task(run_id, checkpoint, name, info.version)
+        metrics["startup/register_s"] = register_s
+        run.log_metrics({k: v for k, v in metrics.items() if k.startswith("startup/")}, step=0)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.finish("FINISHED")
+    out = {
+        "run_id": run_id,
+        "run_url": f"{tracking.tracking_uri()} experiment {req.experiment}",
+        "model_name": name,
+        "model_version": version,
+        "model_uri": tracking.model_uri(name, "challenger"),
+        "dataset": info.name,
+        "dataset_version": info.version,
+        "metrics": metrics,
+    }
+    if artifact is not None:
+        artifact(markdown=_summary_markdown(out), key="train-vae-summary",
+                 description=f"MLflow run {run_id}, model {name} v{version}")
+    return out

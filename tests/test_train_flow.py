@@ -1,0 +1,164 @@
+"""train-vae end to end: Prefect's engine, a local Ray with two CPU workers, a SQLite MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import mlflow
+import pytest
+
+from conftest import MNIST_DIR
+
+SMALL = ["model.hidden_channels=[16,32]", "train.batch_size=64", "train.kl_warmup_steps=50", "train.log_every=5"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A VAE_HOME holding 2,400 real MNIST training images (train + val carve), shared by this module."""
+    from vae_core.ingest import IngestConfig, ingest
+
+    root = tmp_path_factory.mktemp("train_home")
+    old = {k: os.environ.get(k) for k in ("VAE_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["VAE_HOME"] = str(root)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    ingest(str(MNIST_DIR), IngestConfig(name="mnist", limit=2400), data_root=str(root / "datasets"))
+    from flows import tracking
+
+    tracking.configure()
+    yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _epoch_steps(run_id: str, key: str = "epoch/loss") -> list[int]:
+    return sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key))
+
+
+def _runs() -> list:
+    exp = mlflow.get_experiment_by_name("train-vae")
+    return mlflow.search_runs([exp.experiment_id], output_format="list") if exp else []
+
+
+def test_two_workers_train_track_register_and_pull(home):
+    from flows.train import train_vae
+
+    before = len(_runs())
+    out = train_vae(dataset="mnist", overrides=SMALL, epochs=3, workers=2, max_failures=0)
+    client = mlflow.MlflowClient()
+
+    assert len(_runs()) == before + 1  # exactly one run for the job
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.hidden_channels"] == "[16, 32]" and run.data.params["train.epochs"] == "3"
+    assert run.data.tags["dataset_version"] == out["dataset_version"]
+    assert _epoch_steps(out["run_id"]) == [1, 2, 3]
+    losses = [m.value for m in sorted(client.get_metric_history(out["run_id"], "epoch/loss"), key=lambda m: m.step)]
+    assert losses[-1] < losses[0], losses
+    for key in ("epoch/val_loss", "epoch/images_per_s", "epoch/grad_norm", "train/loss", "train/beta", "train/lr"):
+        assert client.get_metric_history(out["run_id"], key), key
+    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "samples")}
+    assert "samples/epoch_0003.png" in artifacts
+
+    mv = client.get_model_version_by_alias("vae-mnist", "challenger")
+    assert int(mv.version) == out["model_version"] and mv.run_id == out["run_id"]
+
+    # A fresh process with only the tracking URI pulls the model by alias and encodes real images.
+    code = textwrap.dedent(f"""
+        import json, gzip, numpy as np, mlflow.pyfunc
+        raw = gzip.open({str(MNIST_DIR / 't10k-images-idx3-ubyte.gz')!r}).read()
+        x = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28, 1)[:5]
+        m = mlflow.pyfunc.load_model("models:/vae-mnist@challenger")
+        out = m.predict(x)
+        vae = m.unwrap_python_model().model
+        print(json.dumps({{"mean": np.asarray(out["mean"]).shape, "logvar": np.asarray(out["logvar"]).shape,
+                          "sample": list(vae.sample(2).shape)}}))
+    """)
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
+           "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/",
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shapes = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+    assert shapes == {"mean": [5, 32], "logvar": [5, 32], "sample": [2, 1, 28, 28]}
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray names its actor processes after their class: `ray::RayTrainWorker...`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::RayTrainWorker"):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return sorted(pids)
+
+
+def _kill_one_worker_after_first_epoch(killed: list[int], stop: threading.Event) -> None:
+    """Watch MLflow for the first logged epoch, then SIGKILL one Ray Train worker process."""
+    import signal
+
+    client = mlflow.MlflowClient()
+    while not stop.is_set():
+        runs = [r for r in _runs() if r.info.status == "RUNNING"]
+        if runs and client.get_metric_history(runs[0].info.run_id, "epoch/loss"):
+            pids = _train_worker_pids()
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
+                return
+        time.sleep(0.2)
+
+
+def test_killed_worker_is_replaced_and_every_epoch_logged_once(home):
+    from flows.train import train_vae
+
+    before = len(_runs())
+    killed: list[int] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_kill_one_worker_after_first_epoch, args=(killed, stop), daemon=True)
+    watcher.start()
+    try:
+        out = train_vae(dataset="mnist", overrides=SMALL + ["train.epochs=4"], workers=2, max_failures=2)
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    assert killed, "no worker was killed: the test did not exercise recovery"
+    assert len(_runs()) == before + 1
+    assert mlflow.MlflowClient().get_run(out["run_id"]).info.status == "FINISHED"
+    assert _epoch_steps(out["run_id"]) == [1, 2, 3, 4]
+    steps = _epoch_steps(out["run_id"], "train/loss")
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    assert out["model_version"] >= 1
+
+
+def test_nan_loss_fails_the_run_with_a_clear_error(home):
+    from flows.train import TrainError, train_vae
+
+    before = {r.info.run_id for r in _runs()}
+    with pytest.raises(TrainError, match="non-finite loss"):
+        train_vae(dataset="mnist", overrides=SMALL + ["train.lr=1e4"], epochs=2, workers=1, max_failures=0)
+    new = [r for r in _runs() if r.info.run_id not in before]
+    assert len(new) == 1 and new[0].info.status == "FAILED"
+
+
+def test_shape_mismatch_fails_before_ray_starts(home):
+    import ray
+
+    from flows.train import TrainError, train_vae
+
+    with pytest.raises(TrainError, match=r"28x28x1 images, which preset 'rgb64' cannot take"):
+        train_vae(dataset="mnist", preset="rgb64", epochs=1)
+    assert not ray.is_initialized()
+    with pytest.raises(FileNotFoundError):
+        train_vae(dataset="no-such-dataset", epochs=1)
