@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 
+from vae_core.shards import to_url
 from vae_core.sources.base import RawBatch, Source, SourceError, split_from_name
 
 BATCH = 512
@@ -65,7 +66,7 @@ def open_folder(url: str, storage_options: dict | None = None) -> Source:
             encoded, errors = _read(fs, paths, sizes)
             yield RawBatch(
                 ids=batch_rels,
-                sources=[fs.unstrip_protocol(p) for p in paths],
+                sources=[to_url(fs, p) for p in paths],
                 labels=np.array([label_of(r) for r in batch_rels], dtype=np.int32),
                 splits=[split_from_name(r.split("/", 1)[0]) for r in batch_rels] if by_split else None,
                 encoded=encoded,

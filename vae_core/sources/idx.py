@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 
+from vae_core.shards import to_url
 from vae_core.sources.base import RawBatch, Source, SourceError, split_from_name
 
 IDX_NAME = re.compile(r"^(?P<prefix>.+?)-(?P<kind>images|labels)[-.]idx(?P<ndim>\d)-ubyte(?P<gz>\.gz)?$")
@@ -203,13 +204,13 @@ def open_idx(url: str, storage_options: dict | None = None) -> Source:
 
     parts: list[tuple[str, str, IdxImages, np.ndarray | None]] = []
     for prefix, img_path, lab_path in pairs:
-        img_url = fs.unstrip_protocol(img_path)
+        img_url = to_url(fs, img_path)
         images = IdxImages(fs, img_path, img_url)
         if len(images.dims) not in (3, 4) or (len(images.dims) == 4 and images.dims[3] not in (1, 3)):
             raise SourceError(f"{img_url}: images must be (N,H,W) or (N,H,W,1|3), header says {images.dims}")
         labels = None
         if lab_path is not None:
-            lab_url = fs.unstrip_protocol(lab_path)
+            lab_url = to_url(fs, lab_path)
             labels = read_idx(fs, lab_path, lab_url)
             if labels.ndim != 1:
                 raise SourceError(f"{lab_url}: labels must be 1-dimensional, header says {labels.shape}")

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 
+from vae_core.shards import to_url
 from vae_core.sources.base import RawBatch, Source, SourceError
 
 BATCH = 16384
@@ -36,6 +37,13 @@ def _images(arr: np.ndarray, url: str) -> np.ndarray:
 def open_npz(url: str, storage_options: dict | None = None) -> Source:
     """.npz URL -> Source; shapes, dtypes and counts are checked here."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    try:
+        with fs.open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise SourceError(f"{url}: file not found") from None
+    if magic != b"PK\x03\x04":  # np.load would take anything else for a pickle and say so, unhelpfully
+        raise SourceError(f"{url}: not a readable .npz archive (not a zip file)")
     try:
         with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -67,7 +75,7 @@ def open_npz(url: str, storage_options: dict | None = None) -> Source:
     names = [str(x) for x in arrays["label_names"].tolist()] if "label_names" in arrays else None
     if names is not None and labels.max(initial=-1) >= len(names):
         raise SourceError(f"{url}: label {int(labels.max())} has no entry in label_names ({len(names)} names)")
-    full = fs.unstrip_protocol(path)
+    full = to_url(fs, path)
 
     def batches() -> Iterator[RawBatch]:
         for start in range(0, n, BATCH):

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vae_core.shards import to_url
 from vae_core.sources.base import RawBatch, Source, SourceError, split_from_name
 
 BATCH = 512
@@ -103,7 +104,7 @@ def _open_files(fs: fsspec.AbstractFileSystem, files: list[str]) -> list[tuple[s
         try:
             opened.append((f, pq.ParquetFile(fs.open(f, "rb"))))
         except Exception as e:  # ArrowInvalid on a corrupt footer, OSError on a truncated file
-            raise SourceError(f"{fs.unstrip_protocol(f)}: not a readable Parquet file ({e})") from None
+            raise SourceError(f"{to_url(fs, f)}: not a readable Parquet file ({e})") from None
     return opened
 
 
@@ -124,12 +125,12 @@ def open_parquet(url: str, storage_options: dict | None = None, image_column: st
         raise SourceError(f"{url}: empty source (no .parquet files)")
     opened = _open_files(fs, files)
     schema = opened[0][1].schema_arrow
-    img_col = _pick_image_column(schema, image_column, fs.unstrip_protocol(files[0]))
-    lab_col = _pick_label_column(schema, label_column, fs.unstrip_protocol(files[0]))
+    img_col = _pick_image_column(schema, image_column, to_url(fs, files[0]))
+    lab_col = _pick_label_column(schema, label_column, to_url(fs, files[0]))
     for f, pf in opened[1:]:
         if pf.schema_arrow.names != schema.names:
-            raise SourceError(f"{fs.unstrip_protocol(f)}: columns {pf.schema_arrow.names} differ from "
-                              f"{fs.unstrip_protocol(files[0])}'s {schema.names}")
+            raise SourceError(f"{to_url(fs, f)}: columns {pf.schema_arrow.names} differ from "
+                              f"{to_url(fs, files[0])}'s {schema.names}")
     id_col = "id" if "id" in schema.names else None
     split_col = "split" if "split" in schema.names else None
     names, string_index = _label_names(opened, schema, lab_col)
@@ -142,7 +143,7 @@ def open_parquet(url: str, storage_options: dict | None = None, image_column: st
         for f, pf in opened:
             rel = posixpath.relpath(f, root)
             path_split = _split_of_path(rel)
-            full = fs.unstrip_protocol(f)
+            full = to_url(fs, f)
             row = 0
             for rb in pf.iter_batches(batch_size=BATCH, columns=columns):
                 n = rb.num_rows

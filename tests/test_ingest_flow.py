@@ -1,0 +1,88 @@
+"""`vae ingest` and the `ingest-dataset` Prefect flow, on Prefect's real engine.
+
+Without PREFECT_API_URL, Prefect starts its temporary local server once per test process (shared with
+the other flow tests); tests/conftest.py points PREFECT_HOME at a throwaway folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+from vae_core.shards import open_dataset, read_split_u8
+
+
+def _folder(root, n=30):
+    rng = np.random.default_rng(5)
+    for i in range(n):
+        (root / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (10, 10, 3), np.uint8)).save(buf, "PNG")
+        (root / f"c{i % 3}" / f"{i}.png").write_bytes(buf.getvalue())
+    (root / "c0" / "notes.txt").write_text("hello")
+    return root
+
+
+def test_cli_json_in_process(tmp_path):
+    runner = CliRunner()
+    args = ["ingest", "builtin:digits", "--name", "digits", "--data-root", str(tmp_path), "--no-prefect", "--json"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    out = json.loads(first.stdout)
+    assert {"name", "version", "path", "counts", "quarantined"} <= set(out)
+    assert out["name"] == "digits" and out["created"] and out["quarantined"] == 0
+    assert sum(out["counts"].values()) + out["duplicates"] == 1797
+    assert out["path"] == str(tmp_path / "digits" / out["version"])
+    again = json.loads(runner.invoke(app, args).stdout)
+    assert again["version"] == out["version"] and not again["created"]
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["ingest", str(tmp_path / "missing"), "--name", "x", "--data-root", str(tmp_path),
+                            "--no-prefect"])
+    assert r.exit_code == 1 and "missing: source not found" in r.stderr
+    r = runner.invoke(app, ["ingest", "builtin:digits", "--name", "x", "--channels", "2", "--image-size", "8,8",
+                            "--data-root", str(tmp_path), "--no-prefect"])
+    assert r.exit_code == 1 and "channels: Input should be 1 or 3" in r.stderr
+    r = runner.invoke(app, ["ingest", "builtin:digits", "--name", "x", "--image-size", "eight", "--no-prefect"])
+    assert r.exit_code == 1 and "image size 'eight' is not H,W" in r.stderr
+
+
+@pytest.mark.slow
+def test_flow_through_the_cli_writes_dataset_and_artifact(tmp_path):
+    from prefect.artifacts import Artifact
+
+    src = _folder(tmp_path / "src")
+    r = CliRunner().invoke(app, ["ingest", str(src), "--name", "Shapes_v1", "--data-root", str(tmp_path / "ds"),
+                                 "--image-size", "8,8", "--channels", "1", "--fit", "pad",
+                                 "--max-quarantine-fraction", "0.1", "--workers", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)  # stdout holds the JSON only; Prefect logs go to stderr
+    assert out["shape"] == [8, 8, 1] and out["quarantined"] == 1 and out["seen"] == 31
+    info = open_dataset(str(tmp_path / "ds"), "Shapes_v1")
+    assert info.version == out["version"]
+    assert read_split_u8(info, "train")[0].shape[1:] == (8, 8, 1)
+
+    art = Artifact.get("ingest-shapes-v1")
+    assert art is not None and art.type == "markdown"
+    md = art.data
+    assert f"version `{out['version']}`" in md and "| train |" in md and "c0/notes.txt" in md
+    assert "30 ok + 0 duplicates + 1 quarantined" in md
+
+
+@pytest.mark.slow
+def test_flow_fails_fast_on_a_bad_source(tmp_path):
+    from flows.ingest import ingest_dataset
+    from vae_core.sources.base import SourceError
+
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x09\x03" + bytes(12))
+    with pytest.raises(SourceError, match="wrong IDX magic"):
+        ingest_dataset(source=str(tmp_path), name="bad", data_root=str(tmp_path / "ds"))
+    assert not (tmp_path / "ds").exists()
