@@ -165,3 +165,14 @@ def test_empty_and_missing_folders_fail_fast(tmp_path):
         run_ingest(IngestConfig(name="e", source=str(tmp_path / "empty"), data_root=str(tmp_path / "ds")))
     with pytest.raises(SourceError, match="not found"):
         run_ingest(IngestConfig(name="e", source=str(tmp_path / "missing"), data_root=str(tmp_path / "ds")))
+
+
+def test_unreadable_file_is_quarantined_not_fatal(tmp_path):
+    src = tmp_path / "src"
+    for i in range(9):
+        _save(src / f"k/{i}.png", _rgb(6, 6), "PNG")
+    (src / "k" / "gone.png").symlink_to(tmp_path / "does-not-exist.png")
+    r = run_ingest(IngestConfig(name="u", source=str(src), data_root=str(tmp_path / "ds"), workers=2,
+                                max_quarantine_fraction=0.2))
+    assert [(q.id, q.reason.split(":")[0]) for q in r.manifest.quarantine] == [("k/gone.png", "cannot read")]
+    assert r.manifest.items.ok == 9

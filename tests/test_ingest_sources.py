@@ -256,3 +256,14 @@ def test_arrays_and_files_resize_the_same_way():
     x = RNG.integers(0, 256, (10, 20, 3), np.uint8)
     spec = ShapeSpec((8, 8), None, "pad")
     np.testing.assert_array_equal(conform_pixels(x[None], spec)[0], decode_image(_png(x), spec))
+
+
+def test_parquet_repeated_ids_are_quarantined(tmp_path):
+    imgs = [RNG.integers(0, 256, (4, 4), np.uint8) for _ in range(6)]
+    t = pa.table({"id": ["a", "b", "c", "a", "d", "e"], "image": pa.array([_png(a) for a in imgs], pa.binary())})
+    pq.write_table(t, tmp_path / "ids.parquet")
+    r, splits = _ingest(tmp_path, str(tmp_path / "ids.parquet"), max_quarantine_fraction=0.2)
+    assert [(q.id, q.reason) for q in r.manifest.quarantine] == [("a", "id 'a' repeats an earlier item's id")]
+    rows = _all_rows(splits)
+    assert sorted(rows) == ["a", "b", "c", "d", "e"]
+    np.testing.assert_array_equal(rows["a"][0][:, :, 0], imgs[0])  # the first "a" is the one kept

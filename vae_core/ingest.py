@@ -219,6 +219,9 @@ def id_hash_unit(ids: list[str]) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
+_SPLIT_CODE: dict[str | None, int] = {None: -1, **{s: i for i, s in enumerate(SPLITS)}}
+
+
 def assign_splits(ids: list[str], source_splits: list[str | None] | None, val_fraction: float,
                   test_fraction: float, carve_val: bool) -> np.ndarray:
     """-> int8 (n,) split codes (index into SPLITS: 0 train, 1 val, 2 test). See the module docstring."""
@@ -226,13 +229,34 @@ def assign_splits(ids: list[str], source_splits: list[str | None] | None, val_fr
     hashed = np.where(u < test_fraction, 2, np.where(u < test_fraction + val_fraction, 1, 0)).astype(np.int8)
     if source_splits is None:
         return hashed
-    own = np.array([-1 if s is None else SPLITS.index(s) for s in source_splits], dtype=np.int8)
+    own = np.fromiter(map(_SPLIT_CODE.__getitem__, source_splits), dtype=np.int8, count=len(source_splits))
     if carve_val:
         own = np.where((own == 0) & (u < val_fraction), 1, own).astype(np.int8)
     return np.where(own < 0, hashed, own).astype(np.int8)
 
 
 # ------------------------------------------------------------------------------------------ writing
+
+
+@dataclass
+class _Gather:
+    """Rows `sel` of `base` (all of it when sel is None), copied only on the writer thread.
+
+    Selecting a split's rows out of a batch is a copy of most of its pixels; deferring it to the writer
+    thread (NumPy releases the GIL while copying) keeps it off the thread that hashes and deduplicates.
+    """
+
+    base: np.ndarray
+    sel: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.base) if self.sel is None else len(self.sel)
+
+    def __getitem__(self, s: slice) -> "_Gather":
+        return _Gather(self.base[s]) if self.sel is None else _Gather(self.base, self.sel[s])
+
+    def array(self) -> np.ndarray:
+        return self.base if self.sel is None else self.base[self.sel]
 
 
 class _SplitWriter:
@@ -252,7 +276,7 @@ class _SplitWriter:
         self.group_rows = min(rows_per_shard, row_group_rows(row_bytes))
         self.rows = 0  # rows handed over so far
         self.in_shard = 0  # rows of the current shard already cut into row groups (main thread)
-        self.buf: list[tuple[list[str], np.ndarray, np.ndarray, list[str]]] = []
+        self.buf: list[tuple[list[str], _Gather, np.ndarray, list[str]]] = []
         self.buffered = 0
         self.jobs: list[Future[None]] = []
         # Writer-thread state.
@@ -264,8 +288,8 @@ class _SplitWriter:
         self.sum = np.zeros(channels)
         self.sumsq = np.zeros(channels)
 
-    def append(self, ids: list[str], images: np.ndarray, labels: np.ndarray, sources: list[str]) -> None:
-        """images uint8 (m, H, W, C); labels int32 (m,), -1 for none."""
+    def append(self, ids: list[str], images: _Gather, labels: np.ndarray, sources: list[str]) -> None:
+        """images: m rows of uint8 (H, W, C); labels int32 (m,), -1 for none."""
         self.buf.append((ids, images, labels, sources))
         self.buffered += len(ids)
         self.rows += len(ids)
@@ -300,10 +324,11 @@ class _SplitWriter:
             self.in_shard = 0
         self.jobs.append(self.writer.submit(self._write, ids, images, labels, sources, end))
 
-    def _write(self, ids: list[str], image_parts: list[np.ndarray], label_parts: list[np.ndarray],
+    def _write(self, ids: list[str], image_parts: list[_Gather], label_parts: list[np.ndarray],
                sources: list[str], end: bool) -> None:
         """Writer thread: hash, sum and encode one row group; close the shard when it is full."""
-        images = np.ascontiguousarray(image_parts[0] if len(image_parts) == 1 else np.concatenate(image_parts))
+        parts = [p.array() for p in image_parts]
+        images = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
         labels = label_parts[0] if len(label_parts) == 1 else np.concatenate(label_parts)
         # Each column is hashed as its own stream, so the hash does not depend on where batches or
         # row groups were cut, only on the rows and their order.
@@ -377,11 +402,12 @@ class _Rows:
     sources: list[str]
     labels: np.ndarray
     splits: list[str | None] | None
-    pixels: np.ndarray
+    pixels: np.ndarray  # uint8 (n, H, W, C)
 
     def take(self, sel: np.ndarray) -> "_Rows":
+        """The rows at sel; their pixels stay a view plus indices until the writer thread copies them."""
         return _Rows(_take(self.ids, sel), _take(self.sources, sel), self.labels[sel],
-                     None if self.splits is None else _take(self.splits, sel), self.pixels[sel])
+                     None if self.splits is None else _take(self.splits, sel), _Gather(self.pixels, sel))
 
 
 @dataclass
@@ -468,15 +494,18 @@ class DatasetBuilder:
         flat = memoryview(np.ascontiguousarray(pixels).reshape(-1))
         sha = hashlib.sha256
         digests = [sha(flat[k * row : (k + 1) * row]).digest() for k in range(n)]
-        kept: list[int] = []  # positions into ok / pixels
-        seen, ids = self.digests, batch.ids
-        for k, d in enumerate(digests):
-            first = seen.get(d)
-            if first is None:
-                seen[d] = ids[ok[k]]
-                kept.append(k)
-            else:
-                self.tally.duplicates.append(DuplicateEntry(id=ids[ok[k]], source=batch.sources[ok[k]], duplicate_of=first))
+        ids = batch.ids if n == len(batch) else _take(batch.ids, ok)
+        before = len(self.digests)
+        # setdefault returns the id stored first: the item's own id object when its pixels are new.
+        firsts = list(map(self.digests.setdefault, digests, ids))
+        if len(self.digests) - before == n:
+            kept = list(range(n))  # positions into ok / pixels
+        else:
+            kept = [k for k in range(n) if firsts[k] is ids[k]]
+            for k in range(n):
+                if firsts[k] is not ids[k]:
+                    self.tally.duplicates.append(
+                        DuplicateEntry(id=ids[k], source=batch.sources[ok[k]], duplicate_of=firsts[k]))
         if not kept:
             return
         if len(kept) == len(batch):  # the common case: every item decoded and new, so no gathering
@@ -492,8 +521,11 @@ class DatasetBuilder:
             sel = np.flatnonzero(codes == code)
             if not len(sel):
                 continue
-            part = rows if len(sel) == len(rows.ids) else rows.take(sel)
-            self._writer(split, pixels).append(part.ids, part.pixels, part.labels, part.sources)
+            if len(sel) == len(rows.ids):
+                self._writer(split, pixels).append(rows.ids, _Gather(rows.pixels), rows.labels, rows.sources)
+            else:
+                part = rows.take(sel)
+                self._writer(split, pixels).append(part.ids, part.pixels, part.labels, part.sources)  # type: ignore[arg-type]
 
     def _writer(self, split: str, pixels: np.ndarray) -> _SplitWriter:
         if split not in self.splits:

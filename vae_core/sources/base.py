@@ -41,7 +41,8 @@ class RawBatch:
     ids: n unique, stable ids; sources: n locations (file, or file#index);
     labels: int32 (n,), -1 where there is none; splits: the source's own split per item
     ("train"/"val"/"test"), or None when the source has no splits of its own.
-    Exactly one of pixels (uint8 (n, H, W, C)) and encoded (n file contents) is set.
+    Exactly one of pixels (uint8 (n, H, W, C)) and encoded (n file contents, or `LocalFile`s the
+    decoder reads itself) is set.
     errors: per item, a problem found before decoding (e.g. unreadable file), else None.
     """
 
@@ -50,7 +51,7 @@ class RawBatch:
     labels: np.ndarray
     splits: list[str | None] | None = None
     pixels: np.ndarray | None = None
-    encoded: list[bytes | None] | None = None
+    encoded: list[Any] | None = None  # bytes, or a decode.LocalFile for the decoder to read
     errors: list[str | None] | None = None
 
     def __post_init__(self) -> None:

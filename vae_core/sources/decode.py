@@ -40,8 +40,28 @@ class DecodeError(ValueError):
     """One item cannot become an image; the message is the quarantine reason."""
 
 
-def decode_image(data: bytes | None, spec: ShapeSpec) -> np.ndarray:
-    """Encoded file bytes -> uint8 (H, W, C), C in {1, 3}, conformed to `spec`. Raises DecodeError."""
+class LocalFile(NamedTuple):
+    """An encoded image still on local disk: the decoding process reads it itself, which spares the
+    parent reading every file and piping its bytes to a worker."""
+
+    path: str
+
+
+def _read_local(f: LocalFile) -> bytes:
+    try:
+        with open(f.path, "rb") as fh:
+            return fh.read()
+    except OSError as e:
+        raise DecodeError(f"cannot read: {e.strerror or e}") from None
+
+
+def decode_image(data: bytes | LocalFile | None, spec: ShapeSpec) -> np.ndarray:
+    """Encoded file bytes (or a local file) -> uint8 (H, W, C), C in {1, 3}, conformed to `spec`.
+
+    Raises DecodeError, whose message is the quarantine reason.
+    """
+    if isinstance(data, LocalFile):
+        data = _read_local(data)
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
@@ -69,7 +89,7 @@ def decode_image(data: bytes | None, spec: ShapeSpec) -> np.ndarray:
     return arr
 
 
-def decode_many(items: list[bytes | None], spec: ShapeSpec) -> list[np.ndarray | str]:
+def decode_many(items: list[bytes | LocalFile | None], spec: ShapeSpec) -> list[np.ndarray | str]:
     """Decode a chunk (runs in a worker process): each item -> pixels, or the reason it failed."""
     out: list[np.ndarray | str] = []
     for data in items:

@@ -13,6 +13,7 @@ decoding happens in ingestion's worker processes.
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from vae_core.shards import to_url
 from vae_core.sources.base import RawBatch, Source, SourceError, split_from_name
+from vae_core.sources.decode import LocalFile
 
 BATCH = 512
 
@@ -45,11 +47,10 @@ def open_folder(url: str, storage_options: dict | None = None) -> Source:
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise SourceError(f"{url}: not a folder")
-    entries = fs.find(root, detail=True)
-    files = sorted(p for p, e in entries.items() if e.get("type", "file") == "file")
+    sizes = _list_files(fs, root)
+    files = sorted(sizes)
     if not files:
         raise SourceError(f"{url}: empty source (no files in the folder tree)")
-    sizes = {p: int(entries[p].get("size") or 0) for p in files}
     rels = [_relative(root, p) for p in files]
     by_split, classes = _layout(rels)
     class_index = {c: i for i, c in enumerate(classes)}
@@ -84,9 +85,14 @@ def open_folder(url: str, storage_options: dict | None = None) -> Source:
     )
 
 
-def _read(fs: fsspec.AbstractFileSystem, paths: list[str], sizes: dict[str, int]) -> tuple[list[bytes | None], list[str | None]]:
-    """Read a batch of files; a file that cannot be read becomes an error, not an exception."""
-    want = [p for p in paths if sizes[p] > 0]
+def _read(fs: fsspec.AbstractFileSystem, paths: list[str],
+          sizes: dict[str, int]) -> tuple[list[bytes | LocalFile | None], list[str | None]]:
+    """Read a batch of files (local ones are left for the decoder to read); a file that cannot be read
+    becomes an error, not an exception."""
+    want = [p for p in paths if sizes[p] != 0]
+    if _is_local(fs):  # the decoder reads local files itself (in parallel, without piping bytes)
+        return [LocalFile(p) if sizes[p] != 0 else None for p in paths], [
+            None if sizes[p] != 0 else "empty file (0 bytes)" for p in paths]
     got = dict(zip(want, _cat_all(fs, want)))
     encoded: list[bytes | None] = []
     errors: list[str | None] = []
@@ -102,6 +108,27 @@ def _read(fs: fsspec.AbstractFileSystem, paths: list[str], sizes: dict[str, int]
             encoded.append(data)
             errors.append(None)
     return encoded, errors
+
+
+def _list_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
+    """Every file below root -> its size in bytes."""
+    if _is_local(fs):  # os.walk is ~10x faster than fsspec's generic find for big local trees
+        out: dict[str, int] = {}
+        for d, _, names in os.walk(root):
+            for n in names:
+                p = os.path.join(d, n)
+                try:
+                    out[p] = os.stat(p).st_size
+                except OSError:  # a dangling link: keep it, reading it will say what is wrong
+                    out[p] = -1
+        return out
+    entries = fs.find(root, detail=True)
+    return {p: int(e.get("size") or 0) for p, e in entries.items() if e.get("type", "file") == "file"}
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
 
 
 def _cat_all(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes | BaseException]:

@@ -47,7 +47,7 @@ def _decode_in_process(batch: RawBatch, spec: ShapeSpec) -> Decoded:
     return _merge(batch, decode_many(_pending(batch), spec))
 
 
-def _pending(batch: RawBatch) -> list[bytes | None]:
+def _pending(batch: RawBatch) -> list:
     """Encoded items still to decode: those without an error from reading."""
     errors = batch.errors or [None] * len(batch)
     return [d for d, e in zip(batch.encoded or [], errors) if e is None]
