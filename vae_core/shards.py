@@ -26,7 +26,6 @@ streaming reader (Ray Data's ``read_parquet``) needs for splits too large to hol
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import posixpath
 import uuid
@@ -101,13 +100,6 @@ def row_group_rows(image_bytes: int) -> int:
 def write_options(image_bytes: int) -> dict[str, Any]:
     """Keyword arguments for one `pq.write_table` call that writes a whole shard."""
     return {**writer_options(), "row_group_size": row_group_rows(image_bytes)}
-
-
-def encode_shard(table: pa.Table) -> bytes:
-    """Arrow table -> the bytes of one Parquet shard."""
-    sink = io.BytesIO()
-    pq.write_table(table, sink, **write_options(table.schema.field("image").type.byte_width))
-    return sink.getvalue()
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -363,16 +355,13 @@ def list_versions(root_url: str, name: str, storage_options: dict[str, Any] | No
 
 
 def _list_dirs(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    # Object-store filesystems cache listings; a reader must see versions another process just wrote.
+    fs.invalidate_cache(path)
     try:
-        entries = fs.ls(path, detail=True, refresh=True) if _accepts_refresh(fs) else fs.ls(path, detail=True)
+        entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
     return sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory")
-
-
-def _accepts_refresh(fs: fsspec.AbstractFileSystem) -> bool:
-    # Object-store filesystems cache listings; a reader must see versions another process just wrote.
-    return hasattr(fs, "invalidate_cache") and fs.protocol not in ("file", ("file", "local"))
 
 
 def open_dataset(
@@ -387,14 +376,13 @@ def open_dataset(
     nothing to open.
     """
     fs, root = resolve(root_url, storage_options)
-    if hasattr(fs, "invalidate_cache"):
-        fs.invalidate_cache()
     if version is None:
         versions = list_versions(root_url, name, storage_options)
         if not versions:
             raise FileNotFoundError(f"no dataset {name!r} under {root_url}: run `vae ingest SOURCE --name {name}` first")
         version = versions[-1]
     vdir = version_path(fs, root, name, version)
+    fs.invalidate_cache(vdir)
     try:
         manifest = read_manifest(fs, vdir)
     except FileNotFoundError:
