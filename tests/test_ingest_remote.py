@@ -108,3 +108,27 @@ def test_s3_round_trip(s3):
     again = run_ingest(cfg)
     assert not again.created and again.version == r.version
     assert sorted(fs.find("vae-bucket/datasets", refresh=True)) == before
+
+
+def test_cli_reaches_s3_through_the_usual_aws_variables(s3, monkeypatch):
+    """`vae ingest` has no storage flags: an S3-compatible endpoint comes from AWS_ENDPOINT_URL."""
+    import s3fs
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    fs, options = s3
+    fs.pipe_file("vae-bucket/cli-src/train-images-idx3-ubyte", bytes([0, 0, 8, 3]) + b"".join(
+        d.to_bytes(4, "big") for d in (20, 3, 3)) + RNG.integers(0, 256, 180, np.uint8).tobytes())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", options["client_kwargs"]["endpoint_url"])
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        r = CliRunner().invoke(app, ["ingest", "s3://vae-bucket/cli-src", "--name", "cli", "--data-root",
+                                     "s3://vae-bucket/cli-ds", "--no-prefect", "--json"])
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["path"] == f"s3://vae-bucket/cli-ds/cli/{out['version']}"
+    assert out["counts"]["train"] + out["counts"]["val"] == 20 and out["shape"] == [3, 3, 1]
+    assert fs.exists(f"vae-bucket/cli-ds/cli/{out['version']}/manifest.json")
