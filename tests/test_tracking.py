@@ -44,6 +44,18 @@ def store(tmp_path_factory):
         yield home
 
 
+@pytest.fixture(autouse=True)
+def _forget_mlflow_uris():
+    """configure() leaves the URI in mlflow's globals; clear them so later tests follow the env."""
+    yield
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+
 @pytest.fixture(scope="module")
 def model() -> ConvVAE:
     torch.manual_seed(0)
@@ -206,11 +218,14 @@ def test_pyfunc_predict_accepts_dataset_shapes_and_rejects_others(model, images)
 _PULL = textwrap.dedent(
     """
     import json, sys
-    import mlflow, numpy as np, torch
+    import mlflow, numpy as np, pandas as pd, torch
 
     loaded = mlflow.pyfunc.load_model(sys.argv[1])
     images = np.array(json.loads(sys.argv[2]), dtype=np.uint8)
     out = loaded.predict(images)
+    # A one-column DataFrame of flattened pixel lists is reshaped by MLflow's schema enforcement.
+    from_frame = loaded.predict(pd.DataFrame({"pixels": [im.ravel().tolist() for im in images]}))
+    assert np.allclose(from_frame["mean"], out["mean"], atol=1e-6)
     vae = loaded.unwrap_python_model().model
     decoded = vae.decode(torch.from_numpy(out["mean"]))
     samples = vae.sample(3)
