@@ -117,6 +117,9 @@ def ensure_experiment(name: str) -> str:
     """Id of experiment `name`, created if missing; a local store keeps its artifacts under VAE_HOME."""
     client = _client()
     if (found := client.get_experiment_by_name(name)) is not None:
+        if found.lifecycle_stage == "deleted":
+            # A deleted experiment still owns its name; bring it back rather than fail on create.
+            client.restore_experiment(found.experiment_id)
         return found.experiment_id
     location = None if _is_server(client.tracking_uri) else _artifact_location(name)
     try:

@@ -178,6 +178,13 @@ def test_system_metrics_are_logged_and_stop_cleanly(store):
     assert any(k.startswith("system/cpu") for k in keys), keys
 
 
+def test_system_metrics_unavailable_is_a_warning_not_an_error(monkeypatch, caplog):
+    # A None entry in sys.modules makes the import fail, as it does where psutil is missing.
+    monkeypatch.setitem(sys.modules, "mlflow.system_metrics.system_metrics_monitor", None)
+    assert tracking.start_system_metrics("no-such-run") is None
+    assert "system metrics disabled" in caplog.text
+
+
 # --- registered model ---------------------------------------------------------------------------
 
 
