@@ -73,17 +73,24 @@ def tracking_uri() -> str:
 
 
 def configure() -> str:
-    """Point mlflow's tracking and registry at `tracking_uri()` and return it.
+    """Point this process's mlflow tracking and registry at `tracking_uri()` and return it.
 
-    mlflow also exports the URI as MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, so subprocesses (and
-    Ray workers started afterwards) use the same store. Telemetry and artifact progress bars are
-    off unless the environment says otherwise.
+    The URI environment variables are left as they were (mlflow's setters would export them), so a
+    later change of VAE_HOME is still followed; give other processes MLFLOW_TRACKING_URI or
+    VAE_HOME explicitly. Telemetry and artifact progress bars are off unless the environment says
+    otherwise.
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     return uri
 
 

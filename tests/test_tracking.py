@@ -95,6 +95,10 @@ def test_tracking_uri_is_absolute_sqlite_under_vae_home(tmp_path, monkeypatch):
     uri = tracking.tracking_uri()
     assert uri == f"sqlite:////{(tmp_path / 'rel' / 'home' / 'mlflow.db').as_posix().lstrip('/')}"
     assert (tmp_path / "rel" / "home").is_dir()
+    # configure() must not pin the URI into the environment: a new VAE_HOME is followed.
+    assert tracking.configure() == uri and "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("VAE_HOME", str(tmp_path / "other"))
+    assert tracking.configure().endswith("/other/mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert tracking.tracking_uri() == "http://127.0.0.1:1"
 
