@@ -276,7 +276,7 @@ class _SplitWriter:
         self.group_rows = min(rows_per_shard, row_group_rows(row_bytes))
         self.rows = 0  # rows handed over so far
         self.in_shard = 0  # rows of the current shard already cut into row groups (main thread)
-        self.buf: list[tuple[list[str], _Gather, np.ndarray, list[str]]] = []
+        self.buf: list[tuple[list[str], _Gather, np.ndarray, list[str], list[bytes]]] = []
         self.buffered = 0
         self.jobs: list[Future[None]] = []
         # Writer-thread state.
@@ -288,9 +288,10 @@ class _SplitWriter:
         self.sum = np.zeros(channels, dtype=np.uint64)
         self.sumsq = np.zeros(channels, dtype=np.uint64)
 
-    def append(self, ids: list[str], images: _Gather, labels: np.ndarray, sources: list[str]) -> None:
-        """images: m rows of uint8 (H, W, C); labels int32 (m,), -1 for none."""
-        self.buf.append((ids, images, labels, sources))
+    def append(self, ids: list[str], images: _Gather, labels: np.ndarray, sources: list[str],
+               digests: list[bytes]) -> None:
+        """images: m rows of uint8 (H, W, C); labels int32 (m,), -1 for none; digests: SHA-256 per image."""
+        self.buf.append((ids, images, labels, sources, digests))
         self.buffered += len(ids)
         self.rows += len(ids)
         while self.buffered >= self._next_cut():
@@ -303,29 +304,31 @@ class _SplitWriter:
         """Hand the first n buffered rows to the writer thread as one row group."""
         ids: list[str] = []
         sources: list[str] = []
+        digests: list[bytes] = []
         images, labels = [], []
         need = n
         while need:
-            i, x, y, s = self.buf[0]
+            i, x, y, s, d = self.buf[0]
             take = min(need, len(i))
             ids += i[:take]
             sources += s[:take]
+            digests += d[:take]
             images.append(x[:take])
             labels.append(y[:take])
             if take == len(i):
                 self.buf.pop(0)
             else:
-                self.buf[0] = (i[take:], x[take:], y[take:], s[take:])
+                self.buf[0] = (i[take:], x[take:], y[take:], s[take:], d[take:])
             need -= take
         self.buffered -= n
         self.in_shard += n
         end = self.in_shard == self.rows_per_shard
         if end:
             self.in_shard = 0
-        self.jobs.append(self.writer.submit(self._write, ids, images, labels, sources, end))
+        self.jobs.append(self.writer.submit(self._write, ids, images, labels, sources, digests, end))
 
     def _write(self, ids: list[str], image_parts: list[_Gather], label_parts: list[np.ndarray],
-               sources: list[str], end: bool) -> None:
+               sources: list[str], digests: list[bytes], end: bool) -> None:
         """Writer thread: hash, sum and encode one row group; close the shard when it is full."""
         parts = [p.array() for p in image_parts]
         images = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
@@ -333,7 +336,7 @@ class _SplitWriter:
         # Each column is hashed as its own stream, so the hash does not depend on where batches or
         # row groups were cut, only on the rows and their order.
         self.hashers["id"].update("\0".join(ids).encode() + b"\0")
-        self.hashers["image"].update(images)
+        self.hashers["image"].update(b"".join(digests))  # the rows' SHA-256s commit to every pixel
         self.hashers["label"].update(labels.astype("<i4").tobytes())
         self.hashers["source"].update("\0".join(sources).encode() + b"\0")
         self._stats(images)
@@ -353,8 +356,7 @@ class _SplitWriter:
             # product here was measured 30x slower than these plain loops.
             v = images[start : start + _STATS_CHUNK].reshape(-1, c)
             self.sum += v.sum(axis=0, dtype=np.uint64)
-            w = v.astype(np.uint32)
-            self.sumsq += (w * w).sum(axis=0, dtype=np.uint64)
+            self.sumsq += np.square(v, dtype=np.uint16).sum(axis=0, dtype=np.uint64)  # 255**2 fits 16 bits
 
     def _close_shard(self) -> None:
         assert self.pq_writer is not None and self.sink is not None
@@ -404,11 +406,13 @@ class _Rows:
     labels: np.ndarray
     splits: list[str | None] | None
     pixels: np.ndarray  # uint8 (n, H, W, C)
+    digests: list[bytes]  # SHA-256 of each image's pixels
 
     def take(self, sel: np.ndarray) -> "_Rows":
         """The rows at sel; their pixels stay a view plus indices until the writer thread copies them."""
         return _Rows(_take(self.ids, sel), _take(self.sources, sel), self.labels[sel],
-                     None if self.splits is None else _take(self.splits, sel), _Gather(self.pixels, sel))
+                     None if self.splits is None else _take(self.splits, sel), _Gather(self.pixels, sel),  # type: ignore[arg-type]
+                     _take(self.digests, sel))
 
 
 @dataclass
@@ -510,12 +514,12 @@ class DatasetBuilder:
         if not kept:
             return
         if len(kept) == len(batch):  # the common case: every item decoded and new, so no gathering
-            rows = _Rows(batch.ids, batch.sources, batch.labels, batch.splits, pixels)
+            rows = _Rows(batch.ids, batch.sources, batch.labels, batch.splits, pixels, digests)
         else:
             at = [ok[k] for k in kept]
             rows = _Rows(_take(batch.ids, at), _take(batch.sources, at), batch.labels[at],
                          None if batch.splits is None else _take(batch.splits, at),
-                         pixels if len(kept) == n else pixels[kept])
+                         pixels if len(kept) == n else pixels[kept], _take(digests, kept))
         self.tally.max_label = max(self.tally.max_label, int(rows.labels.max()))
         codes = assign_splits(rows.ids, rows.splits, self.cfg.val_fraction, self.cfg.test_fraction, self.carve_val)
         for code, split in enumerate(SPLITS):
@@ -523,10 +527,12 @@ class DatasetBuilder:
             if not len(sel):
                 continue
             if len(sel) == len(rows.ids):
-                self._writer(split, pixels).append(rows.ids, _Gather(rows.pixels), rows.labels, rows.sources)
+                self._writer(split, pixels).append(rows.ids, _Gather(rows.pixels), rows.labels, rows.sources,
+                                                   rows.digests)
             else:
                 part = rows.take(sel)
-                self._writer(split, pixels).append(part.ids, part.pixels, part.labels, part.sources)  # type: ignore[arg-type]
+                self._writer(split, pixels).append(part.ids, part.pixels, part.labels, part.sources,  # type: ignore[arg-type]
+                                                   part.digests)
 
     def _writer(self, split: str, pixels: np.ndarray) -> _SplitWriter:
         if split not in self.splits:
