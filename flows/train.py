@@ -270,6 +270,7 @@ def run_training(req: TrainRequest, artifact=None) -> dict[str, Any]:
     """The flow's body; also what `vae train` runs. Marks the MLflow run FAILED on any error."""
     info, cfg, run_id = prepare_task(req)
     run = tracking.RunLogger(run_id)
+    monitor = tracking.start_system_metrics(run_id)  # CPU, memory, GPU of the driver's node
     try:
         checkpoint, metrics = fit_task(req, info, cfg, run_id)
         name = req.model_name or tracking.default_model_name(info.name)
@@ -277,8 +278,10 @@ def run_training(req: TrainRequest, artifact=None) -> dict[str, Any]:
         metrics["startup/register_s"] = register_s
         run.log_metrics({k: v for k, v in metrics.items() if k.startswith("startup/")}, step=0)
     except BaseException:
+        tracking.stop_system_metrics(monitor)
         run.finish("FAILED")
         raise
+    tracking.stop_system_metrics(monitor)
     run.finish("FINISHED")
     out = {
         "run_id": run_id,

@@ -162,3 +162,4 @@ def test_shape_mismatch_fails_before_ray_starts(home):
     assert not ray.is_initialized()
     with pytest.raises(FileNotFoundError):
         train_vae(dataset="no-such-dataset", epochs=1)
+
