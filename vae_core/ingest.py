@@ -409,9 +409,12 @@ class _Rows:
     digests: list[bytes]  # SHA-256 of each image's pixels
 
     def take(self, sel: np.ndarray) -> "_Rows":
-        """The rows at sel; their pixels stay a view plus indices until the writer thread copies them."""
+        """The rows at sel. A large selection's pixels stay a view plus indices until the writer thread
+        copies them; a small one is copied now, so that a split holding a few rows of each batch does
+        not keep whole batches alive while it fills a row group."""
+        pixels = _Gather(self.pixels, sel) if 2 * len(sel) >= len(self.pixels) else _Gather(self.pixels[sel])
         return _Rows(_take(self.ids, sel), _take(self.sources, sel), self.labels[sel],
-                     None if self.splits is None else _take(self.splits, sel), _Gather(self.pixels, sel),  # type: ignore[arg-type]
+                     None if self.splits is None else _take(self.splits, sel), pixels,  # type: ignore[arg-type]
                      _take(self.digests, sel))
 
 
