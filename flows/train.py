@@ -245,7 +245,7 @@ def _summary_markdown(out: dict[str, Any]) -> str:
     )
 
 
-@flow(name="train-vae", log_prints=True)
+@flow(name="train-vae")
 def train_vae(
     dataset: str,
     preset: str = "mnist",

@@ -16,6 +16,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # On a loaded two-core machine the temporary server can take longer than the default to come up.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+# Prefect binds its console log handler to the sys.stderr of the moment it is first imported. Import it
+# here, under pytest's session-wide capture, so that a flow first run inside a CliRunner (whose stream is
+# closed afterwards) does not leave every later flow logging into a closed file.
+import prefect  # noqa: E402,F401
+
 REPO = Path(__file__).resolve().parent.parent
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 
