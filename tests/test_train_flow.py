@@ -163,3 +163,42 @@ def test_shape_mismatch_fails_before_ray_starts(home):
     with pytest.raises(FileNotFoundError):
         train_vae(dataset="no-such-dataset", epochs=1)
 
+
+
+@pytest.fixture
+def ray_cluster():
+    """A real Ray head started with `ray start` on 127.0.0.1, stopped afterwards."""
+    import socket
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # A loopback-only test head without token auth: the driver side then needs no token file either
+    # (joining a token-protected cluster takes RAY_AUTH_MODE=token and its token, as Ray documents).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
+                   timeout=120, env=env)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
+
+
+@pytest.mark.timeout(400)
+def test_joins_an_existing_cluster_through_ray_address(home, ray_cluster, monkeypatch):
+    import ray
+
+    from flows.train import train_vae
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
+    out = train_vae(dataset="mnist", overrides=SMALL, epochs=1, workers=1, max_failures=0)
+    assert _epoch_steps(out["run_id"]) == [1]
+    assert not ray.is_initialized()  # the flow disconnected from the cluster ...
+    ray.init(address=ray_cluster, log_to_driver=False)
+    try:
+        assert ray.cluster_resources().get("CPU") == 2.0  # ... and left it running
+    finally:
+        ray.shutdown()
