@@ -41,3 +41,12 @@ def digits_u8():
 
     images, _ = load_digits_u8()
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def prefect_server():
+    """One Prefect test server for the session, stopped while pytest still owns the output streams."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=None):
+        yield
