@@ -151,10 +151,14 @@ def main() -> None:
     threads = torch.get_num_threads()
     overrides: list[str] = ["train.image_every=1000"]
     print(f"images={len(train_np)} preset={args.preset} epochs={args.epochs} torch_threads={threads}")
-    bare = bare_loop(torch.from_numpy(train_np), args.preset, overrides, args.epochs)
-    print(f"bare vae_core loop      {bare:8.0f} images/s")
-    for workers in (1, 2):
-        p = pipeline(dataset, args.preset, overrides, args.epochs, workers)
+    # The bare loop runs before and after the pipelines and the mean is the baseline, so that drift in
+    # what else the machine is doing affects both sides alike.
+    before = bare_loop(torch.from_numpy(train_np), args.preset, overrides, args.epochs)
+    runs = {w: pipeline(dataset, args.preset, overrides, args.epochs, w) for w in (1, 2)}
+    after = bare_loop(torch.from_numpy(train_np), args.preset, overrides, args.epochs)
+    bare = (before + after) / 2
+    print(f"bare vae_core loop      {bare:8.0f} images/s  (before {before:.0f}, after {after:.0f})")
+    for workers, p in runs.items():
         print(f"pipeline {workers} worker(s)     {p['images_per_s']:8.0f} images/s  ratio {p['images_per_s'] / bare:.3f}"
               f"  (ray start {p['ray_start_s']:.1f}s, registration {p['register_s']:.1f}s, wall {p['wall_s']:.1f}s)")
 
