@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows import tracking
 from flows.settings import checkpoint_root, data_root
 from vae_core import VAEConfig, load_config
-from vae_core.shards import DatasetInfo, list_shards, open_dataset
+from vae_core.shards import DatasetInfo, open_dataset
 from vae_core.train import NonFiniteLossError
 
 
@@ -45,7 +45,7 @@ class TrainRequest(BaseModel):
     model_name: str | None = Field(None, description="registered model; default vae-<dataset name>")
     experiment: str = "train-vae"
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
-    memory_budget_mb: int = Field(4096, ge=1, description="splits larger than this stream through Ray Data")
+    memory_budget_mb: int = Field(4096, ge=1, description="the most MiB of training pixels a worker may hold")
     data_root: str | None = None
     checkpoint_root: str | None = None
 
@@ -72,9 +72,17 @@ def resolve_config(req: TrainRequest, info: DatasetInfo) -> VAEConfig:
         ) from None
 
 
-def _check_splits(info: DatasetInfo) -> None:
+def _check_splits(info: DatasetInfo, memory_budget_mb: int) -> None:
     if info.counts.get("train", 0) == 0:
         raise TrainError(f"dataset {info.name}@{info.version} has no training images")
+    need_mb = info.counts["train"] * info.manifest.image_bytes / 2**20
+    if need_mb > memory_budget_mb:
+        # Each worker holds the split as one uint8 tensor; streaming larger splits is not built yet.
+        raise TrainError(
+            f"the training split of {info.name}@{info.version} is {need_mb:.0f} MiB of pixels, over the "
+            f"memory budget of {memory_budget_mb} MiB per worker; raise memory_budget_mb if the workers "
+            "have the memory (streaming larger splits is not supported yet)"
+        )
 
 
 @contextlib.contextmanager
@@ -101,8 +109,8 @@ def ray_session() -> Iterator[dict[str, float]]:
 def _scaling(req: TrainRequest, resources: dict[str, float]) -> tuple[float, int]:
     """CPUs reserved per worker and torch threads per worker.
 
-    Workers get fractional CPUs by default: reserving every CPU starves Ray Data's read tasks, which
-    then never run (a hang, not an error).
+    Workers get fractional CPUs by default and leave 10% over, so that Ray's own tasks can run beside
+    them (reserving every CPU starves them: a hang, not an error).
     """
     total = resources.get("CPU", os.cpu_count() or 1)
     cpus = req.cpus_per_worker or round(max(0.1, 0.9 * total / req.workers), 2)
@@ -119,8 +127,7 @@ def _steps_per_epoch(rows: int, batch: int, workers: int) -> int:
     return max(1, per_rank // batch if workers > 1 else math.ceil(per_rank / batch))
 
 
-def _worker_spec(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str, threads: int,
-                 stream: bool) -> dict[str, Any]:
+def _worker_spec(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str, threads: int) -> dict[str, Any]:
     return {
         "config": cfg.model_dump(mode="json"),
         "run_id": run_id,
@@ -128,20 +135,9 @@ def _worker_spec(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: s
         "dataset": info.name,
         "version": info.version,
         "has_val": info.counts.get("val", 0) > 0,
-        "stream_train": stream,
         "steps_per_epoch": _steps_per_epoch(info.counts["train"], cfg.train.batch_size, req.workers),
         "threads_per_worker": threads,
     }
-
-
-def _ray_datasets(info: DatasetInfo) -> dict[str, Any]:
-    import ray.data
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    files = list_shards(info, "train")
-    fs = PyFileSystem(FSSpecHandler(info.fs))
-    paths = [info.fs._strip_protocol(f) for f in files]
-    return {"train": ray.data.read_parquet(paths, filesystem=fs, columns=["image"])}
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -172,12 +168,11 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str) -> tu
     with ray_session() as resources:
         ray_start = time.perf_counter() - t0
         cpus, threads = _scaling(req, resources)
-        stream = info.counts["train"] * info.manifest.image_bytes > req.memory_budget_mb * 2**20
         env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "VAE_", "AWS_"))}
         env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=_worker_spec(req, info, cfg, run_id, threads, stream),
+            train_loop_config=_worker_spec(req, info, cfg, run_id, threads),
             scaling_config=ScalingConfig(
                 num_workers=req.workers,
                 use_gpu=req.gpus_per_worker > 0,
@@ -190,7 +185,6 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str) -> tu
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 worker_runtime_env={"env_vars": env},
             ),
-            datasets=_ray_datasets(info) if stream else None,
         )
         try:
             result = trainer.fit()
@@ -208,7 +202,7 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str) -> tu
 def prepare_task(req: TrainRequest) -> tuple[DatasetInfo, VAEConfig, str]:
     name, version = parse_dataset_ref(req.dataset)
     info = open_dataset(req.data_root or data_root(), name, version)
-    _check_splits(info)
+    _check_splits(info, req.memory_budget_mb)
     cfg = resolve_config(req, info)
     tracking.configure()
     run_id = tracking.start_training_run(
@@ -256,13 +250,18 @@ def train_vae(
     gpus_per_worker: float = 0.0,
     model_name: str | None = None,
     max_failures: int = 2,
+    memory_budget_mb: int = 4096,
 ) -> dict[str, Any]:
-    """Train a VAE on DATASET with Ray Train and register it as `vae-<dataset>@challenger`."""
+    """Train a VAE on DATASET with Ray Train and register it as `vae-<dataset>@challenger`.
+
+    Each worker holds the training split in memory as one uint8 tensor; a split over `memory_budget_mb`
+    is refused before Ray starts.
+    """
     from prefect.artifacts import create_markdown_artifact
 
     req = TrainRequest(dataset=dataset, preset=preset, overrides=overrides or [], epochs=epochs, workers=workers,
                        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, model_name=model_name,
-                       max_failures=max_failures)
+                       max_failures=max_failures, memory_budget_mb=memory_budget_mb)
     return run_training(req, artifact=create_markdown_artifact)
 
 

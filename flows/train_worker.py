@@ -48,16 +48,6 @@ def _load_split(spec: dict[str, Any], split: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images))
 
 
-def _stream_split(split: str, shape: tuple[int, int, int], batch_size: int):
-    """This worker's Ray Data shard of a split too large for memory, as uint8 (B, C, H, W) batches."""
-    shard = ray.train.get_dataset_shard(split)
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False):
-        col = batch["image"]  # fixed-size binary: an object array of bytes, or a fixed-width bytes array
-        buf = b"".join(col.tolist()) if col.dtype == object else np.ascontiguousarray(col).tobytes()
-        x = np.frombuffer(buf, dtype=np.uint8).reshape(-1, *shape)
-        yield torch.from_numpy(x).permute(0, 3, 1, 2)
-
-
 def _all_reduce_sum(values: list[float], world: int) -> list[float]:
     if world == 1:
         return values
@@ -147,8 +137,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     if spec.get("threads_per_worker"):
         torch.set_num_threads(spec["threads_per_worker"])
 
-    shape = (config.model.image_size[0], config.model.image_size[1], config.model.channels)
-    train_x = None if spec["stream_train"] else _load_split(spec, "train")
+    train_x = _load_split(spec, "train")
     val_x = _load_split(spec, "val") if spec["has_val"] else None
 
     torch.manual_seed(tcfg.seed)  # same initial weights on every rank
@@ -174,12 +163,10 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
 
     for epoch in range(state.epoch + 1, tcfg.epochs + 1):
         started = time.perf_counter()
-        if train_x is not None:
-            shuffle = torch.Generator().manual_seed(tcfg.seed + epoch)
-            batches = iterate_batches(train_x, tcfg.batch_size, generator=shuffle, rank=rank, world_size=world,
-                                      drop_last=world > 1)
-        else:
-            batches = _stream_split("train", shape, tcfg.batch_size)
+        # Same permutation on every rank (same seed), each rank taking its own slice of it.
+        shuffle = torch.Generator().manual_seed(tcfg.seed + epoch)
+        batches = iterate_batches(train_x, tcfg.batch_size, generator=shuffle, rank=rank, world_size=world,
+                                  drop_last=world > 1)
         m = train_epoch(ddp_model, opt, batches, state, tcfg, sched, gen,
                         on_step=logger.on_step if logger else None)
         images, seconds = _all_reduce_sum([m["images"], time.perf_counter() - started], world)

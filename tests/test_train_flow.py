@@ -202,3 +202,14 @@ def test_joins_an_existing_cluster_through_ray_address(home, ray_cluster, monkey
         assert ray.cluster_resources().get("CPU") == 2.0  # ... and left it running
     finally:
         ray.shutdown()
+
+
+def test_split_over_the_memory_budget_is_refused_before_ray_starts(home):
+    import ray
+
+    from flows.train import TrainError, train_vae
+
+    # 2,160 training images of 784 bytes are ~1.6 MiB of pixels: over a 1 MiB budget.
+    with pytest.raises(TrainError, match=r"is 2 MiB of pixels, over the memory budget of 1 MiB"):
+        train_vae(dataset="mnist", overrides=SMALL, epochs=1, memory_budget_mb=1)
+    assert not ray.is_initialized()
