@@ -311,6 +311,15 @@ def stop_system_metrics(handle: Any | None) -> None:
 # --- the registered model -----------------------------------------------------------------------
 
 
+def run_url(run_id: str) -> str:
+    """Where a person looks at a run: the MLflow UI page on a server, else the store and run id."""
+    uri = tracking_uri()
+    if urlparse(uri).scheme in {"http", "https"}:
+        experiment_id = _client().get_run(run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{uri} (run {run_id}; `mlflow ui --backend-store-uri {uri}` to browse)"
+
+
 def default_model_name(dataset_name: str) -> str:
     """Registered model name for a dataset: `vae-<dataset_name>`."""
     return f"vae-{dataset_name}"

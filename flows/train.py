@@ -284,7 +284,7 @@ def run_training(req: TrainRequest, artifact=None) -> dict[str, Any]:
     run.finish("FINISHED")
     out = {
         "run_id": run_id,
-        "run_url": f"{tracking.tracking_uri()} experiment {req.experiment}",
+        "run_url": tracking.run_url(run_id),
         "model_name": name,
         "model_version": version,
         "model_uri": tracking.model_uri(name, "challenger"),

@@ -67,6 +67,14 @@ def test_two_workers_train_track_register_and_pull(home):
     artifacts = {a.path for a in client.list_artifacts(out["run_id"], "samples")}
     assert "samples/epoch_0003.png" in artifacts
 
+    assert out["run_id"] in out["run_url"]
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect_client:
+        arts = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-vae-summary"])))
+    assert any(out["run_id"] in a.data and f"version {out['model_version']}" in a.data for a in arts)
+
     mv = client.get_model_version_by_alias("vae-mnist", "challenger")
     assert int(mv.version) == out["model_version"] and mv.run_id == out["run_id"]
 
