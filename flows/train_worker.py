@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -69,12 +70,11 @@ def _validate(model: ConvVAE, val: torch.Tensor | None, spec: dict, rank: int, w
     return {f"val_{k}": v / n for k, v in zip(keys, sums[:-1])}
 
 
-def _save_checkpoint(model: ConvVAE, opt, sched, state: TrainState, metrics: dict, gen: torch.Generator) -> str:
+def _save_checkpoint(model: ConvVAE, opt, sched, state: TrainState, metrics: dict) -> str:
     d = tempfile.mkdtemp(prefix="vae-ckpt-")
     save_model(model, os.path.join(d, WEIGHTS))
     torch.save(
-        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": state.epoch, "step": state.step,
-         "generator": gen.get_state()},
+        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": state.epoch, "step": state.step},
         os.path.join(d, STATE),
     )
     with open(os.path.join(d, METRICS), "w") as f:
@@ -82,7 +82,7 @@ def _save_checkpoint(model: ConvVAE, opt, sched, state: TrainState, metrics: dic
     return d
 
 
-def _restore(checkpoint, model: ConvVAE, opt, sched, gen: torch.Generator) -> tuple[TrainState, dict]:
+def _restore(checkpoint, model: ConvVAE, opt, sched) -> tuple[TrainState, dict]:
     with checkpoint.as_directory() as d:
         model.load_state_dict(load_model(os.path.join(d, WEIGHTS)).state_dict())
         # weights_only: the trainer state is tensors and numbers; nothing arbitrary is unpickled.
@@ -91,7 +91,6 @@ def _restore(checkpoint, model: ConvVAE, opt, sched, gen: torch.Generator) -> tu
             metrics = json.load(f)
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
-    gen.set_state(blob["generator"])
     return TrainState(epoch=blob["epoch"], step=blob["step"]), metrics
 
 
@@ -150,12 +149,11 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     opt = make_optimizer(model, tcfg)
     steps_per_epoch = spec["steps_per_epoch"]
     sched = make_scheduler(opt, tcfg, steps_per_epoch * tcfg.epochs)
-    # Per-rank sampling noise (binarisation, eps) must differ across ranks; the epoch's shuffle must agree.
-    gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank)
+    gen = torch.Generator()
     state, last_metrics = TrainState(), {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state, last_metrics = _restore(checkpoint, model, opt, sched, gen)
+        state, last_metrics = _restore(checkpoint, model, opt, sched)
 
     logger = _EpochLogger(spec["run_id"], tcfg.log_every) if rank == 0 else None
     if logger is not None and last_metrics:
@@ -163,6 +161,9 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
 
     for epoch in range(state.epoch + 1, tcfg.epochs + 1):
         started = time.perf_counter()
+        # Sampling noise (binarisation, eps) differs across ranks and epochs but is a function of
+        # (seed, epoch, rank), so an epoch re-run after a restart draws exactly the same noise.
+        gen.manual_seed(tcfg.seed * 1_000_003 + epoch * 1009 + rank)
         # Same permutation on every rank (same seed), each rank taking its own slice of it.
         shuffle = torch.Generator().manual_seed(tcfg.seed + epoch)
         batches = iterate_batches(train_x, tcfg.batch_size, generator=shuffle, rank=rank, world_size=world,
@@ -176,11 +177,13 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         if not all(math.isfinite(v) for v in metrics.values()):
             raise RuntimeError(f"non-finite metrics at epoch {epoch}: {metrics}")
 
-        ckpt_dir = _save_checkpoint(model, opt, sched, state, metrics, gen) if rank == 0 else None
+        ckpt_dir = _save_checkpoint(model, opt, sched, state, metrics) if rank == 0 else None
         ray.train.report(
             {**metrics, "epoch": epoch},
             checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,
         )
+        if ckpt_dir:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # report() has uploaded it (synchronously)
         if logger is not None:
             logger.on_epoch(epoch, metrics)
             if epoch % tcfg.image_every == 0 or epoch == tcfg.epochs:
