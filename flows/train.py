@@ -91,6 +91,7 @@ def ray_session() -> Iterator[dict[str, float]]:
     import ray
 
     started = False
+    env_before = dict(os.environ)
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
@@ -104,6 +105,11 @@ def ray_session() -> Iterator[dict[str, float]]:
     finally:
         if started:
             ray.shutdown()
+            # ray.init writes to os.environ (RAY_AUTH_MODE=token for a local head, ...); left behind, it
+            # breaks a later job of this process, or a child process, that joins a cluster without tokens.
+            for key in set(os.environ) - set(env_before):
+                del os.environ[key]
+            os.environ.update(env_before)
 
 
 def _scaling(req: TrainRequest, resources: dict[str, float]) -> tuple[float, int]:

@@ -196,18 +196,24 @@ def ray_cluster():
 
 
 @pytest.mark.timeout(400)
-def test_joins_an_existing_cluster_through_ray_address(home, ray_cluster, monkeypatch):
+def test_vae_train_joins_an_existing_cluster_through_ray_address(home, ray_cluster):
+    """`vae train` in its own process, as a user or a Prefect worker runs it, against a running cluster."""
+    import json
+
     import ray
+    from prefect.settings import PREFECT_API_URL
 
-    from flows.train import train_vae
-
-    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
-    out = train_vae(dataset="mnist", overrides=SMALL, epochs=1, workers=1, max_failures=0)
-    assert _epoch_steps(out["run_id"]) == [1]
-    assert not ray.is_initialized()  # the flow disconnected from the cluster ...
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    args = [sys.executable, "-m", "flows.cli", "train", "--dataset", "mnist", "--epochs", "1", "--max-failures", "0",
+            "--json"] + [a for o in SMALL for a in ("--set", o)]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=360)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert _epoch_steps(out["run_id"]) == [1] and out["model_name"] == "vae-mnist"
     ray.init(address=ray_cluster, log_to_driver=False)
     try:
-        assert ray.cluster_resources().get("CPU") == 2.0  # ... and left it running
+        assert ray.cluster_resources().get("CPU") == 2.0  # the flow left the cluster running
     finally:
         ray.shutdown()
 
