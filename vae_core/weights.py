@@ -11,6 +11,7 @@ from safetensors.torch import save as st_save
 
 from vae_core.config import ModelConfig
 from vae_core.model import ConvVAE
+from vae_core.shards import atomic_write_bytes, resolve
 
 _CONFIG_KEY = "vae_model_config"
 
@@ -35,15 +36,9 @@ def model_from_bytes(blob: bytes) -> ConvVAE:
 
 
 def save_model(model: ConvVAE, url: str, extra: dict[str, str] | None = None) -> None:
-    """Write the model to any fsspec URL, atomically where the filesystem allows (temp name, then move)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(model_to_bytes(model, extra))
-    fs.mv(tmp, path)
+    """Write the model to any fsspec URL atomically (temporary name, then one move)."""
+    fs, path = resolve(url)
+    atomic_write_bytes(fs, path, model_to_bytes(model, extra))
 
 
 def load_model(url: str, map_location: str | torch.device = "cpu") -> ConvVAE:
