@@ -17,10 +17,10 @@ Reader API (what training and encoding build on)::
     info = open_dataset("s3://bucket/datasets", "mnist")          # latest version
     images, labels, ids = read_split_u8(info, "train")            # (N,H,W,C) uint8, (N,) int32, list[str]
     urls = list_shards(info, "val")                                # full URLs, in row order
-    info.height, info.width, info.channels, info.counts, info.manifest.label_names
+    info.shape, info.counts, info.manifest.label_names              # (H, W, C), rows per split, ...
 
 `labels` uses -1 where a row has no label. `list_shards` plus `info.storage_options` is what a
-streaming reader (Ray Data's ``read_parquet``) needs for splits too large to hold in memory.
+streaming reader needs (training holds splits in memory; streaming is not built yet).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import hashlib
 import json
 import posixpath
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -237,34 +238,31 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
 
 
-def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either nothing or the whole file.
+def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], None]) -> None:
+    """Have `write` fill a hidden temporary name beside `path`, then publish it with one move.
 
-    The bytes go to a hidden temporary name in the same folder, then one move publishes them (a rename
-    locally; on object stores a server-side copy, which also appears all at once).
+    A rename locally; on object stores a server-side copy, which also appears all at once. Readers see
+    either nothing or the whole file.
     """
     parent = posixpath.dirname(path)
     fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
-    fs.pipe_file(tmp, data)
+    write(tmp)
     try:
         fs.mv(tmp, path)
     except BaseException:
         _remove_quietly(fs, tmp)
         raise
+
+
+def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    _publish(fs, path, lambda tmp: fs.pipe_file(tmp, data))
 
 
 def atomic_put_file(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:
-    """Upload a local file to `path` atomically (same temporary-name-then-move scheme)."""
-    parent = posixpath.dirname(path)
-    fs.makedirs(parent, exist_ok=True)
-    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
-    fs.put_file(local_path, tmp)
-    try:
-        fs.mv(tmp, path)
-    except BaseException:
-        _remove_quietly(fs, tmp)
-        raise
+    """Upload a local file to `path` atomically."""
+    _publish(fs, path, lambda tmp: fs.put_file(local_path, tmp))
 
 
 def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -297,18 +295,6 @@ class DatasetInfo:
     @property
     def version(self) -> str:
         return self.manifest.version
-
-    @property
-    def height(self) -> int:
-        return self.manifest.height
-
-    @property
-    def width(self) -> int:
-        return self.manifest.width
-
-    @property
-    def channels(self) -> int:
-        return self.manifest.channels
 
     @property
     def shape(self) -> tuple[int, int, int]:
