@@ -46,8 +46,6 @@ class TrainRequest(BaseModel):
     experiment: str = "train-vae"
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
     memory_budget_mb: int = Field(4096, ge=1, description="the most MiB of training pixels a worker may hold")
-    data_root: str | None = None
-    checkpoint_root: str | None = None
 
 
 def parse_dataset_ref(ref: str) -> tuple[str, str | None]:
@@ -137,7 +135,7 @@ def _worker_spec(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: s
     return {
         "config": cfg.model_dump(mode="json"),
         "run_id": run_id,
-        "data_root": req.data_root or data_root(),
+        "data_root": data_root(),
         "dataset": info.name,
         "version": info.version,
         "has_val": info.counts.get("val", 0) > 0,
@@ -186,7 +184,7 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str) -> tu
             ),
             run_config=RunConfig(
                 name=run_id,
-                storage_path=req.checkpoint_root or checkpoint_root(),
+                storage_path=checkpoint_root(),
                 failure_config=FailureConfig(max_failures=req.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 worker_runtime_env={"env_vars": env},
@@ -207,7 +205,7 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str) -> tu
 @task(name="prepare-training")
 def prepare_task(req: TrainRequest) -> tuple[DatasetInfo, VAEConfig, str]:
     name, version = parse_dataset_ref(req.dataset)
-    info = open_dataset(req.data_root or data_root(), name, version)
+    info = open_dataset(data_root(), name, version)
     _check_splits(info, req.memory_budget_mb)
     cfg = resolve_config(req, info)
     tracking.configure()

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from vae_core import ConvVAE, VAEConfig
 from vae_core.pictures import grid, reconstruction_grid
-from vae_core.shards import open_dataset, read_split_u8
+from vae_core.shards import DatasetInfo, open_dataset, read_split_u8
 from vae_core.train import (
     TrainState,
     evaluate,
@@ -42,9 +42,8 @@ STATE = "trainer_state.pt"
 METRICS = "metrics.json"
 
 
-def _load_split(spec: dict[str, Any], split: str) -> torch.Tensor:
+def _load_split(info: DatasetInfo, split: str) -> torch.Tensor:
     """A split as one uint8 tensor (N, H, W, C), read from the Parquet shards once per worker."""
-    info = open_dataset(spec["data_root"], spec["dataset"], spec["version"])
     images, _, _ = read_split_u8(info, split)
     return torch.from_numpy(np.ascontiguousarray(images))
 
@@ -136,8 +135,9 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     if spec.get("threads_per_worker"):
         torch.set_num_threads(spec["threads_per_worker"])
 
-    train_x = _load_split(spec, "train")
-    val_x = _load_split(spec, "val") if spec["has_val"] else None
+    info = open_dataset(spec["data_root"], spec["dataset"], spec["version"])
+    train_x = _load_split(info, "train")
+    val_x = _load_split(info, "val") if spec["has_val"] else None
 
     torch.manual_seed(tcfg.seed)  # same initial weights on every rank
     model = prepare_model(ConvVAE(config.model), tcfg, device)
