@@ -104,6 +104,8 @@ def train(
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per worker; > 0 trains on GPUs with NCCL.")] = 0.0,
     model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default vae-<dataset>).")] = None,
     max_failures: Annotated[int, typer.Option(help="Worker-group restarts from the last checkpoint.")] = 2,
+    memory_budget_mb: Annotated[float, typer.Option(
+        help="MiB of pixels a worker holds per split; a larger split streams through Ray Data.")] = 4096,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: run, model, final metrics.")] = False,
 ) -> None:
     """Train a VAE on an ingested dataset with Ray, tracked and registered in MLflow."""
@@ -112,7 +114,7 @@ def train(
     try:
         out = train_vae(dataset=dataset, preset=config, overrides=set_ or [], epochs=epochs, workers=workers,
                         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, model_name=model_name,
-                        max_failures=max_failures)
+                        max_failures=max_failures, memory_budget_mb=memory_budget_mb)
     except (TrainError, FileNotFoundError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from None

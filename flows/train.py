@@ -5,6 +5,11 @@
 Everything that can be wrong with the request (unknown dataset, empty split, an image size the
 architecture cannot take) fails in `prepare`, before Ray starts. Ray lives here and in
 `flows.train_worker`; MLflow in `flows.tracking`.
+
+Data: a split whose pixels fit `memory_budget_mb` is held by each worker as one uint8 tensor; a
+larger one streams from its Parquet shards through Ray Data (`streaming_split`, one disjoint, equally
+sized part per worker each epoch). Ray Data only ever gets whole CPUs that training leaves free, so
+when a split streams the workers leave one CPU unreserved.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows import tracking
 from flows.settings import checkpoint_root, data_root
 from vae_core import VAEConfig, load_config
-from vae_core.shards import DatasetInfo, open_dataset
+from vae_core.shards import DatasetInfo, arrow_filesystem, open_dataset, shard_paths
 from vae_core.train import NonFiniteLossError
 
 
@@ -45,7 +50,8 @@ class TrainRequest(BaseModel):
     model_name: str | None = Field(None, description="registered model; default vae-<dataset name>")
     experiment: str = "train-vae"
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
-    memory_budget_mb: int = Field(4096, ge=1, description="the most MiB of training pixels a worker may hold")
+    memory_budget_mb: float = Field(4096, gt=0, description="MiB of pixels a worker may hold per split; "
+                                  "a larger split streams through Ray Data")
 
 
 def parse_dataset_ref(ref: str) -> tuple[str, str | None]:
@@ -70,17 +76,17 @@ def resolve_config(req: TrainRequest, info: DatasetInfo) -> VAEConfig:
         ) from None
 
 
-def _check_splits(info: DatasetInfo, memory_budget_mb: int) -> None:
+def plan_data(info: DatasetInfo, memory_budget_mb: float) -> dict[str, str]:
+    """How each split the workers use reaches them: "memory" (one uint8 tensor) or "stream" (Ray Data)."""
     if info.counts.get("train", 0) == 0:
         raise TrainError(f"dataset {info.name}@{info.version} has no training images")
-    need_mb = info.counts["train"] * info.manifest.image_bytes / 2**20
-    if need_mb > memory_budget_mb:
-        # Each worker holds the split as one uint8 tensor; streaming larger splits is not built yet.
-        raise TrainError(
-            f"the training split of {info.name}@{info.version} is {need_mb:.0f} MiB of pixels, over the "
-            f"memory budget of {memory_budget_mb} MiB per worker; raise memory_budget_mb if the workers "
-            "have the memory (streaming larger splits is not supported yet)"
-        )
+    plan = {}
+    for split in ("train", "val"):
+        rows = info.counts.get(split, 0)
+        if rows:
+            fits = rows * info.manifest.image_bytes <= memory_budget_mb * 2**20
+            plan[split] = "memory" if fits else "stream"
+    return plan
 
 
 @contextlib.contextmanager
@@ -110,20 +116,28 @@ def ray_session() -> Iterator[dict[str, float]]:
             os.environ.update(env_before)
 
 
-def _scaling(req: TrainRequest, resources: dict[str, float]) -> tuple[float, int]:
+def _scaling(req: TrainRequest, resources: dict[str, float], streaming: bool) -> tuple[float, int]:
     """CPUs reserved per worker and torch threads per worker.
 
     Workers get fractional CPUs by default and leave 10% over, so that Ray's own tasks can run beside
-    them (reserving every CPU starves them: a hang, not an error).
+    them (reserving every CPU starves them: a hang, not an error). When a split streams they leave a
+    whole CPU: Ray Data's budget is what training leaves free, rounded down to whole CPUs.
     """
     total = resources.get("CPU", os.cpu_count() or 1)
-    cpus = req.cpus_per_worker or round(max(0.1, 0.9 * total / req.workers), 2)
+    spare = 1.0 if streaming else 0.1 * total
+    cpus = req.cpus_per_worker or round(max(0.1, (total - spare) / req.workers), 2)
+    if streaming and cpus * req.workers > total - 1:
+        raise TrainError(
+            f"{req.workers} workers x {cpus} CPUs leave less than one CPU of the cluster's {total:g} for Ray Data, "
+            "which streams the splits over memory_budget_mb: lower cpus_per_worker or raise memory_budget_mb"
+        )
     if cpus * req.workers > total:
         raise TrainError(f"{req.workers} workers x {cpus} CPUs exceed the cluster's {total:g} CPUs")
     if req.gpus_per_worker * req.workers > resources.get("GPU", 0):
         raise TrainError(f"{req.workers} workers x {req.gpus_per_worker} GPUs exceed the cluster's "
                          f"{resources.get('GPU', 0):g} GPUs")
-    return cpus, max(1, round(cpus))
+    # Threads follow the worker's share of the machine, not its reservation (which leaves room for Ray).
+    return cpus, max(1, round(req.cpus_per_worker or total / req.workers))
 
 
 def _steps_per_epoch(rows: int, batch: int, workers: int) -> int:
@@ -131,14 +145,15 @@ def _steps_per_epoch(rows: int, batch: int, workers: int) -> int:
     return max(1, per_rank // batch if workers > 1 else math.ceil(per_rank / batch))
 
 
-def _worker_spec(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str, threads: int) -> dict[str, Any]:
+def _worker_spec(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str, threads: int,
+                 plan: dict[str, str]) -> dict[str, Any]:
     return {
         "config": cfg.model_dump(mode="json"),
         "run_id": run_id,
         "data_root": data_root(),
         "dataset": info.name,
         "version": info.version,
-        "has_val": info.counts.get("val", 0) > 0,
+        "data": plan,
         "steps_per_epoch": _steps_per_epoch(info.counts["train"], cfg.train.batch_size, req.workers),
         "threads_per_worker": threads,
     }
@@ -161,9 +176,19 @@ def _failure_message(err: BaseException) -> str:
     return f"training failed: {text.strip().splitlines()[-1] if text.strip() else type(err).__name__}"
 
 
-def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str) -> tuple[Any, dict[str, float]]:
+def stream_split(info: DatasetInfo, split: str):
+    """A Ray Dataset of one split's `image` column, read from the shards the manifest lists."""
+    import ray.data
+
+    ds = ray.data.read_parquet(shard_paths(info, split), filesystem=arrow_filesystem(info.fs), columns=["image"])
+    # A fresh block order every epoch; workers add a local shuffle buffer on top.
+    return ds.randomize_block_order() if split == "train" else ds
+
+
+def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
+        plan: dict[str, str]) -> tuple[Any, dict[str, float]]:
     """Run Ray Train; returns (final checkpoint, final metrics) plus start-up timings in the metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from flows.train_worker import train_loop_per_worker
@@ -171,12 +196,15 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str) -> tu
     t0 = time.perf_counter()
     with ray_session() as resources:
         ray_start = time.perf_counter() - t0
-        cpus, threads = _scaling(req, resources)
+        streamed = [split for split, how in plan.items() if how == "stream"]
+        cpus, threads = _scaling(req, resources, streaming=bool(streamed))
         env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "VAE_", "AWS_"))}
         env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=_worker_spec(req, info, cfg, run_id, threads),
+            train_loop_config=_worker_spec(req, info, cfg, run_id, threads, plan),
+            datasets={split: stream_split(info, split) for split in streamed},
+            dataset_config=DataConfig(datasets_to_split=streamed),
             scaling_config=ScalingConfig(
                 num_workers=req.workers,
                 use_gpu=req.gpus_per_worker > 0,
@@ -203,22 +231,23 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str) -> tu
 
 
 @task(name="prepare-training")
-def prepare_task(req: TrainRequest) -> tuple[DatasetInfo, VAEConfig, str]:
+def prepare_task(req: TrainRequest) -> tuple[DatasetInfo, VAEConfig, str, dict[str, str]]:
     name, version = parse_dataset_ref(req.dataset)
     info = open_dataset(data_root(), name, version)
-    _check_splits(info, req.memory_budget_mb)
+    plan = plan_data(info, req.memory_budget_mb)
     cfg = resolve_config(req, info)
     tracking.configure()
     run_id = tracking.start_training_run(
         req.experiment, f"{info.name}-{cfg.name}", cfg, info.name, info.version, info.url,
-        extra_tags={"workers": str(req.workers)},
+        extra_tags={"workers": str(req.workers), **{f"data.{split}": how for split, how in plan.items()}},
     )
-    return info, cfg, run_id
+    return info, cfg, run_id, plan
 
 
 @task(name="fit")
-def fit_task(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str) -> tuple[Any, dict[str, float]]:
-    return fit(req, info, cfg, run_id)
+def fit_task(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
+             plan: dict[str, str]) -> tuple[Any, dict[str, float]]:
+    return fit(req, info, cfg, run_id, plan)
 
 
 @task(name="register-model")
@@ -254,12 +283,12 @@ def train_vae(
     gpus_per_worker: float = 0.0,
     model_name: str | None = None,
     max_failures: int = 2,
-    memory_budget_mb: int = 4096,
+    memory_budget_mb: float = 4096,
 ) -> dict[str, Any]:
     """Train a VAE on DATASET with Ray Train and register it as `vae-<dataset>@challenger`.
 
-    Each worker holds the training split in memory as one uint8 tensor; a split over `memory_budget_mb`
-    is refused before Ray starts.
+    Each worker holds a split in memory as one uint8 tensor when its pixels fit `memory_budget_mb`;
+    a larger split streams from the Parquet shards through Ray Data.
     """
     from prefect.artifacts import create_markdown_artifact
 
@@ -271,11 +300,11 @@ def train_vae(
 
 def run_training(req: TrainRequest, artifact=None) -> dict[str, Any]:
     """The flow's body; also what `vae train` runs. Marks the MLflow run FAILED on any error."""
-    info, cfg, run_id = prepare_task(req)
+    info, cfg, run_id, plan = prepare_task(req)
     run = tracking.RunLogger(run_id)
     monitor = tracking.start_system_metrics(run_id)  # CPU, memory, GPU of the driver's node
     try:
-        checkpoint, metrics = fit_task(req, info, cfg, run_id)
+        checkpoint, metrics = fit_task(req, info, cfg, run_id, plan)
         name = req.model_name or tracking.default_model_name(info.name)
         version, register_s = register_task(run_id, checkpoint, name, info.version)
         metrics["startup/register_s"] = register_s

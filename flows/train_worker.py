@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from vae_core import ConvVAE, VAEConfig
 from vae_core.pictures import grid, reconstruction_grid
-from vae_core.shards import DatasetInfo, open_dataset, read_split_u8
+from vae_core.shards import DatasetInfo, images_u8, open_dataset, read_split_u8
 from vae_core.train import (
     TrainState,
     evaluate,
@@ -42,10 +43,46 @@ STATE = "trainer_state.pt"
 METRICS = "metrics.json"
 
 
-def _load_split(info: DatasetInfo, split: str) -> torch.Tensor:
-    """A split as one uint8 tensor (N, H, W, C), read from the Parquet shards once per worker."""
-    images, _, _ = read_split_u8(info, split)
-    return torch.from_numpy(np.ascontiguousarray(images))
+PREVIEW = 32  # images in the reconstruction grids
+
+
+class SplitSource:
+    """One split as this rank sees it: held in memory, or this rank's Ray Data stream of it.
+
+    In memory, every rank holds the whole split and takes its slice of a permutation shared by all
+    ranks. Streamed, `streaming_split(equal=True)` has already given each rank a disjoint part of
+    equal size, so every rank takes the same number of steps (DDP needs that).
+    """
+
+    def __init__(self, shape: tuple[int, int, int], tensor: torch.Tensor | None = None, stream: Any = None):
+        self.shape, self.tensor, self.stream = shape, tensor, stream
+        # uint8 (P, H, W, C): what the reconstruction grids show; a stream fills it on its first batch.
+        self.preview = tensor[:PREVIEW] if tensor is not None else None
+
+    @classmethod
+    def open(cls, info: DatasetInfo, split: str, how: str) -> "SplitSource":
+        if how == "stream":
+            return cls(info.shape, stream=ray.train.get_dataset_shard(split))
+        images, _, _ = read_split_u8(info, split)  # once per worker, checksums verified
+        return cls(info.shape, tensor=torch.from_numpy(np.ascontiguousarray(images)))
+
+    def batches(self, batch_size: int, rank: int, world: int, shuffle_seed: int | None,
+                drop_last: bool) -> Iterator[torch.Tensor]:
+        """uint8 batches (B, C, H, W) for one pass; `shuffle_seed=None` keeps the stored order."""
+        if self.tensor is not None:
+            gen = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
+            yield from iterate_batches(self.tensor, batch_size, shuffle=gen is not None, generator=gen, rank=rank,
+                                       world_size=world, drop_last=drop_last)
+            return
+        shuffle = {"local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": shuffle_seed + rank} \
+            if shuffle_seed is not None else {}
+        for table in self.stream.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=drop_last,
+                                              prefetch_batches=2, **shuffle):
+            # A copy: Arrow's buffer is read-only and the batch is small.
+            x = torch.from_numpy(images_u8(table, self.shape).copy())
+            if self.preview is None:
+                self.preview = x[:PREVIEW]
+            yield x.permute(0, 3, 1, 2)
 
 
 def _all_reduce_sum(values: list[float], world: int) -> list[float]:
@@ -56,12 +93,12 @@ def _all_reduce_sum(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
-def _validate(model: ConvVAE, val: torch.Tensor | None, spec: dict, rank: int, world: int, gen) -> dict[str, float]:
+def _validate(model: ConvVAE, val: SplitSource | None, spec: dict, rank: int, world: int, gen) -> dict[str, float]:
     """Validation -ELBO over the whole split, each rank scoring a disjoint slice, combined exactly."""
     cfg = spec["config"]["train"]
-    if val is None or len(val) == 0:
+    if val is None:
         return {}
-    batches = iterate_batches(val, cfg["batch_size"], shuffle=False, rank=rank, world_size=world)
+    batches = val.batches(cfg["batch_size"], rank, world, shuffle_seed=None, drop_last=False)
     m = evaluate(model, batches, gen, iw_samples=cfg["eval_iw_samples"], amp=cfg["amp"])
     keys = [k for k in ("loss", "recon", "kl", "nll", "bits_per_dim") if k in m]
     sums = _all_reduce_sum([m[k] * m["images"] for k in keys] + [m["images"]], world)
@@ -115,11 +152,11 @@ class _EpochLogger:
             self.last_epoch = epoch
 
 
-def _log_pictures(run, model: ConvVAE, val: torch.Tensor | None, epoch: int, seed: int) -> None:
+def _log_pictures(run, model: ConvVAE, preview: torch.Tensor | None, epoch: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     run.log_image(grid(model.sample(64, generator=gen)), f"samples/epoch_{epoch:04d}.png")
-    if val is not None and len(val):
-        batch = val[:32].permute(0, 3, 1, 2)
+    if preview is not None and len(preview):
+        batch = preview.permute(0, 3, 1, 2)
         device = next(model.parameters()).device
         recon = model.reconstruct(batch.to(device))
         run.log_image(reconstruction_grid(batch.float() / 255, recon.cpu()), f"reconstructions/epoch_{epoch:04d}.png")
@@ -136,8 +173,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         torch.set_num_threads(spec["threads_per_worker"])
 
     info = open_dataset(spec["data_root"], spec["dataset"], spec["version"])
-    train_x = _load_split(info, "train")
-    val_x = _load_split(info, "val") if spec["has_val"] else None
+    train = SplitSource.open(info, "train", spec["data"]["train"])
+    val = SplitSource.open(info, "val", spec["data"]["val"]) if "val" in spec["data"] else None
 
     torch.manual_seed(tcfg.seed)  # same initial weights on every rank
     model = prepare_model(ConvVAE(config.model), tcfg, device)
@@ -164,16 +201,15 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         # Sampling noise (binarisation, eps) differs across ranks and epochs but is a function of
         # (seed, epoch, rank), so an epoch re-run after a restart draws exactly the same noise.
         gen.manual_seed(tcfg.seed * 1_000_003 + epoch * 1009 + rank)
-        # Same permutation on every rank (same seed), each rank taking its own slice of it.
-        shuffle = torch.Generator().manual_seed(tcfg.seed + epoch)
-        batches = iterate_batches(train_x, tcfg.batch_size, generator=shuffle, rank=rank, world_size=world,
-                                  drop_last=world > 1)
+        # In memory: the same permutation on every rank (same seed), each rank taking its own slice of it.
+        batches = train.batches(tcfg.batch_size, rank, world, shuffle_seed=tcfg.seed + epoch, drop_last=world > 1)
         m = train_epoch(ddp_model, opt, batches, state, tcfg, sched, gen,
                         on_step=logger.on_step if logger else None)
         images, seconds = _all_reduce_sum([m["images"], time.perf_counter() - started], world)
         metrics = {k: m[k] for k in ("loss", "recon", "kl", "elbo", "beta", "grad_norm", "lr")}
         metrics["images_per_s"] = images / (seconds / world)
-        metrics.update(_validate(model, val_x, spec, rank, world, gen))
+        metrics["images"] = images
+        metrics.update(_validate(model, val, spec, rank, world, gen))
         if not all(math.isfinite(v) for v in metrics.values()):
             raise RuntimeError(f"non-finite metrics at epoch {epoch}: {metrics}")
 
@@ -187,4 +223,4 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         if logger is not None:
             logger.on_epoch(epoch, metrics)
             if epoch % tcfg.image_every == 0 or epoch == tcfg.epochs:
-                _log_pictures(logger.run, model, val_x, epoch, tcfg.seed)
+                _log_pictures(logger.run, model, (val or train).preview, epoch, tcfg.seed)

@@ -218,12 +218,38 @@ def test_vae_train_joins_an_existing_cluster_through_ray_address(home, ray_clust
         ray.shutdown()
 
 
-def test_split_over_the_memory_budget_is_refused_before_ray_starts(home):
-    import ray
+def test_splits_over_the_memory_budget_stream_through_ray_data(home):
+    from flows.train import train_vae
 
-    from flows.train import TrainError, train_vae
+    # 2,160 training and 240 validation images of 784 bytes: 1.6 and 0.18 MiB, both over 0.1 MiB.
+    out = train_vae(dataset="mnist", overrides=SMALL + ["train.image_every=2"], epochs=2, workers=2,
+                    max_failures=0, memory_budget_mb=0.1)
+    client = mlflow.MlflowClient()
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["data.train"] == "stream" and run.data.tags["data.val"] == "stream"
+    assert _epoch_steps(out["run_id"]) == [1, 2]
+    # Each of the two workers streamed an equal part of 1,080 rows: 16 full batches of 64 each, every epoch.
+    images = [m.value for m in client.get_metric_history(out["run_id"], "epoch/images")]
+    assert images == [2 * 16 * 64] * 2
+    losses = [m.value for m in sorted(client.get_metric_history(out["run_id"], "epoch/loss"), key=lambda m: m.step)]
+    assert losses[-1] < losses[0], losses
+    assert client.get_metric_history(out["run_id"], "epoch/val_loss")
+    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "reconstructions")}
+    assert "reconstructions/epoch_0002.png" in artifacts  # the preview came from the validation stream
+    assert client.get_model_version_by_alias("vae-mnist", "challenger").run_id == out["run_id"]
 
-    # 2,160 training images of 784 bytes are ~1.6 MiB of pixels: over a 1 MiB budget.
-    with pytest.raises(TrainError, match=r"is 2 MiB of pixels, over the memory budget of 1 MiB"):
-        train_vae(dataset="mnist", overrides=SMALL, epochs=1, memory_budget_mb=1)
-    assert not ray.is_initialized()
+
+def test_data_plan_and_cpu_reservation_leave_ray_data_a_whole_cpu(home):
+    from flows.train import TrainError, TrainRequest, _scaling, plan_data
+    from vae_core.shards import open_dataset
+
+    info = open_dataset(str(home / "datasets"), "mnist")
+    assert plan_data(info, 4096) == {"train": "memory", "val": "memory"}
+    assert plan_data(info, 1) == {"train": "stream", "val": "memory"}
+    two = {"CPU": 2.0}
+    assert _scaling(TrainRequest(dataset="mnist", workers=2), two, streaming=False) == (0.9, 1)
+    assert _scaling(TrainRequest(dataset="mnist", workers=2), two, streaming=True) == (0.5, 1)
+    assert _scaling(TrainRequest(dataset="mnist", workers=1), two, streaming=True) == (1.0, 2)
+    with pytest.raises(TrainError, match="less than one CPU .* for Ray Data"):
+        _scaling(TrainRequest(dataset="mnist", workers=2, cpus_per_worker=0.9), two, streaming=True)

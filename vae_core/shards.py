@@ -19,8 +19,9 @@ Reader API (what training and encoding build on)::
     urls = list_shards(info, "val")                                # full URLs, in row order
     info.shape, info.counts, info.manifest.label_names              # (H, W, C), rows per split, ...
 
-`labels` uses -1 where a row has no label. `list_shards` plus `info.storage_options` is what a
-streaming reader needs (training holds splits in memory; streaming is not built yet).
+`labels` uses -1 where a row has no label. A streaming reader (Ray Data in `train-vae`) reads
+`shard_paths(info, split)` through `arrow_filesystem(info.fs)` and turns each batch into pixels with
+`images_u8`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, Literal
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -232,6 +234,19 @@ def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
     return fs, path.rstrip("/") or path
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    """pyarrow's view of an fsspec filesystem: its native one for local files (faster), a wrapper otherwise.
+
+    The wrapper pickles with its fsspec filesystem, so credentials and endpoints reach remote readers.
+    """
+    return pafs.LocalFileSystem() if is_local(fs) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
 def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Inverse of `resolve`: a URL that names `path` on `fs` (local paths stay plain paths)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -380,11 +395,16 @@ def open_dataset(
                        storage_options=dict(storage_options or {}))
 
 
-def list_shards(info: DatasetInfo, split: str) -> list[str]:
-    """Full URLs of the Parquet shards of `split`, in row order (empty for an empty split)."""
+def shard_paths(info: DatasetInfo, split: str) -> list[str]:
+    """Paths of the Parquet shards of `split` on `info.fs`, in row order (empty for an empty split)."""
     _check_split(split)
     s = info.manifest.splits.get(split)
-    return [to_url(info.fs, posixpath.join(info.path, sh.path)) for sh in (s.shards if s else [])]
+    return [posixpath.join(info.path, sh.path) for sh in (s.shards if s else [])]
+
+
+def list_shards(info: DatasetInfo, split: str) -> list[str]:
+    """Full URLs of the Parquet shards of `split`, in row order (empty for an empty split)."""
+    return [to_url(info.fs, p) for p in shard_paths(info, split)]
 
 
 def _check_split(split: str) -> None:
@@ -401,17 +421,24 @@ def read_shard_table(info: DatasetInfo, shard: ShardInfo, verify: bool = True) -
     return pq.read_table(pa.BufferReader(data))
 
 
-def table_to_u8(table: pa.Table, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Shard table -> (images uint8 (N,H,W,C), labels int32 (N,) with -1 for null, ids)."""
+def images_u8(table: pa.Table, shape: tuple[int, int, int]) -> np.ndarray:
+    """The `image` column of a shard table (or of any slice of one) as uint8 (N, H, W, C), without a copy.
+
+    The array is read-only: it views Arrow's buffer.
+    """
     n = table.num_rows
     col = table.column("image").combine_chunks()
     width = col.type.byte_width
     if width != int(np.prod(shape)):
         raise ValueError(f"image column holds {width} bytes per row, manifest shape {shape} needs {int(np.prod(shape))}")
-    buf = col.buffers()[1]
-    pixels = np.frombuffer(buf, dtype=np.uint8, count=n * width, offset=col.offset * width)
+    pixels = np.frombuffer(col.buffers()[1], dtype=np.uint8, count=n * width, offset=col.offset * width)
+    return pixels.reshape(n, *shape)
+
+
+def table_to_u8(table: pa.Table, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Shard table -> (images uint8 (N,H,W,C), labels int32 (N,) with -1 for null, ids)."""
     labels = table.column("label").fill_null(-1).to_numpy().astype(np.int32, copy=False)
-    return pixels.reshape(n, *shape), labels, table.column("id").to_pylist()
+    return images_u8(table, shape), labels, table.column("id").to_pylist()
 
 
 def read_split_u8(info: DatasetInfo, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:

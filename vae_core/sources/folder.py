@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 
-from vae_core.shards import to_url
+from vae_core.shards import is_local, to_url
 from vae_core.sources.base import RawBatch, Source, SourceError, split_from_name
 from vae_core.sources.decode import LocalFile
 
@@ -90,7 +90,7 @@ def _read(fs: fsspec.AbstractFileSystem, paths: list[str],
     """Read a batch of files (local ones are left for the decoder to read); a file that cannot be read
     becomes an error, not an exception."""
     want = [p for p in paths if sizes[p] != 0]
-    if _is_local(fs):  # the decoder reads local files itself (in parallel, without piping bytes)
+    if is_local(fs):  # the decoder reads local files itself (in parallel, without piping bytes)
         return [LocalFile(p) if sizes[p] != 0 else None for p in paths], [
             None if sizes[p] != 0 else "empty file (0 bytes)" for p in paths]
     got = dict(zip(want, _cat_all(fs, want)))
@@ -112,7 +112,7 @@ def _read(fs: fsspec.AbstractFileSystem, paths: list[str],
 
 def _list_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
     """Every file below root -> its size in bytes."""
-    if _is_local(fs):  # os.walk is ~10x faster than fsspec's generic find for big local trees
+    if is_local(fs):  # os.walk is ~10x faster than fsspec's generic find for big local trees
         out: dict[str, int] = {}
         for d, _, names in os.walk(root):
             for n in names:
@@ -124,11 +124,6 @@ def _list_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
         return out
     entries = fs.find(root, detail=True)
     return {p: int(e.get("size") or 0) for p, e in entries.items() if e.get("type", "file") == "file"}
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
 
 
 def _cat_all(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes | BaseException]:
