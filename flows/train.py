@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows import tracking
 from flows.settings import checkpoint_root, data_root
 from vae_core import VAEConfig, load_config
-from vae_core.shards import DatasetInfo, arrow_filesystem, open_dataset, shard_paths
+from vae_core.shards import DatasetInfo, arrow_filesystem, is_local, open_dataset, resolve, shard_paths
 from vae_core.train import NonFiniteLossError
 
 
@@ -185,6 +185,16 @@ def stream_split(info: DatasetInfo, split: str):
     return ds.randomize_block_order() if split == "train" else ds
 
 
+def checkpoint_storage(url: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train from any fsspec URL (s3://, gs://, a local path).
+
+    Going through fsspec means checkpoints reach whatever the datasets reach, with the same
+    credentials and endpoints (AWS_ENDPOINT_URL, ...), rather than through a second set of clients.
+    """
+    fs, path = resolve(url)
+    return (path, None) if is_local(fs) else (path, arrow_filesystem(fs))
+
+
 def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
         plan: dict[str, str]) -> tuple[Any, dict[str, float]]:
     """Run Ray Train; returns (final checkpoint, final metrics) plus start-up timings in the metrics."""
@@ -198,6 +208,7 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
         ray_start = time.perf_counter() - t0
         streamed = [split for split, how in plan.items() if how == "stream"]
         cpus, threads = _scaling(req, resources, streaming=bool(streamed))
+        ckpt_path, ckpt_fs = checkpoint_storage(checkpoint_root())
         env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "VAE_", "AWS_"))}
         env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
         trainer = TorchTrainer(
@@ -212,7 +223,8 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
             ),
             run_config=RunConfig(
                 name=run_id,
-                storage_path=checkpoint_root(),
+                storage_path=ckpt_path,
+                storage_filesystem=ckpt_fs,
                 failure_config=FailureConfig(max_failures=req.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 worker_runtime_env={"env_vars": env},

@@ -133,20 +133,30 @@ def _restore(checkpoint, model: ConvVAE, opt, sched) -> tuple[TrainState, dict]:
 class _EpochLogger:
     """Rank 0's MLflow writer that never logs a step or an epoch twice (resumed runs re-run an epoch)."""
 
-    def __init__(self, run_id: str, log_every: int):
+    def __init__(self, run_id: str, log_every: int, images_per_step: int):
         from flows.tracking import RunLogger
 
         self.run = RunLogger(run_id)
         self.log_every = log_every
+        self.images_per_step = images_per_step  # over all ranks
         self.last_step = self.run.last_step("train/loss")
         self.last_epoch = self.run.last_step("epoch/loss")
+        self._mark: tuple[int, float] | None = None  # (step, time) of the last logged step in this epoch
 
     def on_step(self, metrics: dict[str, float], state: TrainState) -> None:
-        if state.step % self.log_every == 0 and state.step > self.last_step:
-            self.run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=state.step)
+        if state.step % self.log_every:
+            return
+        out = {f"train/{k}": v for k, v in metrics.items()}
+        now = time.perf_counter()
+        if self._mark is not None:  # throughput over the steps since the last log
+            out["train/images_per_s"] = (state.step - self._mark[0]) * self.images_per_step / (now - self._mark[1])
+        self._mark = (state.step, now)
+        if state.step > self.last_step:
+            self.run.log_metrics(out, step=state.step)
             self.last_step = state.step
 
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self._mark = None  # validation and checkpointing are not training throughput
         if epoch > self.last_epoch:
             self.run.log_metrics({f"epoch/{k}": v for k, v in metrics.items()}, step=epoch)
             self.last_epoch = epoch
@@ -192,7 +202,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     if checkpoint is not None:
         state, last_metrics = _restore(checkpoint, model, opt, sched)
 
-    logger = _EpochLogger(spec["run_id"], tcfg.log_every) if rank == 0 else None
+    logger = _EpochLogger(spec["run_id"], tcfg.log_every, tcfg.batch_size * world) if rank == 0 else None
     if logger is not None and last_metrics:
         logger.on_epoch(state.epoch, last_metrics)  # the crash may have come between checkpoint and log
 

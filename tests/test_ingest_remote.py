@@ -50,30 +50,6 @@ def test_memory_source_and_memory_root():
     assert not run_ingest(cfg).created
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 (random port) and storage options that reach it."""
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    mp = pytest.MonkeyPatch()
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        mp.setenv(k, v)
-    mp.delenv("AWS_PROFILE", raising=False)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}, "skip_instance_cache": True}
-    import s3fs
-
-    fs = s3fs.S3FileSystem(**options)
-    fs.mkdir("vae-bucket")
-    yield fs, options
-    server.stop()
-    mp.undo()
-
-
 def test_s3_round_trip(s3):
     fs, options = s3
     files = _folder()
