@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows import tracking

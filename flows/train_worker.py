@@ -34,7 +34,6 @@ from vae_core.train import (
     make_scheduler,
     prepare_model,
     train_epoch,
-    unwrap,
 )
 from vae_core.weights import load_model, save_model
 

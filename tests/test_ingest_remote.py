@@ -7,7 +7,6 @@ import json
 import uuid
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from vae_core.ingest import IngestConfig, run_ingest

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vae_core.config import TrainConfig, VAEConfig
+from vae_core.config import TrainConfig
 from vae_core.iwae import iwae_log_likelihood
 from vae_core.losses import beta_at, bits_per_dim, negative_elbo
 from vae_core.model import ConvVAE
