@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 sys.path.insert(0, str(REPO))
 
-from vae_core.ingest import IngestConfig, run_ingest  # noqa: E402
+from vae_core.requests import IngestRequest
+from vae_core.ingest import run_ingest  # noqa: E402
 from vae_core.shards import build_table, write_options  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def bare_mnist(out: Path) -> float:
 def pipeline(source: str, root: Path, workers: int = 0) -> tuple[float, int]:
     """-> (seconds, images written) of one full `run_ingest` into an empty data root."""
     t = time.perf_counter()
-    r = run_ingest(IngestConfig(name="bench", source=source, data_root=str(root), workers=workers,
+    r = run_ingest(IngestRequest(name="bench", source=source, data_root=str(root), workers=workers,
                                 max_quarantine_fraction=0.0))
     dt = time.perf_counter() - t
     assert r.created, "the data root was not empty"

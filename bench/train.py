@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -38,26 +37,23 @@ MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 def ingest_mnist(home: Path, limit: int | None) -> str:
     """Ingest MNIST into `home`; returns the dataset reference to train on."""
-    from vae_core.ingest import IngestConfig, ingest
+    from vae_core.ingest import run_ingest
+    from vae_core.requests import IngestRequest
 
-    result = ingest(str(MNIST), IngestConfig(name="mnist", limit=limit), data_root=str(home / "datasets"))
+    result = run_ingest(IngestRequest(source=str(MNIST), name="mnist", limit=limit, data_root=str(home / "datasets")))
     return f"mnist@{result.version}"
 
 
 def bare_loop(train_x: torch.Tensor, preset: str, overrides: list[str], epochs: int) -> float:
-    from vae_core import ConvVAE, load_config
-    from vae_core.train import TrainState, iterate_batches, make_optimizer, make_scheduler, seed_everything, train_epoch
+    from vae_core import load_config
+    from vae_core.fit import Fit, steps_per_epoch
+    from vae_core.train import iterate_batches
 
     cfg = load_config(preset, overrides)
-    gen = seed_everything(cfg.train.seed)
-    model = ConvVAE(cfg.model)
-    opt = make_optimizer(model, cfg.train)
-    sched = make_scheduler(opt, cfg.train, 10_000)
-    state = TrainState()
+    fit = Fit.create(cfg, steps_per_epoch(len(train_x), cfg.train.batch_size))
     rates = []
-    for _ in range(epochs):
-        m = train_epoch(model, opt, iterate_batches(train_x, cfg.train.batch_size, generator=gen), state, cfg.train,
-                        sched, gen)
+    for epoch in range(1, epochs + 1):
+        m = fit.train_epoch(iterate_batches(train_x, cfg.train.batch_size, generator=fit.order(epoch)))
         rates.append(m["images_per_s"])
     return sum(rates[1:]) / len(rates[1:]) if len(rates) > 1 else rates[0]
 
@@ -67,10 +63,11 @@ def pipeline(dataset: str, preset: str, overrides: list[str], epochs: int, worke
     import mlflow
 
     from flows.train import train_vae
+    from vae_core.requests import TrainRequest
 
     t0 = time.perf_counter()
-    out = train_vae(dataset=dataset, preset=preset, overrides=overrides, epochs=epochs, workers=workers,
-                    max_failures=0, memory_budget_mb=memory_budget_mb)
+    out = train_vae(TrainRequest(dataset=dataset, preset=preset, overrides=overrides, epochs=epochs, workers=workers,
+                                 max_failures=0, memory_budget_mb=memory_budget_mb))
     wall = time.perf_counter() - t0
     history = mlflow.MlflowClient().get_metric_history(out["run_id"], "epoch/images_per_s")
     rates = [h.value for h in sorted(history, key=lambda h: h.step)]
@@ -84,33 +81,26 @@ def pipeline(dataset: str, preset: str, overrides: list[str], epochs: int, worke
 
 
 def quality(minutes: float, iw_samples: int, home: Path, dataset: str, overrides: list[str]) -> None:
-    from vae_core import ConvVAE, load_config
+    from vae_core import load_config
+    from vae_core.fit import Fit, steps_per_epoch
     from vae_core.shards import open_dataset, read_split_u8
-    from vae_core.train import TrainState, evaluate, iterate_batches, make_optimizer, make_scheduler, \
-        seed_everything, train_epoch
+    from vae_core.train import iterate_batches, make_scheduler
 
     name, version = dataset.split("@")
     info = open_dataset(str(home / "datasets"), name, version)
-    train_np, _, _ = read_split_u8(info, "train")
-    val_np, _, _ = read_split_u8(info, "val")
-    test_np, _, _ = read_split_u8(info, "test")
-    train_x = torch.from_numpy(train_np) if not len(val_np) else torch.cat([torch.from_numpy(train_np),
-                                                                            torch.from_numpy(val_np)])
-    test_x = torch.from_numpy(test_np)
+    train_x = torch.cat([torch.from_numpy(read_split_u8(info, s)[0]) for s in ("train", "val") if info.counts.get(s)])
+    test_x = torch.from_numpy(read_split_u8(info, "test")[0])
     cfg = load_config("mnist", overrides)
-    gen = seed_everything(cfg.train.seed)
-    model = ConvVAE(cfg.model)
-    opt = make_optimizer(model, cfg.train)
-    per_epoch = math.ceil(len(train_x) / cfg.train.batch_size)
+    bs = cfg.train.batch_size
     # Estimate the epochs that fit the budget from the first epoch, so the cosine schedule ends on time.
-    state = TrainState()
-    sched = make_scheduler(opt, cfg.train, per_epoch * 10_000)
+    cfg.train.epochs = 10_000
+    fit = Fit.create(cfg, steps_per_epoch(len(train_x), bs))
     start = time.perf_counter()
-    first = train_epoch(model, opt, iterate_batches(train_x, cfg.train.batch_size, generator=gen), state, cfg.train,
-                        sched, gen)
-    epochs = max(2, int(minutes * 60 / (time.perf_counter() - start)))
-    sched = make_scheduler(opt, cfg.train, per_epoch * epochs)
-    for _ in range(state.step):
+    first = fit.train_epoch(iterate_batches(train_x, bs, generator=fit.order(1)))
+    cfg.train.epochs = epochs = max(2, int(minutes * 60 / (time.perf_counter() - start)))
+    fit.schedulers["model"] = sched = make_scheduler(fit.optimizers["model"], cfg.train,
+                                                     steps_per_epoch(len(train_x), bs) * epochs)
+    for _ in range(fit.state.step):
         sched.step()
     curve = [(1, time.perf_counter() - start, -first["elbo"])]
     budget = minutes * 60
@@ -119,12 +109,11 @@ def quality(minutes: float, iw_samples: int, home: Path, dataset: str, overrides
         elapsed = time.perf_counter() - start
         if elapsed + elapsed / (epoch - 1) > budget:
             break
-        m = train_epoch(model, opt, iterate_batches(train_x, cfg.train.batch_size, generator=gen), state, cfg.train,
-                        sched, gen)
+        m = fit.train_epoch(iterate_batches(train_x, bs, generator=fit.order(epoch)))
         curve.append((epoch, time.perf_counter() - start, -m["elbo"]))
         print(f"epoch {epoch:3d}  {curve[-1][1]:7.1f}s  train -ELBO {curve[-1][2]:.2f}", flush=True)
     t_eval = time.perf_counter()
-    test = evaluate(model, iterate_batches(test_x, 100, shuffle=False), gen, iw_samples=iw_samples)
+    test = fit.evaluate(iterate_batches(test_x, 100, shuffle=False), iw_samples=iw_samples)
     print(json.dumps({
         "overrides": overrides, "train_minutes": (t_eval - start) / 60, "epochs": len(curve), "test_images": len(test_x),
         "iw_samples": iw_samples, "test_nll_nats": test["nll"], "test_neg_elbo": test["loss"],

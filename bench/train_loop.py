@@ -16,8 +16,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vae_core import ConvVAE, load_config
-from vae_core.train import TrainState, iterate_batches, make_optimizer, seed_everything, train_epoch, train_step
+from vae_core import load_config
+from vae_core.fit import Fit, steps_per_epoch
+from vae_core.train import iterate_batches
 
 
 def _gflops(fn, flops: float, seconds: float) -> float:
@@ -44,27 +45,22 @@ def roofline(seconds: float = 3.0) -> dict[str, float]:
 
 def flops_per_image(preset: str) -> float:
     cfg = load_config(preset)
-    model = ConvVAE(cfg.model)
-    opt = make_optimizer(model, cfg.train)
+    fit = Fit.create(cfg, steps_per_epoch=1)
     x = torch.randint(0, 256, (cfg.train.batch_size, *cfg.model.input_shape), dtype=torch.uint8)
     with FlopCounterMode(display=False) as fc:
-        train_step(model, opt, x, TrainState(), cfg.train)
+        fit.train_epoch([x])
     return fc.get_total_flops() / cfg.train.batch_size
 
 
 def loop_images_per_s(preset: str, seconds: float) -> float:
     cfg = load_config(preset)
-    gen = seed_everything(0)
-    model = ConvVAE(cfg.model)
-    opt = make_optimizer(model, cfg.train)
     c, h, w = cfg.model.input_shape
     data = torch.randint(0, 256, (cfg.train.batch_size * 20, h, w, c), dtype=torch.uint8)
-    state = TrainState()
-    train_epoch(model, opt, iterate_batches(data[: cfg.train.batch_size * 3], cfg.train.batch_size), state, cfg.train)
+    fit = Fit.create(cfg, steps_per_epoch(len(data), cfg.train.batch_size))
+    fit.train_epoch(iterate_batches(data[: cfg.train.batch_size * 3], cfg.train.batch_size))  # warm-up
     seen, elapsed = 0.0, 0.0
     while elapsed < seconds:
-        m = train_epoch(model, opt, iterate_batches(data, cfg.train.batch_size, generator=gen), state, cfg.train,
-                        generator=gen)
+        m = fit.train_epoch(iterate_batches(data, cfg.train.batch_size, generator=fit.order(fit.state.epoch + 1)))
         seen += m["images"]
         elapsed += m["images"] / m["images_per_s"]
     return seen / elapsed

@@ -8,19 +8,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flows.settings import vae_home
-from vae_core import ConvVAE, load_config
-from vae_core.pictures import grid, reconstruction_grid
+from vae_core import load_config
+from vae_core.fit import Fit, steps_per_epoch
+from vae_core.settings import vae_home
 from vae_core.sources.digits import load_digits_u8
-from vae_core.train import (
-    TrainState,
-    evaluate,
-    iterate_batches,
-    make_optimizer,
-    make_scheduler,
-    seed_everything,
-    train_epoch,
-)
+from vae_core.train import iterate_batches
 from vae_core.weights import save_model
 
 
@@ -28,35 +20,23 @@ def run_demo(out: Path | None = None, epochs: int = 20, progress: bool = True) -
     """Train the `digits` preset on 1,500 digits, score the rest with IWAE, write pictures and weights."""
     out = Path(out or os.path.join(vae_home(), "demo"))
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config("digits", [f"train.epochs={epochs}"])
+    cfg = load_config("digits", {"train.epochs": epochs})
     images, _ = load_digits_u8()
     train_x, test_x = torch.from_numpy(images[:1500]), torch.from_numpy(images[1500:])
 
-    gen = seed_everything(cfg.train.seed)
-    model = ConvVAE(cfg.model)
-    opt = make_optimizer(model, cfg.train)
-    steps_per_epoch = -(-len(train_x) // cfg.train.batch_size)
-    sched = make_scheduler(opt, cfg.train, steps_per_epoch * cfg.train.epochs)
-    state = TrainState()
-    bar = tqdm(range(cfg.train.epochs), desc="train digits", unit="epoch", disable=not progress)
-    for _ in bar:
-        m = train_epoch(model, opt, iterate_batches(train_x, cfg.train.batch_size, generator=gen), state,
-                        cfg.train, sched, gen)
+    fit = Fit.create(cfg, steps_per_epoch(len(train_x), cfg.train.batch_size))
+    bar = tqdm(range(1, cfg.train.epochs + 1), desc="train digits", unit="epoch", disable=not progress)
+    for epoch in bar:
+        m = fit.train_epoch(iterate_batches(train_x, cfg.train.batch_size, generator=fit.order(epoch)))
         bar.set_postfix(loss=f"{m['loss']:.1f}", kl=f"{m['kl']:.1f}")
-    test = evaluate(model, iterate_batches(test_x, 100, shuffle=False), gen, iw_samples=200)
+    test = fit.evaluate(iterate_batches(test_x, 100, shuffle=False), iw_samples=200)
 
-    paths = {
-        "samples": out / "samples.png",
-        "reconstructions": out / "reconstructions.png",
-        "interpolation": out / "interpolation.png",
-        "weights": out / "model.safetensors",
-    }
-    grid(model.sample(64, generator=gen)).resize((400, 400), 0).save(paths["samples"])
-    batch = test_x[:32].permute(0, 3, 1, 2)
-    reconstruction_grid(batch.float() / 255, model.reconstruct(batch)).resize((400, 400), 0).save(
-        paths["reconstructions"])
-    grid(model.interpolate(batch[0], batch[1], 10), nrow=10).resize((500, 50), 0).save(paths["interpolation"])
-    save_model(model, str(paths["weights"]))
+    sizes = {"samples": (400, 400), "reconstructions": (400, 400), "interpolation": (500, 50)}
+    paths = {k: out / f"{k}.png" for k in sizes}
+    for kind, image in fit.previews(test_x[:32].permute(0, 3, 1, 2)).items():
+        image.resize(sizes[kind], 0).save(paths[kind])
+    paths["weights"] = out / "model.safetensors"
+    save_model(fit.model, str(paths["weights"]))
     return {
         "test_nll": test["nll"],
         "test_bits_per_dim": test["bits_per_dim"],

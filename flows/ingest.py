@@ -10,21 +10,21 @@ quarantine. A re-run on the same input finds the existing version and writes not
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.settings import data_root as default_data_root
-from vae_core.ingest import IngestConfig, IngestResult, StagedDataset, build, open_source_for, publish, summary_markdown
+from vae_core.requests import IngestRequest
+from vae_core.ingest import IngestResult, StagedDataset, build, open_source_for, publish, summary_markdown
 from vae_core.sources.base import Source
 
 
 # Tasks pass in-memory objects (an open source, a staging folder) to the next one: caching them by
 # their inputs would be wrong, and hashing them would be slow.
 @task(name="open-source", cache_policy=NO_CACHE)
-def open_source_task(cfg: IngestConfig) -> Source:
+def open_source_task(cfg: IngestRequest) -> Source:
     source = open_source_for(cfg)
     get_run_logger().info("source %s (%s): %s items", source.url, source.kind,
                           source.size if source.size is not None else "unknown")
@@ -32,12 +32,12 @@ def open_source_task(cfg: IngestConfig) -> Source:
 
 
 @task(name="build-shards", cache_policy=NO_CACHE)
-def build_task(source: Source, cfg: IngestConfig, progress: bool) -> StagedDataset:
+def build_task(source: Source, cfg: IngestRequest, progress: bool) -> StagedDataset:
     return build(source, cfg, progress=progress)
 
 
 @task(name="publish-version", cache_policy=NO_CACHE)
-def publish_task(staged: StagedDataset, cfg: IngestConfig) -> IngestResult:
+def publish_task(staged: StagedDataset, cfg: IngestRequest) -> IngestResult:
     try:
         return publish(staged, cfg)
     finally:
@@ -50,32 +50,11 @@ def artifact_key(name: str) -> str:
 
 
 @flow(name="ingest-dataset")
-def ingest_dataset(
-    source: str,
-    name: str,
-    data_root: str | None = None,
-    format: Literal["auto", "folder", "idx", "npz", "parquet", "builtin"] = "auto",
-    image_size: tuple[int, int] | None = None,
-    channels: Literal[1, 3] | None = None,
-    fit: Literal["crop", "pad"] = "crop",
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    shard_mb: float = 64,
-    max_quarantine_fraction: float = 0.05,
-    workers: int = 0,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    limit: int | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Ingest SOURCE as dataset NAME under DATA_ROOT (default $VAE_HOME/datasets); returns the summary
-    `vae ingest --json` prints (name, version, path, counts per split, quarantined, ...)."""
-    cfg = IngestConfig(
-        source=source, name=name, data_root=data_root or default_data_root(), format=format,
-        image_size=image_size, channels=channels, fit=fit, val_fraction=val_fraction,
-        test_fraction=test_fraction, shard_mb=shard_mb, max_quarantine_fraction=max_quarantine_fraction,
-        workers=workers, image_column=image_column, label_column=label_column, limit=limit,
-    )
+def ingest_dataset(request: IngestRequest, progress: bool = False) -> dict[str, Any]:
+    """Ingest `request.source` as dataset `request.name` under its data root (default
+    $VAE_HOME/datasets); returns the summary `vae ingest --json` prints (name, version, path, counts
+    per split, quarantined, ...)."""
+    cfg = request
     src = open_source_task(cfg)
     staged = build_task(src, cfg, progress)
     result = publish_task(staged, cfg)

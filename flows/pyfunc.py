@@ -11,7 +11,7 @@ Pull and use it from any process that can reach the tracking server::
     vae.decode(torch.from_numpy(out["mean"]))  # likelihood parameters (N, P*C, H, W)
     vae.sample(16)                           # 16 images from the prior, (16, C, H, W) in [0, 1]
 
-How it is stored (see `flows.tracking.log_and_register_model`):
+How it is stored (see `flows.registry.log_and_register_model`):
 
 - weights: a safetensors file written by `vae_core.weights.save_model` (config in its metadata), read
   back with `vae_core.weights.load_model`; nothing is unpickled;

@@ -1,8 +1,10 @@
-"""MLflow tracking and registry for the platform: runs, metrics, datasets, registered models.
+"""MLflow tracking for the platform: the store, experiments, runs, metrics, datasets, system metrics.
 
-With it and `flows.pyfunc`, the only modules that import mlflow. Everything goes through an
-explicit `MlflowClient` and a run id, never mlflow's global "active run", so the same calls work
-from the driver, a Ray worker (given MLFLOW_TRACKING_URI or VAE_HOME in its environment) or a thread.
+This is the tracking side; the registered model (logging, registering, naming it) is in
+`flows.registry`. With those two and `flows.pyfunc`, the only modules that import mlflow.
+Everything goes through an explicit `MlflowClient` and a run id, never mlflow's global "active
+run", so the same calls work from the driver, a Ray worker (given MLFLOW_TRACKING_URI or VAE_HOME
+in its environment) or a thread.
 
 Where things live: `$MLFLOW_TRACKING_URI` when set (a server: http://host:5000), otherwise a SQLite
 store at `<VAE_HOME>/mlflow.db` with artifacts under `<VAE_HOME>/mlartifacts/<experiment>`.
@@ -15,44 +17,33 @@ import logging
 import os
 import re
 import subprocess
-import tempfile
 import time
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 import mlflow
-import numpy as np
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
-from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from flows.settings import vae_home
+from vae_core.settings import vae_home
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from vae_core.config import VAEConfig
-    from vae_core.model import ConvVAE
 
 log = logging.getLogger(__name__)
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
-MODEL_ARTIFACT_NAME = "model"
-# Third-party packages the registered model needs at load time (vae_core itself travels with it).
-_MODEL_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "safetensors", "pydantic", "PyYAML", "fsspec")
-_PYFUNC_FILE = Path(__file__).resolve().parent / "pyfunc.py"
-WEIGHTS_ARTIFACT = "weights"  # the artifact key flows.pyfunc reads (not imported: it pulls in torch)
 
 
 # --- where the store is -------------------------------------------------------------------------
@@ -112,7 +103,8 @@ def _is_server(uri: str) -> bool:
     return urlparse(uri).scheme in {"http", "https", "databricks", "databricks-uc"}
 
 
-def _client() -> MlflowClient:
+def client() -> MlflowClient:
+    """An MlflowClient for the store `configure()` points at (tracking and registry alike)."""
     uri = configure()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -122,20 +114,20 @@ def _client() -> MlflowClient:
 
 def ensure_experiment(name: str) -> str:
     """Id of experiment `name`, created if missing; a local store keeps its artifacts under VAE_HOME."""
-    client = _client()
-    if (found := client.get_experiment_by_name(name)) is not None:
+    mlflow_client = client()
+    if (found := mlflow_client.get_experiment_by_name(name)) is not None:
         if found.lifecycle_stage == "deleted":
             # A deleted experiment still owns its name; bring it back rather than fail on create.
-            client.restore_experiment(found.experiment_id)
+            mlflow_client.restore_experiment(found.experiment_id)
         return found.experiment_id
-    location = None if _is_server(client.tracking_uri) else _artifact_location(name)
+    location = None if _is_server(mlflow_client.tracking_uri) else _artifact_location(name)
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(name, artifact_location=location)
     except MlflowException as exc:
         # Another process created it between our lookup and create: use theirs.
         if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
-        return client.get_experiment_by_name(name).experiment_id
+        return mlflow_client.get_experiment_by_name(name).experiment_id
 
 
 def _artifact_location(experiment: str) -> str:
@@ -164,7 +156,7 @@ def start_training_run(
     `extra_tags`. The dataset input's name is `dataset_name` and its digest `dataset_version`.
     No global active run is left behind. Returns the run id.
     """
-    client = _client()
+    mlflow_client = client()
     tags = {
         "git_commit": git_commit(),
         "dataset_name": dataset_name,
@@ -172,13 +164,13 @@ def start_training_run(
         "config_hash": config.digest(),
         **(extra_tags or {}),
     }
-    run = client.create_run(ensure_experiment(experiment), tags=tags, run_name=run_name)
+    run = mlflow_client.create_run(ensure_experiment(experiment), tags=tags, run_name=run_name)
     run_id = run.info.run_id
     params = [Param(k, _param_value(v)) for k, v in config.flat().items()]
     for start in range(0, len(params), 100):  # log_batch takes at most 100 params per call
-        client.log_batch(run_id, params=params[start : start + 100])
-    client.log_dict(run_id, config.model_dump(mode="json"), "config.json")
-    client.log_inputs(run_id, datasets=[_dataset_input(dataset_name, dataset_version, dataset_path)])
+        mlflow_client.log_batch(run_id, params=params[start : start + 100])
+    mlflow_client.log_dict(run_id, config.model_dump(mode="json"), "config.json")
+    mlflow_client.log_inputs(run_id, datasets=[_dataset_input(dataset_name, dataset_version, dataset_path)])
     return run_id
 
 
@@ -308,120 +300,11 @@ def stop_system_metrics(handle: Any | None) -> None:
         handle.finish()
 
 
-# --- the registered model -----------------------------------------------------------------------
-
 
 def run_url(run_id: str) -> str:
     """Where a person looks at a run: the MLflow UI page on a server, else the store and run id."""
     uri = tracking_uri()
     if urlparse(uri).scheme in {"http", "https"}:
-        experiment_id = _client().get_run(run_id).info.experiment_id
+        experiment_id = client().get_run(run_id).info.experiment_id
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"{uri} (run {run_id}; `mlflow ui --backend-store-uri {uri}` to browse)"
-
-
-def default_model_name(dataset_name: str) -> str:
-    """Registered model name for a dataset: `vae-<dataset_name>`."""
-    return f"vae-{dataset_name}"
-
-
-def model_uri(model_name: str, alias: str) -> str:
-    """`models:/<name>@<alias>`, what `mlflow.pyfunc.load_model` takes."""
-    return f"models:/{model_name}@{alias}"
-
-
-def model_signature(model: ConvVAE) -> ModelSignature:
-    """uint8 (-1, H, W, C) images in; float32 (-1, L) "mean" and "logvar" out; optional batch_size."""
-    c, h, w = model.config.input_shape
-    latent = model.config.latent_dim
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w, c))]),
-        outputs=Schema([
-            TensorSpec(np.dtype(np.float32), (-1, latent), "mean"),
-            TensorSpec(np.dtype(np.float32), (-1, latent), "logvar"),
-        ]),
-        params=ParamSchema([ParamSpec("batch_size", "long", 256)]),
-    )
-
-
-def log_and_register_model(
-    run_id: str,
-    model: ConvVAE,
-    model_name: str,
-    dataset_version: str,
-    alias: str = "challenger",
-) -> int:
-    """Log `model` as a pyfunc into the run, register it as a new version of `model_name`, set `alias`.
-
-    The version carries tags dataset_version and run_id. Returns the new version number.
-    """
-    import vae_core  # torch-heavy; only this function needs it
-    from vae_core.weights import save_model
-
-    client = _client()
-    tags = {"dataset_version": dataset_version, "run_id": run_id}
-    run = client.get_run(run_id)
-    # The LoggedModel is created here, in the run's experiment: mlflow's log_model would otherwise
-    # file it under the process's active experiment (the Default one when no run is active).
-    logged = client.create_logged_model(
-        experiment_id=run.info.experiment_id,
-        name=MODEL_ARTIFACT_NAME,
-        source_run_id=run_id,
-        tags=tags,
-        params={k: v[:6000] for k, v in run.data.params.items()},
-    )
-    with tempfile.TemporaryDirectory(prefix="vae-model-") as tmp:
-        weights = Path(tmp) / "model.safetensors"
-        save_model(model, str(weights), extra={"run_id": run_id, "dataset_version": dataset_version})
-        with warnings.catch_warnings():
-            # An input example would only silence this: mlflow validates one by loading the model
-            # in this process, which leaves the model's code folder on sys.path.
-            warnings.filterwarnings("ignore", message=".*input example was not provided")
-            info = _log_pyfunc(
-                run_id, logged.model_id, model, str(weights), model_name, tags, vae_core.__path__[0]
-            )
-    version = int(info.registered_model_version)
-    client.set_registered_model_alias(model_name, alias, str(version))
-    return version
-
-
-def _log_pyfunc(
-    run_id: str,
-    model_id: str,
-    model: ConvVAE,
-    weights: str,
-    model_name: str,
-    tags: dict[str, str],
-    vae_core_dir: str,
-) -> Any:
-    """Log the pyfunc (code from `flows/pyfunc.py`, weights artifact, vae_core copy) and register it."""
-    # Model.log is what mlflow.pyfunc.log_model calls, with the run id passed explicitly; the
-    # fluent form needs a global active run, and leaving one (`with start_run(run_id)`) would
-    # mark the still-training run FINISHED.
-    return Model.log(
-        artifact_path=None,
-        name=MODEL_ARTIFACT_NAME,
-        flavor=mlflow.pyfunc,
-        run_id=run_id,
-        model_id=model_id,
-        python_model=str(_PYFUNC_FILE),  # a "model from code": no pickled class
-        artifacts={WEIGHTS_ARTIFACT: weights},
-        code_paths=[vae_core_dir],
-        signature=model_signature(model),
-        # Explicit requirements skip mlflow's inference, which loads the model in a subprocess (~7 s).
-        pip_requirements=_pip_requirements(),
-        registered_model_name=model_name,
-        tags=tags,
-    )
-
-
-def _pip_requirements() -> list[str]:
-    """Pinned versions of the model's third-party dependencies, as installed here."""
-    pins = []
-    for dist in _MODEL_REQUIREMENTS:
-        try:
-            version = metadata.version(dist).split("+")[0]  # "2.13.0+cpu" -> "2.13.0"
-        except metadata.PackageNotFoundError:
-            continue
-        pins.append(f"{dist}=={version}")
-    return pins

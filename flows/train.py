@@ -15,57 +15,31 @@ when a split streams the workers leave one CPU unreserved.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
-from pydantic import BaseModel, ConfigDict, Field
 
-from flows import tracking
-from flows.settings import checkpoint_root, data_root
+from flows import registry, tracking
+from vae_core.settings import checkpoint_root, data_root
 from vae_core import VAEConfig, load_config
+from vae_core.errors import TrainError, VAEError
+from vae_core.fit import steps_per_epoch
+from vae_core.requests import TrainRequest
 from vae_core.shards import DatasetInfo, arrow_filesystem, is_local, open_dataset, resolve, shard_paths
-from vae_core.train import NonFiniteLossError
 
-
-class TrainError(RuntimeError):
-    """Training could not produce a model; the message says why and what to change."""
-
-
-class TrainRequest(BaseModel):
-    """What a user asks of `train-vae`, validated before anything starts."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = Field(description="NAME or NAME@VERSION; the latest version when none is given")
-    preset: str = "mnist"
-    overrides: list[str] = Field(default_factory=list, description="key=value config overrides")
-    epochs: int | None = Field(None, ge=1)
-    workers: int = Field(1, ge=1)
-    cpus_per_worker: float | None = Field(None, gt=0, description="default: 90% of the cluster's CPUs, shared")
-    gpus_per_worker: float = Field(0.0, ge=0)
-    model_name: str | None = Field(None, description="registered model; default vae-<dataset name>")
-    experiment: str = "train-vae"
-    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
-    memory_budget_mb: float = Field(4096, gt=0, description="MiB of pixels a worker may hold per split; "
-                                  "a larger split streams through Ray Data")
-
-
-def parse_dataset_ref(ref: str) -> tuple[str, str | None]:
-    """'mnist' -> ('mnist', None); 'mnist@3f2a' -> ('mnist', '3f2a')."""
-    name, _, version = ref.partition("@")
-    if not name:
-        raise ValueError(f"dataset reference {ref!r} has no name; use NAME or NAME@VERSION")
-    return name, version or None
+if TYPE_CHECKING:
+    from flows.train_worker import DataPlan, WorkerSpec
 
 
 def resolve_config(req: TrainRequest, info: DatasetInfo) -> VAEConfig:
-    """Preset + overrides + the dataset's image shape; a shape the architecture cannot take is an error."""
-    overrides = list(req.overrides) + ([f"train.epochs={req.epochs}"] if req.epochs else [])
-    cfg = load_config(req.preset, overrides)
+    """Preset + overrides + epochs + the dataset's image shape; a shape the architecture cannot take
+    is an error."""
+    cfg = load_config(req.preset, req.overrides)
+    if req.epochs:
+        cfg.train.epochs = req.epochs
     h, w, c = info.shape
     try:
         return cfg.with_image_shape(h, w, c)
@@ -76,11 +50,11 @@ def resolve_config(req: TrainRequest, info: DatasetInfo) -> VAEConfig:
         ) from None
 
 
-def plan_data(info: DatasetInfo, memory_budget_mb: float) -> dict[str, str]:
+def plan_data(info: DatasetInfo, memory_budget_mb: float) -> DataPlan:
     """How each split the workers use reaches them: "memory" (one uint8 tensor) or "stream" (Ray Data)."""
     if info.counts.get("train", 0) == 0:
         raise TrainError(f"dataset {info.name}@{info.version} has no training images")
-    plan = {}
+    plan: DataPlan = {}
     for split in ("train", "val"):
         rows = info.counts.get(split, 0)
         if rows:
@@ -140,40 +114,26 @@ def _scaling(req: TrainRequest, resources: dict[str, float], streaming: bool) ->
     return cpus, max(1, round(req.cpus_per_worker or total / req.workers))
 
 
-def _steps_per_epoch(rows: int, batch: int, workers: int) -> int:
-    per_rank = rows // workers
-    return max(1, per_rank // batch if workers > 1 else math.ceil(per_rank / batch))
-
-
 def _worker_spec(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str, threads: int,
-                 plan: dict[str, str]) -> dict[str, Any]:
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "run_id": run_id,
-        "data_root": data_root(),
-        "dataset": info.name,
-        "version": info.version,
-        "data": plan,
-        "steps_per_epoch": _steps_per_epoch(info.counts["train"], cfg.train.batch_size, req.workers),
-        "threads_per_worker": threads,
-    }
+                 plan: DataPlan) -> WorkerSpec:
+    from flows.train_worker import WorkerSpec
+
+    return WorkerSpec(config=cfg, run_id=run_id, data_root=data_root(), dataset=info.name, version=info.version,
+                      data=plan, steps_per_epoch=steps_per_epoch(info.counts["train"], cfg.train.batch_size,
+                                                                 req.workers),
+                      threads_per_worker=threads)
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    seen = err
-    while True:
-        nxt = getattr(seen, "__cause__", None) or getattr(seen, "__context__", None)
-        if nxt is None or nxt is seen:
-            return seen
-        seen = nxt
+def worker_error(err: BaseException) -> BaseException:
+    """The exception a worker raised, as it raised it, from the error Ray Train wraps it in.
 
-
-def _failure_message(err: BaseException) -> str:
-    text = str(err)
-    if NonFiniteLossError.__name__ in text or isinstance(_root_cause(err), NonFiniteLossError):
-        line = next((ln for ln in text.splitlines() if "loss is" in ln), "the loss became NaN or infinite")
-        return f"training stopped on a non-finite loss: {line.split('NonFiniteLossError:')[-1].strip()}"
-    return f"training failed: {text.strip().splitlines()[-1] if text.strip() else type(err).__name__}"
+    Ray Train V2 raises a WorkerGroupError whose `worker_failures` maps ranks to the workers' errors,
+    each wrapped with its traceback text (`_base_exc` holds the original, pickled across intact).
+    A library error (vae_core.errors) on any rank wins over the others' collateral errors.
+    """
+    found = [getattr(e, "_base_exc", e) for e in (getattr(err, "worker_failures", None) or {}).values()]
+    typed = [e for e in found if isinstance(e, VAEError)]
+    return (typed or found or [err])[0]
 
 
 def stream_split(info: DatasetInfo, split: str):
@@ -196,7 +156,7 @@ def checkpoint_storage(url: str) -> tuple[str, Any]:
 
 
 def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
-        plan: dict[str, str]) -> tuple[Any, dict[str, float]]:
+        plan: DataPlan) -> tuple[Any, dict[str, float]]:
     """Run Ray Train; returns (final checkpoint, final metrics) plus start-up timings in the metrics."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -232,20 +192,28 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
         )
         try:
             result = trainer.fit()
-        except Exception as e:  # Ray wraps worker errors; name the cause for the user
-            raise TrainError(_failure_message(e)) from e
+        except Exception as e:  # Ray wraps worker errors: raise the typed one a worker raised
+            raise _as_train_error(worker_error(e)) from e
         if result.error is not None:
-            raise TrainError(_failure_message(result.error)) from result.error
+            raise _as_train_error(worker_error(result.error)) from result.error
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     metrics["startup/ray_s"] = ray_start
     metrics["startup/total_fit_s"] = time.perf_counter() - t0
     return result.checkpoint, metrics
 
 
+def _as_train_error(err: BaseException) -> BaseException:
+    """A library error as it is (NonFiniteLossError is a TrainError); anything else as a TrainError
+    that names it."""
+    if isinstance(err, VAEError):
+        return err
+    text = str(err).strip()
+    return TrainError(f"training failed: {text.splitlines()[-1] if text else type(err).__name__}")
+
+
 @task(name="prepare-training")
-def prepare_task(req: TrainRequest) -> tuple[DatasetInfo, VAEConfig, str, dict[str, str]]:
-    name, version = parse_dataset_ref(req.dataset)
-    info = open_dataset(data_root(), name, version)
+def prepare_task(req: TrainRequest) -> tuple[DatasetInfo, VAEConfig, str, DataPlan]:
+    info = open_dataset(data_root(), *req.dataset_ref())
     plan = plan_data(info, req.memory_budget_mb)
     cfg = resolve_config(req, info)
     tracking.configure()
@@ -258,7 +226,7 @@ def prepare_task(req: TrainRequest) -> tuple[DatasetInfo, VAEConfig, str, dict[s
 
 @task(name="fit")
 def fit_task(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
-             plan: dict[str, str]) -> tuple[Any, dict[str, float]]:
+             plan: DataPlan) -> tuple[Any, dict[str, float]]:
     return fit(req, info, cfg, run_id, plan)
 
 
@@ -270,7 +238,7 @@ def register_task(run_id: str, checkpoint: Any, model_name: str, dataset_version
     t0 = time.perf_counter()
     with checkpoint.as_directory() as d:
         model = load_model(os.path.join(d, WEIGHTS))
-    version = tracking.log_and_register_model(run_id, model, model_name, dataset_version)
+    version = registry.log_and_register_model(run_id, model, model_name, dataset_version)
     return version, time.perf_counter() - t0
 
 
@@ -285,39 +253,21 @@ def _summary_markdown(out: dict[str, Any]) -> str:
 
 
 @flow(name="train-vae")
-def train_vae(
-    dataset: str,
-    preset: str = "mnist",
-    overrides: list[str] | None = None,
-    epochs: int | None = None,
-    workers: int = 1,
-    cpus_per_worker: float | None = None,
-    gpus_per_worker: float = 0.0,
-    model_name: str | None = None,
-    max_failures: int = 2,
-    memory_budget_mb: float = 4096,
-) -> dict[str, Any]:
-    """Train a VAE on DATASET with Ray Train and register it as `vae-<dataset>@challenger`.
+def train_vae(request: TrainRequest) -> dict[str, Any]:
+    """Train a VAE on a dataset version with Ray Train and register it as `vae-<dataset>@challenger`.
 
-    Each worker holds a split in memory as one uint8 tensor when its pixels fit `memory_budget_mb`;
-    a larger split streams from the Parquet shards through Ray Data.
+    Returns what `vae train --json` prints: run id and URL, model name, version and URI, dataset
+    version, final metrics and start-up timings. Marks the MLflow run FAILED on any error.
     """
     from prefect.artifacts import create_markdown_artifact
 
-    req = TrainRequest(dataset=dataset, preset=preset, overrides=overrides or [], epochs=epochs, workers=workers,
-                       cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, model_name=model_name,
-                       max_failures=max_failures, memory_budget_mb=memory_budget_mb)
-    return run_training(req, artifact=create_markdown_artifact)
-
-
-def run_training(req: TrainRequest, artifact=None) -> dict[str, Any]:
-    """The flow's body; also what `vae train` runs. Marks the MLflow run FAILED on any error."""
+    req = request
     info, cfg, run_id, plan = prepare_task(req)
     run = tracking.RunLogger(run_id)
     monitor = tracking.start_system_metrics(run_id)  # CPU, memory, GPU of the driver's node
     try:
         checkpoint, metrics = fit_task(req, info, cfg, run_id, plan)
-        name = req.model_name or tracking.default_model_name(info.name)
+        name = req.model_name or registry.default_model_name(info.name)
         version, register_s = register_task(run_id, checkpoint, name, info.version)
         metrics["startup/register_s"] = register_s
         run.log_metrics({k: v for k, v in metrics.items() if k.startswith("startup/")}, step=0)
@@ -332,12 +282,11 @@ def run_training(req: TrainRequest, artifact=None) -> dict[str, Any]:
         "run_url": tracking.run_url(run_id),
         "model_name": name,
         "model_version": version,
-        "model_uri": tracking.model_uri(name, "challenger"),
+        "model_uri": registry.model_uri(name, "challenger"),
         "dataset": info.name,
         "dataset_version": info.version,
         "metrics": metrics,
     }
-    if artifact is not None:
-        artifact(markdown=_summary_markdown(out), key="train-vae-summary",
-                 description=f"MLflow run {run_id}, model {name} v{version}")
+    create_markdown_artifact(markdown=_summary_markdown(out), key="train-vae-summary",
+                             description=f"MLflow run {run_id}, model {name} v{version}")
     return out

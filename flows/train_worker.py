@@ -1,21 +1,23 @@
 """The function every Ray Train worker runs: load the data, train with DDP, checkpoint, log from rank 0.
 
-Resumption contract: a checkpoint holds the weights, the optimiser and scheduler, the `TrainState`
-(epochs done, steps done) and the metrics of its epoch. A restarted worker group continues from the
-next epoch; rank 0 logs only steps and epochs that MLflow does not have yet, so the run gets every
-epoch exactly once whatever the worker died in the middle of.
+The training setup itself is `vae_core.fit.Fit`; this module adds what Ray brings: the rank's data,
+DDP, checkpoints reported to Ray Train, and rank 0's MLflow logging.
+
+Resumption contract: a checkpoint is the `Fit` bundle (modules, optimizers, schedulers, epochs and
+steps done) and the metrics of its epoch. A restarted worker group continues from the next epoch;
+rank 0 logs only steps and epochs that MLflow does not have yet, so the run gets every epoch exactly
+once whatever the worker died in the middle of.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import ray.train
@@ -23,26 +25,29 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from vae_core import ConvVAE, VAEConfig
-from vae_core.pictures import grid, reconstruction_grid
+from vae_core.config import VAEConfig
+from vae_core.errors import NonFiniteLossError
+from vae_core.fit import MODEL, Fit, weights_file
 from vae_core.shards import DatasetInfo, images_u8, open_dataset, read_split_u8
-from vae_core.train import (
-    TrainState,
-    evaluate,
-    iterate_batches,
-    make_optimizer,
-    make_scheduler,
-    prepare_model,
-    train_epoch,
-)
-from vae_core.weights import load_model, save_model
+from vae_core.train import TrainState, iterate_batches
 
-WEIGHTS = "model.safetensors"
-STATE = "trainer_state.pt"
-METRICS = "metrics.json"
-
-
+WEIGHTS = weights_file(MODEL)  # what registration loads from the final checkpoint
 PREVIEW = 32  # images in the reconstruction grids
+DataPlan = dict[str, Literal["memory", "stream"]]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the driver hands every worker: typed, pickled by Ray as it is."""
+
+    config: VAEConfig
+    run_id: str
+    data_root: str
+    dataset: str
+    version: str
+    data: DataPlan  # split -> how it reaches the worker
+    steps_per_epoch: int
+    threads_per_worker: int
 
 
 class SplitSource:
@@ -92,41 +97,15 @@ def _all_reduce_sum(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
-def _validate(model: ConvVAE, val: SplitSource | None, spec: dict, rank: int, world: int, gen) -> dict[str, float]:
+def _validate(fit: Fit, val: SplitSource | None, world: int) -> dict[str, float]:
     """Validation -ELBO over the whole split, each rank scoring a disjoint slice, combined exactly."""
-    cfg = spec["config"]["train"]
     if val is None:
         return {}
-    batches = val.batches(cfg["batch_size"], rank, world, shuffle_seed=None, drop_last=False)
-    m = evaluate(model, batches, gen, iw_samples=cfg["eval_iw_samples"], amp=cfg["amp"])
+    m = fit.evaluate(val.batches(fit.config.train.batch_size, fit.rank, world, shuffle_seed=None, drop_last=False))
     keys = [k for k in ("loss", "recon", "kl", "nll", "bits_per_dim") if k in m]
     sums = _all_reduce_sum([m[k] * m["images"] for k in keys] + [m["images"]], world)
     n = max(sums[-1], 1.0)
     return {f"val_{k}": v / n for k, v in zip(keys, sums[:-1])}
-
-
-def _save_checkpoint(model: ConvVAE, opt, sched, state: TrainState, metrics: dict) -> str:
-    d = tempfile.mkdtemp(prefix="vae-ckpt-")
-    save_model(model, os.path.join(d, WEIGHTS))
-    torch.save(
-        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": state.epoch, "step": state.step},
-        os.path.join(d, STATE),
-    )
-    with open(os.path.join(d, METRICS), "w") as f:
-        json.dump(metrics, f)
-    return d
-
-
-def _restore(checkpoint, model: ConvVAE, opt, sched) -> tuple[TrainState, dict]:
-    with checkpoint.as_directory() as d:
-        model.load_state_dict(load_model(os.path.join(d, WEIGHTS)).state_dict())
-        # weights_only: the trainer state is tensors and numbers; nothing arbitrary is unpickled.
-        blob = torch.load(os.path.join(d, STATE), weights_only=True)
-        with open(os.path.join(d, METRICS)) as f:
-            metrics = json.load(f)
-    opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    return TrainState(epoch=blob["epoch"], step=blob["step"]), metrics
 
 
 class _EpochLogger:
@@ -160,76 +139,65 @@ class _EpochLogger:
             self.run.log_metrics({f"epoch/{k}": v for k, v in metrics.items()}, step=epoch)
             self.last_epoch = epoch
 
-
-def _log_pictures(run, model: ConvVAE, preview: torch.Tensor | None, epoch: int, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    run.log_image(grid(model.sample(64, generator=gen)), f"samples/epoch_{epoch:04d}.png")
-    if preview is not None and len(preview):
-        batch = preview.permute(0, 3, 1, 2)
-        device = next(model.parameters()).device
-        recon = model.reconstruct(batch.to(device))
-        run.log_image(reconstruction_grid(batch.float() / 255, recon.cpu()), f"reconstructions/epoch_{epoch:04d}.png")
+    def pictures(self, fit: Fit, preview: torch.Tensor | None, epoch: int) -> None:
+        """Samples, reconstructions of uint8 previews (P, H, W, C) and an interpolation, as artifacts."""
+        originals = preview.permute(0, 3, 1, 2) if preview is not None else None
+        for kind, image in fit.previews(originals).items():
+            self.run.log_image(image, f"{kind}/epoch_{epoch:04d}.png")
 
 
-def train_loop_per_worker(spec: dict[str, Any]) -> None:
-    """Ray Train entry point. `spec` is plain data (see flows.train._worker_spec)."""
-    config = VAEConfig.model_validate(spec["config"])
-    tcfg = config.train
+def _report(fit: Fit, epoch: int, metrics: dict[str, float]) -> None:
+    """Hand the epoch's metrics (and, from rank 0, its checkpoint) to Ray Train."""
+    ckpt_dir = tempfile.mkdtemp(prefix="vae-ckpt-") if fit.rank == 0 else None
+    if ckpt_dir:
+        fit.save(ckpt_dir, metrics)
+    ray.train.report({**metrics, "epoch": epoch},
+                     checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+    if ckpt_dir:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # report() has uploaded it (synchronously)
+
+
+def train_loop_per_worker(spec: WorkerSpec) -> None:
+    """Ray Train entry point."""
+    tcfg = spec.config.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if spec.get("threads_per_worker"):
-        torch.set_num_threads(spec["threads_per_worker"])
+    torch.set_num_threads(spec.threads_per_worker)
 
-    info = open_dataset(spec["data_root"], spec["dataset"], spec["version"])
-    train = SplitSource.open(info, "train", spec["data"]["train"])
-    val = SplitSource.open(info, "val", spec["data"]["val"]) if "val" in spec["data"] else None
+    info = open_dataset(spec.data_root, spec.dataset, spec.version)
+    train = SplitSource.open(info, "train", spec.data["train"])
+    val = SplitSource.open(info, "val", spec.data["val"]) if "val" in spec.data else None
 
-    torch.manual_seed(tcfg.seed)  # same initial weights on every rank
-    model = prepare_model(ConvVAE(config.model), tcfg, device)
-    ddp_model: torch.nn.Module = model
+    fit = Fit.create(spec.config, spec.steps_per_epoch, device, rank)
+    forward: torch.nn.Module = fit.model
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+        forward = torch.nn.parallel.DistributedDataParallel(
+            fit.model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    opt = make_optimizer(model, tcfg)
-    steps_per_epoch = spec["steps_per_epoch"]
-    sched = make_scheduler(opt, tcfg, steps_per_epoch * tcfg.epochs)
-    gen = torch.Generator()
-    state, last_metrics = TrainState(), {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state, last_metrics = _restore(checkpoint, model, opt, sched)
+    last_metrics: dict[str, float] = {}
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as d:
+            last_metrics = fit.restore(d)
 
-    logger = _EpochLogger(spec["run_id"], tcfg.log_every, tcfg.batch_size * world) if rank == 0 else None
+    logger = _EpochLogger(spec.run_id, tcfg.log_every, tcfg.batch_size * world) if rank == 0 else None
     if logger is not None and last_metrics:
-        logger.on_epoch(state.epoch, last_metrics)  # the crash may have come between checkpoint and log
+        logger.on_epoch(fit.state.epoch, last_metrics)  # the crash may have come between checkpoint and log
 
-    for epoch in range(state.epoch + 1, tcfg.epochs + 1):
+    for epoch in range(fit.state.epoch + 1, tcfg.epochs + 1):
         started = time.perf_counter()
-        # Sampling noise (binarisation, eps) differs across ranks and epochs but is a function of
-        # (seed, epoch, rank), so an epoch re-run after a restart draws exactly the same noise.
-        gen.manual_seed(tcfg.seed * 1_000_003 + epoch * 1009 + rank)
         # In memory: the same permutation on every rank (same seed), each rank taking its own slice of it.
         batches = train.batches(tcfg.batch_size, rank, world, shuffle_seed=tcfg.seed + epoch, drop_last=world > 1)
-        m = train_epoch(ddp_model, opt, batches, state, tcfg, sched, gen,
-                        on_step=logger.on_step if logger else None)
+        m = fit.train_epoch(batches, forward, on_step=logger.on_step if logger else None)
         images, seconds = _all_reduce_sum([m["images"], time.perf_counter() - started], world)
         metrics = {k: m[k] for k in ("loss", "recon", "kl", "elbo", "beta", "grad_norm", "lr")}
         metrics["images_per_s"] = images / (seconds / world)
         metrics["images"] = images
-        metrics.update(_validate(model, val, spec, rank, world, gen))
+        metrics.update(_validate(fit, val, world))
         if not all(math.isfinite(v) for v in metrics.values()):
-            raise RuntimeError(f"non-finite metrics at epoch {epoch}: {metrics}")
-
-        ckpt_dir = _save_checkpoint(model, opt, sched, state, metrics) if rank == 0 else None
-        ray.train.report(
-            {**metrics, "epoch": epoch},
-            checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,
-        )
-        if ckpt_dir:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)  # report() has uploaded it (synchronously)
+            raise NonFiniteLossError(f"non-finite metrics at epoch {epoch}: {metrics}")
+        _report(fit, epoch, metrics)
         if logger is not None:
             logger.on_epoch(epoch, metrics)
             if epoch % tcfg.image_every == 0 or epoch == tcfg.epochs:
-                _log_pictures(logger.run, model, (val or train).preview, epoch, tcfg.seed)
+                logger.pictures(fit, (val or train).preview, epoch)

@@ -49,3 +49,77 @@ def test_digest_tracks_content():
     a, b = load_config("mnist"), load_config("mnist", ["train.lr=0.003"])
     assert a.digest() == load_config("mnist").digest() and a.digest() != b.digest()
     assert VAEConfig().flat()["model.latent_dim"] == 32
+
+
+def _can_build_without_isolation() -> bool:
+    """True when this environment's setuptools (>=68, with wheel support) can build the wheel offline."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _v(name: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(p) for p in version(name).split(".")[:2] if p.isdigit())
+        except PackageNotFoundError:
+            return ()
+
+    setuptools = _v("setuptools")
+    # setuptools >= 70.1 builds wheels by itself; before that it needs the `wheel` package.
+    return setuptools >= (68,) and (setuptools >= (70, 1) or bool(_v("wheel")))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_presets_ship_in_the_wheel(tmp_path):
+    """A wheel of the project (what `pip install .` or a container gets) carries every preset and loads it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    shipped = sorted(p.stem for p in (repo / "vae_core" / "presets").glob("*.yaml"))
+    assert shipped, "no presets in vae_core/presets"
+
+    # Build from a clean copy: an in-tree build would leave build/ in the checkout, and a stale
+    # build/lib there could put presets into the wheel that the package data no longer declares.
+    top_level_junk = {".git", ".venv", "build", "dist", ".pytest_cache", ".vae", "mlruns", ".whl"}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        junk = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+        return junk | (top_level_junk & set(names) if Path(folder) == repo else set())
+
+    src = tmp_path / "src"
+    shutil.copytree(repo, src, symlinks=True, ignore=ignore)
+    dist = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src)]
+    if _can_build_without_isolation():
+        cmd.insert(-1, "--no-build-isolation")
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = dist.glob("vae_platform-*.whl")
+
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        assert sorted(n for n in zf.namelist() if n.startswith("vae_core/presets/")) == [
+            f"vae_core/presets/{name}.yaml" for name in shipped
+        ]
+        zf.extractall(site)
+
+    probe = (
+        "import json, vae_core\n"
+        "from vae_core.config import list_presets, load_config\n"
+        "names = list_presets()\n"
+        "print(json.dumps({'file': vae_core.__file__, 'presets': names,"
+        " 'loaded': [load_config(n).name for n in names]}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    ran = subprocess.run([sys.executable, "-c", probe], cwd=site, env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    import json
+
+    result = json.loads(ran.stdout.strip().splitlines()[-1])
+    module = Path(result["file"]).resolve()
+    assert module.is_relative_to(site.resolve()) and not module.is_relative_to(repo), module
+    assert result["presets"] == shipped
+    assert result["loaded"] == shipped

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vae_core.ingest import IngestConfig, IngestError, run_ingest
+from vae_core.requests import IngestRequest
+from vae_core.ingest import IngestError, run_ingest
 from vae_core.shards import list_versions, open_dataset, read_split_u8
 from vae_core.sources.base import SourceError
 
@@ -61,7 +62,7 @@ def messy(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
 def test_every_file_is_accounted_for(messy, tmp_path):
     root, exact = messy
     n_files = sum(1 for p in root.rglob("*") if p.is_file())
-    r = run_ingest(IngestConfig(name="messy", source=str(root), data_root=str(tmp_path / "ds"), channels=3,
+    r = run_ingest(IngestRequest(name="messy", source=str(root), data_root=str(tmp_path / "ds"), channels=3,
                                 max_quarantine_fraction=0.5, workers=1))
     m = r.manifest
     assert m.items.seen == n_files == 18
@@ -91,7 +92,7 @@ def test_too_much_quarantine_fails_and_writes_nothing(messy, tmp_path):
     root, _ = messy
     ds = tmp_path / "ds"
     with pytest.raises(IngestError, match=r"4 of 18 items .* quarantined.*max_quarantine_fraction"):
-        run_ingest(IngestConfig(name="messy", source=str(root), data_root=str(ds), channels=3, workers=1))
+        run_ingest(IngestRequest(name="messy", source=str(root), data_root=str(ds), channels=3, workers=1))
     assert not ds.exists() or not any(ds.rglob("*.parquet"))
 
 
@@ -99,10 +100,10 @@ def test_mixed_shapes_fail_with_both_files_named(tmp_path):
     _save(tmp_path / "src/a/one.png", _rgb(12, 12), "PNG")
     _save(tmp_path / "src/a/two.png", _rgb(10, 14), "PNG")
     with pytest.raises(IngestError, match=r"two.png is 10x14x3 but .*one.png is 12x12x3.*--image-size"):
-        run_ingest(IngestConfig(name="x", source=str(tmp_path / "src"), data_root=str(tmp_path / "ds"), workers=1))
+        run_ingest(IngestRequest(name="x", source=str(tmp_path / "src"), data_root=str(tmp_path / "ds"), workers=1))
     _save(tmp_path / "src/a/two.png", RNG.integers(0, 256, (12, 12), dtype=np.uint8), "PNG")
     with pytest.raises(IngestError, match=r"--channels"):
-        run_ingest(IngestConfig(name="x", source=str(tmp_path / "src"), data_root=str(tmp_path / "ds"), workers=1))
+        run_ingest(IngestRequest(name="x", source=str(tmp_path / "src"), data_root=str(tmp_path / "ds"), workers=1))
 
 
 @pytest.mark.parametrize("fit", ["crop", "pad"])
@@ -110,7 +111,7 @@ def test_image_size_with_crop_or_pad(tmp_path, fit):
     wide = np.full((10, 20, 3), 200, np.uint8)  # uniform grey, twice as wide as high
     _save(tmp_path / "src/a/wide.png", wide, "PNG")
     _save(tmp_path / "src/a/square.png", np.full((16, 16, 3), 100, np.uint8), "PNG")
-    r = run_ingest(IngestConfig(name="sized", source=str(tmp_path / "src"), data_root=str(tmp_path / "ds"),
+    r = run_ingest(IngestRequest(name="sized", source=str(tmp_path / "src"), data_root=str(tmp_path / "ds"),
                                 image_size=(8, 8), channels=1, fit=fit, val_fraction=0, test_fraction=0, workers=1))
     assert (r.manifest.height, r.manifest.width, r.manifest.channels) == (8, 8, 1)
     x, _, ids = read_split_u8(open_dataset(str(tmp_path / "ds"), "sized"), "train")
@@ -125,7 +126,7 @@ def test_versions_follow_content(tmp_path):
     src = tmp_path / "src"
     for i in range(8):
         _save(src / f"k{i % 2}/{i}.png", _rgb(), "PNG")
-    cfg = IngestConfig(name="v", source=str(src), data_root=str(tmp_path / "ds"), workers=1)
+    cfg = IngestRequest(name="v", source=str(src), data_root=str(tmp_path / "ds"), workers=1)
     first = run_ingest(cfg)
     assert run_ingest(cfg).version == first.version
     _save(src / "k0/0.png", _rgb(), "PNG")  # same file name, new pixels
@@ -140,8 +141,8 @@ def test_parallel_decode_gives_the_same_dataset(tmp_path):
     for i in range(300):
         _save(src / f"c{i % 3}/{i:03d}.png", _rgb(8, 8), "PNG")
     (src / "c0/bad.png").write_bytes(b"junk")
-    one = run_ingest(IngestConfig(name="p", source=str(src), data_root=str(tmp_path / "one"), workers=1))
-    two = run_ingest(IngestConfig(name="p", source=str(src), data_root=str(tmp_path / "two"), workers=2))
+    one = run_ingest(IngestRequest(name="p", source=str(src), data_root=str(tmp_path / "one"), workers=1))
+    two = run_ingest(IngestRequest(name="p", source=str(src), data_root=str(tmp_path / "two"), workers=2))
     assert one.version == two.version and one.manifest.counts == two.manifest.counts
     assert [q.id for q in two.manifest.quarantine] == ["c0/bad.png"]
 
@@ -151,7 +152,7 @@ def test_split_folders_are_the_source_splits(tmp_path):
     for split, n in (("train", 20), ("test", 5)):
         for i in range(n):
             _save(src / f"{split}/{'ab'[i % 2]}/{i}.png", _rgb(6, 6), "PNG")
-    r = run_ingest(IngestConfig(name="s", source=str(src), data_root=str(tmp_path / "ds"), val_fraction=0.25, workers=1))
+    r = run_ingest(IngestRequest(name="s", source=str(src), data_root=str(tmp_path / "ds"), val_fraction=0.25, workers=1))
     m = r.manifest
     assert m.label_names == ["a", "b"]
     assert m.counts["test"] == 5 and m.counts["train"] + m.counts["val"] == 20 and m.counts["val"] > 0
@@ -162,9 +163,9 @@ def test_split_folders_are_the_source_splits(tmp_path):
 def test_empty_and_missing_folders_fail_fast(tmp_path):
     (tmp_path / "empty/sub").mkdir(parents=True)
     with pytest.raises(SourceError, match="empty source"):
-        run_ingest(IngestConfig(name="e", source=str(tmp_path / "empty"), data_root=str(tmp_path / "ds")))
+        run_ingest(IngestRequest(name="e", source=str(tmp_path / "empty"), data_root=str(tmp_path / "ds")))
     with pytest.raises(SourceError, match="not found"):
-        run_ingest(IngestConfig(name="e", source=str(tmp_path / "missing"), data_root=str(tmp_path / "ds")))
+        run_ingest(IngestRequest(name="e", source=str(tmp_path / "missing"), data_root=str(tmp_path / "ds")))
 
 
 def test_unreadable_file_is_quarantined_not_fatal(tmp_path):
@@ -172,7 +173,7 @@ def test_unreadable_file_is_quarantined_not_fatal(tmp_path):
     for i in range(9):
         _save(src / f"k/{i}.png", _rgb(6, 6), "PNG")
     (src / "k" / "gone.png").symlink_to(tmp_path / "does-not-exist.png")
-    r = run_ingest(IngestConfig(name="u", source=str(src), data_root=str(tmp_path / "ds"), workers=2,
+    r = run_ingest(IngestRequest(name="u", source=str(src), data_root=str(tmp_path / "ds"), workers=2,
                                 max_quarantine_fraction=0.2))
     assert [(q.id, q.reason.split(":")[0]) for q in r.manifest.quarantine] == [("k/gone.png", "cannot read")]
     assert r.manifest.items.ok == 9

@@ -11,8 +11,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from vae_core.ingest import IngestConfig, id_hash_unit, run_ingest
+from vae_core.requests import IngestRequest
+from vae_core.ingest import run_ingest
 from vae_core.shards import list_shards, open_dataset, read_split_u8
+from vae_core.splits import id_hash_unit
 
 MNIST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
 
@@ -29,7 +31,7 @@ def _idx(name: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):
     root = tmp_path_factory.mktemp("mnist-ds")
-    cfg = IngestConfig(name="mnist", source=str(MNIST), data_root=str(root))
+    cfg = IngestRequest(name="mnist", source=str(MNIST), data_root=str(root))
     result = run_ingest(cfg)
     info = open_dataset(str(root), "mnist")
     splits = {s: read_split_u8(info, s) for s in ("train", "val", "test")}
@@ -112,7 +114,7 @@ def test_shards_read_back_with_plain_pyarrow_and_pandas(mnist):
 
 
 def test_small_shards_split_rows_without_losing_any(tmp_path):
-    cfg = IngestConfig(name="mnist-small", source=str(MNIST), data_root=str(tmp_path), limit=5000, shard_mb=0.5)
+    cfg = IngestRequest(name="mnist-small", source=str(MNIST), data_root=str(tmp_path), limit=5000, shard_mb=0.5)
     info = open_dataset(str(tmp_path), run_ingest(cfg).name)
     shards = info.manifest.splits["train"].shards
     rows_per_shard = (512 * 1024) // 784

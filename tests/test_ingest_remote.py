@@ -9,7 +9,8 @@ import uuid
 import numpy as np
 from PIL import Image
 
-from vae_core.ingest import IngestConfig, run_ingest
+from vae_core.requests import IngestRequest
+from vae_core.ingest import run_ingest
 from vae_core.shards import list_shards, open_dataset, read_split_u8
 
 RNG = np.random.default_rng(11)
@@ -37,7 +38,7 @@ def test_memory_source_and_memory_root():
     files = _folder()
     for rel, data in files.items():
         fs.pipe_file(f"{base}/src/{rel}", data)
-    cfg = IngestConfig(name="mem", source=f"{base}/src", data_root=f"{base}/ds", workers=2, max_quarantine_fraction=0.1)
+    cfg = IngestRequest(name="mem", source=f"{base}/src", data_root=f"{base}/ds", workers=2, max_quarantine_fraction=0.1)
     r = run_ingest(cfg)  # decoding happens in worker processes; the bytes come from this process
     m = r.manifest
     assert r.url.startswith("memory://") and m.items.seen == len(files)
@@ -54,7 +55,7 @@ def test_s3_round_trip(s3):
     files = _folder()
     for rel, data in files.items():
         fs.pipe_file(f"vae-bucket/src/{rel}", data)
-    cfg = IngestConfig(name="remote", source="s3://vae-bucket/src", data_root="s3://vae-bucket/datasets",
+    cfg = IngestRequest(name="remote", source="s3://vae-bucket/src", data_root="s3://vae-bucket/datasets",
                        source_options=options, data_root_options=options, workers=1, max_quarantine_fraction=0.1)
     r = run_ingest(cfg)
     assert r.created and r.url == f"s3://vae-bucket/datasets/remote/{r.version}"

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vae_core.ingest import IngestConfig, IngestError, run_ingest
+from vae_core.requests import IngestRequest
+from vae_core.ingest import IngestError, run_ingest
 from vae_core.shards import open_dataset, read_split_u8
 from vae_core.sources.base import SourceError
 from vae_core.sources.decode import ShapeSpec, conform_pixels, decode_image, to_grey
@@ -29,7 +30,7 @@ def _png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
 
 
 def _ingest(tmp_path: Path, source: str, **kw) -> tuple:
-    r = run_ingest(IngestConfig(name="t", source=source, data_root=str(tmp_path / "ds"), workers=1, **kw))
+    r = run_ingest(IngestRequest(name="t", source=source, data_root=str(tmp_path / "ds"), workers=1, **kw))
     info = open_dataset(str(tmp_path / "ds"), "t", r.version)
     return r, {s: read_split_u8(info, s) for s in ("train", "val", "test")}
 
@@ -88,7 +89,7 @@ def test_idx_truncated_files_fail_before_decoding(tmp_path):
     (tmp_path / "train-images-idx3-ubyte").unlink()
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gz[: len(gz) - 40])
     with pytest.raises(SourceError, match=r"train-images-idx3-ubyte.gz: .*(truncated|corrupt)"):
-        run_ingest(IngestConfig(name="t", source=str(tmp_path), data_root=str(tmp_path / "ds")))
+        run_ingest(IngestRequest(name="t", source=str(tmp_path), data_root=str(tmp_path / "ds")))
     assert not (tmp_path / "ds").exists()
 
 
@@ -98,7 +99,7 @@ def test_idx_corrupt_gzip_body_is_a_source_error(tmp_path):
     gz[len(gz) // 2 : len(gz) // 2 + 64] = bytes(64)  # damage the deflate stream, keep the trailer
     (tmp_path / "x-images-idx3-ubyte.gz").write_bytes(bytes(gz))
     with pytest.raises(SourceError, match=r"x-images-idx3-ubyte.gz: corrupt gzip data|x-images-idx3-ubyte.gz"):
-        run_ingest(IngestConfig(name="t", source=str(tmp_path), data_root=str(tmp_path / "ds")))
+        run_ingest(IngestRequest(name="t", source=str(tmp_path), data_root=str(tmp_path / "ds")))
 
 
 # ------------------------------------------------------------------------------------------------ npz
@@ -234,7 +235,7 @@ def test_all_items_bad_fails_with_examples(tmp_path):
     for i in range(3):
         (tmp_path / "src" / f"{i}.png").write_bytes(b"nope")
     with pytest.raises(IngestError, match=r"no usable images among 3 items.*0.png: not an image"):
-        run_ingest(IngestConfig(name="t", source=str(tmp_path / "src"), data_root=str(tmp_path / "ds"), workers=1))
+        run_ingest(IngestRequest(name="t", source=str(tmp_path / "src"), data_root=str(tmp_path / "ds"), workers=1))
 
 
 # ------------------------------------------------------------------------------------------- decoding

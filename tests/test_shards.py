@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vae_core.ingest import IngestConfig, run_ingest
+from vae_core.requests import IngestRequest
+from vae_core.ingest import run_ingest
 from vae_core.shards import (
     DatasetInfo,
     ItemCounts,
@@ -77,9 +78,9 @@ def test_atomic_write_leaves_only_the_final_file():
 def two_versions(tmp_path):
     rng = np.random.default_rng(1)
     root = str(tmp_path / "ds")
-    first = run_ingest(IngestConfig(name="toy", source=_npz(tmp_path / "a.npz", rng.integers(0, 256, (50, 4, 4), np.uint8),
+    first = run_ingest(IngestRequest(name="toy", source=_npz(tmp_path / "a.npz", rng.integers(0, 256, (50, 4, 4), np.uint8),
                                                                np.arange(50) % 3), data_root=root, workers=1))
-    second = run_ingest(IngestConfig(name="toy", source=_npz(tmp_path / "b.npz", rng.integers(0, 256, (60, 4, 4), np.uint8)),
+    second = run_ingest(IngestRequest(name="toy", source=_npz(tmp_path / "b.npz", rng.integers(0, 256, (60, 4, 4), np.uint8)),
                                      data_root=root, workers=1))
     return root, first, second
 

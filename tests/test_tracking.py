@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flows import tracking
+from flows import registry, tracking
 from flows.pyfunc import VAEPyfunc, as_images
 from vae_core.config import load_config
 from vae_core.model import ConvVAE
@@ -111,8 +111,8 @@ def test_remote_vae_home_without_tracking_uri_is_a_clear_error(monkeypatch):
 
 
 def test_names_and_uris():
-    assert tracking.default_model_name("mnist") == "vae-mnist"
-    assert tracking.model_uri("vae-mnist", "champion") == "models:/vae-mnist@champion"
+    assert registry.default_model_name("mnist") == "vae-mnist"
+    assert registry.model_uri("vae-mnist", "champion") == "models:/vae-mnist@champion"
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -195,8 +195,8 @@ def test_system_metrics_unavailable_is_a_warning_not_an_error(monkeypatch, caplo
 def test_register_creates_versions_and_moves_challenger(store, model):
     run_id = _start("exp-register")
     name = "vae-register-test"
-    assert tracking.log_and_register_model(run_id, model, name, "v123") == 1
-    assert tracking.log_and_register_model(run_id, model, name, "v123") == 2
+    assert registry.log_and_register_model(run_id, model, name, "v123") == 1
+    assert registry.log_and_register_model(run_id, model, name, "v123") == 2
     client = _client()
     newest = client.get_model_version_by_alias(name, "challenger")
     assert int(newest.version) == 2  # an int from SQLite, a str over REST
@@ -282,8 +282,8 @@ def _check_pulled(result: dict, model: ConvVAE, images: np.ndarray) -> None:
 def test_registered_model_loads_in_a_fresh_process(store, model, images, tmp_path):
     run_id = _start("exp-pull")
     name = "vae-pull-test"
-    tracking.log_and_register_model(run_id, model, name, "v123")
-    result = _pull_in_fresh_process(tracking.tracking_uri(), tracking.model_uri(name, "challenger"), images, tmp_path)
+    registry.log_and_register_model(run_id, model, name, "v123")
+    result = _pull_in_fresh_process(tracking.tracking_uri(), registry.model_uri(name, "challenger"), images, tmp_path)
     _check_pulled(result, model, images)
 
 
@@ -357,9 +357,9 @@ def test_tracking_server_end_to_end(mlflow_server, model, images, tmp_path, monk
     logger = tracking.RunLogger(run_id)
     logger.log_metrics({"val/loss": 1.25}, step=4)
     assert logger.last_step("val/loss") == 4
-    name = tracking.default_model_name("digits-server")
-    assert tracking.log_and_register_model(run_id, model, name, "srv1") == 1
-    assert tracking.log_and_register_model(run_id, model, name, "srv1") == 2
+    name = registry.default_model_name("digits-server")
+    assert registry.log_and_register_model(run_id, model, name, "srv1") == 1
+    assert registry.log_and_register_model(run_id, model, name, "srv1") == 2
     logger.finish("FINISHED")
 
     client = _client()
@@ -369,5 +369,5 @@ def test_tracking_server_end_to_end(mlflow_server, model, images, tmp_path, monk
     assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
     assert not (tmp_path / "home" / "mlflow.db").exists()  # nothing written to the local default
 
-    result = _pull_in_fresh_process(mlflow_server, tracking.model_uri(name, "challenger"), images, tmp_path)
+    result = _pull_in_fresh_process(mlflow_server, registry.model_uri(name, "challenger"), images, tmp_path)
     _check_pulled(result, model, images)

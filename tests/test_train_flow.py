@@ -20,13 +20,14 @@ SMALL = ["model.hidden_channels=[16,32]", "train.batch_size=64", "train.kl_warmu
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """A VAE_HOME holding 2,400 real MNIST training images (train + val carve), shared by this module."""
-    from vae_core.ingest import IngestConfig, ingest
+    from vae_core.ingest import run_ingest
+    from vae_core.requests import IngestRequest
 
     root = tmp_path_factory.mktemp("train_home")
     old = {k: os.environ.get(k) for k in ("VAE_HOME", "MLFLOW_TRACKING_URI")}
     os.environ["VAE_HOME"] = str(root)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    ingest(str(MNIST_DIR), IngestConfig(name="mnist", limit=2400), data_root=str(root / "datasets"))
+    run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist", limit=2400, data_root=str(root / "datasets")))
     from flows import tracking
 
     tracking.configure()
@@ -49,9 +50,10 @@ def _runs() -> list:
 
 def test_two_workers_train_track_register_and_pull(home):
     from flows.train import train_vae
+    from vae_core.requests import TrainRequest
 
     before = len(_runs())
-    out = train_vae(dataset="mnist", overrides=SMALL, epochs=3, workers=2, max_failures=0)
+    out = train_vae(TrainRequest(dataset="mnist", overrides=SMALL, epochs=3, workers=2, max_failures=0))
     client = mlflow.MlflowClient()
 
     assert len(_runs()) == before + 1  # exactly one run for the job
@@ -131,6 +133,7 @@ def _kill_one_worker_after_first_epoch(killed: list[int], stop: threading.Event)
 
 def test_killed_worker_is_replaced_and_every_epoch_logged_once(home):
     from flows.train import train_vae
+    from vae_core.requests import TrainRequest
 
     before = len(_runs())
     killed: list[int] = []
@@ -138,7 +141,7 @@ def test_killed_worker_is_replaced_and_every_epoch_logged_once(home):
     watcher = threading.Thread(target=_kill_one_worker_after_first_epoch, args=(killed, stop), daemon=True)
     watcher.start()
     try:
-        out = train_vae(dataset="mnist", overrides=SMALL + ["train.epochs=4"], workers=2, max_failures=2)
+        out = train_vae(TrainRequest(dataset="mnist", overrides=SMALL + ["train.epochs=4"], workers=2, max_failures=2))
     finally:
         stop.set()
         watcher.join(timeout=10)
@@ -152,11 +155,13 @@ def test_killed_worker_is_replaced_and_every_epoch_logged_once(home):
 
 
 def test_nan_loss_fails_the_run_with_a_clear_error(home):
-    from flows.train import TrainError, train_vae
+    from flows.train import train_vae
+    from vae_core.errors import TrainError
+    from vae_core.requests import TrainRequest
 
     before = {r.info.run_id for r in _runs()}
     with pytest.raises(TrainError, match="non-finite loss"):
-        train_vae(dataset="mnist", overrides=SMALL + ["train.lr=1e4"], epochs=2, workers=1, max_failures=0)
+        train_vae(TrainRequest(dataset="mnist", overrides=SMALL + ["train.lr=1e4"], epochs=2, workers=1, max_failures=0))
     new = [r for r in _runs() if r.info.run_id not in before]
     assert len(new) == 1 and new[0].info.status == "FAILED"
 
@@ -164,13 +169,15 @@ def test_nan_loss_fails_the_run_with_a_clear_error(home):
 def test_shape_mismatch_fails_before_ray_starts(home):
     import ray
 
-    from flows.train import TrainError, train_vae
+    from flows.train import train_vae
+    from vae_core.errors import TrainError
+    from vae_core.requests import TrainRequest
 
     with pytest.raises(TrainError, match=r"28x28x1 images, which preset 'rgb64' cannot take"):
-        train_vae(dataset="mnist", preset="rgb64", epochs=1)
+        train_vae(TrainRequest(dataset="mnist", preset="rgb64", epochs=1))
     assert not ray.is_initialized()
     with pytest.raises(FileNotFoundError):
-        train_vae(dataset="no-such-dataset", epochs=1)
+        train_vae(TrainRequest(dataset="no-such-dataset", epochs=1))
 
 
 
@@ -221,6 +228,7 @@ def test_vae_train_joins_an_existing_cluster_through_ray_address(home, ray_clust
 
 def test_splits_over_the_memory_budget_stream_through_ray_data(home):
     from flows.train import train_vae
+    from vae_core.requests import TrainRequest
 
     # 2,160 training and 240 validation images of 784 bytes: 1.6 and 0.18 MiB, both over 0.1 MiB.
     out = train_vae(dataset="mnist", overrides=SMALL + ["train.image_every=2"], epochs=2, workers=2,
@@ -246,16 +254,18 @@ def test_dataset_streamed_from_s3_and_checkpoints_written_to_s3(home, s3, monkey
     import s3fs
 
     from flows.train import train_vae
-    from vae_core.ingest import IngestConfig, ingest
+    from vae_core.requests import TrainRequest
+    from vae_core.ingest import run_ingest
+    from vae_core.requests import IngestRequest
 
     fs, options = s3
     monkeypatch.setenv("AWS_ENDPOINT_URL", options["client_kwargs"]["endpoint_url"])
     monkeypatch.setenv("VAE_DATA_ROOT", "s3://vae-bucket/train-ds")
     monkeypatch.setenv("VAE_CHECKPOINT_ROOT", "s3://vae-bucket/ckpt")
     s3fs.S3FileSystem.clear_instance_cache()
-    ingest(str(MNIST_DIR), IngestConfig(name="mnist-s3", limit=600), data_root="s3://vae-bucket/train-ds")
+    run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist-s3", limit=600, data_root="s3://vae-bucket/train-ds"))
 
-    out = train_vae(dataset="mnist-s3", overrides=SMALL, epochs=2, max_failures=0, memory_budget_mb=0.1)
+    out = train_vae(TrainRequest(dataset="mnist-s3", overrides=SMALL, epochs=2, max_failures=0, memory_budget_mb=0.1))
     run = mlflow.MlflowClient().get_run(out["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["data.train"] == "stream"
     assert _epoch_steps(out["run_id"]) == [1, 2]
@@ -267,7 +277,9 @@ def test_dataset_streamed_from_s3_and_checkpoints_written_to_s3(home, s3, monkey
 
 
 def test_data_plan_and_cpu_reservation_leave_ray_data_a_whole_cpu(home):
-    from flows.train import TrainError, TrainRequest, _scaling, plan_data
+    from flows.train import _scaling, plan_data
+    from vae_core.errors import TrainError
+    from vae_core.requests import TrainRequest
     from vae_core.shards import open_dataset
 
     info = open_dataset(str(home / "datasets"), "mnist")

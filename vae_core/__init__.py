@@ -1,9 +1,17 @@
 """vae_core: the VAE library (models, likelihoods, losses, training functions, weights, pictures).
 
-Pure PyTorch / NumPy / Arrow: it never imports prefect, ray or mlflow, so it runs anywhere.
+Pure PyTorch / NumPy / Arrow: it never imports prefect, ray or mlflow, so it runs anywhere. The names
+below load on first use, so `import vae_core.requests` (the command line's options) pulls in no torch.
 """
 
-from vae_core.config import ModelConfig, TrainConfig, VAEConfig, load_config
-from vae_core.model import ConvVAE, Posterior
+from importlib import import_module
 
-__all__ = ["ConvVAE", "ModelConfig", "Posterior", "TrainConfig", "VAEConfig", "load_config"]
+_EXPORTS = {"ConvVAE": "model", "Posterior": "model", "ModelConfig": "config", "TrainConfig": "config",
+            "VAEConfig": "config", "load_config": "config"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"vae_core.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'vae_core' has no attribute {name!r}")

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Presets ship inside the package (package data), so a wheel or `pip install .` has them too;
+# the top-level `configs/` of a checkout is a symlink to this folder.
+CONFIG_DIR: Traversable = resources.files("vae_core") / "presets"
 
 
 class _Strict(BaseModel):
@@ -111,43 +115,49 @@ class VAEConfig(_Strict):
 
 
 def list_presets() -> list[str]:
-    """Names of the presets shipped in `configs/`."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """Names of the presets shipped in `vae_core/presets/`."""
+    return sorted(p.name[: -len(".yaml")] for p in CONFIG_DIR.iterdir() if p.name.endswith(".yaml") and p.is_file())
 
 
-def _parse_value(raw: str) -> Any:
-    # YAML gives ints, floats, bools, lists ("[32,64]") and tuples-as-lists for free.
-    return yaml.safe_load(raw)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides to a raw config dict (in place) and return it."""
-    for item in overrides:
-        if "=" not in item:
+def parse_overrides(items: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """`["train.lr=3e-4", "model.hidden_channels=[32,64]"]` -> {"train.lr": 0.0003, ...}; values are
+    YAML, so numbers, booleans and lists arrive typed. A dict passes through."""
+    if isinstance(items, dict):
+        return items
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (or {"section.key": value}) to a raw config dict, in place."""
+    for key, value in parse_overrides(overrides).items():
+        parts = key.split(".")
         node = data
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = _parse_value(raw)
+                raise ValueError(f"override {key}={value!r}: {p!r} is not a section")
+        node[parts[-1]] = value
     return data
 
 
-def load_config(preset: str | Path = "mnist", overrides: list[str] | None = None) -> VAEConfig:
-    """Load a preset by name (from `configs/`) or by path, then apply `key=value` overrides.
+def load_config(preset: str | Path = "mnist", overrides: list[str] | dict[str, Any] | None = None) -> VAEConfig:
+    """Load a preset by name (shipped in `vae_core/presets/`) or by path, then apply `key=value` overrides.
 
     Raises:
         FileNotFoundError: unknown preset, listing the shipped ones.
         pydantic.ValidationError: a bad key or value, naming it.
     """
-    path = Path(preset)
+    path: Path | Traversable = Path(preset)
     if not path.suffix:
         path = CONFIG_DIR / f"{preset}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no config preset {str(preset)!r}; shipped presets: {', '.join(list_presets())}")
     data = yaml.safe_load(path.read_text()) or {}
-    data.setdefault("name", path.stem)
-    return VAEConfig.model_validate(apply_overrides(data, list(overrides or [])))
+    data.setdefault("name", Path(path.name).stem)
+    return VAEConfig.model_validate(apply_overrides(data, overrides or {}))

@@ -142,14 +142,15 @@ class ConvVAE(nn.Module):
 
     # --- the things users do with a trained VAE; images in and out are in [0, 1] or uint8 ---
 
-    def _prepare_eval(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images, or floats in [0, 1], -> the model's input scale (no sampling, no noise)."""
+    def prepare_eval(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images, or floats in [0, 1], -> the model's input scale on its device (no noise)."""
+        images = images.to(next(self.parameters()).device, non_blocking=True)
         x01 = images.float() / 255.0 if images.dtype == torch.uint8 else images
         return self.likelihood.to_input(x01)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
-        """n images from the prior, (n, C, H, W) in [0, 1]."""
+        """n images from the prior, (n, C, H, W) in [0, 1]; `generator` lives on the model's device."""
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature
         return self.likelihood.mean(self.decode(z))
@@ -157,14 +158,14 @@ class ConvVAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W), uint8 or [0, 1] floats -> reconstructions (B, C, H, W) in [0, 1] via the mode."""
-        return self.likelihood.mean(self.decode(self.encode(self._prepare_eval(images)).mode()))
+        return self.likelihood.mean(self.decode(self.encode(self.prepare_eval(images)).mode()))
 
     @torch.no_grad()
     def interpolate(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8) -> torch.Tensor:
         """Decode the straight line between the posterior means of two images, (steps, C, H, W) in [0, 1]."""
         if steps < 2:
             raise ValueError(f"steps must be at least 2, got {steps}")
-        pair = self._prepare_eval(torch.stack([x_a, x_b]))
+        pair = self.prepare_eval(torch.stack([x_a, x_b]))
         za, zb = self.encode(pair).mode()
         t = torch.linspace(0.0, 1.0, steps, device=za.device).unsqueeze(1)
         return self.likelihood.mean(self.decode((1 - t) * za + t * zb))

@@ -1,14 +1,17 @@
-"""Image grids people look at: samples, reconstructions, interpolations, written as PNG."""
+"""Image grids people look at: samples, reconstructions, interpolations."""
 
 from __future__ import annotations
 
-import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from vae_core.tv import import_torchvision
+
+if TYPE_CHECKING:
+    from vae_core.model import ConvVAE
 
 
 def grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> Image.Image:
@@ -30,7 +33,17 @@ def reconstruction_grid(originals: torch.Tensor, recons: torch.Tensor, nrow: int
     return grid(torch.cat(rows), nrow=nrow)
 
 
-def to_png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+def previews(model: ConvVAE, originals_u8: torch.Tensor | None, generator: torch.Generator,
+             samples: int = 64, steps: int = 10) -> dict[str, Image.Image]:
+    """What a person looks at to judge a VAE: "samples" from the prior, "reconstructions" of uint8
+    originals (P, C, H, W) and an "interpolation" between the first two of them.
+
+    `generator` must live on the model's device.
+    """
+    out = {"samples": grid(model.sample(samples, generator=generator))}
+    if originals_u8 is not None and len(originals_u8):
+        recons = model.reconstruct(originals_u8).cpu()
+        out["reconstructions"] = reconstruction_grid(originals_u8.cpu().float() / 255, recons)
+    if originals_u8 is not None and len(originals_u8) >= 2:
+        out["interpolation"] = grid(model.interpolate(originals_u8[0], originals_u8[1], steps), nrow=steps)
+    return out

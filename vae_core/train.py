@@ -17,13 +17,10 @@ import numpy as np
 import torch
 
 from vae_core.config import TrainConfig
+from vae_core.errors import NonFiniteLossError
 from vae_core.iwae import iwae_log_likelihood
 from vae_core.losses import beta_at, bits_per_dim, negative_elbo
 from vae_core.model import ConvVAE
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training must stop rather than write garbage weights."""
 
 
 @dataclass
@@ -40,10 +37,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -117,6 +110,8 @@ def train_step(
 ) -> dict[str, float]:
     """One optimiser step on a uint8 batch (B, C, H, W); returns the loss terms and gradient norm.
 
+    `generator` (binarisation and the posterior sample) must live on the model's device.
+
     `model` may be a DistributedDataParallel wrapper: the forward goes through it (so gradients are
     all-reduced) and the likelihood is taken from the module inside.
 
@@ -127,10 +122,10 @@ def train_step(
     model.train()
     likelihood = unwrap(model).likelihood
     x_u8 = x_u8.to(device, non_blocking=True)
-    x, target = likelihood.prepare(x_u8, generator=generator if device.type == "cpu" else None)
+    x, target = likelihood.prepare(x_u8, generator=generator)
     beta = beta_at(state.step, cfg)
     with autocast(device, cfg.amp):
-        params, posterior = model(x, generator=generator if device.type == "cpu" else None)
+        params, posterior = model(x, generator=generator)
     log_px = likelihood.log_prob(params, target)
     terms = negative_elbo(log_px, posterior.kl_per_dim(), beta=beta, free_bits=cfg.free_bits)
     loss = terms["loss"]
@@ -142,7 +137,7 @@ def train_step(
     # all-reduce, so all ranks stop at the same step instead of some waiting forever on the others.
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
         raise NonFiniteLossError(
-            f"loss is {loss.item()} (gradient norm {grad_norm.item()}) at step {state.step} "
+            f"non-finite loss: loss is {loss.item()} (gradient norm {grad_norm.item()}) at step {state.step} "
             f"(epoch {state.epoch + 1}); lower train.lr, set train.grad_clip, or check the data"
         )
     optimizer.step()
@@ -205,17 +200,16 @@ def evaluate(
     nll_sum, seen = 0.0, 0
     for x_u8 in batches:
         x_u8 = x_u8.to(device, non_blocking=True)
-        gen = generator if device.type == "cpu" else None
-        x, target = model.likelihood.prepare(x_u8, generator=gen)
+        x, target = model.likelihood.prepare(x_u8, generator=generator)
         with autocast(device, amp):
-            params, posterior = model(x, generator=gen)
+            params, posterior = model(x, generator=generator)
         terms = negative_elbo(model.likelihood.log_prob(params, target), posterior.kl_per_dim())
         b = x_u8.shape[0]
         seen += b
         for k in sums:
             sums[k] += terms[k].item() * b
         if iw_samples:
-            nll_sum += -iwae_log_likelihood(model, x, target, k=iw_samples, generator=gen).sum().item()
+            nll_sum += -iwae_log_likelihood(model, x, target, k=iw_samples, generator=generator).sum().item()
     out = {k: v / max(seen, 1) for k, v in sums.items()}
     out["images"] = float(seen)
     if iw_samples:

@@ -8,10 +8,9 @@ a folder whose files are all Parquet; otherwise a folder tree of images.
 from __future__ import annotations
 
 import posixpath
-from typing import Literal
-
 import fsspec
 
+from vae_core.requests import SourceFormat as Format
 from vae_core.sources.base import Source, SourceError
 from vae_core.sources.builtin import open_builtin
 from vae_core.sources.folder import open_folder
@@ -19,7 +18,6 @@ from vae_core.sources.idx import is_idx_name, open_idx
 from vae_core.sources.npz import open_npz
 from vae_core.sources.parquet import open_parquet
 
-Format = Literal["auto", "folder", "idx", "npz", "parquet", "builtin"]
 FORMATS: tuple[str, ...] = ("auto", "folder", "idx", "npz", "parquet", "builtin")
 
 

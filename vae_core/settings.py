@@ -17,7 +17,3 @@ def data_root() -> str:
 
 def checkpoint_root() -> str:
     return os.environ.get("VAE_CHECKPOINT_ROOT", f"{vae_home().rstrip('/')}/checkpoints")
-
-
-def outputs_root() -> str:
-    return os.environ.get("VAE_OUTPUT_ROOT", f"{vae_home().rstrip('/')}/outputs")

@@ -1,0 +1,136 @@
+"""The registered model: logging a trained ConvVAE as an MLflow pyfunc, registering it, naming it.
+
+The store itself (where it is, experiments, runs) is `flows.tracking`'s; the pyfunc class that
+loads the registered model is in `flows.pyfunc`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import numpy as np
+from mlflow.models import Model, ModelSignature
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+from flows.tracking import client
+
+if TYPE_CHECKING:
+    from vae_core.model import ConvVAE
+
+MODEL_ARTIFACT_NAME = "model"
+# Third-party packages the registered model needs at load time (vae_core itself travels with it).
+_MODEL_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "safetensors", "pydantic", "PyYAML", "fsspec")
+_PYFUNC_FILE = Path(__file__).resolve().parent / "pyfunc.py"
+WEIGHTS_ARTIFACT = "weights"  # the artifact key flows.pyfunc reads (not imported: it pulls in torch)
+
+
+def default_model_name(dataset_name: str) -> str:
+    """Registered model name for a dataset: `vae-<dataset_name>`."""
+    return f"vae-{dataset_name}"
+
+
+def model_uri(model_name: str, alias: str) -> str:
+    """`models:/<name>@<alias>`, what `mlflow.pyfunc.load_model` takes."""
+    return f"models:/{model_name}@{alias}"
+
+
+def model_signature(model: ConvVAE) -> ModelSignature:
+    """uint8 (-1, H, W, C) images in; float32 (-1, L) "mean" and "logvar" out; optional batch_size."""
+    c, h, w = model.config.input_shape
+    latent = model.config.latent_dim
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w, c))]),
+        outputs=Schema([
+            TensorSpec(np.dtype(np.float32), (-1, latent), "mean"),
+            TensorSpec(np.dtype(np.float32), (-1, latent), "logvar"),
+        ]),
+        params=ParamSchema([ParamSpec("batch_size", "long", 256)]),
+    )
+
+
+def log_and_register_model(
+    run_id: str,
+    model: ConvVAE,
+    model_name: str,
+    dataset_version: str,
+    alias: str = "challenger",
+) -> int:
+    """Log `model` as a pyfunc into the run, register it as a new version of `model_name`, set `alias`.
+
+    The version carries tags dataset_version and run_id. Returns the new version number.
+    """
+    import vae_core  # torch-heavy; only this function needs it
+    from vae_core.weights import save_model
+
+    mlflow_client = client()
+    tags = {"dataset_version": dataset_version, "run_id": run_id}
+    run = mlflow_client.get_run(run_id)
+    # The LoggedModel is created here, in the run's experiment: mlflow's log_model would otherwise
+    # file it under the process's active experiment (the Default one when no run is active).
+    logged = mlflow_client.create_logged_model(
+        experiment_id=run.info.experiment_id,
+        name=MODEL_ARTIFACT_NAME,
+        source_run_id=run_id,
+        tags=tags,
+        params={k: v[:6000] for k, v in run.data.params.items()},
+    )
+    with tempfile.TemporaryDirectory(prefix="vae-model-") as tmp:
+        weights = Path(tmp) / "model.safetensors"
+        save_model(model, str(weights), extra={"run_id": run_id, "dataset_version": dataset_version})
+        with warnings.catch_warnings():
+            # An input example would only silence this: mlflow validates one by loading the model
+            # in this process, which leaves the model's code folder on sys.path.
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            info = _log_pyfunc(
+                run_id, logged.model_id, model, str(weights), model_name, tags, vae_core.__path__[0]
+            )
+    version = int(info.registered_model_version)
+    mlflow_client.set_registered_model_alias(model_name, alias, str(version))
+    return version
+
+
+def _log_pyfunc(
+    run_id: str,
+    model_id: str,
+    model: ConvVAE,
+    weights: str,
+    model_name: str,
+    tags: dict[str, str],
+    vae_core_dir: str,
+) -> Any:
+    """Log the pyfunc (code from `flows/pyfunc.py`, weights artifact, vae_core copy) and register it."""
+    # Model.log is what mlflow.pyfunc.log_model calls, with the run id passed explicitly; the
+    # fluent form needs a global active run, and leaving one (`with start_run(run_id)`) would
+    # mark the still-training run FINISHED.
+    return Model.log(
+        artifact_path=None,
+        name=MODEL_ARTIFACT_NAME,
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        model_id=model_id,
+        python_model=str(_PYFUNC_FILE),  # a "model from code": no pickled class
+        artifacts={WEIGHTS_ARTIFACT: weights},
+        code_paths=[vae_core_dir],
+        signature=model_signature(model),
+        # Explicit requirements skip mlflow's inference, which loads the model in a subprocess (~7 s).
+        pip_requirements=_pip_requirements(),
+        registered_model_name=model_name,
+        tags=tags,
+    )
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned versions of the model's third-party dependencies, as installed here."""
+    pins = []
+    for dist in _MODEL_REQUIREMENTS:
+        try:
+            version = metadata.version(dist).split("+")[0]  # "2.13.0+cpu" -> "2.13.0"
+        except metadata.PackageNotFoundError:
+            continue
+        pins.append(f"{dist}=={version}")
+    return pins

@@ -1,0 +1,20 @@
+"""Errors the library raises; typed so they cross process boundaries (Ray) intact.
+
+Every one is a `VAEError`: what a user can fix (the message says what), as opposed to a bug.
+"""
+
+
+class VAEError(Exception):
+    """Base of the errors that name a problem in the user's input, data or configuration."""
+
+
+class IngestError(VAEError, RuntimeError):
+    """The run cannot produce a dataset (mixed shapes, too much quarantined, nothing usable)."""
+
+
+class TrainError(VAEError, RuntimeError):
+    """Training could not produce a model; the message says why and what to change."""
+
+
+class NonFiniteLossError(TrainError):
+    """The loss became NaN or infinite; training stops rather than write garbage weights."""

@@ -1,0 +1,143 @@
+"""The training setup, written once: what the Ray worker, `vae demo` and the benchmarks all build.
+
+    fit = Fit.create(config, steps_per_epoch(rows, config.train.batch_size), device)
+    for epoch in range(fit.state.epoch + 1, config.train.epochs + 1):
+        metrics = fit.train_epoch(iterate_batches(images, batch, generator=fit.order(epoch)))
+    fit.save(directory, metrics)          # every module, optimizer and scheduler, plus counters
+    metrics = fit.restore(directory)      # the same bundle back, on the fit's device
+
+`Fit` holds named modules, optimizers and schedulers (today one of each, "model"), so a second
+network with its own optimizer (a discriminator) is one more entry, not a second trainer. Random
+numbers are a function of (seed, epoch, rank) and live on the device they feed, so an epoch re-run
+after a restart draws exactly the same noise, on a CPU or a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from vae_core.config import VAEConfig
+from vae_core.model import ConvVAE
+from vae_core.pictures import previews
+from vae_core.train import TrainState, evaluate, make_optimizer, make_scheduler, prepare_model, train_epoch
+from vae_core.weights import load_model, save_model
+
+MODEL = "model"  # the VAE's key in the bundle; its weights file is what registration reads
+STATE = "trainer_state.pt"
+METRICS = "metrics.json"
+
+
+def steps_per_epoch(rows: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch of `rows` images; ranks drop the last partial batch (DDP needs
+    equal step counts), a single process keeps it."""
+    per_rank = rows // world_size
+    return max(1, per_rank // batch_size if world_size > 1 else math.ceil(per_rank / batch_size))
+
+
+def weights_file(name: str) -> str:
+    """File name of module `name` inside a checkpoint directory."""
+    return f"{name}.safetensors"
+
+
+@dataclass
+class Fit:
+    """A model being trained: modules, optimizers and schedulers by name, counters, device, rank."""
+
+    config: VAEConfig
+    model: ConvVAE
+    device: torch.device
+    rank: int = 0
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = field(default_factory=dict)
+    state: TrainState = field(default_factory=TrainState)
+
+    @classmethod
+    def create(cls, config: VAEConfig, steps_per_epoch: int, device: str | torch.device = "cpu",
+               rank: int = 0) -> Fit:
+        """Model (same initial weights on every rank), AdamW and its schedule over all epochs."""
+        device = torch.device(device)
+        torch.manual_seed(config.train.seed)
+        model = prepare_model(ConvVAE(config.model), config.train, device)
+        opt = make_optimizer(model, config.train)
+        sched = make_scheduler(opt, config.train, steps_per_epoch * config.train.epochs)
+        return cls(config, model, device, rank, {MODEL: opt}, {MODEL: sched})
+
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {MODEL: self.model}
+
+    def noise(self, epoch: int, stream: int = 0) -> torch.Generator:
+        """Generator on the model's device for epoch `epoch`'s sampling (binarisation, eps);
+        `stream` 1 is validation's, so scoring never shifts training's draws."""
+        seed = self.config.train.seed * 1_000_003 + epoch * 1009 + self.rank + stream * 7919
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def order(self, epoch: int) -> torch.Generator:
+        """CPU generator for epoch `epoch`'s shuffle; the same on every rank, so ranks agree on the
+        permutation and each takes its own slice of it."""
+        return torch.Generator().manual_seed(self.config.train.seed + epoch)
+
+    def train_epoch(
+        self,
+        batches: Iterable[torch.Tensor],
+        forward: torch.nn.Module | None = None,
+        on_step: Callable[[dict[str, float], TrainState], None] | None = None,
+    ) -> dict[str, float]:
+        """One pass over uint8 batches (B, C, H, W); `forward` is the DDP wrapper when there is one."""
+        return train_epoch(forward or self.model, self.optimizers[MODEL], batches, self.state, self.config.train,
+                           self.schedulers[MODEL], self.noise(self.state.epoch + 1), on_step)
+
+    def evaluate(self, batches: Iterable[torch.Tensor], iw_samples: int | None = None) -> dict[str, float]:
+        """-ELBO terms (and IWAE NLL when `iw_samples`, default the config's) over uint8 batches."""
+        k = self.config.train.eval_iw_samples if iw_samples is None else iw_samples
+        return evaluate(self.model, batches, self.noise(self.state.epoch, stream=1), iw_samples=k,
+                        amp=self.config.train.amp)
+
+    def previews(self, originals_u8: torch.Tensor | None) -> dict[str, Image.Image]:
+        """Samples, reconstructions and an interpolation of uint8 originals (P, C, H, W)."""
+        gen = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
+        return previews(self.model, originals_u8, gen)
+
+    # --- the checkpoint bundle ----------------------------------------------------------------
+
+    def save(self, directory: str, metrics: dict[str, float]) -> None:
+        """Write every module (safetensors), optimizer, scheduler and the counters into `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        for name, module in self.modules.items():
+            path = os.path.join(directory, weights_file(name))
+            if name == MODEL:
+                save_model(self.model, path)  # carries its config: registration rebuilds it from this
+            else:
+                save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, path)
+        torch.save({
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+        }, os.path.join(directory, STATE))
+        with open(os.path.join(directory, METRICS), "w") as f:
+            json.dump(metrics, f)
+
+    def restore(self, directory: str) -> dict[str, float]:
+        """Load a bundle written by `save` onto this fit's device; returns the metrics saved with it."""
+        for name, module in self.modules.items():
+            path = os.path.join(directory, weights_file(name))
+            state = load_model(path).state_dict() if name == MODEL else load_file(path)
+            module.load_state_dict(state)
+        # weights_only: the trainer state is tensors and numbers; nothing arbitrary is unpickled.
+        blob = torch.load(os.path.join(directory, STATE), weights_only=True, map_location=self.device)
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(blob["optimizers"][k])
+        for k, sched in self.schedulers.items():
+            sched.load_state_dict(blob["schedulers"][k])
+        self.state = TrainState(epoch=blob["epoch"], step=blob["step"])
+        with open(os.path.join(directory, METRICS)) as f:
+            return json.load(f)

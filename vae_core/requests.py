@@ -1,0 +1,149 @@
+"""What a user asks of each stage: one typed request per stage, declared once.
+
+The `vae` command line builds its options from these models (the field name is the option, the
+description its help, the default its default) and validates the request before Prefect or Ray start;
+the flow takes the same object as its `request` parameter (in a deployment:
+`--param request='{"dataset": "mnist"}'`); the library and the Ray workers receive it typed. A new
+stage adds its request here, and its command and flow follow from it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vae_core import settings
+from vae_core.config import parse_overrides
+
+NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_HELP = "letters, digits, '.', '_', '-', starting with a letter or digit"
+SourceFormat = Literal["auto", "folder", "idx", "npz", "parquet", "builtin"]
+
+
+class Request(BaseModel):
+    """Base of every stage's request: unknown fields are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_name(value: str, what: str) -> str:
+    """`value` if it follows the naming rule of datasets, versions and models, else ValueError."""
+    if not NAME_RULE.match(value):
+        raise ValueError(f"{what} {value!r} must use only {NAME_HELP}")
+    return value
+
+
+def parse_dataset_ref(ref: str) -> tuple[str, str | None]:
+    """'mnist' -> ('mnist', None); 'mnist@3f2a' -> ('mnist', '3f2a'); a name or version that could
+    leave the data root ('../x', 'a/b') is a ValueError."""
+    name, at, version = ref.partition("@")
+    check_name(name, "dataset name")
+    if at:
+        check_name(version, "dataset version")
+    return name, version or None
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'28,28' / '28x28' / '28' -> (H, W)."""
+    parts = [p for p in re.split(r"[,x\s]+", text.strip().lower()) if p]
+    try:
+        if len(parts) == 1:
+            return int(parts[0]), int(parts[0])
+        if len(parts) == 2:
+            return int(parts[0]), int(parts[1])
+    except ValueError:
+        pass
+    raise ValueError(f"image size {text!r} is not H,W (e.g. 28,28)")
+
+
+class IngestRequest(Request):
+    """`ingest-dataset`: any image source in, one versioned dataset of Parquet shards out."""
+
+    source: str = Field(description="image folder (any fsspec URL), MNIST IDX folder, .npz, .parquet file or "
+                        "folder, or builtin:digits", json_schema_extra={"cli": "argument"})
+    name: str = Field(description=f"dataset name: {NAME_HELP}")
+    data_root: str | None = Field(None, description="datasets root URL (default $VAE_DATA_ROOT or $VAE_HOME/datasets)")
+    format: SourceFormat = Field("auto", description="source format")
+    image_size: tuple[int, int] | None = Field(None, description="H,W to resize to (default: keep the source's)")
+    channels: Literal[1, 3] | None = Field(None, description="1 or 3 (default: keep the source's)")
+    fit: Literal["crop", "pad"] = Field("crop", description="aspect ratio with image_size: crop (centre) or pad (black)")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of train carved out as val, by id hash")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="test share for sources without splits, by id hash")
+    shard_mb: float = Field(64, gt=0, description="max uncompressed pixel MiB per shard")
+    max_quarantine_fraction: float = Field(0.05, ge=0, le=1, description="fail above this share of bad items")
+    workers: int = Field(0, ge=0, description="decode processes (0: one per CPU)")
+    limit: int | None = Field(None, ge=1, description="only the first N items of the source (quick runs)")
+    image_column: str | None = Field(None, description="Parquet: column of image bytes")
+    label_column: str | None = Field(None, description="Parquet: column of labels")
+    source_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the source",
+                                           json_schema_extra={"cli": None})
+    data_root_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for data_root",
+                                              json_schema_extra={"cli": None})
+    staging_dir: str | None = Field(None, description="local scratch folder (default: the system temp folder)",
+                                    json_schema_extra={"cli": None})
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        return check_name(v, "dataset name")
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        size = parse_image_size(v) if isinstance(v, str) else v
+        if size is not None and (size[0] < 1 or size[1] < 1):
+            raise ValueError(f"image_size must be positive, got {size[0]}x{size[1]}")
+        return size
+
+    @model_validator(mode="after")
+    def _fractions(self) -> IngestRequest:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} leaves no train split")
+        return self
+
+    def root(self) -> str:
+        """The datasets root this request writes under."""
+        return self.data_root or settings.data_root()
+
+
+class TrainRequest(Request):
+    """`train-vae`: a dataset version in, one MLflow run and one registered model version out."""
+
+    dataset: str = Field(description="NAME or NAME@VERSION of an ingested dataset (latest version by default)")
+    preset: str = Field("mnist", description="model and training preset shipped with vae_core, or a YAML path",
+                        json_schema_extra={"cli": ["--preset", "--config"]})
+    overrides: dict[str, Any] = Field(default_factory=dict, description="config overrides key=value, e.g. "
+                                      "train.lr=3e-4 (repeatable)", json_schema_extra={"cli": ["--set"]})
+    epochs: int | None = Field(None, ge=1, description="epochs (overrides the preset)")
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs reserved per worker, fractional allowed "
+                                          "(default: 90% of the cluster's CPUs, shared)")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; above 0 trains on GPUs with NCCL")
+    model_name: str | None = Field(None, description="registered model name (default vae-<dataset name>)")
+    experiment: str = Field("train-vae", description="MLflow experiment of the run")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
+    memory_budget_mb: float = Field(4096, gt=0, description="MiB of pixels a worker holds per split; "
+                                    "a larger split streams through Ray Data")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_ref(cls, v: str) -> str:
+        parse_dataset_ref(v)
+        return v
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_name(v, "model name")
+
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _overrides(cls, v: Any) -> Any:
+        return parse_overrides(v) if isinstance(v, (list, tuple)) else v
+
+    def dataset_ref(self) -> tuple[str, str | None]:
+        """(name, version or None) of the dataset."""
+        return parse_dataset_ref(self.dataset)
+
