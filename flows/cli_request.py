@@ -24,8 +24,8 @@ def _cli_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
         return _cli_type(args[0])
     origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return annotation, {}  # typer offers the choices
+    if origin is Literal:  # the choices show in --help; pydantic names a bad one like any bad value
+        return type(args[0]), {"metavar": "|".join(map(str, args))}
     if origin in (dict, list):  # key=value pairs and repeatable values
         return list[str], {}
     if annotation in (bool, int, float, str):

@@ -40,11 +40,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vae_core.encode import DEFAULT_BATCH_SIZE, encode_images
 from vae_core.model import ConvVAE
 from vae_core.weights import load_model
 
 WEIGHTS_ARTIFACT = "weights"
-DEFAULT_BATCH_SIZE = 256
 
 
 class VAEPyfunc(mlflow.pyfunc.PythonModel):
@@ -77,27 +77,8 @@ class VAEPyfunc(mlflow.pyfunc.PythonModel):
         `params={"batch_size": n}` bounds memory (default 256 images per forward pass).
         """
         batch_size = int((params or {}).get("batch_size") or DEFAULT_BATCH_SIZE)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        mean, logvar = self.encode(as_images(model_input, self.image_shape), batch_size)
+        mean, logvar = encode_images(self._model(), as_images(model_input, self.image_shape), batch_size)
         return {"mean": mean, "logvar": logvar}
-
-    @torch.no_grad()
-    def encode(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, H, W, C) -> posterior (mean, logvar), float32 (N, L) each, in batches."""
-        model = self._model()
-        device = next(model.parameters()).device
-        means, logvars = [], []
-        for start in range(0, len(images), batch_size):
-            # NHWC -> NCHW by permuting strides: the tensor stays channels_last in memory, no copy.
-            x = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2)
-            posterior = model.encode(model.likelihood.to_input(x.float() / 255.0))
-            means.append(posterior.mean.float().cpu().numpy())
-            logvars.append(posterior.logvar.float().cpu().numpy())
-        if not means:
-            empty = np.zeros((0, model.latent_dim), dtype=np.float32)
-            return empty, empty.copy()
-        return np.concatenate(means), np.concatenate(logvars)
 
     def _model(self) -> ConvVAE:
         if self.model is None:

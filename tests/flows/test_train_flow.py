@@ -8,12 +8,14 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import MNIST_DIR
+pytestmark = pytest.mark.usefixtures("prefect_server")
 
+MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 SMALL = ["model.hidden_channels=[16,32]", "train.batch_size=64", "train.kl_warmup_steps=50", "train.log_every=5"]
 
 
@@ -231,8 +233,8 @@ def test_splits_over_the_memory_budget_stream_through_ray_data(home):
     from vae_core.requests import TrainRequest
 
     # 2,160 training and 240 validation images of 784 bytes: 1.6 and 0.18 MiB, both over 0.1 MiB.
-    out = train_vae(dataset="mnist", overrides=SMALL + ["train.image_every=2"], epochs=2, workers=2,
-                    max_failures=0, memory_budget_mb=0.1)
+    out = train_vae(TrainRequest(dataset="mnist", overrides=SMALL + ["train.image_every=2"], epochs=2, workers=2,
+                                 max_failures=0, memory_budget_mb=0.1))
     client = mlflow.MlflowClient()
     run = client.get_run(out["run_id"])
     assert run.info.status == "FINISHED"

@@ -77,7 +77,7 @@ def test_presets_ship_in_the_wheel(tmp_path):
     import zipfile
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     shipped = sorted(p.stem for p in (repo / "vae_core" / "presets").glob("*.yaml"))
     assert shipped, "no presets in vae_core/presets"
 

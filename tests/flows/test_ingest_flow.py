@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from flows.cli import app
 from vae_core.shards import open_dataset, read_split_u8
 
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
 
 def _folder(root, n=30):
     rng = np.random.default_rng(5)
@@ -80,9 +82,10 @@ def test_flow_through_the_cli_writes_dataset_and_artifact(tmp_path):
 @pytest.mark.slow
 def test_flow_fails_fast_on_a_bad_source(tmp_path):
     from flows.ingest import ingest_dataset
+    from vae_core.requests import IngestRequest
     from vae_core.sources.base import SourceError
 
     (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x09\x03" + bytes(12))
     with pytest.raises(SourceError, match="wrong IDX magic"):
-        ingest_dataset(source=str(tmp_path), name="bad", data_root=str(tmp_path / "ds"))
+        ingest_dataset(IngestRequest(source=str(tmp_path), name="bad", data_root=str(tmp_path / "ds")))
     assert not (tmp_path / "ds").exists()

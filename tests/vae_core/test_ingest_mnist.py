@@ -16,7 +16,7 @@ from vae_core.ingest import run_ingest
 from vae_core.shards import list_shards, open_dataset, read_split_u8
 from vae_core.splits import id_hash_unit
 
-MNIST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
+MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 
 pytestmark = pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(), reason="MNIST files not present")
 

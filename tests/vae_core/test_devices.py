@@ -1,0 +1,120 @@
+"""Every vae_core path on every device there is: the CPU always, CUDA when present (`-m gpu`).
+
+These tests import torch and vae_core only (no Prefect, Ray or MLflow), so they run on a bare GPU
+machine: `python -m pytest -m gpu tests/vae_core/test_devices.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vae_core import load_config
+from vae_core.encode import encode_images
+from vae_core.fit import Fit, steps_per_epoch
+from vae_core.train import iterate_batches
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs a CUDA device")]),
+]
+BATCH = 64
+
+
+def _config(epochs: int = 3):
+    return load_config("digits", {"train.epochs": epochs, "train.batch_size": BATCH, "train.eval_iw_samples": 20})
+
+
+def _fit(images_nhwc: torch.Tensor, device: str, epochs: int = 3) -> Fit:
+    cfg = _config(epochs)
+    return Fit.create(cfg, steps_per_epoch(len(images_nhwc), BATCH), device)
+
+
+def _epoch(fit: Fit, images_nhwc: torch.Tensor) -> dict[str, float]:
+    epoch = fit.state.epoch + 1
+    return fit.train_epoch(iterate_batches(images_nhwc, BATCH, generator=fit.order(epoch)))
+
+
+@pytest.fixture(scope="module")
+def digits_nhwc(digits_u8):
+    return digits_u8.permute(0, 2, 3, 1).contiguous()  # uint8 (N, 8, 8, 1), as shards hold them
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_epochs_on_the_device_learn_and_repeat_exactly(digits_nhwc, device):
+    train = digits_nhwc[:1024]
+    fit = _fit(train, device)
+    assert next(fit.model.parameters()).device.type == device
+    assert fit.noise(1).device.type == device  # generators live on the device they feed
+    losses = [_epoch(fit, train)["loss"] for _ in range(3)]
+    assert losses[-1] < losses[0], losses
+    again = _fit(train, device)
+    assert _epoch(again, train)["loss"] == pytest.approx(losses[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluate_and_iwae_bound_on_the_device(digits_nhwc, device):
+    fit = _fit(digits_nhwc[:512], device)
+    _epoch(fit, digits_nhwc[:512])
+    m = fit.evaluate(iterate_batches(digits_nhwc[1500:], 100, shuffle=False))
+    assert m["images"] == len(digits_nhwc) - 1500
+    # The importance-weighted bound is tighter than the ELBO: NLL <= -ELBO (up to sampling noise).
+    assert 0 < m["nll"] <= m["loss"] + 0.5
+    assert m["bits_per_dim"] == pytest.approx(m["nll"] / (64 * np.log(2)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_reconstruct_interpolate_and_pictures(digits_nhwc, device):
+    fit = _fit(digits_nhwc[:256], device)
+    model = fit.model
+    gen = lambda: torch.Generator(device=device).manual_seed(3)  # noqa: E731
+    a, b = model.sample(5, generator=gen()), model.sample(5, generator=gen())
+    assert a.shape == (5, 1, 8, 8) and a.device.type == device and torch.equal(a, b)
+    assert 0 <= a.min() and a.max() <= 1
+    x = digits_nhwc[:4].permute(0, 3, 1, 2)  # CPU uint8: the model moves it to its device
+    recon = model.reconstruct(x)
+    assert recon.shape == (4, 1, 8, 8) and recon.device.type == device
+    line = model.interpolate(x[0], x[1], steps=6)
+    assert line.shape == (6, 1, 8, 8)
+    # The ends of the line are the decoded posterior means, i.e. the reconstructions.
+    torch.testing.assert_close(line[[0, -1]], recon[:2], atol=1e-5, rtol=1e-4)
+    pictures = fit.previews(x)
+    assert set(pictures) == {"samples", "reconstructions", "interpolation"}
+    assert pictures["samples"].size == (8 * 10 + 2, 8 * 10 + 2)  # 8 per row, 2 px padding
+    assert pictures["interpolation"].size == (10 * 10 + 2, 10 + 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpoint_round_trip_resumes_exactly(digits_nhwc, device, tmp_path):
+    train = digits_nhwc[:512]
+    fit = _fit(train, device, epochs=3)
+    _epoch(fit, train)
+    fit.save(str(tmp_path), {"loss": 1.5})
+    resumed = _fit(train, device, epochs=3)
+    assert resumed.restore(str(tmp_path)) == {"loss": 1.5}
+    assert (resumed.state.epoch, resumed.state.step) == (fit.state.epoch, fit.state.step) == (1, 8)
+    for (k, v), w in zip(fit.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert w.device.type == device and torch.equal(v, w), k
+    assert resumed.schedulers["model"].get_last_lr() == fit.schedulers["model"].get_last_lr()
+    # Optimizer moments came back too: the next epoch is the same step for step.
+    assert _epoch(resumed, train)["loss"] == pytest.approx(_epoch(fit, train)["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_encoder_matches_the_model_in_any_batch_size(digits_nhwc, device):
+    fit = _fit(digits_nhwc[:256], device)
+    images = digits_nhwc[:300].numpy()
+    mean, logvar = encode_images(fit.model, images, batch_size=128)
+    assert mean.shape == logvar.shape == (300, fit.config.model.latent_dim) and mean.dtype == np.float32
+    one_batch, _ = encode_images(fit.model, images, batch_size=1000)
+    np.testing.assert_allclose(mean, one_batch, atol=1e-5)
+    with torch.no_grad():
+        direct = fit.model.encode(fit.model.prepare_eval(torch.from_numpy(images[:10]).permute(0, 3, 1, 2)))
+    np.testing.assert_allclose(mean[:10], direct.mean.cpu().numpy(), atol=1e-5)
+    if device == "cuda":  # bf16 on the GPU differs from fp32 by rounding only
+        bf16, _ = encode_images(fit.model, images, batch_size=128, amp=True)
+        np.testing.assert_allclose(bf16, mean, atol=0.05)
+    with pytest.raises(ValueError, match=r"expected uint8 images of shape \(N, 8, 8, 1\)"):
+        encode_images(fit.model, images[:, :4])
