@@ -24,22 +24,22 @@ from vae_core.sources.base import Source
 # Tasks pass in-memory objects (an open source, a staging folder) to the next one: caching them by
 # their inputs would be wrong, and hashing them would be slow.
 @task(name="open-source", cache_policy=NO_CACHE)
-def open_source_task(cfg: IngestRequest) -> Source:
-    source = open_source_for(cfg)
+def open_source_task(req: IngestRequest) -> Source:
+    source = open_source_for(req)
     get_run_logger().info("source %s (%s): %s items", source.url, source.kind,
                           source.size if source.size is not None else "unknown")
     return source
 
 
 @task(name="build-shards", cache_policy=NO_CACHE)
-def build_task(source: Source, cfg: IngestRequest, progress: bool) -> StagedDataset:
-    return build(source, cfg, progress=progress)
+def build_task(source: Source, req: IngestRequest, progress: bool) -> StagedDataset:
+    return build(source, req, progress=progress)
 
 
 @task(name="publish-version", cache_policy=NO_CACHE)
-def publish_task(staged: StagedDataset, cfg: IngestRequest) -> IngestResult:
+def publish_task(staged: StagedDataset, req: IngestRequest) -> IngestResult:
     try:
-        return publish(staged, cfg)
+        return publish(staged, req)
     finally:
         staged.cleanup()
 
@@ -54,10 +54,9 @@ def ingest_dataset(request: IngestRequest, progress: bool = False) -> dict[str, 
     """Ingest `request.source` as dataset `request.name` under its data root (default
     $VAE_HOME/datasets); returns the summary `vae ingest --json` prints (name, version, path, counts
     per split, quarantined, ...)."""
-    cfg = request
-    src = open_source_task(cfg)
-    staged = build_task(src, cfg, progress)
-    result = publish_task(staged, cfg)
+    src = open_source_task(request)
+    staged = build_task(src, request, progress)
+    result = publish_task(staged, request)
     logger = get_run_logger()
     logger.info("%s %s@%s at %s: %s", "created" if result.created else "found existing", result.name,
                 result.version, result.url, result.manifest.counts)

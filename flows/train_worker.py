@@ -89,10 +89,11 @@ class SplitSource:
             yield x.permute(0, 3, 1, 2)
 
 
-def _all_reduce_sum(values: list[float], world: int) -> list[float]:
+def _all_reduce_sum(values: list[float], world: int, device: torch.device) -> list[float]:
+    """Sums over ranks; the tensor lives on the training device (NCCL reduces CUDA tensors only)."""
     if world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -103,7 +104,7 @@ def _validate(fit: Fit, val: SplitSource | None, world: int) -> dict[str, float]
         return {}
     m = fit.evaluate(val.batches(fit.config.train.batch_size, fit.rank, world, shuffle_seed=None, drop_last=False))
     keys = [k for k in ("loss", "recon", "kl", "nll", "bits_per_dim") if k in m]
-    sums = _all_reduce_sum([m[k] * m["images"] for k in keys] + [m["images"]], world)
+    sums = _all_reduce_sum([m[k] * m["images"] for k in keys] + [m["images"]], world, fit.device)
     n = max(sums[-1], 1.0)
     return {f"val_{k}": v / n for k, v in zip(keys, sums[:-1])}
 
@@ -189,7 +190,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         # In memory: the same permutation on every rank (same seed), each rank taking its own slice of it.
         batches = train.batches(tcfg.batch_size, rank, world, shuffle_seed=tcfg.seed + epoch, drop_last=world > 1)
         m = fit.train_epoch(batches, forward, on_step=logger.on_step if logger else None)
-        images, seconds = _all_reduce_sum([m["images"], time.perf_counter() - started], world)
+        images, seconds = _all_reduce_sum([m["images"], time.perf_counter() - started], world, device)
         metrics = {k: m[k] for k in ("loss", "recon", "kl", "elbo", "beta", "grad_norm", "lr")}
         metrics["images_per_s"] = images / (seconds / world)
         metrics["images"] = images

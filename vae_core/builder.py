@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +62,8 @@ class _Rows:
         """The rows at sel. A large selection's pixels stay a view plus indices until the writer thread
         copies them; a small one is copied now, so that a split holding a few rows of each batch does
         not keep whole batches alive while it fills a row group."""
+        if len(sel) == len(self.ids):  # every row: nothing to gather
+            return replace(self, pixels=Gather(self.pixels))  # type: ignore[arg-type]
         pixels = Gather(self.pixels, sel) if 2 * len(sel) >= len(self.pixels) else Gather(self.pixels[sel])
         return _Rows(_take(self.ids, sel), _take(self.sources, sel), self.labels[sel],
                      None if self.splits is None else _take(self.splits, sel), pixels,  # type: ignore[arg-type]
@@ -117,11 +119,8 @@ class DatasetBuilder:
         elif shape != self.shape:
             h, w, c = shape
             H, W, C = self.shape
-            hint = []
-            if (h, w) != (H, W):
-                hint.append("--image-size H,W")
-            if c != C:
-                hint.append("--channels 1|3")
+            hint = [opt for opt, differs in (("--image-size H,W", (h, w) != (H, W)), ("--channels 1|3", c != C))
+                    if differs]
             raise IngestError(
                 f"images differ in shape: {where} is {h}x{w}x{c} but {self.shape_from} is {H}x{W}x{C}; "
                 f"choose one with {' and '.join(hint)}"
@@ -177,12 +176,7 @@ class DatasetBuilder:
         codes = assign_splits(rows.ids, rows.splits, self.cfg.val_fraction, self.cfg.test_fraction, self.carve_val)
         for code, split in enumerate(SPLITS):
             sel = np.flatnonzero(codes == code)
-            if not len(sel):
-                continue
-            if len(sel) == len(rows.ids):
-                self._writer(split, pixels).append(rows.ids, Gather(rows.pixels), rows.labels, rows.sources,
-                                                   rows.digests)
-            else:
+            if len(sel):
                 part = rows.take(sel)
                 self._writer(split, pixels).append(part.ids, part.pixels, part.labels, part.sources,  # type: ignore[arg-type]
                                                    part.digests)

@@ -49,10 +49,14 @@ def weights_file(name: str) -> str:
 
 @dataclass
 class Fit:
-    """A model being trained: modules, optimizers and schedulers by name, counters, device, rank."""
+    """A model being trained: modules, optimizers and schedulers by name, counters, device, rank.
+
+    `modules["model"]` is the VAE; any other entry (a discriminator, say) is saved, restored and moved
+    along with it, as are its optimizer and scheduler under the same name.
+    """
 
     config: VAEConfig
-    model: ConvVAE
+    modules: dict[str, torch.nn.Module]
     device: torch.device
     rank: int = 0
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
@@ -68,11 +72,11 @@ class Fit:
         model = prepare_model(ConvVAE(config.model), config.train, device)
         opt = make_optimizer(model, config.train)
         sched = make_scheduler(opt, config.train, steps_per_epoch * config.train.epochs)
-        return cls(config, model, device, rank, {MODEL: opt}, {MODEL: sched})
+        return cls(config, {MODEL: model}, device, rank, {MODEL: opt}, {MODEL: sched})
 
     @property
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {MODEL: self.model}
+    def model(self) -> ConvVAE:
+        return self.modules[MODEL]  # type: ignore[return-value]
 
     def noise(self, epoch: int, stream: int = 0) -> torch.Generator:
         """Generator on the model's device for epoch `epoch`'s sampling (binarisation, eps);
@@ -113,8 +117,8 @@ class Fit:
         os.makedirs(directory, exist_ok=True)
         for name, module in self.modules.items():
             path = os.path.join(directory, weights_file(name))
-            if name == MODEL:
-                save_model(self.model, path)  # carries its config: registration rebuilds it from this
+            if isinstance(module, ConvVAE):
+                save_model(module, path)  # carries its config: registration rebuilds it from this
             else:
                 save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, path)
         torch.save({
@@ -130,7 +134,7 @@ class Fit:
         """Load a bundle written by `save` onto this fit's device; returns the metrics saved with it."""
         for name, module in self.modules.items():
             path = os.path.join(directory, weights_file(name))
-            state = load_model(path).state_dict() if name == MODEL else load_file(path)
+            state = load_model(path).state_dict() if isinstance(module, ConvVAE) else load_file(path)
             module.load_state_dict(state)
         # weights_only: the trainer state is tensors and numbers; nothing arbitrary is unpickled.
         blob = torch.load(os.path.join(directory, STATE), weights_only=True, map_location=self.device)

@@ -47,7 +47,6 @@ from vae_core.shards import (
     resolve,
     sha256_hex,
     to_url,
-    version_path,
 )
 from vae_core.sources.base import RawBatch, Source
 from vae_core.sources.decode import ShapeSpec
@@ -92,7 +91,6 @@ class IngestResult:
         }
 
 
-
 # ----------------------------------------------------------------------------------------- pipeline
 
 
@@ -125,22 +123,21 @@ def build(source: Source, cfg: IngestRequest, progress: bool = False) -> StagedD
 
 def _limited(batches: Iterator[RawBatch], limit: int | None) -> Iterator[RawBatch]:
     """The first `limit` items of the stream (all when None), cut at a batch boundary if need be."""
-    left = limit
+    if limit is None:
+        yield from batches
+        return
     for batch in batches:
-        if left is None:
-            yield batch
-            continue
-        if left <= 0:
+        if limit <= 0:
             return
-        yield batch if len(batch) <= left else batch.head(left)
-        left -= len(batch)
+        yield batch if len(batch) <= limit else batch.head(limit)
+        limit -= len(batch)
 
 
 def publish(staged: StagedDataset, cfg: IngestRequest) -> IngestResult:
     """Write the staged version under the data root unless it is already there (then write nothing)."""
     fs, root = resolve(cfg.root(), cfg.data_root_options)
     m = staged.manifest
-    vdir = version_path(fs, root, m.name, m.version)
+    vdir = posixpath.join(root, m.name, m.version)
     url = to_url(fs, vdir)
     if fs.exists(posixpath.join(vdir, MANIFEST)):
         return IngestResult(m.name, m.version, url, created=False, manifest=read_manifest(fs, vdir))
@@ -157,11 +154,9 @@ def publish(staged: StagedDataset, cfg: IngestRequest) -> IngestResult:
 
 def _already_there(fs: Any, dest: str, shard: ShardInfo) -> bool:
     try:
-        if fs.size(dest) != shard.bytes:
-            return False
+        return fs.size(dest) == shard.bytes and sha256_hex(fs.cat_file(dest)) == shard.sha256
     except FileNotFoundError:
         return False
-    return sha256_hex(fs.cat_file(dest)) == shard.sha256
 
 
 def run_ingest(cfg: IngestRequest, progress: bool = False) -> IngestResult:

@@ -16,7 +16,7 @@ Reader API (what training and encoding build on)::
 
     info = open_dataset("s3://bucket/datasets", "mnist")          # latest version
     images, labels, ids = read_split_u8(info, "train")            # (N,H,W,C) uint8, (N,) int32, list[str]
-    urls = list_shards(info, "val")                                # full URLs, in row order
+    urls = shard_paths(info, "val", urls=True)                     # full URLs, in row order
     info.shape, info.counts, info.manifest.label_names              # (H, W, C), rows per split, ...
 
 `labels` uses -1 where a row has no label. A streaming reader (Ray Data in `train-vae`) reads
@@ -26,6 +26,7 @@ Reader API (what training and encoding build on)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import posixpath
@@ -249,8 +250,7 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
 
 def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Inverse of `resolve`: a URL that names `path` on `fs` (local paths stay plain paths)."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], None]) -> None:
@@ -266,7 +266,8 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], No
     try:
         fs.mv(tmp, path)
     except BaseException:
-        _remove_quietly(fs, tmp)
+        with contextlib.suppress(Exception):  # best effort: the original error is the one worth reporting
+            fs.rm_file(tmp)
         raise
 
 
@@ -278,13 +279,6 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
 def atomic_put_file(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:
     """Upload a local file to `path` atomically."""
     _publish(fs, path, lambda tmp: fs.put_file(local_path, tmp))
-
-
-def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    try:
-        fs.rm_file(path)
-    except Exception:  # best effort: the original error is the one worth reporting
-        pass
 
 
 # -------------------------------------------------------------------------------------------- reading
@@ -301,7 +295,6 @@ class DatasetInfo:
     manifest: Manifest
     fs: fsspec.AbstractFileSystem = field(repr=False, compare=False)
     path: str = field(repr=False)
-    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -319,10 +312,6 @@ class DatasetInfo:
     @property
     def counts(self) -> dict[str, int]:
         return self.manifest.counts
-
-
-def version_path(fs: fsspec.AbstractFileSystem, root: str, name: str, version: str) -> str:
-    return posixpath.join(root, name, version)
 
 
 def read_manifest(fs: fsspec.AbstractFileSystem, version_dir: str) -> Manifest:
@@ -382,7 +371,7 @@ def open_dataset(
         if not versions:
             raise FileNotFoundError(f"no dataset {name!r} under {root_url}: run `vae ingest SOURCE --name {name}` first")
         version = versions[-1]
-    vdir = version_path(fs, root, name, version)
+    vdir = posixpath.join(root, name, version)
     fs.invalidate_cache(vdir)
     try:
         manifest = read_manifest(fs, vdir)
@@ -391,25 +380,21 @@ def open_dataset(
         raise FileNotFoundError(
             f"dataset {name!r} has no version {version!r} under {root_url} (versions: {have or 'none'})"
         ) from None
-    return DatasetInfo(url=to_url(fs, vdir), manifest=manifest, fs=fs, path=vdir,
-                       storage_options=dict(storage_options or {}))
+    return DatasetInfo(url=to_url(fs, vdir), manifest=manifest, fs=fs, path=vdir)
 
 
-def shard_paths(info: DatasetInfo, split: str) -> list[str]:
-    """Paths of the Parquet shards of `split` on `info.fs`, in row order (empty for an empty split)."""
-    _check_split(split)
-    s = info.manifest.splits.get(split)
-    return [posixpath.join(info.path, sh.path) for sh in (s.shards if s else [])]
-
-
-def list_shards(info: DatasetInfo, split: str) -> list[str]:
-    """Full URLs of the Parquet shards of `split`, in row order (empty for an empty split)."""
-    return [to_url(info.fs, p) for p in shard_paths(info, split)]
-
-
-def _check_split(split: str) -> None:
+def _split_shards(info: DatasetInfo, split: str) -> list[ShardInfo]:
+    """The manifest's shards of `split`, in row order (empty for an empty split)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
+    s = info.manifest.splits.get(split)
+    return s.shards if s else []
+
+
+def shard_paths(info: DatasetInfo, split: str, urls: bool = False) -> list[str]:
+    """Paths of the Parquet shards of `split` on `info.fs` (full URLs with `urls`), in row order."""
+    paths = [posixpath.join(info.path, sh.path) for sh in _split_shards(info, split)]
+    return [to_url(info.fs, p) for p in paths] if urls else paths
 
 
 def read_shard_table(info: DatasetInfo, shard: ShardInfo, verify: bool = True) -> pa.Table:
@@ -447,9 +432,7 @@ def read_split_u8(info: DatasetInfo, split: str, verify: bool = True) -> tuple[n
     Rows come in shard order, which is the order ingestion wrote them (stable across reads).
     With verify (default), every shard's SHA-256 is checked against the manifest.
     """
-    _check_split(split)
-    s = info.manifest.splits.get(split)
-    shards = s.shards if s else []
+    shards = _split_shards(info, split)
     n = sum(sh.rows for sh in shards)
     images = np.empty((n, *info.shape), dtype=np.uint8)
     labels = np.empty((n,), dtype=np.int32)

@@ -34,3 +34,41 @@ def test_unbuilt_stage_says_so():
     result = runner.invoke(app, ["evaluate"])
     assert result.exit_code == 2
     assert "not available in this version yet" in result.output
+
+
+def test_every_request_field_is_an_option_of_its_command_with_its_help_and_default():
+    """Options are declared once, in the stage's request: the command is made from it."""
+    import typer
+
+    from vae_core.requests import IngestRequest, TrainRequest
+
+    commands = typer.main.get_command(app).commands
+    for name, model in (("ingest", IngestRequest), ("train", TrainRequest)):
+        params = {p.name: p for p in commands[name].params}
+        for field_name, field in model.model_fields.items():
+            if (field.json_schema_extra or {}).get("cli", ...) is None:
+                assert field_name not in params  # Python-only options (fsspec storage options, ...)
+                continue
+            param = params[field_name]
+            assert field.description and field.description in (param.help or ""), field_name
+            default = None if field.is_required() else field.get_default(call_default_factory=True)
+            if default not in (None, {}):
+                assert param.default == default, field_name
+        assert set(params) - set(model.model_fields) <= {"prefect", "as_json"}
+    assert "--config" in {o for p in commands["train"].params for o in p.opts}  # the preset's older name
+
+
+def test_a_bad_request_is_one_line_before_anything_starts():
+    cases = [
+        (["train", "--dataset", "../../outside/stolen"], "dataset name '../../outside/stolen' must use only"),
+        (["train", "--dataset", "mnist@../../../outside/x"], "dataset version '../../../outside/x' must use only"),
+        (["train", "--dataset", "mnist", "--set", "train.lr"], "override 'train.lr' is not of the form key=value"),
+        (["train", "--dataset", "mnist", "--workers", "0"], "workers: Input should be greater than or equal to 1"),
+        (["train", "--dataset", "mnist", "--model-name", "a/b"], "model name 'a/b' must use only"),
+        (["ingest", "x", "--name", "y", "--fit", "stretch"], "fit: Input should be 'crop' or 'pad'"),
+    ]
+    for args, message in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, (args, r.output)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)

@@ -88,4 +88,6 @@ def test_flow_fails_fast_on_a_bad_source(tmp_path):
     (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x09\x03" + bytes(12))
     with pytest.raises(SourceError, match="wrong IDX magic"):
         ingest_dataset(IngestRequest(source=str(tmp_path), name="bad", data_root=str(tmp_path / "ds")))
+    with pytest.raises(SourceError, match="wrong IDX magic"):  # the JSON a deployment run passes
+        ingest_dataset(request={"source": str(tmp_path), "name": "bad", "data_root": str(tmp_path / "ds")})
     assert not (tmp_path / "ds").exists()

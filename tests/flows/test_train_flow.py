@@ -158,12 +158,14 @@ def test_killed_worker_is_replaced_and_every_epoch_logged_once(home):
 
 def test_nan_loss_fails_the_run_with_a_clear_error(home):
     from flows.train import train_vae
-    from vae_core.errors import TrainError
+    from vae_core.errors import NonFiniteLossError, TrainError
     from vae_core.requests import TrainRequest
 
     before = {r.info.run_id for r in _runs()}
-    with pytest.raises(TrainError, match="non-finite loss"):
+    with pytest.raises(TrainError, match="non-finite loss") as raised:
         train_vae(TrainRequest(dataset="mnist", overrides=SMALL + ["train.lr=1e4"], epochs=2, workers=1, max_failures=0))
+    # The worker's own exception crossed Ray's boundary typed, naming the step where the loss went bad.
+    assert type(raised.value) is NonFiniteLossError and "at step" in str(raised.value)
     new = [r for r in _runs() if r.info.run_id not in before]
     assert len(new) == 1 and new[0].info.status == "FAILED"
 
@@ -177,6 +179,9 @@ def test_shape_mismatch_fails_before_ray_starts(home):
 
     with pytest.raises(TrainError, match=r"28x28x1 images, which preset 'rgb64' cannot take"):
         train_vae(TrainRequest(dataset="mnist", preset="rgb64", epochs=1))
+    # As a deployment passes it: the request as JSON, validated into a TrainRequest by Prefect.
+    with pytest.raises(TrainError, match=r"28x28x1 images, which preset 'rgb64' cannot take"):
+        train_vae(request={"dataset": "mnist", "preset": "rgb64", "epochs": 1, "overrides": {"train.lr": 0.01}})
     assert not ray.is_initialized()
     with pytest.raises(FileNotFoundError):
         train_vae(TrainRequest(dataset="no-such-dataset", epochs=1))

@@ -118,3 +118,34 @@ def test_batched_encoder_matches_the_model_in_any_batch_size(digits_nhwc, device
         np.testing.assert_allclose(bf16, mean, atol=0.05)
     with pytest.raises(ValueError, match=r"expected uint8 images of shape \(N, 8, 8, 1\)"):
         encode_images(fit.model, images[:, :4])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bundle_holds_any_number_of_modules_optimizers_and_schedulers(digits_nhwc, device, tmp_path):
+    """A second network with its own optimizer (a discriminator) is one more entry, not a second trainer."""
+    train = digits_nhwc[:256]
+
+    def with_critic(fit: Fit) -> Fit:
+        torch.manual_seed(1)
+        critic = torch.nn.Linear(64, 1).to(device)
+        fit.modules["critic"] = critic
+        fit.optimizers["critic"] = torch.optim.AdamW(critic.parameters(), lr=1e-2)
+        fit.schedulers["critic"] = torch.optim.lr_scheduler.StepLR(fit.optimizers["critic"], step_size=1, gamma=0.5)
+        return fit
+
+    fit = with_critic(_fit(train, device))
+    critic = fit.modules["critic"]
+    critic(torch.randn(4, 64, device=device)).sum().backward()
+    fit.optimizers["critic"].step()
+    fit.schedulers["critic"].step()
+    _epoch(fit, train)
+    fit.save(str(tmp_path), {})
+    assert {p.name for p in tmp_path.iterdir()} >= {"model.safetensors", "critic.safetensors"}
+
+    resumed = with_critic(_fit(train, device))
+    resumed.restore(str(tmp_path))
+    torch.testing.assert_close(resumed.modules["critic"].weight, critic.weight, rtol=0, atol=0)
+    assert resumed.schedulers["critic"].get_last_lr() == [5e-3]
+    moments = resumed.optimizers["critic"].state_dict()["state"][0]["exp_avg"]
+    torch.testing.assert_close(moments, fit.optimizers["critic"].state_dict()["state"][0]["exp_avg"])
+    assert moments.device.type == device

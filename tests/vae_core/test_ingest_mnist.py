@@ -13,7 +13,7 @@ import pytest
 
 from vae_core.requests import IngestRequest
 from vae_core.ingest import run_ingest
-from vae_core.shards import list_shards, open_dataset, read_split_u8
+from vae_core.shards import open_dataset, read_split_u8, shard_paths
 from vae_core.splits import id_hash_unit
 
 MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
@@ -97,7 +97,7 @@ def test_rerun_is_a_no_op_with_the_same_version(mnist):
 
 def test_shards_read_back_with_plain_pyarrow_and_pandas(mnist):
     _, _, info, splits = mnist
-    files = list_shards(info, "test")
+    files = shard_paths(info, "test", urls=True)
     table = pq.read_table(files[0]) if len(files) == 1 else pq.ParquetDataset(files).read()
     assert table.schema.field("image").type.byte_width == 784
     assert table.num_rows == 10_000

@@ -11,7 +11,7 @@ from PIL import Image
 
 from vae_core.requests import IngestRequest
 from vae_core.ingest import run_ingest
-from vae_core.shards import list_shards, open_dataset, read_split_u8
+from vae_core.shards import open_dataset, read_split_u8, shard_paths
 
 RNG = np.random.default_rng(11)
 
@@ -70,7 +70,7 @@ def test_s3_round_trip(s3):
     assert manifest["version"] == r.version and manifest["items"]["seen"] == len(files)
 
     info = open_dataset("s3://vae-bucket/datasets", "remote", storage_options=options)
-    assert list_shards(info, "train")[0].startswith(f"s3://vae-bucket/datasets/remote/{r.version}/train/")
+    assert shard_paths(info, "train", urls=True)[0].startswith(f"s3://vae-bucket/datasets/remote/{r.version}/train/")
     got = {}
     for s in ("train", "val", "test"):
         x, y, ids = read_split_u8(info, s)

@@ -15,11 +15,11 @@ from vae_core.shards import (
     Manifest,
     atomic_write_bytes,
     build_table,
-    list_shards,
     list_versions,
     open_dataset,
     read_split_u8,
     resolve,
+    shard_paths,
     shard_schema,
     table_to_u8,
 )
@@ -109,7 +109,7 @@ def test_open_dataset_errors_name_what_is_missing(two_versions, tmp_path):
 def test_read_split_checks_checksums(two_versions):
     root, first, _ = two_versions
     info = open_dataset(root, "toy", first.version)
-    shard = list_shards(info, "train")[0]
+    shard = shard_paths(info, "train", urls=True)[0]
     images, labels, ids = read_split_u8(info, "train")
     assert images.dtype == np.uint8 and images.shape == (len(ids), 4, 4, 1) and labels.dtype == np.int32
     # Replace the shard with a valid Parquet file holding different pixels: only the checksum notices.

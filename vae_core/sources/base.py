@@ -8,22 +8,16 @@ decodes in worker processes (folders, Parquet: `RawBatch.encoded`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 # Names a source may use for its own splits, mapped to the dataset's split names.
 SPLIT_ALIASES: dict[str, str] = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "dev": "val",
-    "test": "test",
-    "testing": "test",
-    "t10k": "test",
+    **dict.fromkeys(("train", "training"), "train"),
+    **dict.fromkeys(("val", "valid", "validation", "dev"), "val"),
+    **dict.fromkeys(("test", "testing", "t10k"), "test"),
 }
 
 
@@ -58,15 +52,8 @@ class RawBatch:
         n = len(self.ids)
         if (self.pixels is None) == (self.encoded is None):
             raise ValueError("a RawBatch holds either pixels or encoded bytes")
-        sizes = {
-            "sources": len(self.sources),
-            "labels": len(self.labels),
-            "splits": n if self.splits is None else len(self.splits),
-            "pixels": n if self.pixels is None else len(self.pixels),
-            "encoded": n if self.encoded is None else len(self.encoded),
-            "errors": n if self.errors is None else len(self.errors),
-        }
-        bad = {k: v for k, v in sizes.items() if v != n}
+        # Every field holds one entry per item; an optional one may be None.
+        bad = {f.name: len(v) for f in fields(self) if (v := getattr(self, f.name)) is not None and len(v) != n}
         if bad:
             raise ValueError(f"RawBatch of {n} ids has mismatched lengths {bad}")
 
@@ -74,14 +61,8 @@ class RawBatch:
         return len(self.ids)
 
     def head(self, n: int) -> "RawBatch":
-        """The first n items."""
-        return RawBatch(
-            ids=self.ids[:n], sources=self.sources[:n], labels=self.labels[:n],
-            splits=None if self.splits is None else self.splits[:n],
-            pixels=None if self.pixels is None else self.pixels[:n],
-            encoded=None if self.encoded is None else self.encoded[:n],
-            errors=None if self.errors is None else self.errors[:n],
-        )
+        """The first n items (every field is per item)."""
+        return RawBatch(**{f.name: None if (v := getattr(self, f.name)) is None else v[:n] for f in fields(self)})
 
 
 @dataclass
@@ -89,7 +70,7 @@ class Source:
     """An opened, validated source.
 
     batches() yields every item exactly once, in a deterministic order. size is the item count when
-    known up front (for progress bars). shape is (H, W, C) when the source guarantees one shape.
+    known up front (for progress bars).
     splits: the dataset splits the source has of its own (empty when it has none).
     ids_unique: whether the source guarantees unique ids (else ingestion checks them).
     """
@@ -98,7 +79,6 @@ class Source:
     url: str
     batches: Callable[[], Iterator[RawBatch]]
     size: int | None = None
-    shape: tuple[int, int, int] | None = None
     label_names: list[str] | None = None
     splits: tuple[str, ...] = ()
     ids_unique: bool = True

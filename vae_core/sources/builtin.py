@@ -32,5 +32,5 @@ def open_builtin(url: str) -> Source:
             pixels=images,
         )
 
-    return Source(kind="builtin", url=url, batches=batches, size=len(images), shape=tuple(images.shape[1:]),
-                  label_names=[str(i) for i in range(10)], details={"name": "digits"})
+    return Source(kind="builtin", url=url, batches=batches, size=len(images), label_names=[str(i) for i in range(10)],
+                  details={"name": "digits"})

@@ -8,9 +8,10 @@ a folder whose files are all Parquet; otherwise a folder tree of images.
 from __future__ import annotations
 
 import posixpath
-import fsspec
+from typing import get_args
 
 from vae_core.requests import SourceFormat as Format
+from vae_core.shards import resolve
 from vae_core.sources.base import Source, SourceError
 from vae_core.sources.builtin import open_builtin
 from vae_core.sources.folder import open_folder
@@ -18,15 +19,14 @@ from vae_core.sources.idx import is_idx_name, open_idx
 from vae_core.sources.npz import open_npz
 from vae_core.sources.parquet import open_parquet
 
-FORMATS: tuple[str, ...] = ("auto", "folder", "idx", "npz", "parquet", "builtin")
+FORMATS: tuple[str, ...] = get_args(Format)
 
 
 def detect_format(url: str, storage_options: dict | None = None) -> str:
     """URL -> one of folder, idx, npz, parquet, builtin. SourceError when it does not exist."""
     if url.startswith("builtin:"):
         return "builtin"
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    path = path.rstrip("/")
+    fs, path = resolve(url, storage_options)
     if not fs.exists(path):
         raise SourceError(f"{url}: source not found")
     if not fs.isdir(path):
@@ -56,10 +56,6 @@ def open_source(url: str, format: Format = "auto", storage_options: dict | None 
     kind = detect_format(url, storage_options) if format == "auto" else format
     if kind == "builtin":
         return open_builtin(url)
-    if kind == "folder":
-        return open_folder(url, storage_options)
-    if kind == "idx":
-        return open_idx(url, storage_options)
-    if kind == "npz":
-        return open_npz(url, storage_options)
-    return open_parquet(url, storage_options, image_column=image_column, label_column=label_column)
+    if kind == "parquet":
+        return open_parquet(url, storage_options, image_column=image_column, label_column=label_column)
+    return {"folder": open_folder, "idx": open_idx, "npz": open_npz}[kind](url, storage_options)

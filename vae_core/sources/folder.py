@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 
-from vae_core.shards import is_local, to_url
+from vae_core.shards import is_local, resolve, to_url
 from vae_core.sources.base import RawBatch, Source, SourceError, split_from_name
 from vae_core.sources.decode import LocalFile
 
@@ -43,8 +43,7 @@ def _layout(rels: list[str]) -> tuple[bool, list[str]]:
 
 def open_folder(url: str, storage_options: dict | None = None) -> Source:
     """Folder URL -> Source over every file below it, in sorted path order."""
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    root = root.rstrip("/")
+    fs, root = resolve(url, storage_options)
     if not fs.isdir(root):
         raise SourceError(f"{url}: not a folder")
     sizes = _list_files(fs, root)
@@ -90,24 +89,17 @@ def _read(fs: fsspec.AbstractFileSystem, paths: list[str],
     """Read a batch of files (local ones are left for the decoder to read); a file that cannot be read
     becomes an error, not an exception."""
     want = [p for p in paths if sizes[p] != 0]
-    if is_local(fs):  # the decoder reads local files itself (in parallel, without piping bytes)
-        return [LocalFile(p) if sizes[p] != 0 else None for p in paths], [
-            None if sizes[p] != 0 else "empty file (0 bytes)" for p in paths]
-    got = dict(zip(want, _cat_all(fs, want)))
-    encoded: list[bytes | None] = []
+    # The decoder reads local files itself (in parallel, without piping bytes).
+    got = {p: LocalFile(p) for p in want} if is_local(fs) else dict(zip(want, _cat_all(fs, want)))
     errors: list[str | None] = []
     for p in paths:
-        data = got.get(p)
         if sizes[p] == 0:
-            encoded.append(None)
             errors.append("empty file (0 bytes)")
-        elif isinstance(data, BaseException):
-            encoded.append(None)
+        elif isinstance(data := got[p], BaseException):
             errors.append(f"cannot read: {type(data).__name__}: {data}")
         else:
-            encoded.append(data)
             errors.append(None)
-    return encoded, errors
+    return [None if e else got.get(p) for p, e in zip(paths, errors)], errors
 
 
 def _list_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 
-from vae_core.shards import to_url
+from vae_core.shards import resolve, to_url
 from vae_core.sources.base import RawBatch, Source, SourceError, split_from_name
 
 IDX_NAME = re.compile(r"^(?P<prefix>.+?)-(?P<kind>images|labels)[-.]idx(?P<ndim>\d)-ubyte(?P<gz>\.gz)?$")
@@ -48,18 +48,14 @@ def _size_error(url: str, dims: tuple[int, ...], expected: int, got: int) -> Sou
                        f"({'truncated' if got < expected else 'trailing bytes'})")
 
 
-def _gunzip(data: bytes, url: str) -> bytes:
-    try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as e:
-        raise SourceError(f"{url}: not a readable gzip file ({e})") from None
-
-
 def read_idx(fs: fsspec.AbstractFileSystem, path: str, url: str) -> np.ndarray:
     """One IDX file -> uint8 array of its declared shape. SourceError names `url` and the problem."""
     data = fs.cat_file(path)
     if path.endswith(".gz"):
-        data = _gunzip(data, url)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise SourceError(f"{url}: not a readable gzip file ({e})") from None
     dims, header = _parse_header(data, url)
     expected = int(np.prod(dims))
     if len(data) - header != expected:
@@ -193,7 +189,7 @@ def _pairs(fs: fsspec.AbstractFileSystem, files: list[str], url: str) -> list[tu
 
 def open_idx(url: str, storage_options: dict | None = None) -> Source:
     """A folder (or one images file) of IDX files -> Source. Headers and counts are checked here."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = resolve(url, storage_options)
     files = sorted(fs.find(path)) if fs.isdir(path) else [path]
     pairs = _pairs(fs, files, url)
     if not pairs:
@@ -218,10 +214,6 @@ def open_idx(url: str, storage_options: dict | None = None) -> Source:
                 raise SourceError(f"{lab_url}: {len(labels)} labels for {images.count} images in {img_url}")
         parts.append((prefix, img_url, images, labels))
 
-    def hwc(images: IdxImages) -> tuple[int, int, int]:
-        return (*images.dims[1:3], images.dims[3] if len(images.dims) == 4 else 1)  # type: ignore[return-value]
-
-    shapes = {hwc(p[2]) for p in parts}
     max_label = max((int(p[3].max()) for p in parts if p[3] is not None and len(p[3])), default=-1)
     has_labels = all(p[3] is not None for p in parts)
 
@@ -229,7 +221,7 @@ def open_idx(url: str, storage_options: dict | None = None) -> Source:
         try:
             for prefix, img_url, images, labels in parts:
                 split = split_from_name(prefix)
-                shape = hwc(images)
+                shape = (*images.dims[1:3], images.dims[3] if len(images.dims) == 4 else 1)  # (H, W, C)
                 images.start()
                 for start in range(0, images.count, BATCH):
                     stop = min(start + BATCH, images.count)
@@ -252,7 +244,6 @@ def open_idx(url: str, storage_options: dict | None = None) -> Source:
         url=url,
         batches=batches,
         size=sum(p[2].count for p in parts),
-        shape=next(iter(shapes)) if len(shapes) == 1 else None,
         label_names=[str(i) for i in range(max_label + 1)] if has_labels and max_label >= 0 else None,
         splits=tuple(sorted({s for p in parts if (s := split_from_name(p[0]))})),
         details={"files": {p[0]: {"images": p[1], "count": p[2].count} for p in parts}},

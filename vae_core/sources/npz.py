@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import fsspec
 import numpy as np
 
-from vae_core.shards import to_url
+from vae_core.shards import resolve, to_url
 from vae_core.sources.base import RawBatch, Source, SourceError
 
 BATCH = 16384
@@ -36,7 +35,7 @@ def _images(arr: np.ndarray, url: str) -> np.ndarray:
 
 def open_npz(url: str, storage_options: dict | None = None) -> Source:
     """.npz URL -> Source; shapes, dtypes and counts are checked here."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = resolve(url, storage_options)
     try:
         with fs.open(path, "rb") as f:
             magic = f.read(4)
@@ -87,6 +86,5 @@ def open_npz(url: str, storage_options: dict | None = None) -> Source:
                 pixels=images[start:stop],
             )
 
-    return Source(kind="npz", url=url, batches=batches, size=n, shape=tuple(images.shape[1:]),
-                  label_names=names, ids_unique="ids" not in arrays,
+    return Source(kind="npz", url=url, batches=batches, size=n, label_names=names, ids_unique="ids" not in arrays,
                   details={"arrays": sorted(arrays)})

@@ -36,8 +36,7 @@ def resolve_workers(workers: int) -> int:
 def _context() -> mp.context.BaseContext:
     # fork where the platform has it: workers inherit the imported modules instantly, whereas a spawned
     # worker would re-import this package (and torch with it, ~2 s) before decoding a single file.
-    methods = mp.get_all_start_methods()
-    return mp.get_context("fork" if "fork" in methods else "spawn")
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
 def _decode_in_process(batch: RawBatch, spec: ShapeSpec) -> Decoded:
@@ -97,7 +96,4 @@ def decode_stream(batches: Iterator[RawBatch], spec: ShapeSpec, workers: int = 0
 def _finish(batch: RawBatch, futures: list[Future] | None, ready: Decoded | None) -> tuple[RawBatch, Decoded]:
     if futures is None:
         return batch, ready  # type: ignore[return-value]
-    decoded: list[np.ndarray | str] = []
-    for f in futures:
-        decoded.extend(f.result())
-    return batch, _merge(batch, decoded)
+    return batch, _merge(batch, [item for f in futures for item in f.result()])

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vae_core.shards import to_url
+from vae_core.shards import resolve, to_url
 from vae_core.sources.base import RawBatch, Source, SourceError, split_from_name
 
 BATCH = 512
@@ -91,11 +91,8 @@ def _class_label_names(schema: pa.Schema, column: str) -> list[str] | None:
 
 
 def _split_of_path(rel: str) -> str | None:
-    for token in re.split(r"[/_.\-]", rel):
-        split = split_from_name(token)
-        if split:
-            return split
-    return None
+    """The first split name among the path's words (``data/train-00000-of-00001.parquet`` -> train)."""
+    return next(filter(None, map(split_from_name, re.split(r"[/_.\-]", rel))), None)
 
 
 def _open_files(fs: fsspec.AbstractFileSystem, files: list[str]) -> list[tuple[str, pq.ParquetFile]]:
@@ -111,8 +108,7 @@ def _open_files(fs: fsspec.AbstractFileSystem, files: list[str]) -> list[tuple[s
 def open_parquet(url: str, storage_options: dict | None = None, image_column: str | None = None,
                  label_column: str | None = None) -> Source:
     """Parquet file or folder URL -> Source. Schemas, columns and labels are checked here."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    path = path.rstrip("/")
+    fs, path = resolve(url, storage_options)
     if not fs.exists(path):
         raise SourceError(f"{url}: not found")
     if fs.isdir(path):
