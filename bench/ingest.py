@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from vae_core.requests import IngestRequest
 from vae_core.ingest import run_ingest  # noqa: E402
-from vae_core.shards import build_table, write_options  # noqa: E402
+from vae_core.shards import build_table, row_group_rows, writer_options  # noqa: E402
 
 
 def _idx(path: Path) -> np.ndarray:
@@ -57,7 +57,7 @@ def bare_mnist(out: Path) -> float:
         sources += [f"{src}#{i}" for i in range(len(x))]
     x = np.concatenate(images)[..., None]
     table = build_table(ids, x, np.concatenate(labels), sources)
-    pq.write_table(table, out / "mnist.parquet", **write_options(784))
+    pq.write_table(table, out / "mnist.parquet", **writer_options(), row_group_size=row_group_rows(784))
     return time.perf_counter() - t
 
 

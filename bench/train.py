@@ -82,9 +82,9 @@ def pipeline(dataset: str, preset: str, overrides: list[str], epochs: int, worke
 
 def quality(minutes: float, iw_samples: int, home: Path, dataset: str, overrides: list[str]) -> None:
     from vae_core import load_config
-    from vae_core.fit import Fit, steps_per_epoch
+    from vae_core.fit import Fit, make_scheduler, steps_per_epoch
     from vae_core.shards import open_dataset, read_split_u8
-    from vae_core.train import iterate_batches, make_scheduler
+    from vae_core.train import iterate_batches
 
     name, version = dataset.split("@")
     info = open_dataset(str(home / "datasets"), name, version)

@@ -24,16 +24,6 @@ app = typer.Typer(
 )
 
 
-def _not_yet(stage: str) -> None:
-    typer.secho(
-        f"`vae {stage}` is not available in this version yet: the {stage} stage has not been built. "
-        "Run `vae --help` for the stages that work.",
-        fg=typer.colors.YELLOW,
-        err=True,
-    )
-    raise typer.Exit(code=2)
-
-
 AS_JSON = (Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a summary.")], False)
 
 
@@ -83,22 +73,19 @@ def train(req: TrainRequest, as_json: bool) -> None:
         typer.echo(f"final loss {m.get('loss', float('nan')):.3f}, val loss {m.get('val_loss', float('nan')):.3f}")
 
 
-@app.command()
-def evaluate() -> None:
-    """Score a trained model and promote it to champion when it beats the current one."""
-    _not_yet("evaluate")
+def _not_yet(stage: str, summary: str) -> None:
+    """Register `vae STAGE` for a stage not built yet: it says so and exits 2."""
+    def command() -> None:
+        typer.secho(f"`vae {stage}` is not available in this version yet: the {stage} stage has not been built. "
+                    "Run `vae --help` for the stages that work.", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=2)
+
+    app.command(name=stage, help=summary)(command)
 
 
-@app.command()
-def encode() -> None:
-    """Encode a whole dataset into a Parquet table of latent means and log-variances."""
-    _not_yet("encode")
-
-
-@app.command()
-def stack() -> None:
-    """Start the local stack (MLflow server, Prefect server and worker) for deployments."""
-    _not_yet("stack")
+_not_yet("evaluate", "Score a trained model and promote it to champion when it beats the current one.")
+_not_yet("encode", "Encode a whole dataset into a Parquet table of latent means and log-variances.")
+_not_yet("stack", "Start the local stack (MLflow server, Prefect server and worker) for deployments.")
 
 
 @app.command()

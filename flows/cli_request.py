@@ -54,16 +54,13 @@ def _parameter(name: str, field: Any) -> inspect.Parameter | None:
                              annotation=Annotated[kind, info])
 
 
-def short_error(e: Exception) -> str:
-    """One line per problem; pydantic's validation errors otherwise span many lines and a URL."""
-    if isinstance(e, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in e.errors())
-    return str(e)
-
-
 def fail(e: Exception) -> typer.Exit:
-    """Print `error: <problem>` in red on stderr; return the exit to raise (code 1)."""
-    typer.secho(f"error: {short_error(e)}", fg=typer.colors.RED, err=True)
+    """Print `error: <problem>` in red on stderr, one line (pydantic's own text spans many lines and a
+    URL); return the exit to raise (code 1)."""
+    text = str(e)
+    if isinstance(e, ValidationError):
+        text = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in e.errors())
+    typer.secho(f"error: {text}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=1)
 
 
@@ -87,7 +84,6 @@ def request_command(app: typer.Typer, model: type[BaseModel], extra: dict[str, t
 
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__doc__ = body.__doc__
-        command.__name__ = body.__name__
         app.command(name=body.__name__)(command)
         return body
 

@@ -1,34 +1,9 @@
-"""The registered model: an MLflow pyfunc whose `predict` encodes images into latent Gaussians.
+"""The registered model: an MLflow pyfunc whose `predict` encodes uint8 images into latent Gaussians.
 
-Pull and use it from any process that can reach the tracking server::
-
-    import mlflow, numpy as np
-
-    loaded = mlflow.pyfunc.load_model("models:/vae-digits@champion")
-    out = loaded.predict(images_u8)          # images: uint8 (N, H, W, C), the dataset's shape
-    out["mean"], out["logvar"]               # float32 (N, latent_dim) each
-    vae = loaded.unwrap_python_model().model # the vae_core.model.ConvVAE (eval mode, CPU)
-    vae.decode(torch.from_numpy(out["mean"]))  # likelihood parameters (N, P*C, H, W)
-    vae.sample(16)                           # 16 images from the prior, (16, C, H, W) in [0, 1]
-
-How it is stored (see `flows.registry.log_and_register_model`):
-
-- weights: a safetensors file written by `vae_core.weights.save_model` (config in its metadata), read
-  back with `vae_core.weights.load_model`; nothing is unpickled;
-- code: this file is logged as a "model from code": MLflow executes it under a generated module name
-  and keeps the object given to `mlflow.models.set_model`, so loading does not need the `flows`
-  package. A copy of `vae_core` travels in the model's `code/` folder, so the model loads with the
-  library it was trained with even where `vae_core` is not installed (where it is already imported,
-  the imported one is used).
-
-Input: the signature is a uint8 TensorSpec (-1, H, W, C), which `PyFuncModel.predict` enforces
-before this code runs (wrong shape or dtype -> `mlflow.exceptions.MlflowException` naming both). It
-also accepts a one-column DataFrame of flattened pixel lists (MLflow reshapes it). Called directly
-(`loaded.unwrap_python_model().predict(None, x)`), `predict` additionally takes (N, H, W) for
-one-channel models and (N, H*W*C) flattened rows, and raises ValueError on a shape mismatch.
-
-Output: a dict `{"mean": float32 (N, L), "logvar": float32 (N, L)}` of numpy arrays; MLflow passes
-a PythonModel's return value through unchanged.
+How to pull it, what `predict` takes and returns, decoding and sampling, and what a version stores:
+docs/models.md. This file is logged as a "model from code" (see `flows.registry`): MLflow executes it
+under a generated module name at load time, with the copy of `vae_core` that travels in the model's
+`code/` folder, so loading needs neither `flows` nor Prefect nor Ray.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
@@ -86,42 +86,27 @@ def log_and_register_model(
             # An input example would only silence this: mlflow validates one by loading the model
             # in this process, which leaves the model's code folder on sys.path.
             warnings.filterwarnings("ignore", message=".*input example was not provided")
-            info = _log_pyfunc(
-                run_id, logged.model_id, model, str(weights), model_name, tags, vae_core.__path__[0]
+            # Model.log is what mlflow.pyfunc.log_model calls, with the run id passed explicitly; the
+            # fluent form needs a global active run, and leaving one (`with start_run(run_id)`) would
+            # mark the still-training run FINISHED.
+            info = Model.log(
+                artifact_path=None,
+                name=MODEL_ARTIFACT_NAME,
+                flavor=mlflow.pyfunc,
+                run_id=run_id,
+                model_id=logged.model_id,
+                python_model=str(_PYFUNC_FILE),  # a "model from code": no pickled class
+                artifacts={WEIGHTS_ARTIFACT: str(weights)},
+                code_paths=[vae_core.__path__[0]],  # the library travels with the model
+                signature=model_signature(model),
+                # Explicit requirements skip mlflow's inference, which loads the model in a subprocess (~7 s).
+                pip_requirements=_pip_requirements(),
+                registered_model_name=model_name,
+                tags=tags,
             )
     version = int(info.registered_model_version)
     mlflow_client.set_registered_model_alias(model_name, alias, str(version))
     return version
-
-
-def _log_pyfunc(
-    run_id: str,
-    model_id: str,
-    model: ConvVAE,
-    weights: str,
-    model_name: str,
-    tags: dict[str, str],
-    vae_core_dir: str,
-) -> Any:
-    """Log the pyfunc (code from `flows/pyfunc.py`, weights artifact, vae_core copy) and register it."""
-    # Model.log is what mlflow.pyfunc.log_model calls, with the run id passed explicitly; the
-    # fluent form needs a global active run, and leaving one (`with start_run(run_id)`) would
-    # mark the still-training run FINISHED.
-    return Model.log(
-        artifact_path=None,
-        name=MODEL_ARTIFACT_NAME,
-        flavor=mlflow.pyfunc,
-        run_id=run_id,
-        model_id=model_id,
-        python_model=str(_PYFUNC_FILE),  # a "model from code": no pickled class
-        artifacts={WEIGHTS_ARTIFACT: weights},
-        code_paths=[vae_core_dir],
-        signature=model_signature(model),
-        # Explicit requirements skip mlflow's inference, which loads the model in a subprocess (~7 s).
-        pip_requirements=_pip_requirements(),
-        registered_model_name=model_name,
-        tags=tags,
-    )
 
 
 def _pip_requirements() -> list[str]:

@@ -133,10 +133,10 @@ def ensure_experiment(name: str) -> str:
 def _artifact_location(experiment: str) -> str:
     """`<VAE_HOME>/mlartifacts/<safe name>` as a URI (file:// for a local folder)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
-    home = vae_home().rstrip("/")
-    if urlparse(home).scheme and len(urlparse(home).scheme) > 1:
-        return f"{home}/mlartifacts/{safe}"
-    path = _local_home() / "mlartifacts" / safe
+    try:
+        path = _local_home() / "mlartifacts" / safe
+    except ValueError:  # VAE_HOME is a remote URL: artifacts go there, beside the datasets
+        return f"{vae_home().rstrip('/')}/mlartifacts/{safe}"
     path.mkdir(parents=True, exist_ok=True)
     return path.as_uri()
 
@@ -298,7 +298,6 @@ def stop_system_metrics(handle: Any | None) -> None:
     """Stop a monitor from `start_system_metrics` and flush its last samples; None is a no-op."""
     if handle is not None:
         handle.finish()
-
 
 
 def run_url(run_id: str) -> str:

@@ -3,8 +3,9 @@
     prepare (dataset, config, shape check, MLflow run)  ->  fit (Ray Train, DDP)  ->  register (@challenger)
 
 Everything that can be wrong with the request (unknown dataset, empty split, an image size the
-architecture cannot take) fails in `prepare`, before Ray starts. Ray lives here and in
-`flows.train_worker`; MLflow in `flows.tracking`.
+architecture cannot take) fails in `prepare`, before Ray starts; the request itself was validated
+before Prefect started. Ray lives here and in `flows.train_worker`; MLflow in `flows.tracking` and
+`flows.registry`; the training setup in `vae_core.fit`.
 
 Data: a split whose pixels fit `memory_budget_mb` is held by each worker as one uint8 tensor; a
 larger one streams from its Parquet shards through Ray Data (`streaming_split`, one disjoint, equally
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 
 from flows import registry, tracking
 from vae_core.settings import checkpoint_root, data_root
@@ -54,13 +56,9 @@ def plan_data(info: DatasetInfo, memory_budget_mb: float) -> DataPlan:
     """How each split the workers use reaches them: "memory" (one uint8 tensor) or "stream" (Ray Data)."""
     if info.counts.get("train", 0) == 0:
         raise TrainError(f"dataset {info.name}@{info.version} has no training images")
-    plan: DataPlan = {}
-    for split in ("train", "val"):
-        rows = info.counts.get(split, 0)
-        if rows:
-            fits = rows * info.manifest.image_bytes <= memory_budget_mb * 2**20
-            plan[split] = "memory" if fits else "stream"
-    return plan
+    budget = memory_budget_mb * 2**20
+    return {split: "memory" if rows * info.manifest.image_bytes <= budget else "stream"
+            for split in ("train", "val") if (rows := info.counts.get(split, 0))}
 
 
 @contextlib.contextmanager
@@ -125,15 +123,19 @@ def _worker_spec(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: s
 
 
 def worker_error(err: BaseException) -> BaseException:
-    """The exception a worker raised, as it raised it, from the error Ray Train wraps it in.
+    """The error to raise for a failed `trainer.fit()`: what a worker raised, as it raised it, when that
+    is a library error (NonFiniteLossError, ...), else a TrainError naming the cause.
 
     Ray Train V2 raises a WorkerGroupError whose `worker_failures` maps ranks to the workers' errors,
     each wrapped with its traceback text (`_base_exc` holds the original, pickled across intact).
-    A library error (vae_core.errors) on any rank wins over the others' collateral errors.
+    A library error on any rank wins over the others' collateral errors.
     """
     found = [getattr(e, "_base_exc", e) for e in (getattr(err, "worker_failures", None) or {}).values()]
-    typed = [e for e in found if isinstance(e, VAEError)]
-    return (typed or found or [err])[0]
+    if typed := [e for e in found if isinstance(e, VAEError)]:
+        return typed[0]
+    cause = (found or [err])[0]
+    text = str(cause).strip()
+    return TrainError(f"training failed: {text.splitlines()[-1] if text else type(cause).__name__}")
 
 
 def stream_split(info: DatasetInfo, split: str):
@@ -193,22 +195,13 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
         try:
             result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors: raise the typed one a worker raised
-            raise _as_train_error(worker_error(e)) from e
+            raise worker_error(e) from e
         if result.error is not None:
-            raise _as_train_error(worker_error(result.error)) from result.error
+            raise worker_error(result.error) from result.error
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     metrics["startup/ray_s"] = ray_start
     metrics["startup/total_fit_s"] = time.perf_counter() - t0
     return result.checkpoint, metrics
-
-
-def _as_train_error(err: BaseException) -> BaseException:
-    """A library error as it is (NonFiniteLossError is a TrainError); anything else as a TrainError
-    that names it."""
-    if isinstance(err, VAEError):
-        return err
-    text = str(err).strip()
-    return TrainError(f"training failed: {text.splitlines()[-1] if text else type(err).__name__}")
 
 
 @task(name="prepare-training")
@@ -224,10 +217,7 @@ def prepare_task(req: TrainRequest) -> tuple[DatasetInfo, VAEConfig, str, DataPl
     return info, cfg, run_id, plan
 
 
-@task(name="fit")
-def fit_task(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
-             plan: DataPlan) -> tuple[Any, dict[str, float]]:
-    return fit(req, info, cfg, run_id, plan)
+fit_task = task(name="fit")(fit)
 
 
 @task(name="register-model")
@@ -259,15 +249,12 @@ def train_vae(request: TrainRequest) -> dict[str, Any]:
     Returns what `vae train --json` prints: run id and URL, model name, version and URI, dataset
     version, final metrics and start-up timings. Marks the MLflow run FAILED on any error.
     """
-    from prefect.artifacts import create_markdown_artifact
-
-    req = request
-    info, cfg, run_id, plan = prepare_task(req)
+    info, cfg, run_id, plan = prepare_task(request)
     run = tracking.RunLogger(run_id)
     monitor = tracking.start_system_metrics(run_id)  # CPU, memory, GPU of the driver's node
     try:
-        checkpoint, metrics = fit_task(req, info, cfg, run_id, plan)
-        name = req.model_name or registry.default_model_name(info.name)
+        checkpoint, metrics = fit_task(request, info, cfg, run_id, plan)
+        name = request.model_name or registry.default_model_name(info.name)
         version, register_s = register_task(run_id, checkpoint, name, info.version)
         metrics["startup/register_s"] = register_s
         run.log_metrics({k: v for k, v in metrics.items() if k.startswith("startup/")}, step=0)

@@ -14,7 +14,6 @@ import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,15 +21,8 @@ import numpy as np
 
 from vae_core.errors import IngestError
 from vae_core.shard_writer import Gather, SplitWriter
-from vae_core.shards import (
-    FORMAT,
-    SPLITS,
-    DuplicateEntry,
-    ItemCounts,
-    Manifest,
-    QuarantineEntry,
-    SourceDescription,
-)
+from vae_core.shards import (FORMAT, SPLITS, DuplicateEntry, ItemCounts, Manifest, QuarantineEntry,
+                             SourceDescription)
 from vae_core.sources.base import RawBatch, Source
 from vae_core.sources.parallel import Decoded
 from vae_core.splits import assign_splits
@@ -40,11 +32,8 @@ if TYPE_CHECKING:
 
 
 def _take(items: list, at: list[int] | np.ndarray) -> list:
-    """items[at] for a Python list (itemgetter does the loop in C)."""
-    at = list(at) if isinstance(at, list) else at.tolist()
-    if len(at) == 1:
-        return [items[at[0]]]
-    return list(itemgetter(*at)(items)) if at else []
+    """items[at] for a Python list (map does the loop in C)."""
+    return list(map(items.__getitem__, at if isinstance(at, list) else at.tolist()))
 
 
 @dataclass
@@ -177,9 +166,8 @@ class DatasetBuilder:
         for code, split in enumerate(SPLITS):
             sel = np.flatnonzero(codes == code)
             if len(sel):
-                part = rows.take(sel)
-                self._writer(split, pixels).append(part.ids, part.pixels, part.labels, part.sources,  # type: ignore[arg-type]
-                                                   part.digests)
+                part, writer = rows.take(sel), self._writer(split, pixels)
+                writer.append(part.ids, part.pixels, part.labels, part.sources, part.digests)  # type: ignore[arg-type]
 
     def _writer(self, split: str, pixels: np.ndarray) -> SplitWriter:
         if split not in self.splits:

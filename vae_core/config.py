@@ -14,36 +14,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 # Presets ship inside the package (package data), so a wheel or `pip install .` has them too;
 # the top-level `configs/` of a checkout is a symlink to this folder.
 CONFIG_DIR: Traversable = resources.files("vae_core") / "presets"
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Unknown fields are errors and assignments are validated: configs and stage requests alike."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """Architecture of a `ConvVAE`."""
 
     image_size: tuple[int, int] = (28, 28)
     channels: Literal[1, 3] = 1
-    hidden_channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1)
+    hidden_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=1)
     latent_dim: int = Field(32, ge=1)
     hidden_dim: int = Field(0, ge=0, description="width of a dense layer before the latent; 0 for none")
     norm: Literal["none", "batch", "group"] = "none"
     activation: Literal["relu", "elu", "silu", "gelu"] = "elu"
     likelihood: Literal["bernoulli", "gaussian", "logistic"] = "bernoulli"
     binarize: bool = Field(True, description="bernoulli: sample binary targets from grey levels (dynamic binarisation)")
-
-    @field_validator("hidden_channels")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if any(c < 1 for c in v):
-            raise ValueError(f"hidden_channels must be positive, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _divisible(self) -> "ModelConfig":
@@ -63,7 +58,7 @@ class ModelConfig(_Strict):
         return (self.channels, *self.image_size)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """Optimisation, objective and schedule."""
 
     epochs: int = Field(10, ge=1)
@@ -87,7 +82,7 @@ class TrainConfig(_Strict):
     eval_iw_samples: int = Field(0, ge=0, description="IWAE samples for validation NLL; 0 skips it")
 
 
-class VAEConfig(_Strict):
+class VAEConfig(Strict):
     """A whole preset: model plus training."""
 
     name: str = "custom"

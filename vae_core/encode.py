@@ -32,15 +32,12 @@ def encode_images(model: ConvVAE, images: np.ndarray | torch.Tensor, batch_size:
         raise ValueError(f"expected uint8 images of shape (N, {h}, {w}, {c}), got {images.dtype} {tuple(images.shape)}")
     model.eval()
     device = next(model.parameters()).device
-    means, logvars = [], []
+    mean, logvar = torch.empty(2, len(images), model.latent_dim)
     for start in range(0, len(images), batch_size):
         # NHWC -> NCHW by permuting strides: the batch stays channels_last in memory, no copy.
         x = model.prepare_eval(images[start : start + batch_size].permute(0, 3, 1, 2))
         with autocast(device, amp):
             posterior = model.encode(x)
-        means.append(posterior.mean.float().cpu())
-        logvars.append(posterior.logvar.float().cpu())
-    if not means:
-        empty = np.zeros((0, model.latent_dim), dtype=np.float32)
-        return empty, empty.copy()
-    return torch.cat(means).numpy(), torch.cat(logvars).numpy()
+        mean[start : start + len(x)] = posterior.mean.float().cpu()
+        logvar[start : start + len(x)] = posterior.logvar.float().cpu()
+    return mean.numpy(), logvar.numpy()

@@ -36,18 +36,8 @@ from tqdm.auto import tqdm
 from vae_core.builder import DatasetBuilder
 from vae_core.errors import IngestError
 from vae_core.requests import IngestRequest
-from vae_core.shards import (
-    MANIFEST,
-    SPLITS,
-    Manifest,
-    ShardInfo,
-    atomic_put_file,
-    atomic_write_bytes,
-    read_manifest,
-    resolve,
-    sha256_hex,
-    to_url,
-)
+from vae_core.shards import (MANIFEST, SPLITS, Manifest, ShardInfo, atomic_put_file, atomic_write_bytes, read_manifest,
+                             resolve, sha256_hex, to_url)
 from vae_core.sources.base import RawBatch, Source
 from vae_core.sources.decode import ShapeSpec
 from vae_core.sources.detect import open_source
@@ -186,9 +176,7 @@ def summary_markdown(result: IngestResult) -> str:
         "| split | rows | shards |",
         "|---|---:|---:|",
     ]
-    for s in SPLITS:
-        info = m.splits.get(s)
-        lines.append(f"| {s} | {info.rows if info else 0:,} | {len(info.shards) if info else 0} |")
+    lines += [f"| {s} | {m.counts[s]:,} | {len(m.splits[s].shards) if s in m.splits else 0} |" for s in SPLITS]
     stats = ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(m.channel_mean, m.channel_std))
     i = m.items
     lines += [

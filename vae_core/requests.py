@@ -12,20 +12,14 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from vae_core import settings
-from vae_core.config import parse_overrides
+from vae_core.config import Strict as Request, parse_overrides
 
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_HELP = "letters, digits, '.', '_', '-', starting with a letter or digit"
 SourceFormat = Literal["auto", "folder", "idx", "npz", "parquet", "builtin"]
-
-
-class Request(BaseModel):
-    """Base of every stage's request: unknown fields are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def check_name(value: str, what: str) -> str:
@@ -48,13 +42,8 @@ def parse_dataset_ref(ref: str) -> tuple[str, str | None]:
 def parse_image_size(text: str) -> tuple[int, int]:
     """'28,28' / '28x28' / '28' -> (H, W)."""
     parts = [p for p in re.split(r"[,x\s]+", text.strip().lower()) if p]
-    try:
-        if len(parts) == 1:
-            return int(parts[0]), int(parts[0])
-        if len(parts) == 2:
-            return int(parts[0]), int(parts[1])
-    except ValueError:
-        pass
+    if len(parts) in (1, 2) and all(p.isdigit() for p in parts):
+        return int(parts[0]), int(parts[-1])
     raise ValueError(f"image size {text!r} is not H,W (e.g. 28,28)")
 
 

@@ -6,6 +6,7 @@ statistics.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,32 +81,28 @@ class SplitWriter:
 
     def _cut(self, n: int) -> None:
         """Hand the first n buffered rows to the writer thread as one row group."""
-        ids: list[str] = []
-        sources: list[str] = []
-        digests: list[bytes] = []
-        images, labels = [], []
+        parts = []  # slices of buffered (ids, images, labels, sources, digests), in row order
         need = n
         while need:
-            i, x, y, s, d = self.buf[0]
-            take = min(need, len(i))
-            ids += i[:take]
-            sources += s[:take]
-            digests += d[:take]
-            images.append(x[:take])
-            labels.append(y[:take])
-            if take == len(i):
+            entry = self.buf[0]
+            take = min(need, len(entry[0]))
+            parts.append(tuple(col[:take] for col in entry))
+            if take == len(entry[0]):
                 self.buf.pop(0)
             else:
-                self.buf[0] = (i[take:], x[take:], y[take:], s[take:], d[take:])
+                self.buf[0] = tuple(col[take:] for col in entry)  # type: ignore[assignment]
             need -= take
         self.buffered -= n
         self.in_shard += n
         end = self.in_shard == self.rows_per_shard
         if end:
             self.in_shard = 0
-        self.jobs.append(self.writer.submit(self._write, ids, images, labels, sources, digests, end))
+        ids, images, labels, sources, digests = zip(*parts)
+        flat = itertools.chain.from_iterable
+        self.jobs.append(self.writer.submit(self._write, [*flat(ids)], images, labels, [*flat(sources)],
+                                            [*flat(digests)], end))
 
-    def _write(self, ids: list[str], image_parts: list[Gather], label_parts: list[np.ndarray],
+    def _write(self, ids: list[str], image_parts: tuple[Gather, ...], label_parts: tuple[np.ndarray, ...],
                sources: list[str], digests: list[bytes], end: bool) -> None:
         """Writer thread: hash, sum and encode one row group; close the shard when it is full."""
         parts = [p.array() for p in image_parts]
@@ -150,9 +147,8 @@ class SplitWriter:
     def close(self) -> SplitInfo:
         """Write what is left and wait for the writer; re-raises the writer thread's errors."""
         if self.buffered:
-            n = self.buffered
-            self.in_shard = self.rows_per_shard - n  # makes this last cut close the shard
-            self._cut(n)
+            self.in_shard = self.rows_per_shard - self.buffered  # makes this last cut close the shard
+            self._cut(self.buffered)
         elif self.in_shard:  # the rows ended exactly on a row-group boundary inside a shard
             self.in_shard = 0
             self.jobs.append(self.writer.submit(self._close_shard))

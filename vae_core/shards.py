@@ -55,14 +55,12 @@ def shard_schema(image_bytes: int) -> pa.Schema:
     """Arrow schema of one shard whose images are `image_bytes` = H*W*C bytes each."""
     if image_bytes < 1:
         raise ValueError(f"image_bytes must be positive, got {image_bytes}")
-    return pa.schema(
-        [
-            pa.field("id", pa.string(), nullable=False),
-            pa.field("image", pa.binary(image_bytes), nullable=False),
-            pa.field("label", pa.int32(), nullable=True),
-            pa.field("source", pa.string(), nullable=False),
-        ]
-    )
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(image_bytes), nullable=False),
+        pa.field("label", pa.int32(), nullable=True),
+        pa.field("source", pa.string(), nullable=False),
+    ])
 
 
 def build_table(ids: list[str], images: np.ndarray, labels: np.ndarray, sources: list[str]) -> pa.Table:
@@ -81,10 +79,8 @@ def build_table(ids: list[str], images: np.ndarray, labels: np.ndarray, sources:
     image_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row), n, [None, pa.py_buffer(pixels)])
     labels = labels.astype(np.int32, copy=False)
     label_col = pa.array(labels, type=pa.int32(), mask=labels < 0)
-    return pa.Table.from_arrays(
-        [pa.array(ids, pa.string()), image_col, label_col, pa.array(sources, pa.string())],
-        schema=shard_schema(row),
-    )
+    columns = [pa.array(ids, pa.string()), image_col, label_col, pa.array(sources, pa.string())]
+    return pa.Table.from_arrays(columns, schema=shard_schema(row))
 
 
 def writer_options() -> dict[str, Any]:
@@ -99,11 +95,6 @@ def writer_options() -> dict[str, Any]:
 def row_group_rows(image_bytes: int) -> int:
     """Rows per Parquet row group: ~16 MiB of pixels, so a streaming reader never holds a whole shard."""
     return max(1, (16 << 20) // image_bytes)
-
-
-def write_options(image_bytes: int) -> dict[str, Any]:
-    """Keyword arguments for one `pq.write_table` call that writes a whole shard."""
-    return {**writer_options(), "row_group_size": row_group_rows(image_bytes)}
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -202,8 +193,7 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
-        unknown = set(self.splits) - set(SPLITS)
-        if unknown:
+        if unknown := set(self.splits) - set(SPLITS):
             raise ValueError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
         if len(self.channel_mean) != self.channels or len(self.channel_std) != self.channels:
             raise ValueError(f"channel stats must have {self.channels} entries")
@@ -331,8 +321,14 @@ def list_versions(root_url: str, name: str, storage_options: dict[str, Any] | No
     """Finished versions of dataset `name`, oldest first (by the manifest's created_at)."""
     fs, root = resolve(root_url, storage_options)
     base = posixpath.join(root, name)
+    # Object-store filesystems cache listings; a reader must see versions another process just wrote.
+    fs.invalidate_cache(base)
+    try:
+        entries = fs.ls(base, detail=True)
+    except FileNotFoundError:
+        return []
     found: list[tuple[str, str]] = []
-    for entry in _list_dirs(fs, base):
+    for entry in sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory"):
         version = posixpath.basename(entry)
         if version.startswith("."):
             continue  # temporary names of unfinished writes
@@ -344,22 +340,8 @@ def list_versions(root_url: str, name: str, storage_options: dict[str, Any] | No
     return [v for _, v in sorted(found)]
 
 
-def _list_dirs(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    # Object-store filesystems cache listings; a reader must see versions another process just wrote.
-    fs.invalidate_cache(path)
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-    return sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory")
-
-
-def open_dataset(
-    root_url: str,
-    name: str,
-    version: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> DatasetInfo:
+def open_dataset(root_url: str, name: str, version: str | None = None,
+                 storage_options: dict[str, Any] | None = None) -> DatasetInfo:
     """Find dataset `name` under `root_url`; `version=None` picks the most recently created one.
 
     Raises FileNotFoundError naming the dataset folder (and the versions that do exist) when there is

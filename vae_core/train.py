@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from vae_core.config import TrainConfig
@@ -31,43 +29,11 @@ class TrainState:
     step: int = 0  # optimiser steps taken
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a CPU generator for the sampling that training does."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on a GPU when enabled; a no-op on CPU (where bf16 convs are slower, not faster)."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def prepare_model(model: ConvVAE, cfg: TrainConfig, device: torch.device) -> ConvVAE:
-    """Move to the device; channels_last only on a GPU, where it speeds convolutions up."""
-    model = model.to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.num_threads and device.type == "cpu":
-        torch.set_num_threads(cfg.num_threads)
-    return model
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    """Cosine decay to 10% of the peak over `total_steps`, or a constant rate."""
-    if cfg.lr_schedule == "cosine":
-        def factor(step: int) -> float:
-            t = min(1.0, step / max(1, total_steps))
-            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
 def iterate_batches(
@@ -95,11 +61,6 @@ def iterate_batches(
         yield images[idx].permute(0, 3, 1, 2)
 
 
-def unwrap(model: torch.nn.Module) -> ConvVAE:
-    """The ConvVAE inside a DistributedDataParallel (or any `.module`) wrapper."""
-    return getattr(model, "module", model)
-
-
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -120,7 +81,7 @@ def train_step(
     """
     device = next(model.parameters()).device
     model.train()
-    likelihood = unwrap(model).likelihood
+    likelihood = getattr(model, "module", model).likelihood  # the ConvVAE inside a DDP wrapper
     x_u8 = x_u8.to(device, non_blocking=True)
     x, target = likelihood.prepare(x_u8, generator=generator)
     beta = beta_at(state.step, cfg)

@@ -8,7 +8,7 @@ decodes in worker processes (folders, Parquet: `RawBatch.encoded`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,7 @@ class RawBatch:
         if (self.pixels is None) == (self.encoded is None):
             raise ValueError("a RawBatch holds either pixels or encoded bytes")
         # Every field holds one entry per item; an optional one may be None.
-        bad = {f.name: len(v) for f in fields(self) if (v := getattr(self, f.name)) is not None and len(v) != n}
+        bad = {k: len(v) for k, v in vars(self).items() if v is not None and len(v) != n}
         if bad:
             raise ValueError(f"RawBatch of {n} ids has mismatched lengths {bad}")
 
@@ -62,7 +62,7 @@ class RawBatch:
 
     def head(self, n: int) -> "RawBatch":
         """The first n items (every field is per item)."""
-        return RawBatch(**{f.name: None if (v := getattr(self, f.name)) is None else v[:n] for f in fields(self)})
+        return RawBatch(**{k: None if v is None else v[:n] for k, v in vars(self).items()})
 
 
 @dataclass

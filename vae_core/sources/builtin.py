@@ -25,12 +25,8 @@ def open_builtin(url: str) -> Source:
 
     def batches() -> Iterator[RawBatch]:
         n = len(images)
-        yield RawBatch(
-            ids=[f"digits/{i}" for i in range(n)],
-            sources=[f"sklearn.datasets.load_digits#{i}" for i in range(n)],
-            labels=labels.astype(np.int32),
-            pixels=images,
-        )
+        yield RawBatch(ids=[f"digits/{i}" for i in range(n)], labels=labels.astype(np.int32), pixels=images,
+                       sources=[f"sklearn.datasets.load_digits#{i}" for i in range(n)])
 
     return Source(kind="builtin", url=url, batches=batches, size=len(images), label_names=[str(i) for i in range(10)],
                   details={"name": "digits"})

@@ -47,21 +47,17 @@ class LocalFile(NamedTuple):
     path: str
 
 
-def _read_local(f: LocalFile) -> bytes:
-    try:
-        with open(f.path, "rb") as fh:
-            return fh.read()
-    except OSError as e:
-        raise DecodeError(f"cannot read: {e.strerror or e}") from None
-
-
 def decode_image(data: bytes | LocalFile | None, spec: ShapeSpec) -> np.ndarray:
     """Encoded file bytes (or a local file) -> uint8 (H, W, C), C in {1, 3}, conformed to `spec`.
 
     Raises DecodeError, whose message is the quarantine reason.
     """
     if isinstance(data, LocalFile):
-        data = _read_local(data)
+        try:
+            with open(data.path, "rb") as fh:
+                data = fh.read()
+        except OSError as e:
+            raise DecodeError(f"cannot read: {e.strerror or e}") from None
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:

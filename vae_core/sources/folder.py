@@ -74,11 +74,7 @@ def open_folder(url: str, storage_options: dict | None = None) -> Source:
             )
 
     return Source(
-        kind="folder",
-        url=url,
-        batches=batches,
-        size=len(files),
-        label_names=classes or None,
+        kind="folder", url=url, batches=batches, size=len(files), label_names=classes or None,
         splits=tuple(sorted({split_from_name(r.split('/', 1)[0]) for r in rels})) if by_split else (),  # type: ignore[arg-type]
         details={"files": len(files), "classes": len(classes), "split_folders": by_split},
     )

@@ -108,9 +108,8 @@ class IdxImages:
         if self._flat is not None:
             return
         if not self.path.endswith(".gz"):
-            data = self.fs.cat_file(self.path)
-            self._flat = np.frombuffer(data, np.uint8, offset=self.header)
-            self._ready = len(self._flat)
+            self._flat = np.frombuffer(self.fs.cat_file(self.path), np.uint8)
+            self._ready = len(self._flat) - self.header
             return
         self._flat = np.empty(self.header + self.count * self.row, np.uint8)
         threading.Thread(target=self._inflate, name=f"gunzip {posixpath.basename(self.path)}", daemon=True).start()
@@ -124,10 +123,7 @@ class IdxImages:
         try:
             with self.fs.open(self.path, "rb") as f:
                 d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                while not self._stop:
-                    chunk = f.read(1 << 20)
-                    if not chunk:
-                        break
+                while not self._stop and (chunk := f.read(1 << 20)):
                     while chunk:
                         piece = d.decompress(chunk)
                         if pos + len(piece) > len(out):
@@ -160,17 +156,16 @@ class IdxImages:
             self._cond.wait_for(lambda: self._ready >= need or self._error is not None)
             if self._error is not None:
                 raise self._error
-        assert self._flat is not None
-        base = self.header if self.path.endswith(".gz") else 0
-        return self._flat[base + start * self.row : base + stop * self.row].reshape(stop - start, *self.dims[1:])
+        assert self._flat is not None  # holds the header too, as the file does
+        h = self.header
+        return self._flat[h + start * self.row : h + stop * self.row].reshape(stop - start, *self.dims[1:])
 
 
 def _pairs(fs: fsspec.AbstractFileSystem, files: list[str], url: str) -> list[tuple[str, str, str | None]]:
     """Files -> [(prefix, images path, labels path or None)], sorted train first then test then others."""
     found: dict[tuple[str, str], str] = {}
     for f in files:
-        m = IDX_NAME.match(posixpath.basename(f))
-        if not m:
+        if not (m := IDX_NAME.match(posixpath.basename(f))):
             continue
         key = (m["prefix"], m["kind"])
         if key in found:
@@ -240,10 +235,7 @@ def open_idx(url: str, storage_options: dict | None = None) -> Source:
                 p[2].stop()
 
     return Source(
-        kind="idx",
-        url=url,
-        batches=batches,
-        size=sum(p[2].count for p in parts),
+        kind="idx", url=url, batches=batches, size=sum(p[2].count for p in parts),
         label_names=[str(i) for i in range(max_label + 1)] if has_labels and max_label >= 0 else None,
         splits=tuple(sorted({s for p in parts if (s := split_from_name(p[0]))})),
         details={"files": {p[0]: {"images": p[1], "count": p[2].count} for p in parts}},

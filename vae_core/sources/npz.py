@@ -79,12 +79,8 @@ def open_npz(url: str, storage_options: dict | None = None) -> Source:
     def batches() -> Iterator[RawBatch]:
         for start in range(0, n, BATCH):
             stop = min(start + BATCH, n)
-            yield RawBatch(
-                ids=ids[start:stop],
-                sources=[f"{full}#{i}" for i in range(start, stop)],
-                labels=labels[start:stop],
-                pixels=images[start:stop],
-            )
+            yield RawBatch(ids=ids[start:stop], sources=[f"{full}#{i}" for i in range(start, stop)],
+                           labels=labels[start:stop], pixels=images[start:stop])
 
     return Source(kind="npz", url=url, batches=batches, size=n, label_names=names, ids_unique="ids" not in arrays,
                   details={"arrays": sorted(arrays)})

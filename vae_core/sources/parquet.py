@@ -51,8 +51,7 @@ def _pick_image_column(schema: pa.Schema, wanted: str | None, url: str) -> str:
             raise SourceError(f"{url}: column {wanted!r} is {t}, not image bytes (binary or struct<bytes, path>)")
         return wanted
     candidates = [f.name for f in schema if _is_binary(f.type) or _is_image_struct(f.type)]
-    named = [c for c in candidates if c.lower() in IMAGE_NAMES]
-    if named:
+    if named := [c for c in candidates if c.lower() in IMAGE_NAMES]:
         return named[0]
     if len(candidates) == 1:
         return candidates[0]
@@ -62,14 +61,11 @@ def _pick_image_column(schema: pa.Schema, wanted: str | None, url: str) -> str:
 
 
 def _pick_label_column(schema: pa.Schema, wanted: str | None, url: str) -> str | None:
-    if wanted is not None:
-        if wanted not in schema.names:
-            raise SourceError(f"{url}: no label column {wanted!r} (columns: {', '.join(schema.names)})")
-        name = wanted
-    else:
-        name = next((n for n in schema.names if n.lower() in LABEL_NAMES), None)
-        if name is None:
-            return None
+    if wanted is not None and wanted not in schema.names:
+        raise SourceError(f"{url}: no label column {wanted!r} (columns: {', '.join(schema.names)})")
+    name = wanted if wanted is not None else next((n for n in schema.names if n.lower() in LABEL_NAMES), None)
+    if name is None:
+        return None
     t = schema.field(name).type
     if not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
             or pa.types.is_dictionary(t)):
@@ -162,13 +158,8 @@ def open_parquet(url: str, storage_options: dict | None = None, image_column: st
                 row += n
 
     return Source(
-        kind="parquet",
-        url=url,
-        batches=batches,
-        size=rows,
-        label_names=names,
+        kind="parquet", url=url, batches=batches, size=rows, label_names=names, ids_unique=id_col is None,
         splits=_source_splits(opened, root, split_col),
-        ids_unique=id_col is None,
         details={"files": len(files), "ignored_files": len(all_files) - len(files), "image_column": img_col,
                  "label_column": lab_col},
     )
