@@ -38,13 +38,23 @@ def _epoch(fit: Fit, images_nhwc: torch.Tensor) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def digits_nhwc(digits_u8):
-    return digits_u8.permute(0, 2, 3, 1).contiguous()  # uint8 (N, 8, 8, 1), as shards hold them
+def bars():
+    """1,800 8x8 images of one bright bar (row or column, random place and brightness): data with
+    structure to learn, made here so that a bare GPU machine (torch only) needs no dataset package."""
+    g = torch.Generator().manual_seed(0)
+    n = 1800
+    images = torch.zeros(n, 8, 8, 1, dtype=torch.uint8)
+    where, vertical = torch.randint(0, 8, (n,), generator=g), torch.rand(n, generator=g) < 0.5
+    level = torch.randint(160, 256, (n,), generator=g, dtype=torch.uint8)
+    for i in range(n):
+        bar = images[i, :, where[i]] if vertical[i] else images[i, where[i]]
+        bar.fill_(level[i])
+    return images  # uint8 (N, 8, 8, 1), as shards hold them
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_train_epochs_on_the_device_learn_and_repeat_exactly(digits_nhwc, device):
-    train = digits_nhwc[:1024]
+def test_train_epochs_on_the_device_learn_and_repeat_exactly(bars, device):
+    train = bars[:1024]
     fit = _fit(train, device)
     assert next(fit.model.parameters()).device.type == device
     assert fit.noise(1).device.type == device  # generators live on the device they feed
@@ -55,25 +65,25 @@ def test_train_epochs_on_the_device_learn_and_repeat_exactly(digits_nhwc, device
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_evaluate_and_iwae_bound_on_the_device(digits_nhwc, device):
-    fit = _fit(digits_nhwc[:512], device)
-    _epoch(fit, digits_nhwc[:512])
-    m = fit.evaluate(iterate_batches(digits_nhwc[1500:], 100, shuffle=False))
-    assert m["images"] == len(digits_nhwc) - 1500
+def test_evaluate_and_iwae_bound_on_the_device(bars, device):
+    fit = _fit(bars[:512], device)
+    _epoch(fit, bars[:512])
+    m = fit.evaluate(iterate_batches(bars[1500:], 100, shuffle=False))
+    assert m["images"] == len(bars) - 1500
     # The importance-weighted bound is tighter than the ELBO: NLL <= -ELBO (up to sampling noise).
     assert 0 < m["nll"] <= m["loss"] + 0.5
     assert m["bits_per_dim"] == pytest.approx(m["nll"] / (64 * np.log(2)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_sample_reconstruct_interpolate_and_pictures(digits_nhwc, device):
-    fit = _fit(digits_nhwc[:256], device)
+def test_sample_reconstruct_interpolate_and_pictures(bars, device):
+    fit = _fit(bars[:256], device)
     model = fit.model
     gen = lambda: torch.Generator(device=device).manual_seed(3)  # noqa: E731
     a, b = model.sample(5, generator=gen()), model.sample(5, generator=gen())
     assert a.shape == (5, 1, 8, 8) and a.device.type == device and torch.equal(a, b)
     assert 0 <= a.min() and a.max() <= 1
-    x = digits_nhwc[:4].permute(0, 3, 1, 2)  # CPU uint8: the model moves it to its device
+    x = bars[:4].permute(0, 3, 1, 2)  # CPU uint8: the model moves it to its device
     recon = model.reconstruct(x)
     assert recon.shape == (4, 1, 8, 8) and recon.device.type == device
     line = model.interpolate(x[0], x[1], steps=6)
@@ -87,8 +97,8 @@ def test_sample_reconstruct_interpolate_and_pictures(digits_nhwc, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_checkpoint_round_trip_resumes_exactly(digits_nhwc, device, tmp_path):
-    train = digits_nhwc[:512]
+def test_checkpoint_round_trip_resumes_exactly(bars, device, tmp_path):
+    train = bars[:512]
     fit = _fit(train, device, epochs=3)
     _epoch(fit, train)
     fit.save(str(tmp_path), {"loss": 1.5})
@@ -103,9 +113,9 @@ def test_checkpoint_round_trip_resumes_exactly(digits_nhwc, device, tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_batched_encoder_matches_the_model_in_any_batch_size(digits_nhwc, device):
-    fit = _fit(digits_nhwc[:256], device)
-    images = digits_nhwc[:300].numpy()
+def test_batched_encoder_matches_the_model_in_any_batch_size(bars, device):
+    fit = _fit(bars[:256], device)
+    images = bars[:300].numpy()
     mean, logvar = encode_images(fit.model, images, batch_size=128)
     assert mean.shape == logvar.shape == (300, fit.config.model.latent_dim) and mean.dtype == np.float32
     one_batch, _ = encode_images(fit.model, images, batch_size=1000)
@@ -121,9 +131,9 @@ def test_batched_encoder_matches_the_model_in_any_batch_size(digits_nhwc, device
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bundle_holds_any_number_of_modules_optimizers_and_schedulers(digits_nhwc, device, tmp_path):
+def test_bundle_holds_any_number_of_modules_optimizers_and_schedulers(bars, device, tmp_path):
     """A second network with its own optimizer (a discriminator) is one more entry, not a second trainer."""
-    train = digits_nhwc[:256]
+    train = bars[:256]
 
     def with_critic(fit: Fit) -> Fit:
         torch.manual_seed(1)
