@@ -9,7 +9,8 @@
                 staging and atomic publish) into a fresh data root.
    Reported: images/s of both (best of --repeats, interleaved) and pipeline/bare (target >= 0.8).
 2. A folder of --pngs PNG files (MNIST digits in class folders, generated into a temp dir):
-   `run_ingest` with 1 and 2 decode workers, images/s of each (wall clock, pool start included).
+   `run_ingest` with 1 and 2 decode workers, images/s of each (wall clock, pool start included),
+   then the seconds of a re-run on the unchanged folder (found by its fingerprint, nothing decoded).
 """
 
 from __future__ import annotations
@@ -61,13 +62,14 @@ def bare_mnist(out: Path) -> float:
     return time.perf_counter() - t
 
 
-def pipeline(source: str, root: Path, workers: int = 0) -> tuple[float, int]:
-    """-> (seconds, images written) of one full `run_ingest` into an empty data root."""
+def pipeline(source: str, root: Path, workers: int = 0, rerun: bool = False) -> tuple[float, int]:
+    """-> (seconds, images in the dataset) of one `run_ingest`: a full one into an empty data root, or
+    with rerun, one that finds the version already there."""
     t = time.perf_counter()
     r = run_ingest(IngestRequest(name="bench", source=source, data_root=str(root), workers=workers,
                                 max_quarantine_fraction=0.0))
     dt = time.perf_counter() - t
-    assert r.created, "the data root was not empty"
+    assert r.created != rerun, "the re-run made a new version" if rerun else "the data root was not empty"
     return dt, r.manifest.items.ok
 
 
@@ -130,6 +132,9 @@ def main() -> None:
             dt, n = pipeline(str(folder), tmp_path / f"png-{workers}", workers=workers)
             results[f"png_{workers}_worker_images_per_s"] = round(n / dt)
             print(f"  {workers} worker{'s' if workers > 1 else ' '}: {round(n / dt):>7,} images/s ({dt:.2f} s, {n:,} images)")
+        dt, _ = pipeline(str(folder), tmp_path / "png-2", workers=2, rerun=True)
+        results["png_reingest_s"] = round(dt, 3)
+        print(f"  re-ingest of the unchanged folder: {dt:.2f} s")
         results["png_images"] = args.pngs
     if args.json:
         print(json.dumps(results))

@@ -196,12 +196,13 @@ class DatasetBuilder:
         if names is not None and t.max_label >= len(names):
             raise IngestError(f"{self.source.url}: label {t.max_label} has no name ({len(names)} label names)")
         options = options_for_version(self.cfg, self.rows_per_shard(h * w * c))
+        details = {**self.source.details, "fingerprint": input_fingerprint(self.cfg, self.source)}
         m = Manifest(
             name=self.cfg.name, version="pending", created_at="", height=h, width=w, channels=c,
             splits=split_infos, label_names=names, channel_mean=mean, channel_std=std,
             items=ItemCounts(seen=t.seen, ok=ok, duplicates=len(t.duplicates), quarantined=len(t.quarantine)),
             quarantine=t.quarantine, duplicates=t.duplicates,
-            source=SourceDescription(kind=self.source.kind, url=self.source.url, details=self.source.details),
+            source=SourceDescription(kind=self.source.kind, url=self.source.url, details=details),
             options=options,
         )
         return m.model_copy(update={"version": content_version(m, {s: w.content_hash() for s, w in self.splits.items()})})
@@ -230,17 +231,32 @@ class DatasetBuilder:
         return [round(float(x), 6) for x in mean], [round(float(x), 6) for x in np.sqrt(var)]
 
 
-def options_for_version(cfg: IngestRequest, rows_per_shard: int) -> dict[str, Any]:
-    """The options that shape the rows and files; recorded in the manifest and part of the version."""
+def row_options(cfg: IngestRequest) -> dict[str, Any]:
+    """The request's options that shape the rows."""
     return {
         "image_size": list(cfg.image_size) if cfg.image_size else None,
         "channels": cfg.channels,
         "fit": cfg.fit if cfg.image_size else None,
         "val_fraction": cfg.val_fraction,
         "test_fraction": cfg.test_fraction,
-        "rows_per_shard": rows_per_shard,
         "limit": cfg.limit,
     }
+
+
+def options_for_version(cfg: IngestRequest, rows_per_shard: int) -> dict[str, Any]:
+    """The options that shape the rows and files; recorded in the manifest and part of the version."""
+    return {**row_options(cfg), "rows_per_shard": rows_per_shard}
+
+
+def input_fingerprint(cfg: IngestRequest, source: Source) -> str | None:
+    """SHA-256 of the source's fingerprint (its files, listed but not read) and of everything else that
+    shapes the rows and files, so that equal fingerprints mean equal datasets; None when the source has
+    none. Kept in the manifest's source details, outside the version, for `ingest.find_unchanged`."""
+    if source.fingerprint is None:
+        return None
+    body = {"source": [source.kind, source.url, source.fingerprint], "format": FORMAT, "shard_mb": cfg.shard_mb,
+            "columns": [cfg.image_column, cfg.label_column], "options": row_options(cfg)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def content_version(m: Manifest, split_hashes: dict[str, str]) -> str:

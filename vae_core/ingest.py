@@ -1,12 +1,14 @@
 """Ingestion as plain functions: any image source -> validated rows -> splits -> shards + manifest.
 
     req = IngestRequest(name="mnist", source="/data/mnist", data_root="s3://bucket/datasets")
-    result = run_ingest(req)          # = publish(build(open_source_for(req), req), req)
+    result = run_ingest(req)   # = find_unchanged(req, source) or publish(build(source, req), req)
 
 Steps and why they are ordered this way:
 
 1. `open_source_for` opens and validates the source as a whole (missing, empty, wrong magic,
    count mismatch): those fail at once with the file named, before anything is decoded.
+   `find_unchanged` then looks for a version made from this very input (a fingerprint of the
+   listed files and the options, kept in each manifest) and returns it without decoding anything.
 2. `build` decodes every item exactly once (worker processes for encoded files), checks that shapes
    agree, drops exact pixel duplicates (the first in source order is kept), assigns splits and
    writes zstd Parquet shards to a local staging folder, hashing the rows as they pass. Each item
@@ -31,13 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
-from vae_core.builder import DatasetBuilder
+from vae_core.builder import DatasetBuilder, input_fingerprint
 from vae_core.errors import IngestError
 from vae_core.requests import IngestRequest
-from vae_core.shards import (MANIFEST, SPLITS, Manifest, ShardInfo, atomic_put_file, atomic_write_bytes, read_manifest,
-                             resolve, sha256_hex, to_url)
+from vae_core.shards import (MANIFEST, SPLITS, Manifest, ShardInfo, atomic_put_file, atomic_write_bytes, dataset_dir,
+                             list_versions, read_manifest, remove_temporaries, resolve, sha256_hex, to_url)
 from vae_core.sources.base import RawBatch, Source
 from vae_core.sources.decode import ShapeSpec
 from vae_core.sources.detect import open_source
@@ -96,9 +99,9 @@ def build(source: Source, cfg: IngestRequest, progress: bool = False) -> StagedD
     try:
         builder = DatasetBuilder(source, cfg, staging)
         spec = ShapeSpec(cfg.image_size, cfg.channels, cfg.fit)
-        with tqdm(total=source.size, desc=f"ingest {cfg.name}", unit="img", disable=not progress,
-                  smoothing=0.1) as bar:
-            for batch, decoded in decode_stream(_limited(source.batches(), cfg.limit), spec, cfg.workers):
+        total = source.size if cfg.limit is None else min(cfg.limit, source.size or cfg.limit)
+        with tqdm(total=total, desc=f"ingest {cfg.name}", unit="img", disable=not progress, smoothing=0.1) as bar:
+            for batch, decoded in decode_stream(_limited(source.batches(), cfg.limit, source.size), spec, cfg.workers):
                 builder.add(batch, decoded)
                 bar.update(len(batch))
         if builder.tally.seen == 0:
@@ -111,26 +114,36 @@ def build(source: Source, cfg: IngestRequest, progress: bool = False) -> StagedD
         raise
 
 
-def _limited(batches: Iterator[RawBatch], limit: int | None) -> Iterator[RawBatch]:
-    """The first `limit` items of the stream (all when None), cut at a batch boundary if need be."""
+def _limited(batches: Iterator[RawBatch], limit: int | None, size: int | None) -> Iterator[RawBatch]:
+    """`limit` items of the stream (all when None). With the source's size known: exactly `limit` items
+    spread evenly over the source order (item p is kept iff p*limit//size steps up at p), so that a
+    sample of a source whose splits come one after another holds all of them, and re-runs keep the
+    same items. With the size unknown: the first `limit` items."""
     if limit is None:
         yield from batches
         return
+    start = 0
     for batch in batches:
-        if limit <= 0:
+        p = np.arange(start, start + len(batch))
+        start += len(batch)
+        keep = p < limit if size is None else p * limit // size != (p + 1) * limit // size
+        if keep.all():
+            yield batch
+        elif keep.any():
+            yield batch.take(np.flatnonzero(keep))
+        elif size is None:
             return
-        yield batch if len(batch) <= limit else batch.head(limit)
-        limit -= len(batch)
 
 
 def publish(staged: StagedDataset, cfg: IngestRequest) -> IngestResult:
     """Write the staged version under the data root unless it is already there (then write nothing)."""
     fs, root = resolve(cfg.root(), cfg.data_root_options)
     m = staged.manifest
-    vdir = posixpath.join(root, m.name, m.version)
+    vdir = dataset_dir(root, m.name, m.version)
     url = to_url(fs, vdir)
     if fs.exists(posixpath.join(vdir, MANIFEST)):
         return IngestResult(m.name, m.version, url, created=False, manifest=read_manifest(fs, vdir))
+    remove_temporaries(fs, vdir)  # left by an earlier run that was killed mid-upload
     for split in m.splits.values():
         for shard in split.shards:
             dest = posixpath.join(vdir, shard.path)
@@ -139,6 +152,7 @@ def publish(staged: StagedDataset, cfg: IngestRequest) -> IngestResult:
             atomic_put_file(fs, str(staged.staging / shard.path), dest)
     m = m.model_copy(update={"created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")})
     atomic_write_bytes(fs, posixpath.join(vdir, MANIFEST), m.to_json().encode())
+    remove_temporaries(fs, vdir)  # the version is final: temporaries of a run killed meanwhile go too
     return IngestResult(m.name, m.version, url, created=True, manifest=m)
 
 
@@ -149,9 +163,28 @@ def _already_there(fs: Any, dest: str, shard: ShardInfo) -> bool:
         return False
 
 
+def find_unchanged(cfg: IngestRequest, source: Source) -> IngestResult | None:
+    """The newest existing version of `cfg.name` made from this very input (same fingerprint: see
+    `builder.input_fingerprint`), found without reading or decoding the source; None if there is none."""
+    fingerprint = input_fingerprint(cfg, source)
+    if fingerprint is None:
+        return None
+    fs, root = resolve(cfg.root(), cfg.data_root_options)
+    for version in reversed(list_versions(cfg.root(), cfg.name, cfg.data_root_options)):
+        vdir = posixpath.join(root, cfg.name, version)
+        m = read_manifest(fs, vdir)
+        # Under a stricter max_quarantine_fraction than it was made with, a full run must fail as usual.
+        within = m.items.quarantined / m.items.seen <= cfg.max_quarantine_fraction
+        if within and m.source.details.get("fingerprint") == fingerprint:
+            return IngestResult(m.name, m.version, to_url(fs, vdir), created=False, manifest=m)
+    return None
+
+
 def run_ingest(cfg: IngestRequest, progress: bool = False) -> IngestResult:
     """Source -> published (or found) dataset version."""
     source = open_source_for(cfg)
+    if (found := find_unchanged(cfg, source)) is not None:
+        return found
     staged = build(source, cfg, progress)
     try:
         return publish(staged, cfg)

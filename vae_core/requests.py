@@ -63,7 +63,7 @@ class IngestRequest(Request):
     shard_mb: float = Field(64, gt=0, description="max uncompressed pixel MiB per shard")
     max_quarantine_fraction: float = Field(0.05, ge=0, le=1, description="fail above this share of bad items")
     workers: int = Field(0, ge=0, description="decode processes (0: one per CPU)")
-    limit: int | None = Field(None, ge=1, description="only the first N items of the source (quick runs)")
+    limit: int | None = Field(None, ge=1, description="N items spread evenly over the source (quick runs)")
     image_column: str | None = Field(None, description="Parquet: column of image bytes")
     label_column: str | None = Field(None, description="Parquet: column of labels")
     source_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the source",

@@ -27,6 +27,7 @@ Reader API (what training and encoding build on)::
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import posixpath
@@ -42,10 +43,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vae_core.requests import NAME_RULE, check_name
+
 FORMAT = "vae-shards/1"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST = "manifest.json"
 COMPRESSION = "zstd"
+TEMPORARY = ".*.tmp-*"  # the hidden names `_publish` writes to before the move
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -252,13 +256,28 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], No
     parent = posixpath.dirname(path)
     fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
-    write(tmp)
-    try:
+    try:  # the write too: an interrupt halfway through it must not leave the partial temporary behind
+        write(tmp)
         fs.mv(tmp, path)
     except BaseException:
         with contextlib.suppress(Exception):  # best effort: the original error is the one worth reporting
             fs.rm_file(tmp)
         raise
+
+
+def remove_temporaries(fs: fsspec.AbstractFileSystem, version_dir: str) -> list[str]:
+    """Delete the hidden temporaries under `version_dir` and return their paths.
+
+    `_publish` removes its own temporary when it fails, but a killed process (SIGKILL, power loss) cannot;
+    `ingest.publish` calls this before it uploads and once the manifest is written, so that no such leftover
+    stays in the finished folder.
+    """
+    fs.invalidate_cache(version_dir)  # object stores cache listings; another process may have written since
+    stale = [p for p in fs.find(version_dir) if fnmatch.fnmatchcase(posixpath.basename(p), TEMPORARY)]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):  # a concurrent cleanup got there first
+            fs.rm_file(p)
+    return stale
 
 
 def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -304,6 +323,22 @@ class DatasetInfo:
         return self.manifest.counts
 
 
+def dataset_dir(root: str, name: str, version: str | None = None) -> str:
+    """`root/name[/version]` for user-named `name` and `version`, or ValueError naming the bad value.
+
+    The naming rule already rules out '..', '/' and absolute paths; the prefix check after normalising
+    makes "no resolved path leaves the data root" hold by itself, whatever the rule allows in future.
+    """
+    parts = [check_name(name, "dataset name")]
+    if version is not None:
+        parts.append(check_name(version, "dataset version"))
+    # Anchored at "/" so that roots without a leading slash (a bucket, memory://'s "") normalise alike.
+    base = posixpath.normpath(posixpath.join("/", root))
+    if not posixpath.normpath(posixpath.join(base, *parts)).startswith(base.rstrip("/") + "/"):
+        raise ValueError(f"dataset {'@'.join(parts)!r} resolves outside the data root {root!r}")
+    return posixpath.join(root, *parts)
+
+
 def read_manifest(fs: fsspec.AbstractFileSystem, version_dir: str) -> Manifest:
     """Load and validate ``manifest.json`` of one version folder."""
     path = posixpath.join(version_dir, MANIFEST)
@@ -320,7 +355,7 @@ def read_manifest(fs: fsspec.AbstractFileSystem, version_dir: str) -> Manifest:
 def list_versions(root_url: str, name: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Finished versions of dataset `name`, oldest first (by the manifest's created_at)."""
     fs, root = resolve(root_url, storage_options)
-    base = posixpath.join(root, name)
+    base = dataset_dir(root, name)
     # Object-store filesystems cache listings; a reader must see versions another process just wrote.
     fs.invalidate_cache(base)
     try:
@@ -330,8 +365,8 @@ def list_versions(root_url: str, name: str, storage_options: dict[str, Any] | No
     found: list[tuple[str, str]] = []
     for entry in sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory"):
         version = posixpath.basename(entry)
-        if version.startswith("."):
-            continue  # temporary names of unfinished writes
+        if not NAME_RULE.match(version):
+            continue  # temporary names of unfinished writes, or folders no reference could name
         try:
             m = read_manifest(fs, entry)
         except FileNotFoundError:
@@ -345,7 +380,7 @@ def open_dataset(root_url: str, name: str, version: str | None = None,
     """Find dataset `name` under `root_url`; `version=None` picks the most recently created one.
 
     Raises FileNotFoundError naming the dataset folder (and the versions that do exist) when there is
-    nothing to open.
+    nothing to open, and ValueError when `name` or `version` breaks the naming rule or leaves the root.
     """
     fs, root = resolve(root_url, storage_options)
     if version is None:
@@ -353,7 +388,7 @@ def open_dataset(root_url: str, name: str, version: str | None = None,
         if not versions:
             raise FileNotFoundError(f"no dataset {name!r} under {root_url}: run `vae ingest SOURCE --name {name}` first")
         version = versions[-1]
-    vdir = posixpath.join(root, name, version)
+    vdir = dataset_dir(root, name, version)
     fs.invalidate_cache(vdir)
     try:
         manifest = read_manifest(fs, vdir)

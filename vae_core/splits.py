@@ -21,25 +21,31 @@ def id_hash_unit(ids: list[str]) -> np.ndarray:
     h = FNV-1a (64-bit) over the id's Unicode code points, xor its length, then MurmurHash3's 64-bit
     finaliser for avalanche; u = (h >> 11) / 2**53. Vectorised over the batch (a per-id cryptographic
     hash costs more than everything else ingestion does to an MNIST image), and simple to recompute.
-    Changing it would move items between splits.
+    Changing it would move items between splits. (An earlier version also ran the FNV loop over the
+    zero padding up to the batch's longest id, so an id's split depended on its batch; fixing that
+    gave every source whose ids differ in length a new dataset version, once.)
     """
     n = len(ids)
     if n == 0:
         return np.zeros(0)
-    codes = np.array(ids, dtype=str)
-    points = codes.view(np.uint32).reshape(n, -1)  # zero-padded to the longest id
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
+    order = np.argsort(-lengths, kind="stable")  # longest first: the ids still running at column j are a prefix
+    points = np.array(ids, dtype=str).view(np.uint32).reshape(n, -1)[order]  # zero-padded to the longest id
+    running = np.searchsorted(-lengths[order], -np.arange(points.shape[1]), side="left")  # ids longer than j
     h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
     prime = np.uint64(0x100000001B3)
-    for j in range(points.shape[1]):
-        h ^= points[:, j]
-        h *= prime
-    h ^= np.fromiter(map(len, ids), dtype=np.uint64, count=n)
+    for j, k in enumerate(running):
+        h[:k] ^= points[:k, j]
+        h[:k] *= prime
+    h ^= lengths[order].astype(np.uint64)
     h ^= h >> np.uint64(33)
     h *= np.uint64(0xFF51AFD7ED558CCD)
     h ^= h >> np.uint64(33)
     h *= np.uint64(0xC4CEB9FE1A85EC53)
     h ^= h >> np.uint64(33)
-    return (h >> np.uint64(11)).astype(np.float64) / 2.0**53
+    u = np.empty(n)
+    u[order] = (h >> np.uint64(11)).astype(np.float64) / 2.0**53
+    return u
 
 
 _SPLIT_CODE: dict[str | None, int] = {None: -1, **{s: i for i, s in enumerate(SPLITS)}}

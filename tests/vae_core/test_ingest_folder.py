@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vae_core.ingest
 from vae_core.requests import IngestRequest
 from vae_core.ingest import IngestError, run_ingest
 from vae_core.shards import list_versions, open_dataset, read_split_u8
 from vae_core.sources.base import SourceError
+from vae_core.splits import id_hash_unit
 
 RNG = np.random.default_rng(7)
 
@@ -66,7 +69,7 @@ def test_every_file_is_accounted_for(messy, tmp_path):
                                 max_quarantine_fraction=0.5, workers=1))
     m = r.manifest
     assert m.items.seen == n_files == 18
-    assert m.items.ok + m.items.duplicates + m.items.quarantined == m.items.seen
+    assert (m.items.ok, m.items.duplicates, m.items.quarantined) == (13, 1, 4)
     reasons = {q.id: q.reason for q in m.quarantine}
     assert set(reasons) == {"cat/truncated.png", "cat/corrupt.png", "dog/empty.png", "dog/notes.txt"}
     assert "truncated" in reasons["cat/truncated.png"]
@@ -94,6 +97,10 @@ def test_too_much_quarantine_fails_and_writes_nothing(messy, tmp_path):
     with pytest.raises(IngestError, match=r"4 of 18 items .* quarantined.*max_quarantine_fraction"):
         run_ingest(IngestRequest(name="messy", source=str(root), data_root=str(ds), channels=3, workers=1))
     assert not ds.exists() or not any(ds.rglob("*.parquet"))
+    run_ingest(IngestRequest(name="messy", source=str(root), data_root=str(ds), channels=3, workers=1,
+                             max_quarantine_fraction=0.5))
+    with pytest.raises(IngestError, match="max_quarantine_fraction"):  # unchanged input, but a stricter limit
+        run_ingest(IngestRequest(name="messy", source=str(root), data_root=str(ds), channels=3, workers=1))
 
 
 def test_mixed_shapes_fail_with_both_files_named(tmp_path):
@@ -177,3 +184,62 @@ def test_unreadable_file_is_quarantined_not_fatal(tmp_path):
                                 max_quarantine_fraction=0.2))
     assert [(q.id, q.reason.split(":")[0]) for q in r.manifest.quarantine] == [("k/gone.png", "cannot read")]
     assert r.manifest.items.ok == 9
+
+
+def _split_of(root: Path, name: str, version: str) -> dict[str, str]:
+    info = open_dataset(str(root), name, version)
+    return {i: s for s in ("train", "val", "test") for i in read_split_u8(info, s)[2]}
+
+
+def test_id_hash_does_not_depend_on_the_other_ids():
+    alone = id_hash_unit(["img1.png"])[0]
+    assert id_hash_unit(["img1.png", "a_much_longer_name.png"])[0] == alone
+    assert id_hash_unit(["a_much_longer_name.png", "img1.png"])[1] == alone
+
+
+def test_adding_items_with_longer_names_moves_no_existing_item(tmp_path):
+    src, ds = tmp_path / "src", tmp_path / "ds"
+    for i in range(40):
+        _save(src / f"k{i % 2}/img{i}.png", _rgb(6, 6), "PNG")
+    cfg = IngestRequest(name="grow", source=str(src), data_root=str(ds), workers=1)
+    first = run_ingest(cfg)
+    for i in range(5):
+        _save(src / f"k0/a_much_longer_name_{i}.png", _rgb(6, 6), "PNG")
+    grown = run_ingest(cfg)
+    assert grown.created and grown.version != first.version
+    before, after = _split_of(ds, "grow", first.version), _split_of(ds, "grow", grown.version)
+    assert len(before) == 40 and {i: after[i] for i in before} == before
+
+
+def _count_decoding(monkeypatch) -> list[int]:
+    """Counts the batches `run_ingest` decodes."""
+    calls: list[int] = []
+    real = vae_core.ingest.decode_stream
+
+    def counting(batches, *args, **kw):
+        for pair in real(batches, *args, **kw):
+            calls.append(len(pair[0]))
+            yield pair
+
+    monkeypatch.setattr(vae_core.ingest, "decode_stream", counting)
+    return calls
+
+
+def test_unchanged_input_is_recognised_without_decoding(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    for i in range(8):
+        _save(src / f"k{i % 2}/{i}.png", _rgb(), "PNG")
+    cfg = IngestRequest(name="same", source=str(src), data_root=str(tmp_path / "ds"), workers=1)
+    first = run_ingest(cfg)
+    assert first.manifest.source.details["fingerprint"]
+    decoded = _count_decoding(monkeypatch)
+    again = run_ingest(cfg)
+    assert (again.created, again.version, decoded) == (False, first.version, [])
+    # One file rewritten with other pixels (and a later mtime): the fingerprint differs, everything is decoded.
+    path = src / "k0/0.png"
+    _save(path, _rgb(), "PNG")
+    later = path.stat().st_mtime_ns + 10**9
+    os.utime(path, ns=(later, later))
+    changed = run_ingest(cfg)
+    assert changed.created and changed.version != first.version and sum(decoded) == 8
+    assert changed.manifest.source.details["fingerprint"] != first.manifest.source.details["fingerprint"]

@@ -11,6 +11,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+import vae_core.ingest
+
 from vae_core.requests import IngestRequest
 from vae_core.ingest import run_ingest
 from vae_core.shards import open_dataset, read_split_u8, shard_paths
@@ -123,3 +125,22 @@ def test_small_shards_split_rows_without_losing_any(tmp_path):
     assert len(ids) == info.counts["train"] == sum(s.rows for s in shards)
     expected = _idx("train-images-idx3-ubyte.gz").reshape(-1, 28, 28, 1)
     np.testing.assert_array_equal(x, expected[[int(i.split("/")[1]) for i in ids]])
+
+
+def test_limit_is_a_sample_spread_over_the_whole_source(tmp_path, monkeypatch):
+    totals: list[int | None] = []
+    real = vae_core.ingest.tqdm
+
+    def bar(*args, **kw):
+        totals.append(kw.get("total"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(vae_core.ingest, "tqdm", bar)
+    cfg = IngestRequest(name="mnist-2k", source=str(MNIST), data_root=str(tmp_path / "a"), limit=2000)
+    r = run_ingest(cfg)
+    c = r.manifest.counts
+    assert sum(c.values()) == r.manifest.items.seen == 2000 and totals == [2000]
+    assert c["test"] == 2000 - 60_000 * 2000 // 70_000  # 286: 60,000 train items come first, then t10k
+    assert 0.07 < c["val"] / (c["train"] + c["val"]) < 0.13  # val carved from train as usual
+    again = run_ingest(cfg.model_copy(update={"data_root": str(tmp_path / "b")}))
+    assert again.created and again.version == r.version  # the same rows (the version hashes them)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +269,48 @@ def test_parquet_repeated_ids_are_quarantined(tmp_path):
     rows = _all_rows(splits)
     assert sorted(rows) == ["a", "b", "c", "d", "e"]
     np.testing.assert_array_equal(rows["a"][0][:, :, 0], imgs[0])  # the first "a" is the one kept
+
+
+def _parquet_with_a_corrupt_row_group(path: Path, column: str, bad: int = 1) -> list[np.ndarray]:
+    """30 PNGs in three snappy row groups of 10 (with an id column when that is the one to damage), with the
+    middle of `column`'s data page in row group `bad` damaged: the footer stays valid, reading that row
+    group fails (for the image column: 'Corrupt snappy compressed data.')."""
+    rng = np.random.default_rng(11)
+    imgs = [rng.integers(0, 256, (8, 8), np.uint8) for _ in range(30)]
+    t = pa.table({"image": pa.array([_png(a) for a in imgs], pa.binary()),
+                  "label": [("ant", "bee", "cat")[i % 3] for i in range(30)]})
+    if column == "id":
+        t = t.append_column("id", pa.array([f"row-{i}" for i in range(30)]))
+    pq.write_table(t, path, compression="snappy", row_group_size=10)
+    chunk = pq.ParquetFile(path).metadata.row_group(bad).column(t.schema.get_field_index(column))
+    start = chunk.data_page_offset
+    mid = (start + (chunk.dictionary_page_offset or start) + chunk.total_compressed_size) // 2
+    data = bytearray(path.read_bytes())
+    data[mid - 8 : mid + 8] = bytes(b ^ 0xFF for b in data[mid - 8 : mid + 8])
+    path.write_bytes(bytes(data))
+    pf = pq.ParquetFile(path)
+    with pytest.raises((OSError, pa.ArrowException)):  # the damage is where it was meant to be, and only there
+        pf.read_row_group(bad)
+    assert all(pf.read_row_group(k).num_rows == 10 for k in range(3) if k != bad)
+    return imgs
+
+
+@pytest.mark.parametrize("column", ["image", "label", "id"])
+def test_parquet_corrupt_row_group_is_quarantined_with_file_and_row_group_named(tmp_path, column):
+    imgs = _parquet_with_a_corrupt_row_group(tmp_path / "damaged.parquet", column)
+    r, splits = _ingest(tmp_path, str(tmp_path / "damaged.parquet"), max_quarantine_fraction=0.5)
+    m = r.manifest
+    # Row ids are `<file>#<row>` without an id column; with one that cannot be read either, `<file>#rg<k>:<row>`.
+    row_id = "row-{}".format if column == "id" else "damaged.parquet#{}".format
+    lost = [f"damaged.parquet#rg1:{j}" for j in range(10)] if column == "id" else [row_id(i) for i in range(10, 20)]
+    assert sorted(q.id for q in m.quarantine) == sorted(lost)
+    assert all(re.search(r"damaged\.parquet: row group 1 cannot be read \(.+\)", q.reason) for q in m.quarantine)
+    if column == "image":
+        assert m.quarantine[0].reason.endswith("(Corrupt snappy compressed data.)")
+    rows = _all_rows(splits)
+    assert sorted(rows) == sorted(row_id(i) for i in (*range(10), *range(20, 30)))
+    assert m.label_names == ["ant", "bee", "cat"] and rows[row_id(25)][1] == 25 % 3
+    np.testing.assert_array_equal(rows[row_id(25)][0][:, :, 0], imgs[25])
+    with pytest.raises(IngestError, match=r"damaged\.parquet: 10 of 30 items .* row group 1 cannot be read"):
+        run_ingest(IngestRequest(name="t", source=str(tmp_path / "damaged.parquet"), data_root=str(tmp_path / "ds2"),
+                                 workers=1, max_quarantine_fraction=0.2))

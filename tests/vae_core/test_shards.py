@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import uuid
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vae_core.requests import IngestRequest
+from vae_core.requests import IngestRequest, parse_dataset_ref
 from vae_core.ingest import run_ingest
 from vae_core.shards import (
     DatasetInfo,
@@ -74,6 +78,21 @@ def test_atomic_write_leaves_only_the_final_file():
     assert fs.ls(f"{root}/a", detail=False) == [f"{root}/a/b.bin"]
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_atomic_write_interrupted_mid_write_leaves_nothing(where, tmp_path, monkeypatch):
+    fs, root = resolve(str(tmp_path) if where == "local" else f"memory://atomic-{uuid.uuid4().hex}")
+    real = type(fs).pipe_file
+
+    def half_then_interrupt(self, path, data, *args, **kw):  # as Ctrl-C halfway through an upload
+        real(self, path, data[: len(data) // 2], *args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(fs), "pipe_file", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(fs, f"{root}/a/b.bin", b"payload")
+    assert fs.ls(f"{root}/a", detail=False) == []
+
+
 @pytest.fixture
 def two_versions(tmp_path):
     rng = np.random.default_rng(1)
@@ -104,6 +123,27 @@ def test_open_dataset_errors_name_what_is_missing(two_versions, tmp_path):
         open_dataset(root, "toy", "deadbeef")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         read_split_u8(open_dataset(root, "toy"), "dev")
+
+
+def test_names_and_versions_never_leave_the_data_root(two_versions):
+    root, first, _ = two_versions
+    inner = f"{root}/inner"  # its parent holds the real dataset 'toy', which the escaping paths below reach
+    (Path(inner) / "x").mkdir(parents=True)
+    cases = [("..", None, ".."), ("../toy", None, "../toy"), ("../../x", None, "../../x"), ("/etc", None, "/etc"),
+             ("a/b", None, "a/b"), (f"{root}/toy", None, f"{root}/toy"), ("toy", "../..", "../.."),
+             ("x", f"../../toy/{first.version}", f"../../toy/{first.version}"),
+             ("..", f"toy/{first.version}", "..")]
+    for name, version, bad in cases:
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            open_dataset(inner, name, version)
+        if version is None:
+            with pytest.raises(ValueError, match=re.escape(repr(bad))):
+                list_versions(inner, name)
+    with pytest.raises(ValueError, match=re.escape("dataset version '../..'")):
+        parse_dataset_ref("toy@../..")
+    name, _, version = "toy@../..".partition("@")  # the same reference, split by a caller that skips the check
+    with pytest.raises(ValueError, match=re.escape("'../..'")):
+        open_dataset(root, name, version)
 
 
 def test_read_split_checks_checksums(two_versions):

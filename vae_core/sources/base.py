@@ -60,9 +60,11 @@ class RawBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def head(self, n: int) -> "RawBatch":
-        """The first n items (every field is per item)."""
-        return RawBatch(**{k: None if v is None else v[:n] for k, v in vars(self).items()})
+    def take(self, at: np.ndarray) -> "RawBatch":
+        """The items at positions `at` (int array), in that order (every field is per item)."""
+        pick = at.tolist()
+        return RawBatch(**{k: v if v is None else v[at] if isinstance(v, np.ndarray) else [v[i] for i in pick]
+                           for k, v in vars(self).items()})
 
 
 @dataclass
@@ -73,6 +75,9 @@ class Source:
     known up front (for progress bars).
     splits: the dataset splits the source has of its own (empty when it has none).
     ids_unique: whether the source guarantees unique ids (else ingestion checks them).
+    fingerprint: a digest of what the source reads, taken before reading it (file paths, sizes and
+    modification stamps; see `detect.source_fingerprint`), so that a re-run can tell unchanged input
+    without decoding it; None when unknown.
     """
 
     kind: str
@@ -83,6 +88,7 @@ class Source:
     splits: tuple[str, ...] = ()
     ids_unique: bool = True
     details: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None
 
 
 def split_from_name(name: str) -> str | None:

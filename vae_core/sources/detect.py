@@ -1,4 +1,4 @@
-"""Which kind of source a URL is, and opening it.
+"""Which kind of source a URL is, opening it, and a fingerprint of what it reads.
 
 Detection (unless a format is named): ``builtin:NAME``; a path ending in ``.npz``; a path ending in
 ``.parquet`` / ``.pq``; an IDX file or a folder holding IDX files (``*-images-idx3-ubyte[.gz]``);
@@ -7,8 +7,10 @@ a folder whose files are all Parquet; otherwise a folder tree of images.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
-from typing import get_args
+from typing import Any, get_args
 
 from vae_core.requests import SourceFormat as Format
 from vae_core.shards import resolve
@@ -20,6 +22,9 @@ from vae_core.sources.npz import open_npz
 from vae_core.sources.parquet import open_parquet
 
 FORMATS: tuple[str, ...] = get_args(Format)
+# What a filesystem's listing may say about a file's version, most telling first (object stores' ETags,
+# local and other filesystems' modification or creation times).
+_STAMPS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created")
 
 
 def detect_format(url: str, storage_options: dict | None = None) -> str:
@@ -54,8 +59,34 @@ def open_source(url: str, format: Format = "auto", storage_options: dict | None 
     if format not in FORMATS:
         raise SourceError(f"unknown format {format!r}; formats are {', '.join(FORMATS)}")
     kind = detect_format(url, storage_options) if format == "auto" else format
+    # Taken before anything is read: a file that changes while it is being read then differs next time.
+    fingerprint = source_fingerprint(url, kind, storage_options)
     if kind == "builtin":
-        return open_builtin(url)
-    if kind == "parquet":
-        return open_parquet(url, storage_options, image_column=image_column, label_column=label_column)
-    return {"folder": open_folder, "idx": open_idx, "npz": open_npz}[kind](url, storage_options)
+        source = open_builtin(url)
+    elif kind == "parquet":
+        source = open_parquet(url, storage_options, image_column=image_column, label_column=label_column)
+    else:
+        source = {"folder": open_folder, "idx": open_idx, "npz": open_npz}[kind](url, storage_options)
+    source.fingerprint = fingerprint
+    return source
+
+
+def source_fingerprint(url: str, kind: str, storage_options: dict | None = None) -> str | None:
+    """SHA-256 over the sorted (relative path, size, ETag or modification time) of every file the source
+    may read: the files below a folder, one file, or the files beside a single IDX file (its labels file
+    sits there). Listed, never read, so it costs a directory listing. A built-in source is its name.
+    None when some file has no stamp or the listing fails (the opener then names the problem)."""
+    if kind == "builtin":
+        return url
+    fs, path = resolve(url, storage_options)
+    try:
+        root = posixpath.dirname(path) if kind == "idx" and not fs.isdir(path) else path
+        fs.invalidate_cache(root)  # object stores cache listings; a changed file must be seen
+        infos: dict[str, Any] = fs.find(root, detail=True) if fs.isdir(root) else {path: fs.info(path)}
+    except OSError:
+        return None
+    rows = sorted((p[len(root):].lstrip("/"), i.get("size"), next((str(i[k]) for k in _STAMPS if i.get(k)), None))
+                  for p, i in infos.items() if i.get("type", "file") == "file")
+    if not rows or any(stamp is None for *_, stamp in rows):
+        return None
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()

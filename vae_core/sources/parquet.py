@@ -131,31 +131,41 @@ def open_parquet(url: str, storage_options: dict | None = None, image_column: st
         raise SourceError(f"{url}: empty source (0 rows)")
     columns = [c for c in (img_col, lab_col, id_col, split_col) if c]
 
+    def raw_batch(rb: pa.RecordBatch, rel: str, full: str, row: int) -> RawBatch:
+        """A record batch of file `rel` (URL `full`) whose first row is the file's row `row`, as items."""
+        n = rb.num_rows
+        encoded, errors = _image_bytes(rb.column(img_col))
+        ids = ([str(v) for v in rb.column(id_col).to_pylist()] if id_col
+               else [f"{rel}#{i}" for i in range(row, row + n)])
+        splits: list[str | None] | None = None
+        if split_col:
+            splits = [split_from_name(str(s)) if s is not None else None for s in rb.column(split_col).to_pylist()]
+        elif path_split := _split_of_path(rel):
+            splits = [path_split] * n
+        return RawBatch(
+            ids=ids,
+            sources=[f"{full}#{i}" for i in range(row, row + n)],
+            labels=_labels(rb.column(lab_col), string_index) if lab_col else np.full(n, -1, np.int32),
+            splits=splits,
+            encoded=encoded,
+            errors=errors,
+        )
+
     def batches() -> Iterator[RawBatch]:
+        # Row group by row group: a corrupt page behind a valid footer costs the rows of its row group
+        # (quarantined, with the file and row group named), not the run.
         for f, pf in opened:
-            rel = posixpath.relpath(f, root)
-            path_split = _split_of_path(rel)
-            full = to_url(fs, f)
-            row = 0
-            for rb in pf.iter_batches(batch_size=BATCH, columns=columns):
-                n = rb.num_rows
-                encoded, errors = _image_bytes(rb.column(img_col))
-                ids = ([str(v) for v in rb.column(id_col).to_pylist()] if id_col
-                       else [f"{rel}#{i}" for i in range(row, row + n)])
-                splits: list[str | None] | None = None
-                if split_col:
-                    splits = [split_from_name(str(s)) if s is not None else None for s in rb.column(split_col).to_pylist()]
-                elif path_split:
-                    splits = [path_split] * n
-                yield RawBatch(
-                    ids=ids,
-                    sources=[f"{full}#{i}" for i in range(row, row + n)],
-                    labels=_labels(rb.column(lab_col), string_index) if lab_col else np.full(n, -1, np.int32),
-                    splits=splits,
-                    encoded=encoded,
-                    errors=errors,
-                )
-                row += n
+            rel, full, row = posixpath.relpath(f, root), to_url(fs, f), 0
+            for k in range(pf.num_row_groups):
+                try:
+                    table = pf.read_row_group(k, columns=columns)
+                except (OSError, pa.ArrowException) as e:
+                    yield _unreadable_row_group(pf, k, row, rel, full, id_col, e)
+                    row += pf.metadata.row_group(k).num_rows
+                    continue
+                for rb in table.to_batches(max_chunksize=BATCH):
+                    yield raw_batch(rb, rel, full, row)
+                    row += rb.num_rows
 
     return Source(
         kind="parquet", url=url, batches=batches, size=rows, label_names=names, ids_unique=id_col is None,
@@ -165,12 +175,41 @@ def open_parquet(url: str, storage_options: dict | None = None, image_column: st
     )
 
 
+def _unreadable_row_group(pf: pq.ParquetFile, k: int, first: int, rel: str, full: str, id_col: str | None,
+                          error: Exception) -> RawBatch:
+    """The rows of row group `k` (file rows first..) as items quarantined because the group cannot be read.
+
+    Ids are those a readable group would give (`<file>#<row>`, or the id column if it alone still reads);
+    when the id column is unreadable too, `<file>#rg<k>:<row within the group>`, which no readable row has.
+    """
+    n = pf.metadata.row_group(k).num_rows
+    ids = [f"{rel}#{i}" for i in range(first, first + n)]
+    if id_col:
+        try:
+            ids = [str(v) for v in pf.read_row_group(k, columns=[id_col]).column(id_col).to_pylist()]
+        except (OSError, pa.ArrowException):
+            ids = [f"{rel}#rg{k}:{i}" for i in range(n)]
+    reason = f"{full}: row group {k} cannot be read ({' '.join(str(error).split())})"  # one line, as every reason
+    return RawBatch(ids=ids, sources=[f"{full}#{i}" for i in range(first, first + n)], labels=np.full(n, -1, np.int32),
+                    encoded=[None] * n, errors=[reason] * n)
+
+
+def _readable_row_groups(pf: pq.ParquetFile, column: str) -> Iterator[pa.ChunkedArray]:
+    """`column` of each row group that can be read; `batches` quarantines the rows of the others."""
+    for k in range(pf.num_row_groups):
+        try:
+            col = pf.read_row_group(k, columns=[column]).column(column)
+        except (OSError, pa.ArrowException):
+            continue
+        yield col
+
+
 def _source_splits(opened: list[tuple[str, pq.ParquetFile]], root: str, split_col: str | None) -> tuple[str, ...]:
     """The splits present: from the split column's values (one cheap pass), else from file paths."""
     found: set[str] = set()
     for f, pf in opened:
         if split_col:
-            values = pf.read(columns=[split_col]).column(split_col).unique().to_pylist()
+            values = {v for col in _readable_row_groups(pf, split_col) for v in col.unique().to_pylist()}
             found.update(s for v in values if v is not None and (s := split_from_name(str(v))))
         elif (s := _split_of_path(posixpath.relpath(f, root))):
             found.add(s)
@@ -187,8 +226,8 @@ def _label_names(opened: list[tuple[str, pq.ParquetFile]], schema: pa.Schema,
         return _class_label_names(schema, lab_col), None
     values: set[str] = set()
     for _, pf in opened:  # one cheap pass over the label column only
-        col = pf.read(columns=[lab_col]).column(lab_col)
-        values.update(str(v) for v in col.to_pylist() if v is not None)
+        for col in _readable_row_groups(pf, lab_col):
+            values.update(str(v) for v in col.to_pylist() if v is not None)
     names = sorted(values)
     return names, {n: i for i, n in enumerate(names)}
 

@@ -1,0 +1,95 @@
+"""Publishing a version under the data root when the upload is interrupted: readers see nothing, and
+the re-run completes it and leaves no temporary behind."""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vae_core.ingest import run_ingest
+from vae_core.requests import IngestRequest
+from vae_core.shards import MANIFEST, SPLITS, list_versions, open_dataset, read_split_u8, resolve
+
+ROWS = 60
+
+
+@pytest.fixture(params=["local", "memory"])
+def data_root(request, tmp_path):
+    if request.param == "local":
+        yield str(tmp_path / "ds")
+        return
+    url = f"memory://publish-{uuid.uuid4().hex}"
+    yield url
+    fs, path = resolve(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)
+
+
+def _request(tmp_path: Path, data_root: str) -> IngestRequest:
+    """60 distinct images: train, val and test each get a shard, so the upload has three files."""
+    np.savez(tmp_path / "src.npz", images=np.random.default_rng(5).integers(0, 256, (ROWS, 4, 4), np.uint8))
+    return IngestRequest(name="toy", source=str(tmp_path / "src.npz"), data_root=data_root, workers=1)
+
+
+def _files(data_root: str) -> list[str]:
+    fs, path = resolve(data_root)
+    fs.invalidate_cache(path)
+    return fs.find(path)
+
+
+def _interrupted_run(cfg: IngestRequest, monkeypatch) -> None:
+    """run_ingest, with the second shard upload writing part of its bytes and then interrupted (Ctrl-C)."""
+    fs, _ = resolve(cfg.root())
+    real = type(fs).put_file
+    uploads: list[str] = []
+
+    def put_file(self, lpath, rpath, *args, **kw):
+        uploads.append(rpath)
+        if len(uploads) < 2:
+            return real(self, lpath, rpath, *args, **kw)
+        self.pipe_file(rpath, Path(lpath).read_bytes()[:100])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(type(fs), "put_file", put_file)
+        with pytest.raises(KeyboardInterrupt):
+            run_ingest(cfg)
+    assert len(uploads) == 2
+
+
+def _assert_complete(data_root: str) -> None:
+    info = open_dataset(data_root, "toy")
+    ids = [i for s in SPLITS for i in read_split_u8(info, s)[2]]
+    assert sorted(ids, key=int) == [str(i) for i in range(ROWS)]
+    assert not [f for f in _files(data_root) if ".tmp-" in f]
+
+
+def test_interrupted_publish_leaves_nothing_a_reader_sees_and_a_rerun_completes(tmp_path, monkeypatch, data_root):
+    cfg = _request(tmp_path, data_root)
+    _interrupted_run(cfg, monkeypatch)
+    left = _files(data_root)
+    assert left and not [f for f in left if ".tmp-" in f or f.endswith(MANIFEST)]  # one shard, no temporary
+    assert list_versions(data_root, "toy") == []
+    with pytest.raises(FileNotFoundError, match="no dataset 'toy'"):
+        open_dataset(data_root, "toy")
+    r = run_ingest(cfg)
+    assert r.created and list_versions(data_root, "toy") == [r.version] and r.manifest.items.ok == ROWS
+    _assert_complete(data_root)
+
+
+def test_rerun_removes_temporaries_a_killed_run_left(tmp_path, monkeypatch, data_root):
+    cfg = _request(tmp_path, data_root)
+    _interrupted_run(cfg, monkeypatch)
+    fs, root = resolve(data_root)
+    [vdir] = fs.ls(posixpath.join(root, "toy"), detail=False)  # the unfinished version folder
+    planted = [posixpath.join(vdir, ".manifest.json.tmp-0123abcd"),
+               posixpath.join(vdir, "train", f".part-00000.parquet.tmp-{uuid.uuid4().hex}")]
+    for p in planted:  # as a SIGKILL mid-upload leaves them: no process left to clean up
+        fs.pipe_file(p, b"partial upload")
+    run_ingest(cfg)
+    _assert_complete(data_root)
