@@ -25,6 +25,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows import registry, tracking
+from flows.train_progress import Progress
 from vae_core.settings import checkpoint_root, data_root
 from vae_core import VAEConfig, load_config
 from vae_core.errors import TrainError, VAEError
@@ -158,12 +159,15 @@ def checkpoint_storage(url: str) -> tuple[str, Any]:
 
 
 def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
-        plan: DataPlan) -> tuple[Any, dict[str, float]]:
-    """Run Ray Train; returns (final checkpoint, final metrics) plus start-up timings in the metrics."""
+        plan: DataPlan, progress: bool = False) -> tuple[Any, dict[str, float]]:
+    """Run Ray Train; returns (final checkpoint, final metrics) plus start-up timings in the metrics.
+
+    `progress` prints a line per epoch, worker failure and resumption to stderr while it runs.
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from flows.train_worker import train_loop_per_worker
+    from flows.train_worker import FailureRecorder, train_loop_per_worker
 
     t0 = time.perf_counter()
     with ray_session() as resources:
@@ -190,10 +194,12 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
                 failure_config=FailureConfig(max_failures=req.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 worker_runtime_env={"env_vars": env},
+                callbacks=[FailureRecorder(run_id, env["MLFLOW_TRACKING_URI"])],
             ),
         )
         try:
-            result = trainer.fit()
+            with Progress(run_id, cfg.train.epochs) if progress else contextlib.nullcontext():
+                result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors: raise the typed one a worker raised
             raise worker_error(e) from e
         if result.error is not None:
@@ -243,17 +249,18 @@ def _summary_markdown(out: dict[str, Any]) -> str:
 
 
 @flow(name="train-vae")
-def train_vae(request: TrainRequest) -> dict[str, Any]:
+def train_vae(request: TrainRequest, progress: bool = False) -> dict[str, Any]:
     """Train a VAE on a dataset version with Ray Train and register it as `vae-<dataset>@challenger`.
 
     Returns what `vae train --json` prints: run id and URL, model name, version and URI, dataset
-    version, final metrics and start-up timings. Marks the MLflow run FAILED on any error.
+    version, final metrics and start-up timings. Marks the MLflow run FAILED on any error. `progress`
+    prints a line per epoch, worker failure and resumption to stderr (`vae train` without --json).
     """
     info, cfg, run_id, plan = prepare_task(request)
     run = tracking.RunLogger(run_id)
     monitor = tracking.start_system_metrics(run_id)  # CPU, memory, GPU of the driver's node
     try:
-        checkpoint, metrics = fit_task(request, info, cfg, run_id, plan)
+        checkpoint, metrics = fit_task(request, info, cfg, run_id, plan, progress)
         name = request.model_name or registry.default_model_name(info.name)
         version, register_s = register_task(run_id, checkpoint, name, info.version)
         metrics["startup/register_s"] = register_s

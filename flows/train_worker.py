@@ -1,4 +1,5 @@
-"""The function every Ray Train worker runs: load the data, train with DDP, checkpoint, log from rank 0.
+"""The function every Ray Train worker runs: load the data, train with DDP, checkpoint, log from rank 0;
+and the callback Ray Train's controller runs, which records worker failures in the run.
 
 The training setup itself is `vae_core.fit.Fit`; this module adds what Ray brings: the rank's data,
 DDP, checkpoints reported to Ray Train, and rank 0's MLflow logging.
@@ -6,11 +7,13 @@ DDP, checkpoints reported to Ray Train, and rank 0's MLflow logging.
 Resumption contract: a checkpoint is the `Fit` bundle (modules, optimizers, schedulers, epochs and
 steps done) and the metrics of its epoch. A restarted worker group continues from the next epoch;
 rank 0 logs only steps and epochs that MLflow does not have yet, so the run gets every epoch exactly
-once whatever the worker died in the middle of.
+once whatever the worker died in the middle of. Each failure is a run tag `failure/N` and each resumption
+a point of the metric `resumed_from_epoch`: what `vae train` shows while it runs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
@@ -158,6 +161,31 @@ def _report(fit: Fit, epoch: int, metrics: dict[str, float]) -> None:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # report() has uploaded it (synchronously)
 
 
+class FailureRecorder(ray.train.UserCallback):
+    """Tags the run `failure/N` = each failed rank's error, from Ray Train's controller.
+
+    The controller is the one process that sees every worker error (a killed worker's included)
+    before it restarts the group; worker output never reaches the driver (log_to_driver=False), and a
+    recovered failure leaves no other trace, so the run keeps it and `vae train` prints it from there.
+    """
+
+    def __init__(self, run_id: str, tracking_uri: str):
+        self.run_id, self.tracking_uri, self.failures = run_id, tracking_uri, 0
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        from flows.tracking import RunLogger
+
+        self.failures += 1
+        errors = []
+        for rank, e in sorted(worker_exceptions.items()):
+            first_line = str(e).strip().split("\n")[0]
+            errors.append(f"rank {rank}: {type(e).__name__}: {first_line}"[:500])
+        try:
+            RunLogger(self.run_id, self.tracking_uri).set_tags({f"failure/{self.failures}": "; ".join(errors)})
+        except Exception:  # a record lost must not turn a failure Ray would recover from into a failed run
+            logging.getLogger(__name__).warning("could not record worker failure %d", self.failures, exc_info=True)
+
+
 def train_loop_per_worker(spec: WorkerSpec) -> None:
     """Ray Train entry point."""
     tcfg = spec.config.train
@@ -184,6 +212,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
     logger = _EpochLogger(spec.run_id, tcfg.log_every, tcfg.batch_size * world) if rank == 0 else None
     if logger is not None and last_metrics:
         logger.on_epoch(fit.state.epoch, last_metrics)  # the crash may have come between checkpoint and log
+        logger.run.log_metrics({"resumed_from_epoch": fit.state.epoch}, step=fit.state.step)
 
     for epoch in range(fit.state.epoch + 1, tcfg.epochs + 1):
         started = time.perf_counter()

@@ -47,13 +47,18 @@ def iterate_batches(
 ) -> Iterator[torch.Tensor]:
     """Batches of an in-memory uint8 tensor (N, H, W, C) as (B, C, H, W) views in channels_last layout.
 
-    With `world_size` > 1 each rank takes a disjoint, equally sized slice of the (shuffled) order; all
-    ranks must pass generators in the same state so they agree on the permutation.
+    With `world_size` > 1 each rank takes a disjoint slice of the (shuffled) order; all ranks must pass
+    generators in the same state so they agree on the permutation. With `drop_last` (training under
+    DDP, where ranks must take equal step counts) the slices are equal and the remainder is left out;
+    without it (validation) they differ by at most one image and together cover every image.
     """
     n = images.shape[0]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    per_rank = n // world_size if world_size > 1 else n
-    order = order[rank * per_rank : (rank + 1) * per_rank]
+    if drop_last:
+        per_rank = n // world_size
+        order = order[rank * per_rank : (rank + 1) * per_rank]
+    else:
+        order = order[rank * n // world_size : (rank + 1) * n // world_size]
     stop = (len(order) // batch_size) * batch_size if drop_last else len(order)
     for i in range(0, stop, batch_size):
         idx = order[i : i + batch_size]

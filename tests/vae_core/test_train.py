@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -87,6 +89,13 @@ def test_batches_split_disjointly_across_ranks():
         seen.append(torch.cat([b.flatten() for b in iterate_batches(data, 2, generator=gen, rank=rank, world_size=2)]))
     assert len(seen[0]) == len(seen[1]) == 5
     assert set(seen[0].tolist()).isdisjoint(seen[1].tolist())
+    # An odd split: validation (no drop_last) still scores every image once; training ranks stay equal.
+    odd = torch.arange(11, dtype=torch.uint8).view(11, 1, 1, 1)
+    parts = [torch.cat(list(iterate_batches(odd, 4, shuffle=False, rank=r, world_size=2))).flatten().tolist()
+             for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == list(range(11))
+    equal = [sum(len(b) for b in iterate_batches(odd, 1, rank=r, world_size=2, drop_last=True)) for r in range(2)]
+    assert equal == [5, 5]
     batch = next(iterate_batches(torch.zeros(4, 8, 8, 3, dtype=torch.uint8), 4))
     assert batch.shape == (4, 3, 8, 8) and batch.is_contiguous(memory_format=torch.channels_last)
 
@@ -100,8 +109,15 @@ def test_weights_round_trip_safely(tmp_path):
     assert loaded.config == model.config
     x = _images(4).permute(0, 3, 1, 2)
     torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x))
+    # A safetensors file and nothing else: an 8-byte header length, a JSON header naming every tensor, then
+    # exactly their raw bytes; no room for a pickle (torch.save writes a zip: "PK\x03\x04...", no such header).
     blob = (tmp_path / "m" / "model.safetensors").read_bytes()
-    assert b"pickle" not in blob[:200]
+    n = int.from_bytes(blob[:8], "little")
+    assert blob[8:9] == b"{" and 8 + n <= len(blob), blob[:16]
+    header = json.loads(blob[8 : 8 + n])
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    assert tensors.keys() == model.state_dict().keys()
+    assert 8 + n + max(v["data_offsets"][1] for v in tensors.values()) == len(blob)
     assert [p.name for p in (tmp_path / "m").iterdir()] == ["model.safetensors"]  # no temporary left
     with pytest.raises(ValueError, match="no model config"):
         from safetensors.torch import save

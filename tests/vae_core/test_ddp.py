@@ -1,0 +1,87 @@
+"""Data parallelism as the Ray worker runs it (`Fit` + DistributedDataParallel + gloo), without Ray: two
+processes on 127.0.0.1, each training on its own half of the data."""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vae_core import load_config
+from vae_core.fit import Fit, steps_per_epoch
+from vae_core.train import iterate_batches
+
+# Noise-free inputs: no binarisation, and Bernoulli targets are the grey levels themselves (Gaussian and
+# logistic would add dequantisation noise), so validation's KL term is a function of the weights and
+# images alone. The reconstruction term still depends on the posterior sample, which is seeded per rank.
+OVERRIDES = ["model.hidden_channels=[8,16]", "model.hidden_dim=32", "model.binarize=false",
+             "model.likelihood=bernoulli", "train.batch_size=16", "train.num_threads=1"]
+TRAIN, VAL = 128, 64  # images; each rank gets half, in whole batches
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 8, 8, 1) training and validation images, made here."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (TRAIN + VAL, 8, 8, 1), generator=g, dtype=torch.uint8)
+    return images[:TRAIN], images[TRAIN:]
+
+
+def _fit(rank: int) -> Fit:
+    cfg = load_config("digits", OVERRIDES)
+    return Fit.create(cfg, steps_per_epoch(TRAIN, cfg.train.batch_size, 2), "cpu", rank)
+
+
+def _rank(rank: int, port: int, outs: list[str]) -> None:
+    """One DDP rank: an epoch on its half, then validation on its half combined as the Ray worker's
+    `_validate` combines it (sums weighted by images, all-reduced in float64)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        train, val = _data()
+        fit = _fit(rank)
+        ddp = torch.nn.parallel.DistributedDataParallel(fit.model)
+        fit.train_epoch(iterate_batches(train, 16, generator=fit.order(1), rank=rank, world_size=2, drop_last=True),
+                        forward=ddp)
+        m = fit.evaluate(iterate_batches(val, 16, shuffle=False, rank=rank, world_size=2), iw_samples=0)
+        sums = torch.tensor([m["kl"] * m["images"], m["images"]], dtype=torch.float64)
+        dist.all_reduce(sums)
+        whole = fit.evaluate(iterate_batches(val, 16, shuffle=False), iw_samples=0)  # this rank alone, every image
+        torch.save({"weights": fit.model.state_dict(), "combined": sums.tolist(), "whole": whole}, outs[rank])
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ranks_on_different_data_end_with_the_same_weights_and_validate_the_whole_split(tmp_path: Path):
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    mp.spawn(_rank, args=(_free_port(), outs), nprocs=2, join=True)
+    ranks = [torch.load(o, weights_only=True) for o in outs]
+
+    # A single process on rank 0's half only: what each rank would end with if gradients were not averaged.
+    train, _ = _data()
+    alone = _fit(0)
+    alone.train_epoch(iterate_batches(train[: TRAIN // 2], 16, generator=alone.order(1)))
+
+    w0, w1 = ranks[0]["weights"], ranks[1]["weights"]
+    assert w0.keys() == w1.keys() == alone.model.state_dict().keys()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), "the ranks' weights diverged: gradients were not averaged"
+    assert not all(torch.equal(w0[k], v) for k, v in alone.model.state_dict().items()), \
+        "the ranks ended where one half alone leads: the other half's gradients were not used"
+
+    # Validation: the combined KL over the two halves is the whole split's, scored by one process with the
+    # same weights. Each rank's batches are the whole split's batches (contiguous halves, whole batches),
+    # so every batch's KL is bit for bit the same: only the float64 sums are added in another order.
+    for r in ranks:
+        kl_sum, images = r["combined"]
+        assert images == VAL == r["whole"]["images"]
+        assert abs(kl_sum / images - r["whole"]["kl"]) <= 1e-12 * abs(r["whole"]["kl"]), (kl_sum / images, r["whole"])
+
