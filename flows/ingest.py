@@ -17,7 +17,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from vae_core.requests import IngestRequest
-from vae_core.ingest import IngestResult, StagedDataset, build, open_source_for, publish, summary_markdown
+from vae_core.ingest import (IngestResult, StagedDataset, build, find_unchanged, open_source_for, publish,
+                             summary_markdown)
 from vae_core.sources.base import Source
 
 
@@ -55,8 +56,9 @@ def ingest_dataset(request: IngestRequest, progress: bool = False) -> dict[str, 
     $VAE_HOME/datasets); returns the summary `vae ingest --json` prints (name, version, path, counts
     per split, quarantined, ...)."""
     src = open_source_task(request)
-    staged = build_task(src, request, progress)
-    result = publish_task(staged, request)
+    # The same input as an existing version (by its fingerprint): nothing to decode or write.
+    if (result := find_unchanged(request, src)) is None:
+        result = publish_task(build_task(src, request, progress), request)
     logger = get_run_logger()
     logger.info("%s %s@%s at %s: %s", "created" if result.created else "found existing", result.name,
                 result.version, result.url, result.manifest.counts)

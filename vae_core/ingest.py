@@ -171,7 +171,7 @@ def find_unchanged(cfg: IngestRequest, source: Source) -> IngestResult | None:
         return None
     fs, root = resolve(cfg.root(), cfg.data_root_options)
     for version in reversed(list_versions(cfg.root(), cfg.name, cfg.data_root_options)):
-        vdir = posixpath.join(root, cfg.name, version)
+        vdir = dataset_dir(root, cfg.name, version)
         m = read_manifest(fs, vdir)
         # Under a stricter max_quarantine_fraction than it was made with, a full run must fail as usual.
         within = m.items.quarantined / m.items.seen <= cfg.max_quarantine_fraction

@@ -91,3 +91,21 @@ def test_flow_fails_fast_on_a_bad_source(tmp_path):
     with pytest.raises(SourceError, match="wrong IDX magic"):  # the JSON a deployment run passes
         ingest_dataset(request={"source": str(tmp_path), "name": "bad", "data_root": str(tmp_path / "ds")})
     assert not (tmp_path / "ds").exists()
+
+
+def test_flow_rerun_on_unchanged_input_decodes_nothing(tmp_path, monkeypatch):
+    import vae_core.ingest
+    from flows.ingest import ingest_dataset
+    from vae_core.requests import IngestRequest
+
+    _folder(tmp_path / "src", n=12)
+    req = IngestRequest(source=str(tmp_path / "src"), name="pngs", data_root=str(tmp_path / "ds"), workers=1,
+                        max_quarantine_fraction=0.2)
+    first = ingest_dataset(req)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the unchanged input was decoded again")
+
+    monkeypatch.setattr(vae_core.ingest, "decode_stream", no_decoding)
+    again = ingest_dataset(req)
+    assert (again["version"], again["created"]) == (first["version"], False)
