@@ -1,18 +1,25 @@
 """The `vae` command line: each pipeline stage on one machine, with embedded defaults.
 
 A stage's options come from its request (`vae_core.requests`), declared there once. Heavy imports
-(torch, prefect, ray, mlflow) happen inside the commands so `vae --help` is instant.
+(torch, prefect, ray, mlflow) happen inside the commands so `vae --help` is instant. How a command ends
+(one `error:` line, `--debug`, Ctrl-C) is `flows.cli_outcome`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from flows.cli_request import fail, request_command
+from flows.cli_outcome import DEBUG, outcome
+from flows.cli_request import request_command
+from vae_core import settings
 from vae_core.requests import IngestRequest, TrainRequest
 
 app = typer.Typer(
@@ -29,21 +36,18 @@ AS_JSON = (Annotated[bool, typer.Option("--json", help="Print one JSON object in
 
 @request_command(app, IngestRequest, extra={"prefect": (Annotated[bool, typer.Option(
     help="Run as the Prefect flow `ingest-dataset` (--no-prefect: in process).")], True), "as_json": AS_JSON})
-def ingest(req: IngestRequest, prefect: bool, as_json: bool) -> None:
+def ingest(req: IngestRequest, prefect: bool, as_json: bool, debug: bool) -> None:
     """Turn an image source into versioned, validated Parquet shards (a re-run finds the same version)."""
-    from vae_core.errors import VAEError
-    from vae_core.ingest import run_ingest
-    from vae_core.sources.base import SourceError
+    if prefect:
+        prefect_defaults()
+        from flows.ingest import ingest_dataset
 
-    try:
-        if prefect:
-            from flows.ingest import ingest_dataset
+        quiet_prefect_logs(debug)
+        out = ingest_dataset(req, progress=not as_json)
+    else:
+        from vae_core.ingest import run_ingest
 
-            out = ingest_dataset(req, progress=not as_json)
-        else:
-            out = run_ingest(req, progress=not as_json).summary()
-    except (SourceError, VAEError, ValueError, FileNotFoundError) as e:
-        raise fail(e) from None
+        out = run_ingest(req, progress=not as_json).summary()
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -56,21 +60,76 @@ def ingest(req: IngestRequest, prefect: bool, as_json: bool) -> None:
 
 
 @request_command(app, TrainRequest, extra={"as_json": AS_JSON})
-def train(req: TrainRequest, as_json: bool) -> None:
+def train(req: TrainRequest, as_json: bool, debug: bool) -> None:
     """Train a VAE on an ingested dataset with Ray, tracked and registered in MLflow."""
-    from flows.train import train_vae
-    from vae_core.errors import VAEError
+    from vae_core.config import load_config
 
-    try:
-        out = train_vae(req)
-    except (VAEError, FileNotFoundError, ValueError) as e:
-        raise fail(e) from None
+    load_config(req.preset, req.overrides)  # a bad preset or override fails here, in a second, not in the flow
+    prefect_defaults()
+    starting = start_prefect_server()
+    from flows.train import train_vae  # Ray, MLflow, torch: ~3 s, while the server starts
+
+    quiet_prefect_logs(debug)
+    if starting:
+        starting.join()
+    out = train_vae(req)
     if as_json:
         typer.echo(json.dumps(out))
     else:
         m = out["metrics"]
         typer.echo(f"run {out['run_id']}: {out['model_uri']} (version {out['model_version']})")
         typer.echo(f"final loss {m.get('loss', float('nan')):.3f}, val loss {m.get('val_loss', float('nan')):.3f}")
+
+
+def prefect_defaults() -> None:
+    """Defaults for Prefect, set before it is first imported (it reads them then): its state under
+    $VAE_HOME/prefect unless PREFECT_HOME says otherwise, and no telemetry from its temporary server (whose
+    heartbeat also races the server's own start-up writes to SQLite: `database is locked` tracebacks)."""
+    if "PREFECT_HOME" not in os.environ and (home := settings.prefect_home()):
+        Path(home).mkdir(mode=0o700, parents=True, exist_ok=True)  # Prefect creates the last level only
+        os.environ["PREFECT_HOME"] = home
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def start_prefect_server() -> threading.Thread | None:
+    """Start Prefect's temporary server in the background, unless PREFECT_API_URL names a server to use, so
+    that its start-up (~4 s) overlaps the imports that follow; the flow's client finds it running (Prefect
+    keeps one per process). Returns the thread to join before the flow runs."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def start() -> None:
+        with contextlib.suppress(Exception):  # a server that fails to start fails again, reported, in the flow
+            SubprocessASGIServer().start()
+
+    starting = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    starting.start()
+    return starting
+
+
+class _NoTracebacks(logging.Filter):
+    """Prefect's console lines without the tracebacks it attaches (the `vae` command prints the error in
+    one line) and without its temporary server's start/stop notices (which would follow that line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return not (record.name == "prefect" and record.module == "server")
+
+
+_NO_TRACEBACKS = _NoTracebacks()
+
+
+def quiet_prefect_logs(debug: bool) -> None:
+    """Put `_NoTracebacks` on the console handlers Prefect set up (or, with --debug, take it off). Only the
+    console's: records reach the API log handler first, so the flow run's logs keep their tracebacks."""
+    for name in ("", "prefect._internal"):
+        for handler in logging.getLogger(name).handlers:
+            handler.removeFilter(_NO_TRACEBACKS)
+            if not debug and type(handler).__module__.startswith("prefect."):
+                handler.addFilter(_NO_TRACEBACKS)
 
 
 def _not_yet(stage: str, summary: str) -> None:
@@ -93,11 +152,13 @@ def demo(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default $VAE_HOME/demo).")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 20,
     as_json: AS_JSON[0] = False,
+    debug: DEBUG[0] = False,
 ) -> None:
     """Run what exists end to end on scikit-learn's digits (offline): train, score, draw pictures."""
-    from flows.demo import run_demo
+    with outcome(debug):
+        from flows.demo import run_demo
 
-    result = run_demo(out, epochs=epochs, progress=not as_json)
+        result = run_demo(out, epochs=epochs, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(result))
     else:

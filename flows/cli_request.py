@@ -2,8 +2,8 @@
 
 Each field of the request becomes `--field-name` (or the names in `json_schema_extra={"cli": [...]}`;
 "argument" makes it positional, None leaves it out of the command line), with the field's description
-as help and its default as default. The command validates the request before it does anything else and
-reports a bad value in one line that names the option.
+as help and its default as default. The command validates the request before it does anything else,
+then runs inside `flows.cli_outcome.outcome` (one `error:` line, `--debug`, Ctrl-C).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import BaseModel, ValidationError
+
+from flows.cli_outcome import DEBUG, fail, outcome
 
 
 def _cli_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
@@ -54,20 +56,11 @@ def _parameter(name: str, field: Any) -> inspect.Parameter | None:
                              annotation=Annotated[kind, info])
 
 
-def fail(e: Exception) -> typer.Exit:
-    """Print `error: <problem>` in red on stderr, one line (pydantic's own text spans many lines and a
-    URL); return the exit to raise (code 1)."""
-    text = str(e)
-    if isinstance(e, ValidationError):
-        text = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in e.errors())
-    typer.secho(f"error: {text}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=1)
-
-
 def request_command(app: typer.Typer, model: type[BaseModel], extra: dict[str, tuple[Any, Any]] | None = None):
-    """Register the decorated `body(request, **extra)` as a command whose options are `model`'s fields
-    plus `extra` ({name: (Annotated type, default)}: command-line only switches such as --json)."""
-    extra = extra or {}
+    """Register the decorated `body(request, **extra, debug=...)` as a command whose options are `model`'s
+    fields plus `extra` ({name: (Annotated type, default)}: command-line only switches such as --json) and
+    --debug; it runs inside `outcome`."""
+    extra = {**(extra or {}), "debug": DEBUG}
 
     def register(body: Callable[..., None]) -> Callable[..., None]:
         params = [p for name, f in model.model_fields.items() if (p := _parameter(name, f)) is not None]
@@ -80,7 +73,8 @@ def request_command(app: typer.Typer, model: type[BaseModel], extra: dict[str, t
                 request = model.model_validate({k: v for k, v in kwargs.items() if v is not None})
             except (ValidationError, ValueError) as e:
                 raise fail(e) from None
-            body(request, **switches)
+            with outcome(switches["debug"]):
+                body(request, **switches)
 
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__doc__ = body.__doc__

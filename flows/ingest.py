@@ -39,10 +39,7 @@ def build_task(source: Source, req: IngestRequest, progress: bool) -> StagedData
 
 @task(name="publish-version", cache_policy=NO_CACHE)
 def publish_task(staged: StagedDataset, req: IngestRequest) -> IngestResult:
-    try:
-        return publish(staged, req)
-    finally:
-        staged.cleanup()
+    return publish(staged, req)
 
 
 def artifact_key(name: str) -> str:
@@ -58,7 +55,11 @@ def ingest_dataset(request: IngestRequest, progress: bool = False) -> dict[str, 
     src = open_source_task(request)
     # The same input as an existing version (by its fingerprint): nothing to decode or write.
     if (result := find_unchanged(request, src)) is None:
-        result = publish_task(build_task(src, request, progress), request)
+        staged = build_task(src, request, progress)
+        try:  # here, not in the task: a Ctrl-C or an API error between the two tasks must not leave it behind
+            result = publish_task(staged, request)
+        finally:
+            staged.cleanup()
     logger = get_run_logger()
     logger.info("%s %s@%s at %s: %s", "created" if result.created else "found existing", result.name,
                 result.version, result.url, result.manifest.counts)

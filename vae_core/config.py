@@ -6,6 +6,7 @@ dataset's manifest (`with_image_shape`), so any ingested dataset trains without 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from importlib import resources
@@ -14,7 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from vae_core.errors import ConfigError
 
 # Presets ship inside the package (package data), so a wheel or `pip install .` has them too;
 # the top-level `configs/` of a checkout is a symlink to this folder.
@@ -146,7 +149,7 @@ def load_config(preset: str | Path = "mnist", overrides: list[str] | dict[str, A
 
     Raises:
         FileNotFoundError: unknown preset, listing the shipped ones.
-        pydantic.ValidationError: a bad key or value, naming it.
+        ConfigError: a bad key or value, in one line that names it (see `config_error`).
     """
     path: Path | Traversable = Path(preset)
     if not path.suffix:
@@ -155,4 +158,34 @@ def load_config(preset: str | Path = "mnist", overrides: list[str] | dict[str, A
         raise FileNotFoundError(f"no config preset {str(preset)!r}; shipped presets: {', '.join(list_presets())}")
     data = yaml.safe_load(path.read_text()) or {}
     data.setdefault("name", Path(path.name).stem)
-    return VAEConfig.model_validate(apply_overrides(data, overrides or {}))
+    try:
+        return VAEConfig.model_validate(apply_overrides(data, overrides or {}))
+    except ValidationError as e:
+        raise config_error(e) from None
+
+
+def config_error(e: ValidationError) -> ConfigError:
+    """pydantic's report (many lines, a URL per error) as one line a user can act on, e.g.
+    `train.lrr: no such key; did you mean lr? train keys: amp, batch_size, ...` or
+    `train.lr='abc': Input should be a valid number, ...`."""
+    parts = []
+    for err in e.errors():
+        where = ".".join(map(str, err["loc"]))
+        if err["type"] == "extra_forbidden":
+            keys = _keys_beside(err["loc"])
+            close = difflib.get_close_matches(str(err["loc"][-1]), keys, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            section = ".".join(map(str, err["loc"][:-1])) or "config"
+            parts.append(f"{where}: no such key; {hint}{section} keys: {', '.join(keys)}")
+        else:
+            value = "" if isinstance(err["input"], dict) else f"={err['input']!r}"
+            parts.append(f"{where or 'config'}{value}: {err['msg'].removeprefix('Value error, ')}")
+    return ConfigError("; ".join(parts))
+
+
+def _keys_beside(loc: tuple[int | str, ...]) -> list[str]:
+    """The valid keys of the section holding `loc`'s last key, sorted (VAEConfig's own at the top)."""
+    model: Any = VAEConfig
+    for key in loc[:-1]:  # pydantic reports an extra key only inside a model, so each step is a model field
+        model = model.model_fields[str(key)].annotation
+    return sorted(model.model_fields)

@@ -18,3 +18,7 @@ class TrainError(VAEError, RuntimeError):
 
 class NonFiniteLossError(TrainError):
     """The loss became NaN or infinite; training stops rather than write garbage weights."""
+
+
+class ConfigError(VAEError, ValueError):
+    """A preset or override names a key the config does not have, or gives a key a value it cannot take."""

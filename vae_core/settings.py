@@ -17,3 +17,12 @@ def data_root() -> str:
 
 def checkpoint_root() -> str:
     return os.environ.get("VAE_CHECKPOINT_ROOT", f"{vae_home().rstrip('/')}/checkpoints")
+
+
+def prefect_home() -> str | None:
+    """`$VAE_HOME/prefect`: where the `vae` command keeps Prefect's state (its temporary server's SQLite
+    database too, so migrations run once) beside everything else; None when VAE_HOME is not a local folder."""
+    scheme, sep, path = vae_home().partition("://")
+    if sep and scheme != "file":
+        return None
+    return str(Path(path if sep else scheme).expanduser().resolve() / "prefect")

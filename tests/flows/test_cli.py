@@ -1,7 +1,9 @@
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -54,7 +56,7 @@ def test_every_request_field_is_an_option_of_its_command_with_its_help_and_defau
             default = None if field.is_required() else field.get_default(call_default_factory=True)
             if default not in (None, {}):
                 assert param.default == default, field_name
-        assert set(params) - set(model.model_fields) <= {"prefect", "as_json"}
+        assert set(params) - set(model.model_fields) <= {"prefect", "as_json", "debug"}
     assert "--config" in {o for p in commands["train"].params for o in p.opts}  # the preset's older name
 
 
@@ -66,9 +68,46 @@ def test_a_bad_request_is_one_line_before_anything_starts():
         (["train", "--dataset", "mnist", "--workers", "0"], "workers: Input should be greater than or equal to 1"),
         (["train", "--dataset", "mnist", "--model-name", "a/b"], "model name 'a/b' must use only"),
         (["ingest", "x", "--name", "y", "--fit", "stretch"], "fit: Input should be 'crop' or 'pad'"),
+        (["train", "--dataset", "mnist", "--set", "train.nosuch=1"],
+         "train.nosuch: no such key; train keys: amp, batch_size, beta, channels_last, epochs"),
+        (["train", "--dataset", "mnist", "--set", "train.lr=abc"], "train.lr='abc': Input should be a valid number"),
+        (["train", "--dataset", "mnist", "--set", "model.laten_dim=4"], "did you mean latent_dim? model keys: "),
+        (["train", "--dataset", "mnist", "--preset", "nope"], "no config preset 'nope'; shipped presets: digits"),
     ]
     for args, message in cases:
         r = runner.invoke(app, args)
         assert r.exit_code == 1, (args, r.output)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)
+
+
+def _vae(args, env, timeout=300):
+    """`vae ARGS` in a fresh process, as a user runs it (Prefect's temporary server included)."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def _env(tmp_path, **extra):
+    """The test's environment without a Prefect server or home: the command picks them as a user's would."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "VAE_DEBUG")}
+    return {**env, "VAE_HOME": str(tmp_path / "vae"), **extra}
+
+
+@pytest.mark.slow
+def test_an_error_in_prefect_mode_is_one_line_and_prefect_state_stays_under_vae_home(tmp_path):
+    r = _vae(["ingest", str(tmp_path / "missing"), "--name", "x"], _env(tmp_path))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing'}: source not found", r.stderr
+    assert "Traceback" not in r.stderr and "database is locked" not in r.stderr, r.stderr
+    assert "Flow run" in r.stderr  # Prefect's progress lines stay
+    assert (tmp_path / "vae" / "prefect" / "prefect.db").is_file()  # not ~/.prefect
+
+
+@pytest.mark.slow
+def test_debug_shows_the_tracebacks_and_a_set_prefect_home_is_kept(tmp_path):
+    env = _env(tmp_path, PREFECT_HOME=str(tmp_path / "ph"))
+    r = _vae(["ingest", str(tmp_path / "missing"), "--name", "x", "--debug"], env)
+    assert r.returncode == 1, r.stderr
+    assert f"error: {tmp_path / 'missing'}: source not found" in r.stderr.splitlines(), r.stderr
+    assert "Traceback" in r.stderr
+    assert (tmp_path / "ph" / "prefect.db").is_file() and not (tmp_path / "vae" / "prefect").exists()

@@ -7,7 +7,6 @@ registered model (docs/models.md), then the library tour (README.md).
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 

@@ -109,3 +109,21 @@ def test_flow_rerun_on_unchanged_input_decodes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(vae_core.ingest, "decode_stream", no_decoding)
     again = ingest_dataset(req)
     assert (again["version"], again["created"]) == (first["version"], False)
+
+
+def test_flow_removes_its_staging_folder_when_publishing_never_starts(tmp_path, monkeypatch):
+    """Between build-shards and publish-version (a Ctrl-C, Prefect failing to start the task), the staged
+    shards must not stay behind in the scratch folder."""
+    import flows.ingest
+    from vae_core.requests import IngestRequest
+
+    def api_gone(*args, **kwargs):
+        raise RuntimeError("the API went away before publish-version started")
+
+    monkeypatch.setattr(flows.ingest, "publish_task", api_gone)
+    (tmp_path / "scratch").mkdir()
+    req = IngestRequest(source="builtin:digits", name="digits", data_root=str(tmp_path / "ds"),
+                        staging_dir=str(tmp_path / "scratch"))
+    with pytest.raises(RuntimeError, match="went away"):
+        flows.ingest.ingest_dataset(req)
+    assert not list((tmp_path / "scratch").iterdir())
