@@ -314,3 +314,41 @@ def test_parquet_corrupt_row_group_is_quarantined_with_file_and_row_group_named(
     with pytest.raises(IngestError, match=r"damaged\.parquet: 10 of 30 items .* row group 1 cannot be read"):
         run_ingest(IngestRequest(name="t", source=str(tmp_path / "damaged.parquet"), data_root=str(tmp_path / "ds2"),
                                  workers=1, max_quarantine_fraction=0.2))
+
+
+def test_decode_workers_end_when_their_parent_is_gone(tmp_path):
+    """A decode worker that missed an interrupt must not outlive the command that started it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import os, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from vae_core.sources.parallel import _context, exit_with_parent\n"
+        "pool = ProcessPoolExecutor(1, mp_context=_context(), initializer=exit_with_parent, initargs=(os.getpid(),))\n"
+        "print(pool.submit(os.getpid).result(), flush=True)\n"
+        "pool.submit(time.sleep, 120)\n"
+        "time.sleep(0.5)\n"
+        "os._exit(0)  # the parent dies without shutting its pool down, as a killed command does\n"
+    )
+    # Output to a file, not a pipe: an orphan would hold a pipe open and block the wait for it.
+    with open(tmp_path / "out", "w") as out:
+        subprocess.run([sys.executable, "-c", code], stdout=out, timeout=60, check=True)
+    worker = int((tmp_path / "out").read_text().split()[0])
+
+    def running() -> bool:  # a zombie (state Z) has ended; only its exit status waits to be collected
+        try:
+            with open(f"/proc/{worker}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and running():
+        time.sleep(0.1)
+    alive = running()
+    if alive:
+        os.kill(worker, 9)
+    assert not alive, "the orphaned decode worker kept running"

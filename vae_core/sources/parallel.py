@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -37,6 +39,17 @@ def _context() -> mp.context.BaseContext:
     # fork where the platform has it: workers inherit the imported modules instantly, whereas a spawned
     # worker would re-import this package (and torch with it, ~2 s) before decoding a single file.
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+def exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """Pool initializer: the worker ends itself once `parent` is gone. A worker forked just as the
+    command was interrupted can miss the signal and would otherwise wait on its queue forever."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _decode_in_process(batch: RawBatch, spec: ShapeSpec) -> Decoded:
@@ -80,7 +93,8 @@ def decode_stream(batches: Iterator[RawBatch], spec: ShapeSpec, workers: int = 0
                 inflight.append((batch, None, conform_pixels(batch.pixels, spec)))  # type: ignore[arg-type]
             else:
                 if pool is None:
-                    pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=_context())
+                    pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=_context(),
+                                               initializer=exit_with_parent, initargs=(os.getpid(),))
                 items = _pending(batch)
                 futures = [pool.submit(decode_many, items[i : i + CHUNK], spec) for i in range(0, len(items), CHUNK)]
                 inflight.append((batch, futures, None))
