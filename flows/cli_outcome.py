@@ -35,7 +35,8 @@ def fail(e: Exception) -> typer.Exit:
     URL); return the exit to raise (code 1). An error that is not the user's says so and how to see more."""
     text = str(e)
     if isinstance(e, ValidationError):
-        text = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in e.errors())
+        text = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg'].removeprefix('Value error, ')}"
+                         for x in e.errors())
     elif not isinstance(e, USER_ERRORS):
         text = f"{type(e).__name__}: {text} (unexpected; --debug shows where)"
     typer.secho(f"error: {text}", fg=typer.colors.RED, err=True)

@@ -57,7 +57,8 @@ class IngestRequest(Request):
     format: SourceFormat = Field("auto", description="source format")
     image_size: tuple[int, int] | None = Field(None, description="H,W to resize to (default: keep the source's)")
     channels: Literal[1, 3] | None = Field(None, description="1 or 3 (default: keep the source's)")
-    fit: Literal["crop", "pad"] = Field("crop", description="aspect ratio with image_size: crop (centre) or pad (black)")
+    fit: Literal["crop", "pad"] = Field("crop", description="aspect ratio with image_size: crop (centre) or "
+                                        "pad (black)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of train carved out as val, by id hash")
     test_fraction: float = Field(0.1, ge=0, lt=1, description="test share for sources without splits, by id hash")
     shard_mb: float = Field(64, gt=0, description="max uncompressed pixel MiB per shard")
@@ -89,7 +90,8 @@ class IngestRequest(Request):
     @model_validator(mode="after")
     def _fractions(self) -> IngestRequest:
         if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} leaves no train split")
+            raise ValueError(f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} "
+                             "leaves no train split")
         return self
 
     def root(self) -> str:
