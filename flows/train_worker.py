@@ -217,7 +217,8 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
     for epoch in range(fit.state.epoch + 1, tcfg.epochs + 1):
         started = time.perf_counter()
         # In memory: the same permutation on every rank (same seed), each rank taking its own slice of it.
-        batches = train.batches(tcfg.batch_size, rank, world, shuffle_seed=tcfg.seed + epoch, drop_last=world > 1)
+        batches = train.batches(tcfg.batch_size, rank, world, shuffle_seed=fit.order(epoch).initial_seed(),
+                                drop_last=world > 1)
         m = fit.train_epoch(batches, forward, on_step=logger.on_step if logger else None)
         images, seconds = _all_reduce_sum([m["images"], time.perf_counter() - started], world, device)
         metrics = {k: m[k] for k in ("loss", "recon", "kl", "elbo", "beta", "grad_norm", "lr")}
