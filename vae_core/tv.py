@@ -51,3 +51,12 @@ def import_torchvision() -> types.ModuleType:
 def shim_active() -> bool:
     """True when torchvision runs without its compiled extension (schemas defined here)."""
     return _shim_lib is not None
+
+
+def import_torchmetrics() -> types.ModuleType:
+    """Return torchmetrics, importing torchvision first through `import_torchvision` (torchmetrics imports
+    torchvision at import time, and would fail where its extension cannot load)."""
+    import_torchvision()
+    import torchmetrics
+
+    return torchmetrics
