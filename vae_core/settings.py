@@ -26,3 +26,13 @@ def prefect_home() -> str | None:
     if sep and scheme != "file":
         return None
     return str(Path(path if sep else scheme).expanduser().resolve() / "prefect")
+
+
+def feature_net_root() -> str:
+    """Cached feature classifiers for the Fréchet distance, one per dataset version."""
+    return os.environ.get("VAE_FEATURE_NET_ROOT", f"{vae_home().rstrip('/')}/feature_nets")
+
+
+def reports_root() -> str:
+    """Evaluation pictures and reports: `<reports_root>/<model>/<version>/`."""
+    return os.environ.get("VAE_REPORTS_ROOT", f"{vae_home().rstrip('/')}/reports")
