@@ -16,7 +16,7 @@ import typer
 from flows.cli_outcome import DEBUG, outcome
 from flows.cli_prefect import prefect_defaults, quiet_prefect_logs, start_prefect_server
 from flows.cli_request import request_command
-from vae_core.requests import IngestRequest, TrainRequest
+from vae_core.requests import EvaluateRequest, IngestRequest, TrainRequest
 
 app = typer.Typer(
     help="Train Variational AutoEncoders on image datasets and turn datasets into latent embeddings.\n\n"
@@ -77,6 +77,35 @@ def train(req: TrainRequest, as_json: bool, debug: bool) -> None:
         typer.echo(f"final loss {m.get('loss', float('nan')):.3f}, val loss {m.get('val_loss', float('nan')):.3f}")
 
 
+@request_command(app, EvaluateRequest, extra={"as_json": AS_JSON})
+def evaluate(req: EvaluateRequest, as_json: bool, debug: bool) -> None:
+    """Score a registered model, draw what it learned, and promote it to champion when it beats the current one."""
+    prefect_defaults()
+    starting = start_prefect_server()
+    from flows.evaluate import evaluate_vae  # torch, MLflow, scikit-learn: seconds, while the server starts
+
+    quiet_prefect_logs(debug)
+    if starting:
+        starting.join()
+    out = evaluate_vae(req, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"{out['model_uri']} on {out['dataset']}@{out['dataset_version']} {out['split']} "
+               f"({out['images']:,} images, K={out['iw_samples']})")
+    champion = out["champion"] or {"metrics": {}}
+    for key, value in out["metrics"].items():
+        if "/kl_dim_" not in key:
+            theirs = champion["metrics"].get(key)
+            typer.echo(f"  {key:<36} {value:>12.4f}" + ("" if theirs is None else f"   champion {theirs:.4f}"))
+    for note in out["notes"]:
+        typer.echo(f"  note: {note}")
+    decision = out["decision"]
+    if decision is not None:
+        typer.echo(f"{'promoted to champion' if decision['promote'] else 'not promoted'}: {decision['reason']}")
+    typer.echo(f"report: {out['report'].get('report', '')}")
+
+
 def _not_yet(stage: str, summary: str) -> None:
     """Register `vae STAGE` for a stage not built yet: it says so and exits 2."""
     def command() -> None:
@@ -87,7 +116,6 @@ def _not_yet(stage: str, summary: str) -> None:
     app.command(name=stage, help=summary)(command)
 
 
-_not_yet("evaluate", "Score a trained model and promote it to champion when it beats the current one.")
 _not_yet("encode", "Encode a whole dataset into a Parquet table of latent means and log-variances.")
 _not_yet("stack", "Start the local stack (MLflow server, Prefect server and worker) for deployments.")
 

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from flows.tracking import client
+from vae_core.errors import EvaluateError
 
 if TYPE_CHECKING:
     from vae_core.model import ConvVAE
@@ -119,3 +122,88 @@ def _pip_requirements() -> list[str]:
             continue
         pins.append(f"{dist}=={version}")
     return pins
+
+
+# --- reading the registry: pinning a URI to one version, aliases, tags ---------------------------
+
+
+@dataclass(frozen=True)
+class PinnedModel:
+    """One registered model version, resolved once from what the user named (`asked`)."""
+
+    name: str
+    version: int
+    run_id: str
+    dataset_name: str | None  # as the training run recorded them
+    dataset_version: str | None
+    asked: str
+
+    @property
+    def uri(self) -> str:
+        """`models:/<name>/<version>`: the pinned form, unaffected by later alias moves."""
+        return f"models:/{self.name}/{self.version}"
+
+
+def pin_model(uri: str) -> PinnedModel:
+    """Resolve `models:/NAME@ALIAS` or `models:/NAME/VERSION` to one version, now.
+
+    Raises:
+        EvaluateError: the model, alias or version does not exist; the message lists what does.
+    """
+    from vae_core.requests import parse_model_uri
+
+    name, alias, version = parse_model_uri(uri)
+    mlflow_client = client()
+    try:
+        model = mlflow_client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in mlflow_client.search_registered_models(max_results=1000))
+        raise EvaluateError(f"no registered model {name!r} in {mlflow_client.tracking_uri}; registered models: "
+                            f"{', '.join(names) or 'none'}") from None
+    if alias is not None:
+        if alias not in model.aliases:
+            have = ", ".join(f"@{a} -> version {v}" for a, v in sorted(model.aliases.items()))
+            raise EvaluateError(f"model {name!r} has no alias {alias!r}; its aliases: {have or 'none'}")
+        version = int(model.aliases[alias])
+    try:
+        mv = mlflow_client.get_model_version(name, str(version))
+    except MlflowException:
+        versions = sorted(int(v.version) for v in mlflow_client.search_model_versions(f"name='{name}'"))
+        raise EvaluateError(f"model {name!r} has no version {version}; its versions: "
+                            f"{', '.join(map(str, versions)) or 'none'}") from None
+    run_tags = mlflow_client.get_run(mv.run_id).data.tags if mv.run_id else {}
+    return PinnedModel(name=name, version=int(mv.version), run_id=mv.run_id, asked=uri,
+                       dataset_name=run_tags.get("dataset_name"),
+                       dataset_version=mv.tags.get("dataset_version") or run_tags.get("dataset_version"))
+
+
+def alias_version(name: str, alias: str) -> int | None:
+    """The version `alias` points at now, None when it points nowhere."""
+    aliases = client().get_registered_model(name).aliases
+    return int(aliases[alias]) if alias in aliases else None
+
+
+def load_pinned(pinned: PinnedModel) -> ConvVAE:
+    """The ConvVAE of a pinned version, from its safetensors weights (nothing unpickled)."""
+    from vae_core.weights import load_model
+
+    with tempfile.TemporaryDirectory(prefix="vae-model-") as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{pinned.uri}/artifacts/model.safetensors", dst_path=tmp)
+        return load_model(path).eval()
+
+
+def set_version_tags(name: str, version: int, tags: dict[str, str]) -> None:
+    """Set tags on one model version (values cut to the registry's 5,000 characters)."""
+    mlflow_client = client()
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, str(version), key, str(value)[:5000])
+
+
+def version_tags(name: str, version: int) -> dict[str, str]:
+    return dict(client().get_model_version(name, str(version)).tags)
+
+
+def set_alias(name: str, alias: str, version: int) -> None:
+    """Point `alias` at `version`: one registry call, so a reader sees the old version or the new one."""
+    client().set_registered_model_alias(name, alias, str(version))

@@ -22,3 +22,8 @@ class NonFiniteLossError(TrainError):
 
 class ConfigError(VAEError, ValueError):
     """A preset or override names a key the config does not have, or gives a key a value it cannot take."""
+
+
+class EvaluateError(VAEError, RuntimeError):
+    """A model cannot be evaluated as asked: unknown model, alias or version, a dataset it does not fit,
+    an empty split. The message names the values and what exists."""

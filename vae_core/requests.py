@@ -16,10 +16,12 @@ from pydantic import Field, field_validator, model_validator
 
 from vae_core import settings
 from vae_core.config import Strict as Request, parse_overrides
+from vae_core.gate import GateMetric
 
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_HELP = "letters, digits, '.', '_', '-', starting with a letter or digit"
 SourceFormat = Literal["auto", "folder", "idx", "npz", "parquet", "builtin"]
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
 
 
 def check_name(value: str, what: str) -> str:
@@ -37,6 +39,21 @@ def parse_dataset_ref(ref: str) -> tuple[str, str | None]:
     if at:
         check_name(version, "dataset version")
     return name, version or None
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
+    """'models:/vae-mnist@champion' -> ('vae-mnist', 'champion', None); 'models:/vae-mnist/3' ->
+    ('vae-mnist', None, 3). Anything else is a ValueError showing both forms."""
+    m = MODEL_URI.match(uri.strip())
+    if not m:
+        raise ValueError(f"model {uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION "
+                         "(e.g. models:/vae-mnist@challenger, models:/vae-mnist/3)")
+    check_name(m["name"], "model name")
+    if m["alias"]:
+        return m["name"], check_name(m["alias"], "alias"), None
+    if not m["version"].isdigit() or int(m["version"]) < 1:
+        raise ValueError(f"model version {m['version']!r} in {uri!r} is not a positive whole number")
+    return m["name"], None, int(m["version"])
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -138,3 +155,41 @@ class TrainRequest(Request):
         """(name, version or None) of the dataset."""
         return parse_dataset_ref(self.dataset)
 
+
+
+class EvaluateRequest(Request):
+    """`evaluate-vae`: a registered model version in, its metrics, pictures, report and the champion gate's
+    decision out."""
+
+    model: str = Field(description="registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
+    dataset: str | None = Field(None, description="NAME or NAME@VERSION to evaluate on (default: the dataset "
+                                "version the model was trained on)")
+    split: Literal["train", "val", "test"] = Field("test", description="split to score")
+    iw_samples: int = Field(100, ge=1, description="K, importance samples per image for the IWAE NLL (cost grows "
+                            "linearly with K)")
+    promote: bool = Field(True, description="run the champion gate: move @champion here when this model beats it")
+    metric: GateMetric = Field("nll", description="what the gate compares (nll: the IWAE NLL at K)")
+    margin: float = Field(0.0, ge=0, description="how much better than the champion, in the metric's units, a "
+                          "model must be to take its place")
+    gpus: int = Field(0, ge=0, description="GPUs to score on (0: the CPU)")
+    seed: int = Field(0, description="seed of every random draw (binarisation, posterior and prior samples)")
+    batch_size: int = Field(500, ge=1, description="images per forward pass")
+    limit: int | None = Field(None, ge=2, description="score only the split's first N images (quick runs)")
+    map_points: int = Field(2000, ge=10, description="points in the PCA and t-SNE maps of the latent space")
+
+    @field_validator("model")
+    @classmethod
+    def _model_uri(cls, v: str) -> str:
+        parse_model_uri(v)
+        return v.strip()
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_ref(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_dataset_ref(v)
+        return v
+
+    def model_ref(self) -> tuple[str, str | None, int | None]:
+        """(name, alias or None, version or None) of the model."""
+        return parse_model_uri(self.model)

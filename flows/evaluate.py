@@ -1,0 +1,238 @@
+"""The `evaluate-vae` flow: a registered model version in; its metrics, pictures, report and the champion
+gate's decision out.
+
+    pin (URI -> one version, and the champion as it is now)  ->  load (dataset, shape and split checks)
+      ->  score the challenger  ->  score the champion (same split, K, seed)  ->  report  ->  gate
+
+The alias in the request is resolved once, in `pin`; everything after uses the pinned version. Every
+check that can fail (unknown model, alias or version, a dataset the model does not fit, an empty split,
+more GPUs than the machine has) runs before any image is scored. Metrics go to the model's training run
+as `<split>/<metric>` (`test/nll_k100`), pictures and the HTML report to that run's
+`evaluation/<split>_k<K>/` and to `$VAE_HOME/reports/<model>/<version>/`; the decision is recorded as
+`gate.*` tags on the model version before `champion` moves, so `@champion` only ever names a version
+that was evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows import registry, tracking
+from flows.evaluate_outputs import log_evaluation, summary_markdown, write_report
+from flows.registry import PinnedModel
+from vae_core.errors import EvaluateError
+from vae_core.requests import EvaluateRequest, parse_dataset_ref
+from vae_core.settings import data_root
+from vae_core.shards import DatasetInfo, open_dataset, read_split_u8
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What is evaluated, pinned once: the model version, the champion at the start, the dataset."""
+
+    model: PinnedModel
+    champion: PinnedModel | None
+    dataset: DatasetInfo
+
+
+@task(name="pin-model", cache_policy=NO_CACHE)
+def pin_task(req: EvaluateRequest) -> Target:
+    """Resolve the model URI and the current champion to versions; open the dataset; check the split."""
+    model = registry.pin_model(req.model)
+    champion = None
+    if req.promote and (version := registry.alias_version(model.name, CHAMPION)) is not None:
+        champion = registry.pin_model(f"models:/{model.name}/{version}")
+    return Target(model=model, champion=champion, dataset=_open_dataset(req, model))
+
+
+def _open_dataset(req: EvaluateRequest, model: PinnedModel) -> DatasetInfo:
+    if req.dataset:
+        name, version = parse_dataset_ref(req.dataset)
+    elif model.dataset_name:
+        name, version = model.dataset_name, model.dataset_version
+    else:
+        raise EvaluateError(f"{model.uri} records no dataset it was trained on; name one with --dataset NAME[@VERSION]")
+    info = open_dataset(data_root(), name, version)
+    if info.counts.get(req.split, 0) == 0:
+        have = ", ".join(f"{s} {n:,}" for s, n in info.counts.items())
+        raise EvaluateError(f"split {req.split!r} of dataset {info.name}@{info.version} is empty ({have or 'no images'})")
+    return info
+
+
+@task(name="load-data", cache_policy=NO_CACHE)
+def load_task(req: EvaluateRequest, target: Target) -> tuple[dict[str, Any], Any]:
+    """Both models (shapes checked against the dataset) and the images: the split, and the reference split
+    that latent probes and the feature classifier fit on (train; val when train itself is scored)."""
+    from vae_core.evaluate import EvalData
+
+    models = {CHALLENGER: registry.load_pinned(target.model)}
+    if target.champion and target.champion.version != target.model.version:
+        models[CHAMPION] = registry.load_pinned(target.champion)
+    for role, model in models.items():
+        _check_shape(model, target.dataset, target.champion if role == CHAMPION else target.model)
+    images, labels, _ = read_split_u8(target.dataset, req.split)
+    if req.limit:
+        images, labels = images[: req.limit], labels[: req.limit]
+    reference = "val" if req.split == "train" else "train"
+    data = EvalData(images=images, labels=labels)
+    if (labels >= 0).any() and target.dataset.counts.get(reference, 0):
+        data.train_images, data.train_labels, _ = read_split_u8(target.dataset, reference)
+    return models, data
+
+
+def _check_shape(model: Any, info: DatasetInfo, pinned: PinnedModel) -> None:
+    c, h, w = model.config.input_shape
+    if (h, w, c) != info.shape:
+        dh, dw, dc = info.shape
+        raise EvaluateError(f"{pinned.uri} takes {h}x{w}x{c} images but dataset {info.name}@{info.version} has "
+                            f"{dh}x{dw}x{dc}: evaluate it on the dataset it was trained on (--dataset)")
+
+
+@task(name="feature-classifier", cache_policy=NO_CACHE)
+def feature_task(target: Target, data: Any, req: EvaluateRequest, progress: bool) -> tuple[Any, dict[str, Any]]:
+    """The dataset version's feature classifier (trained once, then cached) and a Fréchet scorer holding
+    the split's real images; (None, reason) on unlabelled data."""
+    import sys
+
+    import torch
+
+    from vae_core.feature_net import FrechetScorer, load_or_train_feature_net
+    from vae_core.scores import devices_for
+
+    if data.train_images is None:
+        return None, {"skipped": "no labelled reference split to train the feature classifier on"}
+    info = target.dataset
+    test = read_split_u8(info, "test")[:2] if info.counts.get("test") else None
+    device = devices_for(req.gpus)[0]
+    say = (lambda line: print(line, file=sys.stderr)) if progress else None
+    net, net_info = load_or_train_feature_net(info.name, info.version, (data.train_images, data.train_labels), test,
+                                              seed=req.seed, device=device, progress=say)
+    scorer = FrechetScorer(net, device=device)
+    real = torch.from_numpy(data.images).permute(0, 3, 1, 2)
+    for start in range(0, len(real), req.batch_size):
+        scorer.add_real(real[start : start + req.batch_size])
+    return scorer, net_info
+
+
+@task(name="score", cache_policy=NO_CACHE)
+def score_task(model: Any, data: Any, req: EvaluateRequest, scorer: Any, label: str, progress: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    from vae_core.evaluate import evaluate_model
+    from vae_core.scores import devices_for
+
+    devices = devices_for(req.gpus)
+    with tqdm(total=len(data.images), desc=f"score {label} (K={req.iw_samples})", unit="img",
+              disable=not progress) as bar:
+        return evaluate_model(model.to(devices[0]), data, k=req.iw_samples, seed=req.seed, batch_size=req.batch_size,
+                              devices=devices, frechet=scorer, on_batch=bar.update)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(req: EvaluateRequest, target: Target, model: Any, data: Any, evaluation: Any,
+                facts: dict[str, str]) -> dict[str, str]:
+    """Pictures and the HTML report, written under $VAE_HOME/reports and logged to the training run."""
+    from vae_core.evaluate import draw_pictures
+
+    pictures = draw_pictures(model, data, evaluation, seed=req.seed, map_points=req.map_points)
+    return write_report(target.model, req, facts, evaluation, pictures)
+
+
+@task(name="champion-gate", cache_policy=NO_CACHE)
+def gate_task(req: EvaluateRequest, target: Target, mine: dict[str, float],
+              theirs: dict[str, float] | None) -> Any:
+    """Decide, record the decision on the version, then (only then) move `champion`."""
+    from vae_core.gate import HIGHER_IS_BETTER, decide, metric_key
+
+    key = metric_key(req.metric, req.iw_samples)
+    if key not in mine:
+        raise EvaluateError(f"the gate's metric {key!r} was not computed on this dataset (no labels?); "
+                            f"choose one of: {', '.join(sorted(k for k in mine if not k.startswith('kl_dim')))}")
+    champion = target.champion
+    decision = decide(f"{req.split}/{key}", mine[key], target.model.version,
+                      None if champion is None or theirs is None else theirs.get(key, float("nan")),
+                      None if champion is None else champion.version, req.margin, req.metric in HIGHER_IS_BETTER)
+    now = registry.alias_version(target.model.name, CHAMPION)
+    if decision.promote and now != (champion.version if champion else None):
+        # Someone moved champion while this ran: what was compared is no longer what is served.
+        decision = type(decision)(**{**decision.__dict__, "promote": False, "reason":
+                                     f"champion moved to version {now} during this evaluation; re-run to compare "
+                                     "against it"})
+    registry.set_version_tags(target.model.name, target.model.version, decision.tags())
+    if decision.promote:
+        registry.set_alias(target.model.name, CHAMPION, target.model.version)
+    return decision
+
+
+@flow(name="evaluate-vae")
+def evaluate_vae(request: EvaluateRequest, progress: bool = False) -> dict[str, Any]:
+    """Score a registered model on a dataset split, draw and report it, and run the champion gate.
+
+    Returns what `vae evaluate --json` prints: the pinned model, dataset, metrics (`<split>/<name>`), notes,
+    the feature classifier's accuracy, the champion's metrics, the decision and where the report is.
+    """
+    from vae_core.scores import devices_for
+
+    devices_for(request.gpus)  # more GPUs than the machine has: fail before anything loads
+    tracking.configure()
+    target = pin_task(request)
+    models, data = load_task(request, target)
+    scorer, net_info = feature_task(target, data, request, progress)
+    mine = score_task(models[CHALLENGER], data, request, scorer, f"v{target.model.version}", progress)
+    theirs = None
+    if CHAMPION in models:
+        theirs = score_task(models[CHAMPION], data, request, scorer, f"champion v{target.champion.version}", progress)
+    facts = _facts(request, target, len(data.images), net_info)
+    log_evaluation(target.model, request, mine, facts)
+    if theirs is not None:
+        log_evaluation(target.champion, request, theirs, facts)
+    paths = report_task(request, target, models[CHALLENGER], data, mine, facts)
+    decision = gate_task(request, target, mine.metrics, theirs.metrics if theirs else None) if request.promote \
+        else None
+    out = _result(request, target, data, mine, theirs, net_info, decision, paths)
+    create_markdown_artifact(markdown=summary_markdown(out), key="evaluate-vae-summary",
+                             description=f"{target.model.uri} on {out['dataset']}@{out['dataset_version']}")
+    return out
+
+
+def _facts(req: EvaluateRequest, target: Target, n: int, net_info: dict[str, Any]) -> dict[str, str]:
+    facts = {"model": target.model.uri, "asked for": target.model.asked,
+             "dataset": f"{target.dataset.name}@{target.dataset.version}", "split": req.split,
+             "images": f"{n:,}", "K (IWAE samples)": str(req.iw_samples), "seed": str(req.seed)}
+    if "test_accuracy" in net_info:
+        facts["feature classifier"] = (f"accuracy {net_info['test_accuracy']:.4f} on {net_info['accuracy_split']} "
+                                       f"({'cached' if net_info['cached'] else 'trained now'})")
+    return facts
+
+
+def _result(req: EvaluateRequest, target: Target, data: Any, mine: Any, theirs: Any, net_info: dict[str, Any],
+            decision: Any, paths: dict[str, str]) -> dict[str, Any]:
+    prefix = f"{req.split}/"
+    return {
+        "model_name": target.model.name,
+        "model_version": target.model.version,
+        "model_uri": target.model.uri,
+        "asked": target.model.asked,
+        "run_id": target.model.run_id,
+        "run_url": tracking.run_url(target.model.run_id),
+        "dataset": target.dataset.name,
+        "dataset_version": target.dataset.version,
+        "split": req.split,
+        "images": len(data.images),
+        "iw_samples": req.iw_samples,
+        "seed": req.seed,
+        "metrics": {prefix + k: v for k, v in mine.metrics.items()},
+        "notes": mine.notes,
+        "feature_classifier": net_info,
+        "champion": None if theirs is None else {
+            "version": target.champion.version, "metrics": {prefix + k: v for k, v in theirs.metrics.items()}},
+        "decision": None if decision is None else dict(decision.__dict__),
+        "report": paths,
+    }
