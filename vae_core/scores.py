@@ -7,7 +7,8 @@ What the per-image numbers are:
   in expectation at K = 1, tighter as K grows.
 - `mse`, `psnr`, `ssim`: the posterior mean's reconstruction against the original in [0, 1]
   (torchmetrics' PSNR and SSIM, per image).
-- `mean`, `logvar`: the posterior, for latent metrics and pictures.
+- `mean`, `logvar`: the posterior of the image itself (no binarisation or dequantisation noise), the
+  embedding that latent metrics and pictures use and that the registered model's `predict` returns.
 
 Every batch draws its noise from its own generator, seeded from (seed, batch index), so a split scores
 the same whichever devices, and however many, share the batches: two models compared on the same
@@ -39,12 +40,12 @@ class SplitScores:
 
     log_px: np.ndarray  # (N,) log p(x|z) for one posterior sample, nats
     kl: np.ndarray  # (N,) KL(q(z|x) || p(z)), nats
-    kl_per_dim: np.ndarray  # (L,) KL per latent dimension, mean over images, nats
+    kl_per_dim: np.ndarray  # (L,) KL per latent dimension of the ELBO's posterior, mean over images, nats
     iwae: np.ndarray  # (N,) IWAE bound of log p(x) with `k` samples, nats
     mse: np.ndarray  # (N,) mean squared error of the posterior mean's reconstruction, [0, 1] scale
     psnr: np.ndarray  # (N,) dB, data range 1
     ssim: np.ndarray  # (N,)
-    mean: np.ndarray  # (N, L) posterior means
+    mean: np.ndarray  # (N, L) posterior means of the images themselves: the embedding
     logvar: np.ndarray  # (N, L)
     reconstructions: np.ndarray  # (N, C, H, W) uint8, the posterior mean's decoded image
     k: int
@@ -158,7 +159,11 @@ def _score_batch(model: ConvVAE, x_u8: torch.Tensor, k: int, generator: torch.Ge
     log_px = model.likelihood.log_prob(model.decode(posterior.sample(generator)), target)
     chunk = max(1, _DECODES_PER_CHUNK.get(device.type, 5_000) // b)
     iwae = iwae_log_likelihood(model, x, target, k=k, chunk=chunk, generator=generator)
-    recon = model.likelihood.mean(model.decode(posterior.mean)).float().clamp(0, 1)
+    # The embedding and the reconstruction are of the image itself (`prepare_eval`: no binarisation or
+    # dequantisation noise), as the registered model's `predict` encodes it; the ELBO and IWAE terms
+    # above score the likelihood's prepared input, as training does.
+    embedding = model.encode(model.prepare_eval(x_u8))
+    recon = model.likelihood.mean(model.decode(embedding.mean)).float().clamp(0, 1)
     original = x_u8.float() / 255.0
     rows = slice(at, at + b)
     fn = import_torchmetrics().functional.image
@@ -171,8 +176,8 @@ def _score_batch(model: ConvVAE, x_u8: torch.Tensor, k: int, generator: torch.Ge
     out["kl_per_dim"][rows] = _np(posterior.kl_per_dim())
     out["kl"][rows] = out["kl_per_dim"][rows].sum(-1)
     out["iwae"][rows] = _np(iwae)
-    out["mean"][rows] = _np(posterior.mean)
-    out["logvar"][rows] = _np(posterior.logvar)
+    out["mean"][rows] = _np(embedding.mean)
+    out["logvar"][rows] = _np(embedding.logvar)
     out["reconstructions"][rows] = _np(recon.mul(255).round()).astype(np.uint8)
 
 

@@ -1,0 +1,200 @@
+"""evaluate-vae end to end on real MNIST: Prefect's engine, a SQLite MLflow store, registered models.
+
+Three versions of `vae-mnist` are registered in turn (a briefly trained model, an untrained one, a
+longer trained one) and each goes through the champion gate: the first becomes champion, the worse
+one does not, the better one does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
+K = 20
+SMALL = {"model.hidden_channels": [16, 32], "model.hidden_dim": 64, "model.latent_dim": 8, "train.batch_size": 64,
+         "train.kl_warmup_steps": 50, "train.lr": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A VAE_HOME with 3,000 real MNIST images (train, val and test splits) and a SQLite MLflow store."""
+    from vae_core.ingest import run_ingest
+    from vae_core.requests import IngestRequest
+
+    root = tmp_path_factory.mktemp("eval_home")
+    old = {k: os.environ.get(k) for k in ("VAE_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["VAE_HOME"] = str(root)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist", limit=3000))
+    yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def register(home):
+    """register(epochs) -> version: train a small model in process for `epochs` (0: untrained) on the
+    dataset's train split and register it as the next version of vae-mnist (@challenger)."""
+    from flows import registry, tracking
+    from vae_core import load_config
+    from vae_core.fit import Fit, steps_per_epoch
+    from vae_core.settings import data_root
+    from vae_core.shards import open_dataset, read_split_u8
+    from vae_core.train import iterate_batches
+
+    info = open_dataset(data_root(), "mnist")
+    images = torch.from_numpy(read_split_u8(info, "train")[0].copy())
+
+    def register(epochs: int, name: str = "vae-mnist", preset: str = "mnist") -> int:
+        cfg = load_config(preset, SMALL if preset == "mnist" else {})
+        if preset == "mnist":
+            cfg = cfg.with_image_shape(*info.shape)
+        torch.manual_seed(epochs)
+        fit = Fit.create(cfg, steps_per_epoch(len(images), cfg.train.batch_size))
+        for epoch in range(1, epochs + 1):
+            fit.train_epoch(iterate_batches(images, cfg.train.batch_size, generator=fit.order(epoch)))
+        run_id = tracking.start_training_run("train-vae", f"e{epochs}", cfg, info.name, info.version, info.url)
+        tracking.RunLogger(run_id).finish()
+        return registry.log_and_register_model(run_id, fit.model, name, info.version)
+
+    return register
+
+
+def _evaluate(**request):
+    from flows.evaluate import evaluate_vae
+    from vae_core.requests import EvaluateRequest
+
+    return evaluate_vae(EvaluateRequest(**{"iw_samples": K, "map_points": 300, **request}))
+
+
+def _client() -> mlflow.MlflowClient:
+    from flows import tracking
+
+    return tracking.client()
+
+
+def test_first_becomes_champion_worse_does_not_better_does(home, register):
+    v1 = register(epochs=1)
+    first = _evaluate(model="models:/vae-mnist@challenger")
+    assert first["model_version"] == v1 and first["model_uri"] == f"models:/vae-mnist/{v1}"
+    assert first["decision"]["promote"] and first["decision"]["reason"] == "there is no champion yet"
+    client = _client()
+    assert int(client.get_registered_model("vae-mnist").aliases["champion"]) == v1
+
+    # Every metric the issue names, keyed by split (and K where K matters), logged to the training run.
+    m = first["metrics"]
+    for key in ("neg_elbo", "recon_nll", "kl", f"nll_k{K}", f"bits_per_dim_k{K}", "mse", "psnr", "ssim",
+                "active_units", "kl_dim_00", "knn_accuracy", "linear_probe_accuracy", "frechet_samples",
+                "frechet_reconstructions"):
+        assert f"test/{key}" in m, key
+    assert m[f"test/nll_k{K}"] <= m["test/neg_elbo"] + 1.0  # the IWAE bound is at least as tight, up to noise
+    assert 0 < m["test/ssim"] <= 1 and m["test/psnr"] > 0
+    assert 0 <= m["test/active_units"] <= 8
+    assert m["test/knn_accuracy"] > 0.3  # ten classes: chance is 0.1
+    assert first["feature_classifier"]["test_accuracy"] > 0.5 and not first["feature_classifier"]["cached"]
+    run = client.get_run(first["run_id"])
+    assert run.data.metrics[f"test/nll_k{K}"] == pytest.approx(m[f"test/nll_k{K}"])
+    assert run.data.tags["evaluation.test.k"] == str(K)
+
+    # Pictures: PNGs of the expected sizes under $VAE_HOME/reports/<model>/<version>/, and logged.
+    folder = home / "reports" / "vae-mnist" / str(v1)
+    sizes = {name: Image.open(folder / f"{name}.png").size for name in
+             ("reconstructions", "samples", "interpolations", "traversals", "latent_pca", "latent_tsne")}
+    assert sizes["samples"] == (8 * 30 + 2, 8 * 30 + 2)  # 64 images of 28 px, padding 2
+    assert sizes["interpolations"] == (10 * 30 + 2, 8 * 30 + 2)  # 8 pairs, 10 steps
+    assert sizes["traversals"] == (9 * 30 + 2, 8 * 30 + 2)  # 8 dimensions, 9 steps
+    assert sizes["latent_pca"] == sizes["latent_tsne"] == (600, 600)
+    html = (folder / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 6 and f"test/nll_k{K}" in html
+    logged = {Path(a.path).name for a in client.list_artifacts(first["run_id"], f"evaluation/test_k{K}")}
+    assert {"report.html", "metrics.json", "samples.png", "latent_tsne.png"} <= logged
+    assert json.loads((folder / "metrics.json").read_text())["metrics"] == m
+
+    # An untrained model is worse: evaluated against the champion on the same split, K and seed, kept out.
+    v2 = register(epochs=0)
+    worse = _evaluate(model="models:/vae-mnist@challenger")
+    assert not worse["decision"]["promote"] and worse["champion"]["version"] == v1
+    assert worse["champion"]["metrics"][f"test/nll_k{K}"] == pytest.approx(m[f"test/nll_k{K}"], rel=1e-6)
+    assert int(client.get_registered_model("vae-mnist").aliases["champion"]) == v1
+    tags = client.get_model_version("vae-mnist", str(v2)).tags
+    assert tags["gate.decision"] == "kept" and tags["gate.champion_version"] == str(v1)
+    assert float(tags["gate.challenger"]) == pytest.approx(worse["metrics"][f"test/nll_k{K}"])
+    assert float(tags["gate.champion"]) == pytest.approx(m[f"test/nll_k{K}"])
+
+    # Longer training is better: it takes the champion alias, and the reason names both numbers.
+    v3 = register(epochs=4)
+    better = _evaluate(model=f"models:/vae-mnist/{v3}")
+    assert better["decision"]["promote"], better["decision"]
+    assert better["metrics"][f"test/nll_k{K}"] < better["champion"]["metrics"][f"test/nll_k{K}"]
+    assert int(client.get_registered_model("vae-mnist").aliases["champion"]) == v3
+    assert client.get_model_version("vae-mnist", str(v3)).tags["gate.decision"] == "promoted"
+    assert better["feature_classifier"]["cached"]  # trained once per dataset version
+
+    # Evaluating without the gate moves nothing.
+    again = _evaluate(model=f"models:/vae-mnist/{v1}", promote=False)
+    assert again["decision"] is None and again["champion"] is None
+    assert int(client.get_registered_model("vae-mnist").aliases["champion"]) == v3
+
+
+def test_errors_name_what_exists(home, register):
+    from vae_core.errors import EvaluateError
+
+    register(epochs=0, name="vae-other")
+    with pytest.raises(EvaluateError, match=r"no alias 'best'; its aliases: @challenger -> version 1"):
+        _evaluate(model="models:/vae-other@best")
+    with pytest.raises(EvaluateError, match=r"no version 9; its versions: 1"):
+        _evaluate(model="models:/vae-other/9")
+    with pytest.raises(EvaluateError, match=r"no registered model 'vae-nope'.*vae-other"):
+        _evaluate(model="models:/vae-nope@champion")
+    register(epochs=0, name="vae-digits", preset="digits")
+    with pytest.raises(EvaluateError, match=r"takes 8x8x1 images but dataset mnist@\w+ has 28x28x1"):
+        _evaluate(model="models:/vae-digits@challenger", dataset="mnist")
+    with pytest.raises(ValueError, match="asks for 1 CUDA devices"):
+        if torch.cuda.is_available():
+            raise ValueError("asks for 1 CUDA devices")  # nothing to check on a machine with a GPU
+        _evaluate(model="models:/vae-other@challenger", gpus=1)
+
+
+def test_unlabelled_dataset_skips_label_metrics_with_a_note(home, register, tmp_path):
+    from vae_core.ingest import run_ingest
+    from vae_core.requests import IngestRequest
+
+    with gzip.open(MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:400]
+    np.savez(tmp_path / "plain.npz", images=images)  # no labels
+    run_ingest(IngestRequest(source=str(tmp_path / "plain.npz"), name="plain", test_fraction=0.5))
+    version = register(epochs=0, name="vae-plain")
+    out = _evaluate(model=f"models:/vae-plain/{version}", dataset="plain", promote=False)
+    assert "test/knn_accuracy" not in out["metrics"] and "test/frechet_samples" not in out["metrics"]
+    assert f"test/nll_k{K}" in out["metrics"]
+    assert any("k-NN and linear probe skipped" in n for n in out["notes"])
+    assert "skipped" in out["feature_classifier"]
+
+
+def test_cli_prints_metrics_and_decision_as_json(home, register):
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", "--model", "models:/vae-mnist@champion", "--iw-samples", "5",
+                                      "--limit", "100", "--map-points", "50", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output.strip().splitlines()[-1])
+    assert out["images"] == 100 and "test/nll_k5" in out["metrics"]
+    assert out["decision"]["reason"].endswith("is already the champion") and not out["decision"]["promote"]
+
+    bad = CliRunner().invoke(app, ["evaluate", "--model", "vae-mnist"])
+    assert bad.exit_code == 1 and "models:/NAME@ALIAS or models:/NAME/VERSION" in bad.output
