@@ -15,6 +15,7 @@ that was evaluated.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,11 +110,13 @@ def feature_task(target: Target, data: Any, req: EvaluateRequest, progress: bool
     if data.train_images is None:
         return None, {"skipped": "no labelled reference split to train the feature classifier on"}
     info = target.dataset
+    # Always the train split (the cache is per dataset version), whichever split is scored.
+    train = (data.train_images, data.train_labels) if req.split != "train" else read_split_u8(info, "train")[:2]
     test = read_split_u8(info, "test")[:2] if info.counts.get("test") else None
     device = devices_for(req.gpus)[0]
     say = (lambda line: print(line, file=sys.stderr)) if progress else None
-    net, net_info = load_or_train_feature_net(info.name, info.version, (data.train_images, data.train_labels), test,
-                                              seed=req.seed, device=device, progress=say)
+    net, net_info = load_or_train_feature_net(info.name, info.version, train, test, seed=req.seed, device=device,
+                                              progress=say)
     scorer = FrechetScorer(net, device=device)
     real = torch.from_numpy(data.images).permute(0, 3, 1, 2)
     for start in range(0, len(real), req.batch_size):
@@ -162,9 +165,8 @@ def gate_task(req: EvaluateRequest, target: Target, mine: dict[str, float],
     now = registry.alias_version(target.model.name, CHAMPION)
     if decision.promote and now != (champion.version if champion else None):
         # Someone moved champion while this ran: what was compared is no longer what is served.
-        decision = type(decision)(**{**decision.__dict__, "promote": False, "reason":
-                                     f"champion moved to version {now} during this evaluation; re-run to compare "
-                                     "against it"})
+        decision = dataclasses.replace(decision, promote=False, reason=f"champion moved to version {now} during "
+                                       "this evaluation; re-run to compare against it")
     registry.set_version_tags(target.model.name, target.model.version, decision.tags())
     if decision.promote:
         registry.set_alias(target.model.name, CHAMPION, target.model.version)
@@ -233,6 +235,6 @@ def _result(req: EvaluateRequest, target: Target, data: Any, mine: Any, theirs: 
         "feature_classifier": net_info,
         "champion": None if theirs is None else {
             "version": target.champion.version, "metrics": {prefix + k: v for k, v in theirs.metrics.items()}},
-        "decision": None if decision is None else dict(decision.__dict__),
+        "decision": None if decision is None else dataclasses.asdict(decision),
         "report": paths,
     }

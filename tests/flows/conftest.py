@@ -3,8 +3,11 @@ asks for it (`pytestmark = pytest.mark.usefixtures("prefect_server")`), not for 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +31,33 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=None):
         yield
+
+
+MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
+
+
+@contextlib.contextmanager
+def _mnist_home(root: Path, limit: int) -> Iterator[Path]:
+    """VAE_HOME = `root` holding `limit` real MNIST images spread over train, val and test (dataset
+    `mnist`), with MLflow's store under it; the environment is restored after."""
+    from vae_core.ingest import run_ingest
+    from vae_core.requests import IngestRequest
+
+    old = {k: os.environ.get(k) for k in ("VAE_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["VAE_HOME"] = str(root)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist", limit=limit, data_root=str(root / "datasets")))
+        yield root
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def mnist_home():
+    """`with mnist_home(root, limit) as root:` a VAE_HOME holding `limit` real MNIST images (see `_mnist_home`)."""
+    return _mnist_home

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import mlflow
@@ -28,22 +27,10 @@ SMALL = {"model.hidden_channels": [16, 32], "model.hidden_dim": 64, "model.laten
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
+def home(tmp_path_factory, mnist_home):
     """A VAE_HOME with 3,000 real MNIST images (train, val and test splits) and a SQLite MLflow store."""
-    from vae_core.ingest import run_ingest
-    from vae_core.requests import IngestRequest
-
-    root = tmp_path_factory.mktemp("eval_home")
-    old = {k: os.environ.get(k) for k in ("VAE_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ["VAE_HOME"] = str(root)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist", limit=3000))
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with mnist_home(tmp_path_factory.mktemp("eval_home"), limit=3000) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +136,29 @@ def test_first_becomes_champion_worse_does_not_better_does(home, register):
     again = _evaluate(model=f"models:/vae-mnist/{v1}", promote=False)
     assert again["decision"] is None and again["champion"] is None
     assert int(client.get_registered_model("vae-mnist").aliases["champion"]) == v3
+
+    # The Prefect artifact: the metric table beside the champion's, the decision, the report.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect_client:
+        arts = prefect_client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluate-vae-summary"])))
+    assert any(f"models:/vae-mnist/{v3}" in a.data and "promoted to champion" in a.data
+               and f"| test/nll_k{K} |" in a.data and better["report"]["report"] in a.data for a in arts)
+
+    # A champion that moved after this evaluation pinned it is not overwritten: the gate re-reads it.
+    from flows import registry
+    from flows.evaluate import Target, gate_task
+    from vae_core.requests import EvaluateRequest
+
+    stale = Target(model=registry.pin_model(f"models:/vae-mnist/{v2}"),
+                   champion=registry.pin_model(f"models:/vae-mnist/{v1}"), dataset=None)
+    req = EvaluateRequest(model=f"models:/vae-mnist/{v2}", iw_samples=K)
+    moved = gate_task.fn(req, stale, {f"nll_k{K}": 1.0}, {f"nll_k{K}": 500.0})
+    assert not moved.promote and moved.reason.startswith(f"champion moved to version {v3}")
+    assert int(client.get_registered_model("vae-mnist").aliases["champion"]) == v3
+    assert client.get_model_version("vae-mnist", str(v2)).tags["gate.reason"] == moved.reason
 
 
 def test_errors_name_what_exists(home, register):

@@ -23,25 +23,13 @@ TWO_WORKERS = {"dataset": "mnist", "overrides": SMALL, "epochs": 3, "workers": 2
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """A VAE_HOME holding 2,400 real MNIST training images (train + val carve), shared by this module."""
-    from vae_core.ingest import run_ingest
-    from vae_core.requests import IngestRequest
+def home(tmp_path_factory, mnist_home):
+    """A VAE_HOME holding 2,400 real MNIST images (train + val carve, test), shared by this module."""
+    with mnist_home(tmp_path_factory.mktemp("train_home"), limit=2400) as root:
+        from flows import tracking
 
-    root = tmp_path_factory.mktemp("train_home")
-    old = {k: os.environ.get(k) for k in ("VAE_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ["VAE_HOME"] = str(root)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist", limit=2400, data_root=str(root / "datasets")))
-    from flows import tracking
-
-    tracking.configure()
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        tracking.configure()
+        yield root
 
 
 def _epoch_steps(run_id: str, key: str = "epoch/loss") -> list[int]:
