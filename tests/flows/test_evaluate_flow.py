@@ -174,6 +174,12 @@ def test_errors_name_what_exists(home, register):
     register(epochs=0, name="vae-digits", preset="digits")
     with pytest.raises(EvaluateError, match=r"takes 8x8x1 images but dataset mnist@\w+ has 28x28x1"):
         _evaluate(model="models:/vae-digits@challenger", dataset="mnist")
+    from vae_core.ingest import run_ingest
+    from vae_core.requests import IngestRequest
+
+    run_ingest(IngestRequest(source="builtin:digits", name="digits", val_fraction=0))
+    with pytest.raises(EvaluateError, match=r"split 'val' of dataset digits@\w+ is empty \(train [\d,]+, val 0, test"):
+        _evaluate(model="models:/vae-digits@challenger", dataset="digits", split="val")
     with pytest.raises(ValueError, match="asks for 1 CUDA devices"):
         if torch.cuda.is_available():
             raise ValueError("asks for 1 CUDA devices")  # nothing to check on a machine with a GPU
