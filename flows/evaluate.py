@@ -2,7 +2,7 @@
 gate's decision out.
 
     pin (URI -> one version, and the champion as it is now)  ->  load (dataset, shape and split checks)
-      ->  score the challenger  ->  score the champion (same split, K, seed)  ->  report  ->  gate
+      ->  score the challenger  ->  score the champion (same split, K, seed)  ->  gate  ->  report
 
 The alias in the request is resolved once, in `pin`; everything after uses the pinned version. Every
 check that can fail (unknown model, alias or version, a dataset the model does not fit, an empty split,
@@ -195,9 +195,11 @@ def evaluate_vae(request: EvaluateRequest, progress: bool = False) -> dict[str, 
     log_evaluation(target.model, request, mine, facts)
     if theirs is not None:
         log_evaluation(target.champion, request, theirs, facts)
-    paths = report_task(request, target, models[CHALLENGER], data, mine, facts)
     decision = gate_task(request, target, mine.metrics, theirs.metrics if theirs else None) if request.promote \
         else None
+    if decision is not None:
+        facts["champion gate"] = f"{'promoted' if decision.promote else 'not promoted'}: {decision.reason}"
+    paths = report_task(request, target, models[CHALLENGER], data, mine, facts)
     out = _result(request, target, data, mine, theirs, net_info, decision, paths)
     create_markdown_artifact(markdown=summary_markdown(out), key="evaluate-vae-summary",
                              description=f"{target.model.uri} on {out['dataset']}@{out['dataset_version']}")

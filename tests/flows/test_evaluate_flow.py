@@ -108,6 +108,7 @@ def test_first_becomes_champion_worse_does_not_better_does(home, register):
     assert sizes["latent_pca"] == sizes["latent_tsne"] == (600, 600)
     html = (folder / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 6 and f"test/nll_k{K}" in html
+    assert "promoted: there is no champion yet" in html
     logged = {Path(a.path).name for a in client.list_artifacts(first["run_id"], f"evaluation/test_k{K}")}
     assert {"report.html", "metrics.json", "samples.png", "latent_tsne.png"} <= logged
     assert json.loads((folder / "metrics.json").read_text())["metrics"] == m
