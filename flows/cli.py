@@ -16,7 +16,7 @@ import typer
 from flows.cli_outcome import DEBUG, outcome
 from flows.cli_prefect import prefect_defaults, quiet_prefect_logs, start_prefect_server
 from flows.cli_request import request_command
-from vae_core.requests import EvaluateRequest, IngestRequest, TrainRequest
+from vae_core.requests import EncodeRequest, EvaluateRequest, IngestRequest, TrainRequest
 
 app = typer.Typer(
     help="Train Variational AutoEncoders on image datasets and turn datasets into latent embeddings.\n\n"
@@ -106,6 +106,28 @@ def evaluate(req: EvaluateRequest, as_json: bool, debug: bool) -> None:
     typer.echo(f"report: {out['report'].get('report', '')}")
 
 
+@request_command(app, EncodeRequest, extra={"as_json": AS_JSON})
+def encode(req: EncodeRequest, as_json: bool, debug: bool) -> None:
+    """Encode every image of a dataset into Parquet latents (mean, logvar), one file per shard, exactly once."""
+    prefect_defaults()
+    starting = start_prefect_server()
+    from flows.encode import encode_dataset  # Ray, MLflow, torch: seconds, while the server starts
+
+    quiet_prefect_logs(debug)
+    if starting:
+        starting.join()
+    out = encode_dataset(req, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    rows = ", ".join(f"{split} {n:,}" for split, n in out["rows"].items())
+    speed = f" at {out['images_per_s']:,.0f} images/s" if out["images_per_s"] else ""
+    typer.echo(f"{out['model_uri']} on {out['dataset']}@{out['dataset_version']}: {rows}")
+    typer.echo(f"encoded {out['rows_encoded']:,}{speed}, reused {out['rows_reused']:,}, "
+               f"already there {out['rows_already_there']:,}")
+    typer.echo(f"output: {out['output']}")
+
+
 def _not_yet(stage: str, summary: str) -> None:
     """Register `vae STAGE` for a stage not built yet: it says so and exits 2."""
     def command() -> None:
@@ -116,7 +138,6 @@ def _not_yet(stage: str, summary: str) -> None:
     app.command(name=stage, help=summary)(command)
 
 
-_not_yet("encode", "Encode a whole dataset into a Parquet table of latent means and log-variances.")
 _not_yet("stack", "Start the local stack (MLflow server, Prefect server and worker) for deployments.")
 
 

@@ -20,7 +20,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from flows.tracking import client
-from vae_core.errors import EvaluateError
+from vae_core.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
     from vae_core.model import ConvVAE
@@ -137,6 +137,7 @@ class PinnedModel:
     dataset_name: str | None  # as the training run recorded them
     dataset_version: str | None
     asked: str
+    model_id: str | None = None  # the MLflow LoggedModel behind the version, for linking runs to it
 
     @property
     def uri(self) -> str:
@@ -148,7 +149,7 @@ def pin_model(uri: str) -> PinnedModel:
     """Resolve `models:/NAME@ALIAS` or `models:/NAME/VERSION` to one version, now.
 
     Raises:
-        EvaluateError: the model, alias or version does not exist; the message lists what does.
+        ModelNotFoundError: the model, alias or version does not exist; the message lists what does.
     """
     from vae_core.requests import parse_model_uri
 
@@ -158,23 +159,24 @@ def pin_model(uri: str) -> PinnedModel:
         model = mlflow_client.get_registered_model(name)
     except MlflowException:
         names = sorted(m.name for m in mlflow_client.search_registered_models(max_results=1000))
-        raise EvaluateError(f"no registered model {name!r} in {mlflow_client.tracking_uri}; registered models: "
+        raise ModelNotFoundError(f"no registered model {name!r} in {mlflow_client.tracking_uri}; registered models: "
                             f"{', '.join(names) or 'none'}") from None
     if alias is not None:
         if alias not in model.aliases:
             have = ", ".join(f"@{a} -> version {v}" for a, v in sorted(model.aliases.items()))
-            raise EvaluateError(f"model {name!r} has no alias {alias!r}; its aliases: {have or 'none'}")
+            raise ModelNotFoundError(f"model {name!r} has no alias {alias!r}; its aliases: {have or 'none'}")
         version = int(model.aliases[alias])
     try:
         mv = mlflow_client.get_model_version(name, str(version))
     except MlflowException:
         versions = sorted(int(v.version) for v in mlflow_client.search_model_versions(f"name='{name}'"))
-        raise EvaluateError(f"model {name!r} has no version {version}; its versions: "
+        raise ModelNotFoundError(f"model {name!r} has no version {version}; its versions: "
                             f"{', '.join(map(str, versions)) or 'none'}") from None
     run_tags = mlflow_client.get_run(mv.run_id).data.tags if mv.run_id else {}
     return PinnedModel(name=name, version=int(mv.version), run_id=mv.run_id, asked=uri,
                        dataset_name=run_tags.get("dataset_name"),
-                       dataset_version=mv.tags.get("dataset_version") or run_tags.get("dataset_version"))
+                       dataset_version=mv.tags.get("dataset_version") or run_tags.get("dataset_version"),
+                       model_id=getattr(mv, "model_id", None))
 
 
 def alias_version(name: str, alias: str) -> int | None:

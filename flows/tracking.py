@@ -157,21 +157,26 @@ def start_training_run(
     No global active run is left behind. Returns the run id.
     """
     mlflow_client = client()
-    tags = {
-        "git_commit": git_commit(),
+    run_id = start_run(experiment, run_name, {
         "dataset_name": dataset_name,
         "dataset_version": dataset_version,
         "config_hash": config.digest(),
         **(extra_tags or {}),
-    }
-    run = mlflow_client.create_run(ensure_experiment(experiment), tags=tags, run_name=run_name)
-    run_id = run.info.run_id
+    })
     params = [Param(k, _param_value(v)) for k, v in config.flat().items()]
     for start in range(0, len(params), 100):  # log_batch takes at most 100 params per call
         mlflow_client.log_batch(run_id, params=params[start : start + 100])
     mlflow_client.log_dict(run_id, config.model_dump(mode="json"), "config.json")
     mlflow_client.log_inputs(run_id, datasets=[_dataset_input(dataset_name, dataset_version, dataset_path)])
     return run_id
+
+
+def start_run(experiment: str, run_name: str, tags: dict[str, str]) -> str:
+    """Create a RUNNING run in `experiment` (created if missing) with `tags` plus git_commit; no global
+    active run is left behind. Returns the run id."""
+    run = client().create_run(ensure_experiment(experiment), tags={"git_commit": git_commit(), **tags},
+                              run_name=run_name)
+    return run.info.run_id
 
 
 def _param_value(value: Any) -> str:

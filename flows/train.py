@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows import registry, tracking
+from flows.ray_cluster import ray_session
 from flows.train_progress import Progress
 from vae_core.settings import checkpoint_root, data_root
 from vae_core import VAEConfig, load_config
@@ -60,33 +60,6 @@ def plan_data(info: DatasetInfo, memory_budget_mb: float) -> DataPlan:
     budget = memory_budget_mb * 2**20
     return {split: "memory" if rows * info.manifest.image_bytes <= budget else "stream"
             for split in ("train", "val") if (rows := info.counts.get(split, 0))}
-
-
-@contextlib.contextmanager
-def ray_session() -> Iterator[dict[str, float]]:
-    """Join $RAY_ADDRESS (or an already initialised Ray), else start a local Ray and shut it down after."""
-    import ray
-
-    started = False
-    env_before = dict(os.environ)
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        else:
-            # A local Ray listens on loopback only; a cluster is joined through RAY_ADDRESS instead.
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     _node_ip_address="127.0.0.1")
-        started = True
-    try:
-        yield ray.cluster_resources()
-    finally:
-        if started:
-            ray.shutdown()
-            # ray.init writes to os.environ (RAY_AUTH_MODE=token for a local head, ...); left behind, it
-            # breaks a later job of this process, or a child process, that joins a cluster without tokens.
-            for key in set(os.environ) - set(env_before):
-                del os.environ[key]
-            os.environ.update(env_before)
 
 
 def _scaling(req: TrainRequest, resources: dict[str, float], streaming: bool) -> tuple[float, int]:

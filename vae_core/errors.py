@@ -25,5 +25,13 @@ class ConfigError(VAEError, ValueError):
 
 
 class EvaluateError(VAEError, RuntimeError):
-    """A model cannot be evaluated as asked: unknown model, alias or version, a dataset it does not fit,
-    an empty split. The message names the values and what exists."""
+    """A model cannot be evaluated as asked: a dataset it does not fit, an empty split, a gate metric that
+    was not computed. The message names the values."""
+
+
+class ModelNotFoundError(VAEError, LookupError):
+    """A registered model, alias or version that does not exist; the message lists what does."""
+
+
+class EncodeError(VAEError, RuntimeError):
+    """A dataset cannot be encoded as asked: a model that does not fit it, empty splits, too few resources."""

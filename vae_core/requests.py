@@ -193,3 +193,51 @@ class EvaluateRequest(Request):
     def model_ref(self) -> tuple[str, str | None, int | None]:
         """(name, alias or None, version or None) of the model."""
         return parse_model_uri(self.model)
+
+
+Split = Literal["train", "val", "test"]
+
+
+class EncodeRequest(Request):
+    """`encode-dataset`: a registered model version and a dataset version in; one Parquet file of latents per
+    input shard, plus a manifest, out."""
+
+    model: str = Field(description="registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
+    dataset: str = Field(description="NAME or NAME@VERSION of an ingested dataset (latest version by default)")
+    splits: list[Split] = Field(default_factory=lambda: ["train", "val", "test"],
+                                description="splits to encode (repeatable, or comma-separated)")
+    out: str | None = Field(None, description="output folder URL (default $VAE_HOME/embeddings/<model>/<version>/"
+                            "<dataset>/<dataset version>)")
+    batch_size: int = Field(1024, ge=1, description="images per encoder call")
+    workers: int = Field(1, ge=1, description="encoder actors (Ray Data actor pool)")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs reserved per actor (default: the cluster's "
+                                          "CPUs less one for reading, shared)")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; above 0 encodes on GPUs in bf16")
+    overwrite: bool = Field(False, description="encode every shard again, even those already written")
+    experiment: str = Field("encode-dataset", description="MLflow experiment of the run that records throughput")
+
+    @field_validator("model")
+    @classmethod
+    def _model_uri(cls, v: str) -> str:
+        parse_model_uri(v)
+        return v.strip()
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_ref(cls, v: str) -> str:
+        parse_dataset_ref(v)
+        return v
+
+    @field_validator("splits", mode="before")
+    @classmethod
+    def _splits(cls, v: Any) -> Any:
+        items = v.split(",") if isinstance(v, str) else v
+        if isinstance(items, (list, tuple)):
+            items = [s.strip() for item in items for s in str(item).split(",") if s.strip()]
+            if not items:
+                raise ValueError("splits must name at least one of train, val, test")
+            return list(dict.fromkeys(items))  # each once, in the order given
+        return items
+
+    def dataset_ref(self) -> tuple[str, str | None]:
+        return parse_dataset_ref(self.dataset)

@@ -36,3 +36,8 @@ def feature_net_root() -> str:
 def reports_root() -> str:
     """Evaluation pictures and reports: `<reports_root>/<model>/<version>/`."""
     return os.environ.get("VAE_REPORTS_ROOT", f"{vae_home().rstrip('/')}/reports")
+
+
+def embeddings_root() -> str:
+    """Bulk encodings: `<embeddings_root>/<model>/<version>/<dataset>/<dataset version>/`."""
+    return os.environ.get("VAE_EMBEDDINGS_ROOT", f"{vae_home().rstrip('/')}/embeddings")

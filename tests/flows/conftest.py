@@ -37,9 +37,10 @@ MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 
 
 @contextlib.contextmanager
-def _mnist_home(root: Path, limit: int) -> Iterator[Path]:
+def _mnist_home(root: Path, limit: int, **ingest: object) -> Iterator[Path]:
     """VAE_HOME = `root` holding `limit` real MNIST images spread over train, val and test (dataset
-    `mnist`), with MLflow's store under it; the environment is restored after."""
+    `mnist`, `ingest` options such as shard_mb passed on), with MLflow's store under it; the environment
+    is restored after."""
     from vae_core.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
@@ -47,7 +48,8 @@ def _mnist_home(root: Path, limit: int) -> Iterator[Path]:
     os.environ["VAE_HOME"] = str(root)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
-        run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist", limit=limit, data_root=str(root / "datasets")))
+        run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist", limit=limit, data_root=str(root / "datasets"),
+                                 **ingest))
         yield root
     finally:
         for k, v in old.items():
@@ -61,3 +63,40 @@ def _mnist_home(root: Path, limit: int) -> Iterator[Path]:
 def mnist_home():
     """`with mnist_home(root, limit) as root:` a VAE_HOME holding `limit` real MNIST images (see `_mnist_home`)."""
     return _mnist_home
+
+
+SMALL = {"model.hidden_channels": [16, 32], "model.hidden_dim": 64, "model.latent_dim": 8, "train.batch_size": 64,
+         "train.kl_warmup_steps": 50, "train.lr": 3e-3}
+
+
+def _register(epochs: int = 0, name: str = "vae-mnist", preset: str = "mnist", dataset: str = "mnist") -> int:
+    """Train a small model in process for `epochs` (0: untrained) on the train split of `dataset` under the
+    current VAE_HOME and register it as the next version of `name` (@challenger); returns the version.
+    The `mnist` preset is shrunk (SMALL) and fitted to the dataset's image shape; others are used as they are."""
+    import torch
+
+    from flows import registry, tracking
+    from vae_core import load_config
+    from vae_core.fit import Fit, steps_per_epoch
+    from vae_core.settings import data_root
+    from vae_core.shards import open_dataset, read_split_u8
+    from vae_core.train import iterate_batches
+
+    info = open_dataset(data_root(), dataset)
+    cfg = load_config(preset, SMALL if preset == "mnist" else {})
+    if preset == "mnist":
+        cfg = cfg.with_image_shape(*info.shape)
+    torch.manual_seed(epochs)
+    images = torch.from_numpy(read_split_u8(info, "train")[0].copy()) if epochs else None
+    fit = Fit.create(cfg, steps_per_epoch(len(images) if epochs else 1, cfg.train.batch_size))
+    for epoch in range(1, epochs + 1):
+        fit.train_epoch(iterate_batches(images, cfg.train.batch_size, generator=fit.order(epoch)))
+    run_id = tracking.start_training_run("train-vae", f"e{epochs}", cfg, info.name, info.version, info.url)
+    tracking.RunLogger(run_id).finish()
+    return registry.log_and_register_model(run_id, fit.model, name, info.version)
+
+
+@pytest.fixture(scope="session")
+def register_model():
+    """`register_model(epochs, name, preset, dataset) -> version` (see `_register`)."""
+    return _register

@@ -33,7 +33,7 @@ def test_demo_trains_scores_and_draws(tmp_path):
 
 
 def test_unbuilt_stage_says_so():
-    result = runner.invoke(app, ["encode"])
+    result = runner.invoke(app, ["stack"])
     assert result.exit_code == 2
     assert "not available in this version yet" in result.output
 
@@ -42,10 +42,11 @@ def test_every_request_field_is_an_option_of_its_command_with_its_help_and_defau
     """Options are declared once, in the stage's request: the command is made from it."""
     import typer
 
-    from vae_core.requests import EvaluateRequest, IngestRequest, TrainRequest
+    from vae_core.requests import EncodeRequest, EvaluateRequest, IngestRequest, TrainRequest
 
     commands = typer.main.get_command(app).commands
-    for name, model in (("ingest", IngestRequest), ("train", TrainRequest), ("evaluate", EvaluateRequest)):
+    for name, model in (("ingest", IngestRequest), ("train", TrainRequest), ("evaluate", EvaluateRequest),
+                        ("encode", EncodeRequest)):
         params = {p.name: p for p in commands[name].params}
         for field_name, field in model.model_fields.items():
             if (field.json_schema_extra or {}).get("cli", ...) is None:

@@ -1,8 +1,9 @@
 """The documentation's Python examples run as written, in the order a new user would follow them.
 
 Each page's ```python blocks run in one namespace, in a fresh working folder that has `../shared` beside
-it (as a checkout does) and `VAE_HOME=./.vae`: ingest (docs/ingest.md), train (docs/train.md), evaluate and promote
-(docs/evaluate.md), pull the registered model (docs/models.md), then the library tour (README.md).
+it (as a checkout does) and `VAE_HOME=./.vae`: ingest (docs/ingest.md), train (docs/train.md), evaluate
+and promote (docs/evaluate.md), encode the dataset (docs/encode.md), pull the registered model
+(docs/models.md), then the library tour (README.md).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PAGES = ["docs/ingest.md", "docs/train.md", "docs/evaluate.md", "docs/models.md", "README.md"]
+PAGES = ["docs/ingest.md", "docs/train.md", "docs/evaluate.md", "docs/encode.md", "docs/models.md", "README.md"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 

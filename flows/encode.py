@@ -1,0 +1,316 @@
+"""The `encode-dataset` flow: a registered model version and a dataset version in; the latent of every image
+out, as one Parquet file per input shard plus a manifest.
+
+    plan (pin the model, download it once, check shapes, sort shards into done / reuse / encode)
+      ->  reuse (copy encodings of identical shards from another dataset version: no model work)
+      ->  encode (Ray Data reads the shards, an actor pool runs the encoder, the driver publishes each
+          shard's file when all its rows are back)  ->  manifest, MLflow run, Prefect artifact
+
+Exactly once: an output file is named by its input shard's SHA-256 and the model version and appears
+atomically, only when it holds every row of its shard, each once (checked against the shard's ids). A
+re-run skips published files, so a job killed halfway and run again encodes only what is missing, and a
+new dataset version encodes only the shards it does not share with one already encoded by this model
+version. `overwrite` encodes everything again. The file layout and the read API are `vae_core.embeddings`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows import registry, tracking
+from flows.ray_cluster import ray_session
+from flows.registry import PinnedModel
+from vae_core import embeddings
+from vae_core.errors import EncodeError
+from vae_core.requests import EncodeRequest
+from vae_core.settings import data_root, embeddings_root
+from vae_core.shards import DatasetInfo, ShardInfo, arrow_filesystem, open_dataset, remove_temporaries, resolve, to_url
+
+State = Literal["done", "reuse", "encode"]
+
+
+@dataclass
+class ShardJob:
+    """One input shard and what this run does about its output file."""
+
+    split: str
+    shard: ShardInfo
+    source: str  # the shard's path on the dataset's filesystem
+    name: str  # "<split>/<sha256>-v<model version>.parquet", relative to the output folder
+    state: State
+    reuse_from: str | None = None  # path of an identical shard's encoding under another dataset version
+
+
+@dataclass
+class Plan:
+    """Everything decided before any image is encoded."""
+
+    model: PinnedModel
+    info: DatasetInfo
+    out: str  # output folder path on `fs`
+    fs: Any = field(repr=False)
+    latent_dim: int
+    jobs: list[ShardJob]
+
+    @property
+    def url(self) -> str:
+        return to_url(self.fs, self.out)
+
+    def rows(self, state: State) -> int:
+        return sum(j.shard.rows for j in self.jobs if j.state == state)
+
+
+@task(name="plan-encoding", cache_policy=NO_CACHE)
+def plan_task(req: EncodeRequest) -> tuple[Plan, bytes]:
+    """Pin the model and download it once; check it fits the dataset; decide each shard's fate."""
+    from vae_core.weights import model_to_bytes
+
+    pinned = registry.pin_model(req.model)
+    info = open_dataset(data_root(), *req.dataset_ref())
+    model = registry.load_pinned(pinned)
+    c, h, w = model.config.input_shape
+    if (h, w, c) != info.shape:
+        dh, dw, dc = info.shape
+        raise EncodeError(f"{pinned.uri} takes {h}x{w}x{c} images but dataset {info.name}@{info.version} has "
+                         f"{dh}x{dw}x{dc}: encode a dataset of the shape the model was trained on")
+    if not any(info.counts.get(s) for s in req.splits):
+        have = ", ".join(f"{s} {n:,}" for s, n in info.counts.items())
+        raise EncodeError(f"splits {', '.join(req.splits)} of {info.name}@{info.version} are empty ({have})")
+    out_url = req.out or embeddings.default_dir(embeddings_root(), pinned.name, pinned.version, info.name, info.version)
+    fs, out = resolve(out_url)
+    if fs.exists(out):
+        remove_temporaries(fs, out)  # a killed run's half-written files
+    jobs = [_job(req, info, pinned, fs, out, split, shard)
+            for split in req.splits if (s := info.manifest.splits.get(split)) for shard in s.shards]
+    return Plan(model=pinned, info=info, out=out, fs=fs, latent_dim=model.latent_dim, jobs=jobs), model_to_bytes(model)
+
+
+def _job(req: EncodeRequest, info: DatasetInfo, pinned: PinnedModel, fs: Any, out: str, split: str,
+         shard: ShardInfo) -> ShardJob:
+    file = embeddings.file_name(shard.sha256, pinned.version)
+    name = f"{split}/{file}"
+    job = ShardJob(split=split, shard=shard, source=posixpath.join(info.path, shard.path), name=name, state="encode")
+    if req.overwrite:
+        return job
+    if _published(fs, posixpath.join(out, name), shard.rows):
+        job.state = "done"
+    elif (found := embeddings.find_reusable(fs, out, file)) is not None and _published(fs, found, shard.rows):
+        job.state, job.reuse_from = "reuse", found
+    return job
+
+
+def _published(fs: Any, path: str, rows: int) -> bool:
+    """A file is there and holds `rows` rows (its footer says so; nothing else is read)."""
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows == rows
+    except (FileNotFoundError, OSError, pa.ArrowInvalid):
+        return False
+
+
+@task(name="reuse-encodings", cache_policy=NO_CACHE)
+def reuse_task(plan: Plan) -> int:
+    """Copy encodings of identical shards from other dataset versions, restamped; returns rows copied."""
+    rows = 0
+    for job in (j for j in plan.jobs if j.state == "reuse"):
+        with plan.fs.open(job.reuse_from, "rb") as f:
+            table = pq.read_table(f)
+        restamped = embeddings.restamp(table, job.split, plan.info.version)
+        embeddings.write_file(plan.fs, posixpath.join(plan.out, job.name), restamped)
+        rows += table.num_rows
+    return rows
+
+
+def _scaling(req: EncodeRequest, resources: dict[str, float]) -> tuple[float, int]:
+    """CPUs Ray reserves per actor, and torch threads per actor.
+
+    Reads are cheap (no decoding: the shards hold raw pixels) but a Ray Data read task needs a whole free
+    CPU to start, so by default the actors leave one CPU unreserved; their threads follow their share of
+    the machine, not their reservation.
+    """
+    total = resources.get("CPU", os.cpu_count() or 1)
+    cpus = req.cpus_per_worker or max(0.5, round((total - 1) / req.workers, 2))
+    if cpus * req.workers > total:
+        raise EncodeError(f"{req.workers} workers x {cpus} CPUs exceed the cluster's {total:g} CPUs")
+    if req.gpus_per_worker * req.workers > resources.get("GPU", 0):
+        raise EncodeError(f"{req.workers} workers x {req.gpus_per_worker} GPUs exceed the cluster's "
+                         f"{resources.get('GPU', 0):g} GPUs")
+    return cpus, max(1, round(total / req.workers))
+
+
+@task(name="encode-shards", cache_policy=NO_CACHE)
+def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) -> dict[str, float]:
+    """Run the encoder over every shard still to encode; publish each shard's file as it completes.
+
+    Returns rows encoded, images/s of the encoding itself, and Ray's start-up seconds.
+    """
+    import ray
+    import ray.data
+    from tqdm.auto import tqdm
+
+    from flows.encode_worker import ShardEncoder
+
+    todo = [j for j in plan.jobs if j.state == "encode"]
+    if not todo:
+        return {"rows_encoded": 0.0}
+    t0 = time.perf_counter()
+    with ray_session() as resources:
+        ray_s = time.perf_counter() - t0
+        cpus, threads = _scaling(req, resources)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours says rows and images/s
+        by_path = {_norm(j.source): j for j in todo}
+        ds = ray.data.read_parquet([j.source for j in todo], filesystem=arrow_filesystem(plan.info.fs),
+                                   columns=["id", "image", "label"], include_paths=True)
+        latents = ds.map_batches(
+            ShardEncoder, batch_size=req.batch_size, batch_format="pyarrow",
+            fn_constructor_kwargs={"weights": weights, "threads": threads,
+                                   "use_gpu": req.gpus_per_worker > 0},
+            compute=ray.data.ActorPoolStrategy(size=req.workers), num_cpus=cpus,
+            num_gpus=req.gpus_per_worker or None)
+        total = sum(j.shard.rows for j in todo)
+        pending: dict[str, list[pa.Table]] = defaultdict(list)
+        got: dict[str, int] = defaultdict(int)
+        start = None
+        with tqdm(total=total, desc=f"encode {plan.info.name}@{plan.info.version}", unit="img",
+                  disable=not progress) as bar:
+            for batch in latents.iter_batches(batch_size=None, batch_format="pyarrow"):
+                start = start or time.perf_counter()
+                for path, part in _by_source(batch):
+                    job = by_path[path]
+                    pending[path].append(part)
+                    got[path] += part.num_rows
+                    if got[path] == job.shard.rows:
+                        _publish(plan, job, pa.concat_tables(pending.pop(path)))
+                bar.update(batch.num_rows)
+        elapsed = time.perf_counter() - t0 - ray_s
+    missing = [j.name for j in todo if got[_norm(j.source)] != j.shard.rows]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shards came back incomplete, first {missing[0]}; nothing of them was "
+                           "published: run again")
+    return {"rows_encoded": float(total), "images_per_s": total / max(elapsed, 1e-9), "encode_s": elapsed,
+            "startup/ray_s": ray_s}
+
+
+def _norm(path: str) -> str:
+    return path.split("://", 1)[-1].lstrip("/")
+
+
+def _by_source(batch: pa.Table):
+    """(normalised source path, rows of the batch from that shard) for each shard in the batch."""
+    paths = batch.column("path")
+    for path in pc.unique(paths).to_pylist():
+        yield _norm(path), batch.filter(pc.equal(paths, path))
+
+
+def _publish(plan: Plan, job: ShardJob, rows: pa.Table) -> None:
+    """Write one shard's encodings, in the shard's row order, after checking every id is there once."""
+    with plan.info.fs.open(job.source, "rb") as f:
+        order = pq.read_table(f, columns=["id"]).column("id").to_pylist()
+    ids = rows.column("id").to_pylist()
+    position = {id_: i for i, id_ in enumerate(order)}
+    if len(ids) != len(order) or len(set(ids)) != len(ids) or any(i not in position for i in ids):
+        raise RuntimeError(f"{job.name}: the encoded rows are not the shard's ids, each once")
+    rows = rows.take(np.argsort([position[i] for i in ids], kind="stable"))
+    labels = rows.column("label").fill_null(-1).to_numpy().astype(np.int32)
+    mean = _matrix(rows.column("mean"), plan.latent_dim)
+    logvar = _matrix(rows.column("logvar"), plan.latent_dim)
+    table = embeddings.build_table(rows.column("id").to_pylist(), job.split, labels, mean, logvar, plan.model.name,
+                                   plan.model.version, plan.info.version)
+    embeddings.write_file(plan.fs, posixpath.join(plan.out, job.name), table)
+
+
+def _matrix(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    """fixed_size_list<float32>[width] column -> float32 (N, width)."""
+    flat = pa.concat_arrays([c.flatten() for c in column.chunks]) if column.num_chunks else pa.array([], pa.float32())
+    return flat.to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def _manifest(plan: Plan, req: EncodeRequest, images_per_s: float | None) -> Any:
+    """The manifest of the output folder: every file of the requested splits, with its rows and source."""
+    from datetime import datetime, timezone
+
+    splits: dict[str, list] = {s: [] for s in req.splits}
+    for job in plan.jobs:
+        reused = posixpath.basename(posixpath.dirname(posixpath.dirname(job.reuse_from))) if job.reuse_from else None
+        splits[job.split].append(embeddings.EmbeddingFile(path=job.name, rows=job.shard.rows,
+                                                          source_sha256=job.shard.sha256, reused_from=reused))
+    return embeddings.EmbeddingManifest(
+        model_name=plan.model.name, model_version=plan.model.version, model_uri=plan.model.uri,
+        dataset=plan.info.name, dataset_version=plan.info.version, latent_dim=plan.latent_dim, splits=splits,
+        counts={s: sum(f.rows for f in files) for s, files in splits.items()}, images_per_s=images_per_s,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+@task(name="record-encoding", cache_policy=NO_CACHE)
+def record_task(plan: Plan, req: EncodeRequest, stats: dict[str, float], reused: int) -> str:
+    """The MLflow run that records what this job did, linked to the model version; returns its id."""
+    from mlflow.entities import LoggedModelInput
+
+    run_id = tracking.start_run(req.experiment, f"{plan.model.name}-v{plan.model.version}-{plan.info.name}", {
+        "model_name": plan.model.name, "model_version": str(plan.model.version), "model_uri": plan.model.uri,
+        "dataset_name": plan.info.name, "dataset_version": plan.info.version, "output": plan.url})
+    if plan.model.model_id:
+        tracking.client().log_inputs(run_id, models=[LoggedModelInput(plan.model.model_id)])
+    run = tracking.RunLogger(run_id)
+    run.log_metrics({**stats, "rows_reused": float(reused), "rows_skipped": float(plan.rows("done")),
+                     "rows_total": float(sum(j.shard.rows for j in plan.jobs))}, step=0)
+    run.finish()
+    return run_id
+
+
+@flow(name="encode-dataset")
+def encode_dataset(request: EncodeRequest, progress: bool = False) -> dict[str, Any]:
+    """Encode every image of a dataset version's splits with a registered model version.
+
+    Returns what `vae encode --json` prints: the output URL, rows per split, rows encoded / reused / already
+    there, images/s of the encoding, the pinned model, the dataset version and the MLflow run.
+    """
+    tracking.configure()
+    plan, weights = plan_task(request)
+    reused = reuse_task(plan)
+    stats = encode_task(plan, weights, request, progress)
+    manifest = _manifest(plan, request, stats.get("images_per_s"))
+    embeddings.write_manifest(plan.fs, plan.out, manifest)
+    run_id = record_task(plan, request, stats, reused)
+    out = {
+        "output": plan.url,
+        "rows": manifest.counts,
+        "rows_encoded": int(stats["rows_encoded"]),
+        "rows_reused": reused,
+        "rows_already_there": plan.rows("done"),
+        "images_per_s": stats.get("images_per_s"),
+        "model_uri": plan.model.uri,
+        "asked": plan.model.asked,
+        "dataset": plan.info.name,
+        "dataset_version": plan.info.version,
+        "run_id": run_id,
+        "startup_ray_s": stats.get("startup/ray_s"),
+    }
+    create_markdown_artifact(markdown=_summary(out), key="encode-dataset-summary",
+                             description=f"{plan.model.uri} on {plan.info.name}@{plan.info.version}")
+    return out
+
+
+def _summary(out: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {split} | {n:,} |" for split, n in out["rows"].items())
+    speed = f"{out['images_per_s']:,.0f} images/s" if out["images_per_s"] else "nothing to encode"
+    return (f"# encode-dataset: {out['dataset']}@{out['dataset_version']}\n\n"
+            f"- Model: `{out['model_uri']}` (asked for `{out['asked']}`)\n"
+            f"- Output: `{out['output']}`\n"
+            f"- Rows encoded {out['rows_encoded']:,}, reused from another dataset version {out['rows_reused']:,}, "
+            f"already there {out['rows_already_there']:,}; {speed}\n"
+            f"- MLflow run: `{out['run_id']}` ({tracking.run_url(out['run_id'])})\n\n"
+            f"| split | rows |\n|---|---|\n{rows}\n")

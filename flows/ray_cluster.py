@@ -1,0 +1,34 @@
+"""Ray for the stages that use it (train-vae, encode-dataset): join a cluster, or start a local one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[dict[str, float]]:
+    """Join $RAY_ADDRESS (or an already initialised Ray), else start a local Ray and shut it down after."""
+    import ray
+
+    started = False
+    env_before = dict(os.environ)
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:
+            # A local Ray listens on loopback only; a cluster is joined through RAY_ADDRESS instead.
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     _node_ip_address="127.0.0.1")
+        started = True
+    try:
+        yield ray.cluster_resources()
+    finally:
+        if started:
+            ray.shutdown()
+            # ray.init writes to os.environ (RAY_AUTH_MODE=token for a local head, ...); left behind, it
+            # breaks a later job of this process, or a child process, that joins a cluster without tokens.
+            for key in set(os.environ) - set(env_before):
+                del os.environ[key]
+            os.environ.update(env_before)

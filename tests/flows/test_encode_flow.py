@@ -1,0 +1,171 @@
+"""encode-dataset end to end on real MNIST: Prefect's engine, a local Ray with Ray Data, a SQLite MLflow store.
+
+Every id once per split, the registered model's `predict` reproduced, a driver killed halfway and run
+again, a new dataset version that shares shards, S3 output through moto's server.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
+SHARD_MB = 0.1  # ~130 MNIST images per shard: many shards, so "halfway" exists
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, mnist_home, register_model):
+    """6,000 real MNIST images in ~45 shards, and an untrained small model registered as vae-mnist v1."""
+    with mnist_home(tmp_path_factory.mktemp("encode_home"), limit=6000, shard_mb=SHARD_MB) as root:
+        register_model(epochs=0)
+        yield root
+
+
+def _encode(**request):
+    from flows.encode import encode_dataset
+    from vae_core.requests import EncodeRequest
+
+    return encode_dataset(EncodeRequest(**{"model": "models:/vae-mnist@challenger", "dataset": "mnist", **request}))
+
+
+def _dataset(name: str = "mnist"):
+    from vae_core.settings import data_root
+    from vae_core.shards import open_dataset
+
+    return open_dataset(data_root(), name)
+
+
+def _files(out: str) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in Path(out).rglob("*.parquet")}
+
+
+def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
+    from vae_core.embeddings import latents, read_embeddings
+    from vae_core.shards import read_split_u8
+
+    out = _encode()
+    info = _dataset()
+    assert out["rows"] == {s: n for s, n in info.counts.items()} and out["rows_encoded"] == sum(info.counts.values())
+    assert out["output"].endswith(f"embeddings/vae-mnist/1/mnist/{info.version}")
+    loaded = mlflow.pyfunc.load_model(out["model_uri"])
+    for split in ("train", "val", "test"):
+        table = read_embeddings(out["output"], splits=[split])
+        images, labels, ids = read_split_u8(info, split)
+        assert table.column("id").to_pylist() == ids  # every id once, in the dataset's order
+        assert set(table.column("split").to_pylist()) == {split}
+        np.testing.assert_array_equal(table.column("label").fill_null(-1).to_numpy(), labels)
+        _, mean, logvar = latents(table)
+        expected = loaded.predict(images)
+        np.testing.assert_allclose(mean, expected["mean"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(logvar, expected["logvar"], rtol=0, atol=1e-5)
+    # Plain pyarrow and pandas read the output as it is: one file per input shard.
+    files = sorted(Path(out["output"]).rglob("*.parquet"))
+    assert len(files) == sum(len(s.shards) for s in info.manifest.splits.values())
+    frame = pd.read_parquet(files[0])
+    assert list(frame.columns) == ["id", "split", "label", "mean", "logvar", "model_name", "model_version",
+                                   "dataset_version"]
+    assert len(frame["mean"].iloc[0]) == 8 and frame["model_version"].iloc[0] == 1
+    assert pq.read_table(files[0]).schema.field("mean").type.list_size == 8
+    manifest = json.loads((Path(out["output"]) / "manifest.json").read_text())
+    assert manifest["counts"] == out["rows"] and manifest["model_version"] == 1
+    # Throughput in an MLflow run linked to the model version.
+    run = mlflow.MlflowClient().get_run(out["run_id"])
+    assert run.data.metrics["images_per_s"] > 0 and run.data.tags["model_version"] == "1"
+
+    before = _files(out["output"])
+    again = _encode()
+    assert again["rows_encoded"] == 0 and again["rows_already_there"] == out["rows_encoded"]
+    assert _files(out["output"]) == before  # nothing rewritten
+
+    redo = _encode(splits=["test"], overwrite=True)
+    assert redo["rows_encoded"] == info.counts["test"] and redo["rows"] == {"test": info.counts["test"]}
+
+
+def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
+    from vae_core.embeddings import read_embeddings
+    from vae_core.shards import read_split_u8
+
+    out_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "flows.cli", "encode", "--model", "models:/vae-mnist/1", "--dataset", "mnist",
+           "--out", str(out_dir), "--batch-size", "8", "--json"]
+    info = _dataset()
+    total_files = sum(len(s.shards) for s in info.manifest.splits.values())
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(out_dir.rglob("*.parquet")):
+            assert proc.poll() is None, f"the job ended before it wrote anything:\n{log.read_text()[-3000:]}"
+            time.sleep(0.02)
+    finally:  # SIGKILL: the driver and the Ray it started, with no chance to clean up
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = len(list(out_dir.rglob("*.parquet")))
+    assert 0 < done < total_files, f"{done} of {total_files} files written when killed"
+    resumed = _encode(out=str(out_dir))
+    assert resumed["rows_already_there"] > 0
+    assert resumed["rows_encoded"] + resumed["rows_already_there"] == sum(info.counts.values())
+    assert not [p for p in out_dir.rglob("*") if p.name.startswith(".")]  # no temporaries left
+    table = read_embeddings(str(out_dir))
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == sum(info.counts.values())
+    assert set(ids) == {i for split in ("train", "val", "test") for i in read_split_u8(info, split)[2]}
+
+
+def test_a_new_dataset_version_encodes_only_the_shards_it_does_not_share(home, tmp_path):
+    from vae_core.embeddings import read_embeddings
+    from vae_core.ingest import run_ingest
+    from vae_core.requests import IngestRequest
+
+    with gzip.open(MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    for n in (1000, 1300):  # the second version appends 300 images: its first shards are byte-identical
+        np.savez(tmp_path / "grow.npz", images=images[:n], labels=np.zeros(n, np.int64))
+        run_ingest(IngestRequest(source=str(tmp_path / "grow.npz"), name="grow", shard_mb=SHARD_MB))
+        out = _encode(dataset="grow")
+        if n == 1000:
+            first = out
+    info = _dataset("grow")
+    assert out["dataset_version"] == info.version != first["dataset_version"]
+    assert out["rows_reused"] > 0 and out["rows_encoded"] < sum(info.counts.values())
+    assert out["rows_reused"] + out["rows_encoded"] == sum(info.counts.values())
+    table = read_embeddings(out["output"])
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 1300
+    assert set(table.column("dataset_version").to_pylist()) == {info.version}  # reused rows restamped
+
+
+def test_shape_mismatch_fails_before_any_work(home, register_model):
+    from vae_core.errors import EncodeError
+
+    register_model(epochs=0, name="vae-digits", preset="digits")
+    with pytest.raises(EncodeError, match=r"takes 8x8x1 images but dataset mnist@\w+ has 28x28x1"):
+        _encode(model="models:/vae-digits@challenger")
+
+
+def test_output_on_s3(home, s3, monkeypatch):
+    from vae_core.embeddings import read_embeddings
+
+    fs, options = s3
+    monkeypatch.setenv("AWS_ENDPOINT_URL", options["client_kwargs"]["endpoint_url"])
+    out = _encode(splits=["test"], out="s3://vae-bucket/embeddings/mnist-test")
+    assert out["output"] == "s3://vae-bucket/embeddings/mnist-test"
+    table = read_embeddings(out["output"], storage_options=options)
+    assert table.num_rows == out["rows"]["test"] == len(set(table.column("id").to_pylist()))
+    assert fs.exists("vae-bucket/embeddings/mnist-test/manifest.json")

@@ -1,0 +1,369 @@
+"""The embeddings format: one Parquet file of VAE latents per dataset shard, and its manifest.
+
+Layout (any fsspec URL as the root)::
+
+    <root>/<model name>/<model version>/<dataset>/<dataset version>/manifest.json
+    <root>/<model name>/<model version>/<dataset>/<dataset version>/<split>/<shard sha256>-v<model version>.parquet
+
+One row per image (see `embedding_schema`): ``id``, ``split``, ``label`` (null where the dataset has
+none), the posterior ``mean`` and ``logvar`` as fixed_size_list<float32>[L], and the model and dataset
+version that produced them. A file is named after the checksum of the input shard and the model version,
+so a shard whose bytes did not change between two dataset versions keeps its encoding: `find_reusable`
+finds it and `restamp` only rewrites the split and dataset version. ``manifest.json`` is written last;
+readers go through it (`read_embeddings`), never through a folder listing.
+
+    table = read_embeddings("s3://b/embeddings/vae-mnist/3/mnist/3f2a", splits=["test"])
+    ids, mean, logvar = latents(table)                 # list[str], float32 (N, L), float32 (N, L)
+    images = join_images(table, open_dataset(data_root, "mnist", "3f2a"))   # uint8 (N, H, W, C)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+import re
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator, model_validator
+
+from vae_core.config import Strict
+from vae_core.requests import NAME_RULE, check_name
+from vae_core.shards import (COMPRESSION, MANIFEST, SPLITS, TEMPORARY, DatasetInfo, atomic_write_bytes,
+                             images_u8, read_shard_table, resolve, to_url)
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+FILE_NAME = re.compile(r"^[0-9a-f]{64}-v[1-9][0-9]*\.parquet$")  # what `file_name` returns
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+
+def embedding_schema(latent_dim: int) -> pa.Schema:
+    """Arrow schema of one embeddings file whose latents have `latent_dim` = L dimensions."""
+    if latent_dim < 1:
+        raise ValueError(f"latent_dim must be positive, got {latent_dim}")
+    vector = pa.list_(pa.float32(), latent_dim)
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("label", pa.int32(), nullable=True),
+        pa.field("mean", vector, nullable=False),
+        pa.field("logvar", vector, nullable=False),
+        pa.field("model_name", pa.string(), nullable=False),
+        pa.field("model_version", pa.int32(), nullable=False),
+        pa.field("dataset_version", pa.string(), nullable=False),
+    ])
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
+    return split
+
+
+def _check_version(model_version: int) -> int:
+    if isinstance(model_version, bool) or not isinstance(model_version, (int, np.integer)) or model_version < 1:
+        raise ValueError(f"model version {model_version!r} is not a positive whole number")
+    return int(model_version)
+
+
+def _vectors(x: np.ndarray) -> pa.FixedSizeListArray:
+    """float32 (N, L) -> fixed_size_list<float32>[L]; a C-contiguous buffer goes to Arrow without a copy."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), x.shape[1])
+
+
+def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
+    return pa.repeat(pa.scalar(value, type_), n)
+
+
+def build_table(ids: list[str], split: str, labels: np.ndarray, mean: np.ndarray, logvar: np.ndarray,
+                model_name: str, model_version: int, dataset_version: str) -> pa.Table:
+    """Latents of one shard's rows -> Arrow table in `embedding_schema(L)`.
+
+    ids: N strings; labels: int (N,) with -1 meaning "no label" (stored as null); mean, logvar:
+    float (N, L), both finite.
+    """
+    n = len(ids)
+    # Cast first: a float64 beyond float32's range only becomes inf here.
+    mean, logvar = np.asarray(mean, dtype=np.float32), np.asarray(logvar, dtype=np.float32)
+    if mean.ndim != 2 or mean.shape[0] != n or mean.shape[1] < 1 or logvar.shape != mean.shape:
+        raise ValueError(f"{n} ids need mean and logvar of shape ({n}, L), got {mean.shape} and {logvar.shape}")
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"{n} ids but labels of shape {labels.shape}")
+    # A NaN or inf latent means a broken model or input; stored, it would poison every downstream statistic.
+    for what, x in (("mean", mean), ("logvar", logvar)):
+        if (bad := np.flatnonzero(~np.isfinite(x).all(axis=1))).size:
+            raise ValueError(f"non-finite {what} for {bad.size} row(s), e.g. id {ids[bad[0]]!r}")
+    _check_split(split)
+    check_name(model_name, "model name")
+    check_name(dataset_version, "dataset version")
+    labels = labels.astype(np.int32, copy=False)
+    columns = [
+        pa.array(ids, pa.string()),
+        _constant(split, pa.string(), n),
+        pa.array(labels, type=pa.int32(), mask=labels < 0),
+        _vectors(mean),
+        _vectors(logvar),
+        _constant(model_name, pa.string(), n),
+        _constant(_check_version(model_version), pa.int32(), n),
+        _constant(dataset_version, pa.string(), n),
+    ]
+    return pa.Table.from_arrays(columns, schema=embedding_schema(mean.shape[1]))
+
+
+def restamp(table: pa.Table, split: str, dataset_version: str) -> pa.Table:
+    """The same rows with `split` and `dataset_version` replaced: an encoding reused for another dataset
+    version (same shard bytes, same model) needs no model work, only new stamps."""
+    _check_split(split)
+    check_name(dataset_version, "dataset version")
+    for name, value in (("split", split), ("dataset_version", dataset_version)):
+        i = table.schema.get_field_index(name)
+        if i < 0:
+            raise ValueError(f"table has no {name!r} column; columns are {table.column_names}")
+        table = table.set_column(i, table.schema.field(i), _constant(value, pa.string(), table.num_rows))
+    return table
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def file_name(shard_sha256: str, model_version: int) -> str:
+    """Name of the embeddings file of the input shard with checksum `shard_sha256`, encoded by `model_version`."""
+    if not SHA256.match(shard_sha256):
+        raise ValueError(f"shard checksum {shard_sha256!r} is not a lowercase hex SHA-256")
+    return f"{shard_sha256}-v{_check_version(model_version)}.parquet"
+
+
+def default_dir(root: str, model_name: str, model_version: int, dataset: str, dataset_version: str) -> str:
+    """`<root>/<model name>/<model version>/<dataset>/<dataset version>`; `root` may be a URL.
+
+    The naming rule rules out '..' and '/', so the result cannot leave `root`.
+    """
+    parts = [check_name(model_name, "model name"), str(_check_version(model_version)),
+             check_name(dataset, "dataset name"), check_name(dataset_version, "dataset version")]
+    return posixpath.join(root, *parts)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """One embeddings table as zstd Parquet bytes (a single row group below ~64 MiB of latents)."""
+    row_bytes = 8 * max(1, table.schema.field("mean").type.list_size)  # mean + logvar, float32 each
+    sink = pa.BufferOutputStream()
+    # Dictionaries pay off only for the repeated stamps; the float vectors are all distinct.
+    pq.write_table(table, sink, compression=COMPRESSION, row_group_size=max(1, (64 << 20) // row_bytes),
+                   use_dictionary=["split", "label", "model_name", "model_version", "dataset_version"],
+                   write_statistics=["id", "label"])
+    return sink.getvalue().to_pybytes()
+
+
+def write_file(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    """Write `table` to `path` atomically: readers see the whole file or none."""
+    atomic_write_bytes(fs, path, parquet_bytes(table))
+
+
+def find_reusable(fs: fsspec.AbstractFileSystem, out_path: str, split_name_file: str) -> str | None:
+    """Path of an already published file named like `split_name_file` in a sibling dataset-version folder of
+    `out_path` (``<out_path>/../<version>/<any split>/<name>``), or None.
+
+    `out_path` is a path on `fs` (as `resolve` gives it). `split_name_file` is a file name (`file_name(...)`)
+    or a ``<split>/<name>`` path; only the name counts: it fixes the shard bytes and the model version, so
+    the latents are the same whatever the split. Temporaries of unfinished writes and `out_path` itself are
+    never returned.
+    """
+    name = posixpath.basename(split_name_file)
+    if not FILE_NAME.match(name):  # also keeps glob metacharacters out of the pattern below
+        raise ValueError(f"{split_name_file!r} is not an embeddings file name like <sha256>-v<version>.parquet")
+    out_path = out_path.rstrip("/")
+    parent = posixpath.dirname(out_path)
+    fs.invalidate_cache(parent)  # object stores cache listings; another run may have published since
+    for path in sorted(fs.glob(posixpath.join(parent, "*", "*", name))):
+        version_dir = posixpath.dirname(posixpath.dirname(path))
+        # The exact name never matches a temporary (".<name>.tmp-<hex>"); the check guards against a wider glob.
+        if (version_dir != out_path and NAME_RULE.match(posixpath.basename(version_dir))
+                and not fnmatch.fnmatchcase(posixpath.basename(path), TEMPORARY)):
+            return path
+    return None
+
+
+# -------------------------------------------------------------------------------------------- manifest
+
+
+class EmbeddingFile(Strict):
+    """One embeddings file: path relative to the output folder, rows, and the input shard's checksum."""
+
+    path: str = Field(description="e.g. train/<shard sha256>-v<model version>.parquet")
+    rows: int = Field(ge=1)
+    source_sha256: str
+    reused_from: str | None = Field(None, description="dataset version whose file was copied, if any")
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        if v.startswith("/") or posixpath.normpath(v) != v or v.startswith(".."):
+            raise ValueError(f"file path {v!r} must be relative and normalised, like 'train/<name>.parquet'")
+        return v
+
+    @field_validator("source_sha256")
+    @classmethod
+    def _sha256(cls, v: str) -> str:
+        if not SHA256.match(v):
+            raise ValueError(f"source_sha256 {v!r} is not a lowercase hex SHA-256")
+        return v
+
+
+class EmbeddingManifest(Strict):
+    """Contents of ``manifest.json`` of one embeddings folder; counts are rows per split."""
+
+    format: Literal[1] = 1
+    model_name: str
+    model_version: int = Field(ge=1)
+    model_uri: str
+    dataset: str
+    dataset_version: str
+    latent_dim: int = Field(ge=1)
+    splits: dict[str, list[EmbeddingFile]]
+    counts: dict[str, int]
+    images_per_s: float | None = None
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EmbeddingManifest":
+        check_name(self.model_name, "model name")
+        check_name(self.dataset, "dataset name")
+        check_name(self.dataset_version, "dataset version")
+        if unknown := (set(self.splits) | set(self.counts)) - set(SPLITS):
+            raise ValueError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
+        for split in SPLITS:
+            files = self.splits.get(split, [])
+            if (held := sum(f.rows for f in files)) != self.counts.get(split, 0):
+                raise ValueError(f"counts[{split!r}] is {self.counts.get(split, 0)} but its files hold {held} rows")
+            if stray := [f.path for f in files if posixpath.dirname(f.path) != split]:
+                raise ValueError(f"split {split!r} lists files outside its folder: {stray[:5]}")
+            # The name is the contract that lets a later dataset version find and reuse the file.
+            if misnamed := [f.path for f in files
+                            if posixpath.basename(f.path) != file_name(f.source_sha256, self.model_version)]:
+                raise ValueError(f"files not named <source_sha256>-v{self.model_version}.parquet: {misnamed[:5]}")
+        return self
+
+    @field_validator("created_at")
+    @classmethod
+    def _iso(cls, v: str) -> str:
+        datetime.fromisoformat(v)  # ValueError naming the text when it is not ISO 8601
+        return v
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+
+def write_manifest(fs: fsspec.AbstractFileSystem, out_path: str, manifest: EmbeddingManifest) -> None:
+    """Publish ``<out_path>/manifest.json`` atomically; write it after every file it lists."""
+    atomic_write_bytes(fs, posixpath.join(out_path, MANIFEST), manifest.to_json().encode())
+
+
+def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> EmbeddingManifest:
+    """Load and validate the manifest of the embeddings folder `url`."""
+    fs, path = resolve(url, storage_options)
+    fs.invalidate_cache(path)
+    try:
+        raw = fs.cat_file(posixpath.join(path, MANIFEST))
+    except FileNotFoundError:
+        raise ValueError(f"no embeddings manifest at {url}") from None
+    try:
+        return EmbeddingManifest.model_validate_json(raw)
+    except ValueError as e:
+        raise ValueError(f"{url}/{MANIFEST} is not a valid embeddings manifest: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_embeddings(url: str, splits: list[str] | None = None,
+                    storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """The rows of the files the manifest at `url` lists (of `splits`, default all), in manifest order.
+
+    Every file must hold the rows the manifest says, in the manifest's schema (ValueError naming it).
+    """
+    manifest = read_manifest(url, storage_options)
+    wanted = set(SPLITS if splits is None else [_check_split(s) for s in splits])
+    fs, base = resolve(url, storage_options)
+    files = [f for split, fl in manifest.splits.items() if split in wanted for f in fl]
+    schema = embedding_schema(manifest.latent_dim)
+    paths = [posixpath.join(base, f.path) for f in files]
+    try:  # one call for all files: object stores fetch them concurrently
+        data = fs.cat(paths) if paths else {}
+    except FileNotFoundError:
+        missing = [to_url(fs, p) for p in paths if not fs.exists(p)]
+        raise ValueError(f"{url}: files listed in the manifest are missing: {missing[:5]}") from None
+    tables = []
+    for f, path in zip(files, paths):
+        table = pq.read_table(pa.BufferReader(data[path]))
+        if table.num_rows != f.rows:
+            raise ValueError(f"{to_url(fs, path)}: manifest says {f.rows} rows, file has {table.num_rows}")
+        if not table.schema.equals(schema):
+            raise ValueError(f"{to_url(fs, path)}: schema is not the embeddings schema with latent_dim "
+                             f"{manifest.latent_dim}:\n{table.schema}")
+        tables.append(table)
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _matrix(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed_size_list<float32>[L] column as float32 (N, L), viewing Arrow's buffer where it is one chunk."""
+    chunks = table.column(column)
+    # combine_chunks copies even a single chunk, so that case takes the chunk itself.
+    col = chunks.chunk(0) if chunks.num_chunks == 1 else chunks.combine_chunks()
+    if not (pa.types.is_fixed_size_list(col.type) and col.type.value_type == pa.float32()):
+        raise ValueError(f"column {column!r} is {col.type}, not fixed_size_list<float32>")
+    if col.null_count:
+        raise ValueError(f"column {column!r} has {col.null_count} null rows")
+    # flatten() honours the array's offset (a slice of a table); `.values` would not.
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(col), col.type.list_size)
+
+
+def latents(table: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Embeddings table -> (ids, mean float32 (N, L), logvar float32 (N, L)).
+
+    The arrays are read-only views of Arrow's buffers when a column is one chunk (copies otherwise).
+    """
+    return table.column("id").to_pylist(), _matrix(table, "mean"), _matrix(table, "logvar")
+
+
+def join_images(table: pa.Table, info: DatasetInfo, verify: bool = True) -> np.ndarray:
+    """uint8 images (N, H, W, C) of the table's rows, in the table's order, from dataset version `info`.
+
+    A row is matched by its split and id, reading only the shards of the splits present in the table,
+    one at a time. Raises ValueError listing (up to 5) ids the dataset does not have.
+    """
+    ids = table.column("id").to_pylist()
+    row_splits = table.column("split").to_pylist()
+    if unknown := set(row_splits) - set(SPLITS):  # a split we cannot read could only end as "not found"
+        raise ValueError(f"table has unknown split(s) {sorted(unknown)}; splits are {', '.join(SPLITS)}")
+    first: dict[tuple[str, str], int] = {}  # (split, id) -> its first row in the table
+    for i, key in enumerate(zip(row_splits, ids)):
+        first.setdefault(key, i)
+    out = np.empty((len(ids), *info.shape), dtype=np.uint8)
+    filled = np.zeros(len(ids), dtype=bool)
+    present = set(row_splits)
+    for split in [s for s in SPLITS if s in present]:
+        for shard in (info.manifest.splits[split].shards if split in info.manifest.splits else []):
+            shard_table = read_shard_table(info, shard, verify)
+            hits = [(r, first[(split, x)]) for r, x in enumerate(shard_table.column("id").to_pylist())
+                    if (split, x) in first]
+            if hits:
+                rows, dest = (np.array(v, dtype=np.int64) for v in zip(*hits))
+                out[dest] = images_u8(shard_table, info.shape)[rows]
+                filled[dest] = True
+    source = np.fromiter((first[k] for k in zip(row_splits, ids)), dtype=np.int64, count=len(ids))
+    if missing := [ids[i] for i in np.flatnonzero(~filled[source])]:
+        shown = list(dict.fromkeys(missing))
+        raise ValueError(f"{len(shown)} id(s) not in dataset {info.name}@{info.version} under the split of their "
+                         f"row: {shown[:5]}")
+    repeated = source != np.arange(len(ids))
+    out[repeated] = out[source[repeated]]  # rows whose (split, id) came earlier in the table
+    return out
