@@ -64,6 +64,7 @@ class Plan:
     fs: Any = field(repr=False)
     latent_dim: int
     jobs: list[ShardJob]
+    plan_s: float = 0.0  # pinning and downloading the model, checking shapes, sorting shards
 
     @property
     def url(self) -> str:
@@ -78,6 +79,7 @@ def plan_task(req: EncodeRequest) -> tuple[Plan, bytes]:
     """Pin the model and download it once; check it fits the dataset; decide each shard's fate."""
     from vae_core.weights import model_to_bytes
 
+    t0 = time.perf_counter()
     pinned = registry.pin_model(req.model)
     info = open_dataset(data_root(), *req.dataset_ref())
     model = registry.load_pinned(pinned)
@@ -95,7 +97,8 @@ def plan_task(req: EncodeRequest) -> tuple[Plan, bytes]:
         remove_temporaries(fs, out)  # a killed run's half-written files
     jobs = [_job(req, info, pinned, fs, out, split, shard)
             for split in req.splits if (s := info.manifest.splits.get(split)) for shard in s.shards]
-    return Plan(model=pinned, info=info, out=out, fs=fs, latent_dim=model.latent_dim, jobs=jobs), model_to_bytes(model)
+    return Plan(model=pinned, info=info, out=out, fs=fs, latent_dim=model.latent_dim, jobs=jobs,
+                plan_s=time.perf_counter() - t0), model_to_bytes(model)
 
 
 def _job(req: EncodeRequest, info: DatasetInfo, pinned: PinnedModel, fs: Any, out: str, split: str,
@@ -183,11 +186,12 @@ def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) 
         total = sum(j.shard.rows for j in todo)
         pending: dict[str, list[pa.Table]] = defaultdict(list)
         got: dict[str, int] = defaultdict(int)
-        start = None
+        first, first_rows = None, 0  # when the first latents came back: what follows is the steady state
         with tqdm(total=total, desc=f"encode {plan.info.name}@{plan.info.version}", unit="img",
                   disable=not progress) as bar:
             for batch in latents.iter_batches(batch_size=None, batch_format="pyarrow"):
-                start = start or time.perf_counter()
+                if first is None:
+                    first, first_rows = time.perf_counter(), batch.num_rows
                 for path, part in _by_source(batch):
                     job = by_path[path]
                     pending[path].append(part)
@@ -195,13 +199,15 @@ def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) 
                     if got[path] == job.shard.rows:
                         _publish(plan, job, pa.concat_tables(pending.pop(path)))
                 bar.update(batch.num_rows)
-        elapsed = time.perf_counter() - t0 - ray_s
+        end = time.perf_counter()
+        elapsed = end - t0 - ray_s
     missing = [j.name for j in todo if got[_norm(j.source)] != j.shard.rows]
     if missing:
         raise RuntimeError(f"{len(missing)} shards came back incomplete, first {missing[0]}; nothing of them was "
                            "published: run again")
+    steady = (total - first_rows) / (end - first) if first is not None and end > first else 0.0
     return {"rows_encoded": float(total), "images_per_s": total / max(elapsed, 1e-9), "encode_s": elapsed,
-            "startup/ray_s": ray_s}
+            "steady_images_per_s": steady, "startup/ray_s": ray_s}
 
 
 def _norm(path: str) -> str:
@@ -265,7 +271,7 @@ def record_task(plan: Plan, req: EncodeRequest, stats: dict[str, float], reused:
     if plan.model.model_id:
         tracking.client().log_inputs(run_id, models=[LoggedModelInput(plan.model.model_id)])
     run = tracking.RunLogger(run_id)
-    run.log_metrics({**stats, "rows_reused": float(reused), "rows_skipped": float(plan.rows("done")),
+    run.log_metrics({**stats, "startup/plan_s": plan.plan_s, "rows_reused": float(reused), "rows_skipped": float(plan.rows("done")),
                      "rows_total": float(sum(j.shard.rows for j in plan.jobs))}, step=0)
     run.finish()
     return run_id
@@ -297,7 +303,9 @@ def encode_dataset(request: EncodeRequest, progress: bool = False) -> dict[str, 
         "dataset": plan.info.name,
         "dataset_version": plan.info.version,
         "run_id": run_id,
-        "startup_ray_s": stats.get("startup/ray_s"),
+        "seconds": {"plan": plan.plan_s, "ray_start": stats.get("startup/ray_s", 0.0),
+                    "encode": stats.get("encode_s", 0.0)},
+        "steady_images_per_s": stats.get("steady_images_per_s"),
     }
     create_markdown_artifact(markdown=_summary(out), key="encode-dataset-summary",
                              description=f"{plan.model.uri} on {plan.info.name}@{plan.info.version}")
