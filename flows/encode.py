@@ -175,7 +175,7 @@ def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) 
     # Blocks of a few batches, not Ray Data's 128 MiB default: with whole-shard blocks the encoder starts
     # only once a shard is read and every latent comes back at the very end (no overlap, and a progress
     # bar that jumps from 0 to 100%).
-    block_bytes = max(4 * 2**20, 2 * req.batch_size * plan.info.manifest.image_bytes)
+    block_bytes = max(2**16, 2 * req.batch_size * plan.info.manifest.image_bytes)
     with ray_session() as resources, _data_context(target_max_block_size=block_bytes, enable_progress_bars=False):
         ray_s = time.perf_counter() - t0
         cpus, threads = _scaling(req, resources)
