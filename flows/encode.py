@@ -271,6 +271,13 @@ def _manifest(plan: Plan, req: EncodeRequest, images_per_s: float | None) -> Any
     from datetime import datetime, timezone
 
     splits: dict[str, list] = {s: [] for s in req.splits}
+    try:  # splits encoded by an earlier run into this folder stay listed
+        before = embeddings.read_manifest(plan.url, storage_options=plan.fs.storage_options)
+        if (before.model_name, before.model_version, before.dataset_version) == (
+                plan.model.name, plan.model.version, plan.info.version):
+            splits = {**{s: f for s, f in before.splits.items() if s not in splits}, **splits}
+    except ValueError:
+        pass
     for job in plan.jobs:
         reused = posixpath.basename(posixpath.dirname(posixpath.dirname(job.reuse_from))) if job.reuse_from else None
         splits[job.split].append(embeddings.EmbeddingFile(path=job.name, rows=job.shard.rows,
@@ -315,7 +322,7 @@ def encode_dataset(request: EncodeRequest, progress: bool = False) -> dict[str, 
     run_id = record_task(plan, request, stats, reused)
     out = {
         "output": plan.url,
-        "rows": manifest.counts,
+        "rows": {s: manifest.counts[s] for s in request.splits},
         "rows_encoded": int(stats["rows_encoded"]),
         "rows_reused": reused,
         "rows_already_there": plan.rows("done"),

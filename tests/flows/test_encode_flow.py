@@ -93,6 +93,15 @@ def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
 
     redo = _encode(splits=["test"], overwrite=True)
     assert redo["rows_encoded"] == info.counts["test"] and redo["rows"] == {"test": info.counts["test"]}
+    assert read_embeddings(out["output"]).num_rows == sum(info.counts.values())  # other splits stay listed
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect_client:
+        arts = prefect_client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["encode-dataset-summary"])))
+    assert any(out["output"] in a.data and f"| train | {info.counts['train']:,} |" in a.data for a in arts)
 
 
 def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
