@@ -97,14 +97,15 @@ def plan_task(req: EncodeRequest) -> tuple[Plan, bytes]:
     fs, out = resolve(out_url)
     if fs.exists(out):
         remove_temporaries(fs, out)  # a killed run's half-written files
-    jobs = [_job(req, info, pinned, fs, out, split, shard)
+    reusable = {} if req.overwrite else embeddings.reusable_files(fs, out)
+    jobs = [_job(req, info, pinned, fs, out, reusable, split, shard)
             for split in req.splits if (s := info.manifest.splits.get(split)) for shard in s.shards]
     return Plan(model=pinned, info=info, out=out, fs=fs, latent_dim=model.latent_dim, jobs=jobs,
                 plan_s=time.perf_counter() - t0), model_to_bytes(model)
 
 
-def _job(req: EncodeRequest, info: DatasetInfo, pinned: PinnedModel, fs: Any, out: str, split: str,
-         shard: ShardInfo) -> ShardJob:
+def _job(req: EncodeRequest, info: DatasetInfo, pinned: PinnedModel, fs: Any, out: str, reusable: dict[str, str],
+         split: str, shard: ShardInfo) -> ShardJob:
     file = embeddings.file_name(shard.sha256, pinned.version)
     name = f"{split}/{file}"
     job = ShardJob(split=split, shard=shard, source=posixpath.join(info.path, shard.path), name=name, state="encode")
@@ -112,7 +113,7 @@ def _job(req: EncodeRequest, info: DatasetInfo, pinned: PinnedModel, fs: Any, ou
         return job
     if _published(fs, posixpath.join(out, name), shard.rows):
         job.state = "done"
-    elif (found := embeddings.find_reusable(fs, out, file)) is not None and _published(fs, found, shard.rows):
+    elif (found := reusable.get(file)) is not None and _published(fs, found, shard.rows):
         job.state, job.reuse_from = "reuse", found
     return job
 

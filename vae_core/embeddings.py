@@ -8,7 +8,7 @@ Layout (any fsspec URL as the root)::
 One row per image (see `embedding_schema`): ``id``, ``split``, ``label`` (null where the dataset has
 none), the posterior ``mean`` and ``logvar`` as fixed_size_list<float32>[L], and the model and dataset
 version that produced them. A file is named after the checksum of the input shard and the model version,
-so a shard whose bytes did not change between two dataset versions keeps its encoding: `find_reusable`
+so a shard whose bytes did not change between two dataset versions keeps its encoding: `reusable_files`
 finds it and `restamp` only rewrites the split and dataset version. ``manifest.json`` is written last;
 readers go through it (`read_embeddings`), never through a folder listing.
 
@@ -167,28 +167,26 @@ def write_file(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> Non
     atomic_write_bytes(fs, path, parquet_bytes(table))
 
 
-def find_reusable(fs: fsspec.AbstractFileSystem, out_path: str, split_name_file: str) -> str | None:
-    """Path of an already published file named like `split_name_file` in a sibling dataset-version folder of
-    `out_path` (``<out_path>/../<version>/<any split>/<name>``), or None.
+def reusable_files(fs: fsspec.AbstractFileSystem, out_path: str) -> dict[str, str]:
+    """{file name: path} of every published embeddings file in the sibling dataset-version folders of
+    `out_path` (``<out_path>/../<version>/<split>/<name>``), listed once.
 
-    `out_path` is a path on `fs` (as `resolve` gives it). `split_name_file` is a file name (`file_name(...)`)
-    or a ``<split>/<name>`` path; only the name counts: it fixes the shard bytes and the model version, so
-    the latents are the same whatever the split. Temporaries of unfinished writes and `out_path` itself are
-    never returned.
+    `out_path` is a path on `fs` (as `resolve` gives it). A file's name fixes the shard bytes and the model
+    version, so its latents serve any dataset version holding that shard, whatever the split.
+    Temporaries of unfinished writes, names not like `file_name(...)` and `out_path` itself are left out;
+    where several versions hold a name, the first in sorted order wins.
     """
-    name = posixpath.basename(split_name_file)
-    if not FILE_NAME.match(name):  # also keeps glob metacharacters out of the pattern below
-        raise ValueError(f"{split_name_file!r} is not an embeddings file name like <sha256>-v<version>.parquet")
     out_path = out_path.rstrip("/")
     parent = posixpath.dirname(out_path)
     fs.invalidate_cache(parent)  # object stores cache listings; another run may have published since
-    for path in sorted(fs.glob(posixpath.join(parent, "*", "*", name))):
+    found: dict[str, str] = {}
+    for path in sorted(fs.glob(posixpath.join(parent, "*", "*", "*.parquet"))):
+        name = posixpath.basename(path)
         version_dir = posixpath.dirname(posixpath.dirname(path))
-        # The exact name never matches a temporary (".<name>.tmp-<hex>"); the check guards against a wider glob.
-        if (version_dir != out_path and NAME_RULE.match(posixpath.basename(version_dir))
-                and not fnmatch.fnmatchcase(posixpath.basename(path), TEMPORARY)):
-            return path
-    return None
+        if (version_dir != out_path and FILE_NAME.match(name) and NAME_RULE.match(posixpath.basename(version_dir))
+                and not fnmatch.fnmatchcase(name, TEMPORARY)):
+            found.setdefault(name, path)
+    return found
 
 
 # -------------------------------------------------------------------------------------------- manifest

@@ -24,7 +24,7 @@ from vae_core.embeddings import (
     default_dir,
     embedding_schema,
     file_name,
-    find_reusable,
+    reusable_files,
     join_images,
     latents,
     read_embeddings,
@@ -233,21 +233,22 @@ def test_join_images_follows_the_table_order(digits, published):
         join_images(elsewhere, info)
 
 
-def test_find_reusable_looks_only_in_published_sibling_versions():
+def test_reusable_files_are_only_published_files_of_sibling_versions():
     fs, root = resolve("memory://reuse-test")
     name = file_name("cd" * 32, 2)
     base = f"{root}/{MODEL}/2/digits"
-    assert find_reusable(fs, f"{base}/new", name) is None  # nothing published at all
+    assert reusable_files(fs, f"{base}/new") == {}  # nothing published at all
 
     fs.pipe_file(f"{base}/new/train/{name}", b"x")  # the output folder itself does not count
     fs.pipe_file(f"{base}/half/test/.{name}.tmp-0123abcd", b"x")  # an unfinished write
-    fs.pipe_file(f"{base}/other/test/{file_name('cd' * 32, 1)}", b"x")  # same shard, another model version
-    assert find_reusable(fs, f"{base}/new", name) is None
+    fs.pipe_file(f"{base}/other/test/notes.parquet", b"x")  # not an embeddings file name
+    assert reusable_files(fs, f"{base}/new") == {}
 
+    other_model = file_name("cd" * 32, 1)  # the same shard under another model version: another name
+    atomic_write_bytes(fs, f"{base}/other/test/{other_model}", b"x")
     atomic_write_bytes(fs, f"{base}/old/val/{name}", b"x")
-    assert find_reusable(fs, f"{base}/new/", f"train/{name}") == f"{base}/old/val/{name}"
-    with pytest.raises(ValueError, match="not an embeddings file name"):
-        find_reusable(fs, f"{base}/new", "*.parquet")
+    found = reusable_files(fs, f"{base}/new/")
+    assert found == {name: f"{base}/old/val/{name}", other_model: f"{base}/other/test/{other_model}"}
 
 
 def test_restamp_changes_only_the_stamps(digits):
