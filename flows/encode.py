@@ -16,6 +16,7 @@ version. `overwrite` encodes everything again. The file layout and the read API 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import time
@@ -177,7 +178,8 @@ def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) 
     # only once a shard is read and every latent comes back at the very end (no overlap, and a progress
     # bar that jumps from 0 to 100%).
     block_bytes = max(2**16, 2 * req.batch_size * plan.info.manifest.image_bytes)
-    with ray_session() as resources, _data_context(target_max_block_size=block_bytes, enable_progress_bars=False):
+    with ray_session() as resources, _data_context(target_max_block_size=block_bytes, enable_progress_bars=False), \
+            _quiet("ray.data", progress):
         ray_s = time.perf_counter() - t0
         cpus, threads = _scaling(req, resources)
         by_path = {_norm(j.source): j for j in todo}
@@ -231,6 +233,20 @@ def _data_context(**settings: Any) -> Iterator[None]:
     finally:
         for k, v in before.items():
             setattr(ctx, k, v)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str, quiet: bool) -> Iterator[None]:
+    """Only errors from `logger` while the block runs when `quiet` (its INFO lines would cut through the
+    progress bar); its level as it was after."""
+    log = logging.getLogger(logger)
+    level = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _norm(path: str) -> str:
