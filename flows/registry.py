@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
@@ -157,10 +158,12 @@ def pin_model(uri: str) -> PinnedModel:
     mlflow_client = client()
     try:
         model = mlflow_client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as e:
+        if not _missing(e):  # a server away, a permission: not "no such model"
+            raise
         names = sorted(m.name for m in mlflow_client.search_registered_models(max_results=1000))
-        raise ModelNotFoundError(f"no registered model {name!r} in {mlflow_client.tracking_uri}; registered models: "
-                            f"{', '.join(names) or 'none'}") from None
+        raise ModelNotFoundError(f"no registered model {name!r} in {mlflow_client.tracking_uri}; registered "
+                                 f"models: {', '.join(names) or 'none'}") from None
     if alias is not None:
         if alias not in model.aliases:
             have = ", ".join(f"@{a} -> version {v}" for a, v in sorted(model.aliases.items()))
@@ -168,15 +171,21 @@ def pin_model(uri: str) -> PinnedModel:
         version = int(model.aliases[alias])
     try:
         mv = mlflow_client.get_model_version(name, str(version))
-    except MlflowException:
+    except MlflowException as e:
+        if not _missing(e):
+            raise
         versions = sorted(int(v.version) for v in mlflow_client.search_model_versions(f"name='{name}'"))
         raise ModelNotFoundError(f"model {name!r} has no version {version}; its versions: "
-                            f"{', '.join(map(str, versions)) or 'none'}") from None
+                                 f"{', '.join(map(str, versions)) or 'none'}") from None
     run_tags = mlflow_client.get_run(mv.run_id).data.tags if mv.run_id else {}
     return PinnedModel(name=name, version=int(mv.version), run_id=mv.run_id, asked=uri,
                        dataset_name=run_tags.get("dataset_name"),
                        dataset_version=mv.tags.get("dataset_version") or run_tags.get("dataset_version"),
                        model_id=getattr(mv, "model_id", None))
+
+
+def _missing(e: MlflowException) -> bool:
+    return e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 
 
 def alias_version(name: str, alias: str) -> int | None:
@@ -200,10 +209,6 @@ def set_version_tags(name: str, version: int, tags: dict[str, str]) -> None:
     mlflow_client = client()
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, str(version), key, str(value)[:5000])
-
-
-def version_tags(name: str, version: int) -> dict[str, str]:
-    return dict(client().get_model_version(name, str(version)).tags)
 
 
 def set_alias(name: str, alias: str, version: int) -> None:
