@@ -21,6 +21,7 @@ from vae_core.gate import GateMetric
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_HELP = "letters, digits, '.', '_', '-', starting with a letter or digit"
 SourceFormat = Literal["auto", "folder", "idx", "npz", "parquet", "builtin"]
+Split = Literal["train", "val", "test"]
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
 
 
@@ -164,7 +165,7 @@ class EvaluateRequest(Request):
     model: str = Field(description="registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
     dataset: str | None = Field(None, description="NAME or NAME@VERSION to evaluate on (default: the dataset "
                                 "version the model was trained on)")
-    split: Literal["train", "val", "test"] = Field("test", description="split to score")
+    split: Split = Field("test", description="split to score")
     iw_samples: int = Field(100, ge=1, description="K, importance samples per image for the IWAE NLL (cost grows "
                             "linearly with K)")
     promote: bool = Field(True, description="run the champion gate: move @champion here when this model beats it")
@@ -193,9 +194,6 @@ class EvaluateRequest(Request):
     def model_ref(self) -> tuple[str, str | None, int | None]:
         """(name, alias or None, version or None) of the model."""
         return parse_model_uri(self.model)
-
-
-Split = Literal["train", "val", "test"]
 
 
 class EncodeRequest(Request):
