@@ -23,6 +23,7 @@ import argparse
 import os
 import tempfile
 import time
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
     from flows import registry, tracking
-    from flows.cli_prefect import prefect_defaults, quiet_prefect_logs, start_prefect_server
+    from flows.cli_prefect import load_flow
     from vae_core import load_config
     from vae_core.ingest import run_ingest
     from vae_core.model import ConvVAE
@@ -61,14 +62,8 @@ def main() -> None:
     from vae_core.settings import data_root
     from vae_core.shards import open_dataset, read_split_u8
 
-    prefect_defaults()
     t0 = time.perf_counter()
-    starting = start_prefect_server()
-    from flows.encode import encode_dataset
-
-    quiet_prefect_logs(False)
-    if starting:
-        starting.join()
+    encode_dataset = load_flow(lambda: import_module("flows.encode").encode_dataset, debug=False)
     prefect_s = time.perf_counter() - t0
     sizes = [int(s) for s in args.sizes.split(",")]
     for n in sizes:

@@ -8,13 +8,14 @@ A stage's options come from its request (`vae_core.requests`), declared there on
 from __future__ import annotations
 
 import json
+from importlib import import_module
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from flows.cli_outcome import DEBUG, outcome
-from flows.cli_prefect import prefect_defaults, quiet_prefect_logs, start_prefect_server
+from flows.cli_prefect import load_flow, prefect_defaults, quiet_prefect_logs
 from flows.cli_request import request_command
 from vae_core.requests import EncodeRequest, EvaluateRequest, IngestRequest, TrainRequest
 
@@ -61,14 +62,7 @@ def train(req: TrainRequest, as_json: bool, debug: bool) -> None:
     from vae_core.config import load_config
 
     load_config(req.preset, req.overrides)  # a bad preset or override fails here, in a second, not in the flow
-    prefect_defaults()
-    starting = start_prefect_server()
-    from flows.train import train_vae  # Ray, MLflow, torch: ~3 s, while the server starts
-
-    quiet_prefect_logs(debug)
-    if starting:
-        starting.join()
-    out = train_vae(req)
+    out = load_flow(lambda: import_module("flows.train").train_vae, debug)(req)
     if as_json:
         typer.echo(json.dumps(out))
     else:
@@ -80,14 +74,7 @@ def train(req: TrainRequest, as_json: bool, debug: bool) -> None:
 @request_command(app, EvaluateRequest, extra={"as_json": AS_JSON})
 def evaluate(req: EvaluateRequest, as_json: bool, debug: bool) -> None:
     """Score a registered model, draw what it learned, and promote it to champion when it beats the current one."""
-    prefect_defaults()
-    starting = start_prefect_server()
-    from flows.evaluate import evaluate_vae  # torch, MLflow, scikit-learn: seconds, while the server starts
-
-    quiet_prefect_logs(debug)
-    if starting:
-        starting.join()
-    out = evaluate_vae(req, progress=not as_json)
+    out = load_flow(lambda: import_module("flows.evaluate").evaluate_vae, debug)(req, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -109,14 +96,7 @@ def evaluate(req: EvaluateRequest, as_json: bool, debug: bool) -> None:
 @request_command(app, EncodeRequest, extra={"as_json": AS_JSON})
 def encode(req: EncodeRequest, as_json: bool, debug: bool) -> None:
     """Encode every image of a dataset into Parquet latents (mean, logvar), one file per shard, exactly once."""
-    prefect_defaults()
-    starting = start_prefect_server()
-    from flows.encode import encode_dataset  # Ray, MLflow, torch: seconds, while the server starts
-
-    quiet_prefect_logs(debug)
-    if starting:
-        starting.join()
-    out = encode_dataset(req, progress=not as_json)
+    out = load_flow(lambda: import_module("flows.encode").encode_dataset, debug)(req, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(out))
         return

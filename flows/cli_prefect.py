@@ -10,9 +10,13 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from vae_core import settings
+
+T = TypeVar("T")
 
 
 def prefect_defaults() -> None:
@@ -64,3 +68,15 @@ def quiet_prefect_logs(debug: bool) -> None:
             handler.removeFilter(_NO_TRACEBACKS)
             if not debug and type(handler).__module__.startswith("prefect."):
                 handler.addFilter(_NO_TRACEBACKS)
+
+
+def load_flow(load: Callable[[], T], debug: bool) -> T:
+    """A stage's flow, ready to run: Prefect's defaults set, its temporary server started while `load` does
+    the heavy imports (torch, Ray, MLflow: seconds) and returns the flow, its console logs quieted."""
+    prefect_defaults()
+    starting = start_prefect_server()
+    flow = load()
+    quiet_prefect_logs(debug)
+    if starting:
+        starting.join()
+    return flow

@@ -10,9 +10,9 @@ stage adds its request here, and its command and flow follow from it.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from vae_core import settings
 from vae_core.config import Strict as Request, parse_overrides
@@ -56,6 +56,20 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
         raise ValueError(f"model version {m['version']!r} in {uri!r} is not a positive whole number")
     return m["name"], None, int(m["version"])
 
+
+
+def _checked(parse):
+    """A pydantic AfterValidator that runs `parse` (which raises ValueError naming the problem) and keeps
+    the text, stripped."""
+    def check(value: str) -> str:
+        parse(value.strip())
+        return value.strip()
+
+    return AfterValidator(check)
+
+
+DatasetRef = Annotated[str, _checked(parse_dataset_ref)]  # NAME or NAME@VERSION
+ModelURI = Annotated[str, _checked(parse_model_uri)]  # models:/NAME@ALIAS or models:/NAME/VERSION
 
 def parse_image_size(text: str) -> tuple[int, int]:
     """'28,28' / '28x28' / '28' -> (H, W)."""
@@ -120,7 +134,7 @@ class IngestRequest(Request):
 class TrainRequest(Request):
     """`train-vae`: a dataset version in, one MLflow run and one registered model version out."""
 
-    dataset: str = Field(description="NAME or NAME@VERSION of an ingested dataset (latest version by default)")
+    dataset: DatasetRef = Field(description="NAME or NAME@VERSION of an ingested dataset (latest version by default)")
     preset: str = Field("mnist", description="model and training preset shipped with vae_core, or a YAML path",
                         json_schema_extra={"cli": ["--preset", "--config"]})
     overrides: dict[str, Any] = Field(default_factory=dict, description="config overrides key=value, e.g. "
@@ -135,12 +149,6 @@ class TrainRequest(Request):
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
     memory_budget_mb: float = Field(4096, gt=0, description="MiB of pixels a worker holds per split; "
                                     "a larger split streams through Ray Data")
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset_ref(cls, v: str) -> str:
-        parse_dataset_ref(v)
-        return v
 
     @field_validator("model_name")
     @classmethod
@@ -162,8 +170,8 @@ class EvaluateRequest(Request):
     """`evaluate-vae`: a registered model version in, its metrics, pictures, report and the champion gate's
     decision out."""
 
-    model: str = Field(description="registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
-    dataset: str | None = Field(None, description="NAME or NAME@VERSION to evaluate on (default: the dataset "
+    model: ModelURI = Field(description="registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
+    dataset: DatasetRef | None = Field(None, description="NAME or NAME@VERSION to evaluate on (default: the dataset "
                                 "version the model was trained on)")
     split: Split = Field("test", description="split to score")
     iw_samples: int = Field(100, ge=1, description="K, importance samples per image for the IWAE NLL (cost grows "
@@ -178,30 +186,14 @@ class EvaluateRequest(Request):
     limit: int | None = Field(None, ge=2, description="score only the split's first N images (quick runs)")
     map_points: int = Field(2000, ge=10, description="points in the PCA and t-SNE maps of the latent space")
 
-    @field_validator("model")
-    @classmethod
-    def _model_uri(cls, v: str) -> str:
-        parse_model_uri(v)
-        return v.strip()
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset_ref(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_dataset_ref(v)
-        return v
-
-    def model_ref(self) -> tuple[str, str | None, int | None]:
-        """(name, alias or None, version or None) of the model."""
-        return parse_model_uri(self.model)
 
 
 class EncodeRequest(Request):
     """`encode-dataset`: a registered model version and a dataset version in; one Parquet file of latents per
     input shard, plus a manifest, out."""
 
-    model: str = Field(description="registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
-    dataset: str = Field(description="NAME or NAME@VERSION of an ingested dataset (latest version by default)")
+    model: ModelURI = Field(description="registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
+    dataset: DatasetRef = Field(description="NAME or NAME@VERSION of an ingested dataset (latest version by default)")
     splits: list[Split] = Field(default_factory=lambda: ["train", "val", "test"],
                                 description="splits to encode (repeatable, or comma-separated)")
     out: str | None = Field(None, description="output folder URL (default $VAE_HOME/embeddings/<model>/<version>/"
@@ -213,18 +205,6 @@ class EncodeRequest(Request):
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; above 0 encodes on GPUs in bf16")
     overwrite: bool = Field(False, description="encode every shard again, even those already written")
     experiment: str = Field("encode-dataset", description="MLflow experiment of the run that records throughput")
-
-    @field_validator("model")
-    @classmethod
-    def _model_uri(cls, v: str) -> str:
-        parse_model_uri(v)
-        return v.strip()
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset_ref(cls, v: str) -> str:
-        parse_dataset_ref(v)
-        return v
 
     @field_validator("splits", mode="before")
     @classmethod

@@ -157,10 +157,9 @@ def test_errors_name_what_exists(home, register):
     run_ingest(IngestRequest(source="builtin:digits", name="digits", val_fraction=0))
     with pytest.raises(EvaluateError, match=r"split 'val' of dataset digits@\w+ is empty \(train [\d,]+, val 0, test"):
         _evaluate(model="models:/vae-digits@challenger", dataset="digits", split="val")
-    with pytest.raises(ValueError, match="asks for 1 CUDA devices"):
-        if torch.cuda.is_available():
-            raise ValueError("asks for 1 CUDA devices")  # nothing to check on a machine with a GPU
-        _evaluate(model="models:/vae-other@challenger", gpus=1)
+    if not torch.cuda.is_available():  # more GPUs than the machine has: named before anything loads
+        with pytest.raises(ValueError, match="asks for 1 CUDA devices, but this machine has 0"):
+            _evaluate(model="models:/vae-other@challenger", gpus=1)
 
 
 def test_unlabelled_dataset_skips_label_metrics_with_a_note(home, register, tmp_path):
