@@ -112,7 +112,10 @@ def feature_task(target: Target, data: Any, req: EvaluateRequest, progress: bool
     info = target.dataset
     # Always the train split (the cache is per dataset version), whichever split is scored.
     train = (data.train_images, data.train_labels) if req.split != "train" else read_split_u8(info, "train")[:2]
-    test = read_split_u8(info, "test")[:2] if info.counts.get("test") else None
+
+    def test() -> tuple | None:  # read only if the classifier is not cached yet
+        return read_split_u8(info, "test")[:2] if info.counts.get("test") else None
+
     device = devices_for(req.gpus)[0]
     say = (lambda line: print(line, file=sys.stderr)) if progress else None
     net, net_info = load_or_train_feature_net(info.name, info.version, train, test, seed=req.seed, device=device,

@@ -161,13 +161,15 @@ def _info(meta: dict[str, str], cached: bool, url: str) -> dict[str, Any]:
 
 def load_or_train_feature_net(
     dataset: str, version: str, train: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray] | None, root: str | None = None, epochs: int = 3, seed: int = 0,
+    test: tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray] | None] | None,
+    root: str | None = None, epochs: int = 3, seed: int = 0,
     device: str | torch.device = "cpu", progress: Callable[[str], None] | None = None,
 ) -> tuple[FeatureNet, dict[str, Any]]:
     """The cached classifier for a dataset version, or train, measure and cache one.
 
-    `train`/`test` are (uint8 (N, H, W, C), int (N,)) with -1 for unlabelled rows. A cached file is used
-    when its input shape matches `train`'s images; otherwise it is replaced.
+    `train`/`test` are (uint8 (N, H, W, C), int (N,)) with -1 for unlabelled rows; `test` may be a function
+    that reads them, called only when a classifier is trained (a cached one needs no test images). A
+    cached file is used when its input shape matches `train`'s images; otherwise it is replaced.
     """
     for name in (dataset, version):
         if not _SAFE_NAME.match(name) or name in (".", ".."):
@@ -189,6 +191,7 @@ def load_or_train_feature_net(
                  "images (cached for later evaluations)")
     num_classes = int(np.asarray(labels)[labelled].max()) + 1
     net = train_feature_net(images, labels, num_classes, epochs=epochs, seed=seed, device=device)
+    test = test() if callable(test) else test
     # An unlabelled test split cannot measure anything: fall back to the train split and say so.
     use_test = test is not None and bool((np.asarray(test[1]) >= 0).any())
     split, (eval_images, eval_labels) = ("test", test) if use_test else ("train", train)

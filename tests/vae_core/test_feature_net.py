@@ -150,3 +150,17 @@ def test_training_is_seeded_and_leaves_the_global_rng_alone(digits):
     b = train_feature_net(images[:200], labels[:200], 10, epochs=1, seed=3)
     assert torch.equal(torch.random.get_rng_state(), before)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_test_images_are_read_only_when_a_classifier_is_trained(vae_home):
+    images, labels = load_digits_u8()
+    reads = []
+
+    def test():
+        reads.append(1)
+        return images[1500:], labels[1500:]
+
+    _, info = load_or_train_feature_net("digits", "v4", (images[:300], labels[:300]), test, epochs=1)
+    assert reads == [1] and info["accuracy_split"] == "test" and not info["cached"]
+    _, info = load_or_train_feature_net("digits", "v4", (images[:300], labels[:300]), test)
+    assert reads == [1] and info["cached"]  # the cached classifier needed no test images
