@@ -19,6 +19,7 @@ split, K and seed see the same binarisation of the same images. Several devices 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -97,7 +98,7 @@ def score_split(
     seed: int = 0,
     batch_size: int = 500,
     devices: list[torch.device] | None = None,
-    on_batch=None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> SplitScores:
     """Score uint8 images (N, H, W, C) with `model`; see the module docstring for what and how.
 
