@@ -23,7 +23,6 @@ import argparse
 import os
 import tempfile
 import time
-from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +62,12 @@ def main() -> None:
     from vae_core.shards import open_dataset, read_split_u8
 
     t0 = time.perf_counter()
-    encode_dataset = load_flow(lambda: import_module("flows.encode").encode_dataset, debug=False)
+    def flow():
+        from flows.encode import encode_dataset
+
+        return encode_dataset
+
+    encode_dataset = load_flow(flow, debug=False)
     prefect_s = time.perf_counter() - t0
     sizes = [int(s) for s in args.sizes.split(",")]
     for n in sizes:

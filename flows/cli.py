@@ -8,7 +8,6 @@ A stage's options come from its request (`vae_core.requests`), declared there on
 from __future__ import annotations
 
 import json
-from importlib import import_module
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -62,7 +61,12 @@ def train(req: TrainRequest, as_json: bool, debug: bool) -> None:
     from vae_core.config import load_config
 
     load_config(req.preset, req.overrides)  # a bad preset or override fails here, in a second, not in the flow
-    out = load_flow(lambda: import_module("flows.train").train_vae, debug)(req)
+    def flow():  # Ray, MLflow, torch: seconds, imported while Prefect's server starts
+        from flows.train import train_vae
+
+        return train_vae
+
+    out = load_flow(flow, debug)(req)
     if as_json:
         typer.echo(json.dumps(out))
     else:
@@ -74,7 +78,12 @@ def train(req: TrainRequest, as_json: bool, debug: bool) -> None:
 @request_command(app, EvaluateRequest, extra={"as_json": AS_JSON})
 def evaluate(req: EvaluateRequest, as_json: bool, debug: bool) -> None:
     """Score a registered model, draw what it learned, and promote it to champion when it beats the current one."""
-    out = load_flow(lambda: import_module("flows.evaluate").evaluate_vae, debug)(req, progress=not as_json)
+    def flow():
+        from flows.evaluate import evaluate_vae
+
+        return evaluate_vae
+
+    out = load_flow(flow, debug)(req, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -96,7 +105,12 @@ def evaluate(req: EvaluateRequest, as_json: bool, debug: bool) -> None:
 @request_command(app, EncodeRequest, extra={"as_json": AS_JSON})
 def encode(req: EncodeRequest, as_json: bool, debug: bool) -> None:
     """Encode every image of a dataset into Parquet latents (mean, logvar), one file per shard, exactly once."""
-    out = load_flow(lambda: import_module("flows.encode").encode_dataset, debug)(req, progress=not as_json)
+    def flow():
+        from flows.encode import encode_dataset
+
+        return encode_dataset
+
+    out = load_flow(flow, debug)(req, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(out))
         return
