@@ -186,6 +186,16 @@ class FailureRecorder(ray.train.UserCallback):
             logging.getLogger(__name__).warning("could not record worker failure %d", self.failures, exc_info=True)
 
 
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (the same list on every rank): where the group was placed."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes: list[str | None] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
+
+
 def train_loop_per_worker(spec: WorkerSpec) -> None:
     """Ray Train entry point."""
     tcfg = spec.config.train
@@ -209,7 +219,10 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         with checkpoint.as_directory() as d:
             last_metrics = fit.restore(d)
 
+    nodes = _worker_nodes(world)
     logger = _EpochLogger(spec.run_id, tcfg.log_every, tcfg.batch_size * world) if rank == 0 else None
+    if logger is not None:  # which node each rank ran on: what a multi-node run is checked by
+        logger.run.set_tags({"ray.worker_nodes": ",".join(nodes), "ray.nodes": str(len(set(nodes)))})
     if logger is not None and last_metrics:
         logger.on_epoch(fit.state.epoch, last_metrics)  # the crash may have come between checkpoint and log
         logger.run.log_metrics({"resumed_from_epoch": fit.state.epoch}, step=fit.state.step)

@@ -86,6 +86,8 @@ def test_two_workers_train_track_register_and_pull(home, uninterrupted):
     assert run.info.status == "FINISHED"
     assert run.data.params["model.hidden_channels"] == "[16, 32]" and run.data.params["train.epochs"] == "3"
     assert run.data.tags["dataset_version"] == out["dataset_version"]
+    ranks = run.data.tags["ray.worker_nodes"].split(",")  # one local node holds both ranks
+    assert len(ranks) == 2 and ranks[0] == ranks[1] and run.data.tags["ray.nodes"] == "1"
     assert _epoch_steps(out["run_id"]) == [1, 2, 3]
     losses = [m.value for m in sorted(client.get_metric_history(out["run_id"], "epoch/loss"), key=lambda m: m.step)]
     assert losses[-1] < losses[0], losses
