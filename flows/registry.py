@@ -214,3 +214,17 @@ def set_version_tags(name: str, version: int, tags: dict[str, str]) -> None:
 def set_alias(name: str, alias: str, version: int) -> None:
     """Point `alias` at `version`: one registry call, so a reader sees the old version or the new one."""
     client().set_registered_model_alias(name, alias, str(version))
+
+
+def versions_trained_on(name: str, dataset_version: str) -> list[tuple[int, dict[str, str]]]:
+    """(version, tags) of every version of `name` trained on `dataset_version` (its `dataset_version` tag),
+    newest first; an empty list when `name` is not registered."""
+    found = client().search_model_versions(f"name='{name}'")
+    return sorted(((int(mv.version), dict(mv.tags)) for mv in found
+                   if mv.tags.get("dataset_version") == dataset_version), reverse=True)
+
+
+def server_unavailable(exc: BaseException) -> bool:
+    """True for an MLflow error that a later try may not meet: the tracking server answered 5xx, or was not
+    reached at all (mlflow reports that as a 500 once its own HTTP retries are spent)."""
+    return isinstance(exc, MlflowException) and exc.get_http_status_code() >= 500

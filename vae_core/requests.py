@@ -219,3 +219,71 @@ class EncodeRequest(Request):
 
     def dataset_ref(self) -> tuple[str, str | None]:
         return parse_dataset_ref(self.dataset)
+
+
+def _stage_options(stage: type[Request], options: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
+    """`options` for `stage` checked by building the stage's request with `fixed` (the fields the nightly
+    flow fills in, which `options` may not set); returns them as JSON values, e.g. overrides given as a
+    list of key=value come back as a dict. A bad option is a ValueError naming it."""
+    if taken := sorted(set(options) & set(fixed)):
+        raise ValueError(f"{', '.join(taken)} cannot be set here: the nightly flow sets "
+                         f"{'them' if len(taken) > 1 else 'it'} for each run")
+    try:
+        built = stage(**options, **fixed)
+    except ValueError as e:  # pydantic's ValidationError is one: name the option, not the placeholders
+        errors = getattr(e, "errors", lambda: [])()
+        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc'])) or stage.__name__}: {err['msg']}"
+                                   for err in errors) or str(e)) from None
+    return built.model_dump(mode="json", exclude_unset=True, exclude=set(fixed))
+
+
+class NightlyRequest(Request):
+    """`nightly-retrain`: ingest a source; when the data or the request call for it, train a challenger on the
+    new dataset version, evaluate it through the champion gate, and encode the dataset with the champion.
+
+    The train, evaluate and encode options are the fields of those stages' requests less the ones the flow
+    fills in (the dataset version it ingested, the model version it trained, the champion it pinned);
+    each is checked when this request is built, by building the stage's request.
+    """
+
+    ingest: IngestRequest = Field(description="the ingest-dataset request: the source, the dataset name, ...")
+    train: dict[str, Any] = Field(default_factory=dict, description="train-vae options: TrainRequest fields "
+                                  "except dataset (e.g. preset, overrides, epochs, workers, model_name)")
+    evaluate: dict[str, Any] = Field(default_factory=dict, description="evaluate-vae options: EvaluateRequest "
+                                     "fields except model, dataset and promote (e.g. split, iw_samples, metric, "
+                                     "margin)")
+    encode: dict[str, Any] = Field(default_factory=dict, description="encode-dataset options: EncodeRequest "
+                                   "fields except model and dataset (e.g. splits, out, batch_size, workers)")
+    retrain: Literal["on-change", "always"] = Field("on-change", description="on-change: train only when no model "
+                                                    "was trained on the dataset version yet; always: every run")
+    retries: int = Field(2, ge=0, description="retries of a stage that failed on a transient error (connection, "
+                         "I/O, a 5xx from MLflow); errors in the data, the model or the request are never retried")
+    retry_delay_s: float = Field(30.0, ge=0, description="seconds before the first retry, doubling after each")
+
+    @field_validator("train")
+    @classmethod
+    def _train(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _stage_options(TrainRequest, v, {"dataset": "dataset"})
+
+    @field_validator("evaluate")
+    @classmethod
+    def _evaluate(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _stage_options(EvaluateRequest, v, {"model": "models:/model/1", "dataset": "dataset",
+                                                   "promote": True})
+
+    @field_validator("encode")
+    @classmethod
+    def _encode(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _stage_options(EncodeRequest, v, {"model": "models:/model/1", "dataset": "dataset"})
+
+    def train_request(self, dataset: str) -> TrainRequest:
+        """The train-vae request for `dataset` (NAME@VERSION)."""
+        return TrainRequest(**self.train, dataset=dataset)
+
+    def evaluate_request(self, model: str, dataset: str) -> EvaluateRequest:
+        """The evaluate-vae request for `model` (models:/NAME/VERSION) on `dataset`, with the champion gate."""
+        return EvaluateRequest(**self.evaluate, model=model, dataset=dataset, promote=True)
+
+    def encode_request(self, model: str, dataset: str) -> EncodeRequest:
+        """The encode-dataset request for `dataset` with `model` (the champion, pinned: models:/NAME/VERSION)."""
+        return EncodeRequest(**self.encode, model=model, dataset=dataset)
