@@ -122,37 +122,99 @@ def encode(req: EncodeRequest, as_json: bool, debug: bool) -> None:
     typer.echo(f"output: {out['output']}")
 
 
-def _not_yet(stage: str, summary: str) -> None:
-    """Register `vae STAGE` for a stage not built yet: it says so and exits 2."""
-    def command() -> None:
-        typer.secho(f"`vae {stage}` is not available in this version yet: the {stage} stage has not been built. "
-                    "Run `vae --help` for the stages that work.", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(code=2)
-
-    app.command(name=stage, help=summary)(command)
+stack_app = typer.Typer(no_args_is_help=True)
+app.add_typer(stack_app, name="stack", help="Start, check or stop the local stack for deployments on this machine: "
+              "Prefect server and worker, MLflow server, Ray head; state under $VAE_HOME/stack (docs/stack.md).")
 
 
-_not_yet("stack", "Start the local stack (MLflow server, Prefect server and worker) for deployments.")
+@stack_app.command("up")
+def stack_up(
+    prefect_port: Annotated[int, typer.Option(min=1, max=65535, help="Prefect server port (API and UI).")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(min=1, max=65535, help="MLflow tracking server port.")] = 5000,
+    ray_port: Annotated[int, typer.Option(min=1, max=65535, help="Ray head port (RAY_ADDRESS).")] = 6379,
+    ray_dashboard_port: Annotated[int, typer.Option(min=1, max=65535, help="Ray dashboard port, used only when "
+                                                    "Ray's dashboard packages are installed.")] = 8265,
+    pool: Annotated[str, typer.Option(help="Process work pool the worker polls (created if missing).")] = "vae-local",
+    ray_cpus: Annotated[Optional[int], typer.Option(min=1, help="CPUs the Ray head offers (default: all).")] = None,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for every service to be healthy.")] = 180.0,
+    env: Annotated[bool, typer.Option("--env", help="Print only the export lines: no progress or summary.")] = False,
+    as_json: AS_JSON[0] = False,
+    debug: DEBUG[0] = False,
+) -> None:
+    """Start the stack, or find it running: progress and UI URLs on stderr, `export` lines on stdout, so that
+    `eval "$(vae stack up)"` points this shell at it."""
+    with outcome(debug):
+        from flows.stack import up
+
+        say = (lambda line: None) if as_json or env else (lambda line: typer.echo(line, err=True))
+        stack = up(prefect_port, mlflow_port, ray_port, pool=pool, ray_cpus=ray_cpus,
+                   ray_dashboard_port=ray_dashboard_port, timeout=timeout, say=say)
+    if as_json:
+        typer.echo(json.dumps(stack.to_json()))
+        return
+    for line in stack.describe():
+        say(line)
+    typer.echo(stack.exports())
+
+
+@stack_app.command("status")
+def stack_status(as_json: AS_JSON[0] = False, debug: DEBUG[0] = False) -> None:
+    """Check each service of the recorded stack now: exit 0 when all are healthy, 1 otherwise (none recorded too)."""
+    with outcome(debug):
+        from flows.stack import status
+
+        stack = status()
+    if as_json:
+        typer.echo(json.dumps(stack.to_json()))
+    elif not stack.services:
+        typer.echo(f"no stack recorded ({stack.state}); `vae stack up` starts one")
+    else:
+        typer.echo("\n".join(stack.describe()))
+    if not stack.healthy:
+        raise typer.Exit(code=1)
+
+
+@stack_app.command("down")
+def stack_down(
+    timeout: Annotated[float, typer.Option(min=0, help="Seconds between SIGTERM and SIGKILL.")] = 20.0,
+    debug: DEBUG[0] = False,
+) -> None:
+    """Stop what `vae stack up` started (worker first), children included, and remove the state file."""
+    with outcome(debug):
+        from flows.stack import down
+
+        stopped = down(timeout=timeout)
+    typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
 
 
 @app.command()
 def demo(
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default $VAE_HOME/demo).")] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 20,
+    source: Annotated[Optional[Path], typer.Argument(help="An MNIST folder (IDX files) to use instead of the "
+                                                     "built-in digits.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs (default 20 for the digits, "
+                                                  "2 for MNIST).")] = None,
     as_json: AS_JSON[0] = False,
     debug: DEBUG[0] = False,
 ) -> None:
-    """Run what exists end to end on scikit-learn's digits (offline): train, score, draw pictures."""
-    with outcome(debug):
+    """The whole chain on this machine, offline: ingest, train, evaluate and promote, encode; then where to look."""
+    def flow():
         from flows.demo import run_demo
 
-        result = run_demo(out, epochs=epochs, progress=not as_json)
+        return run_demo
+
+    with outcome(debug):
+        out = load_flow(flow, debug)(source, epochs, progress=not as_json)
     if as_json:
-        typer.echo(json.dumps(result))
-    else:
-        typer.echo(f"test NLL {result['test_nll']:.2f} nats ({result['test_bits_per_dim']:.3f} bits/dim)")
-        for k in ("samples", "reconstructions", "interpolation", "weights"):
-            typer.echo(f"{k:>16}: {result[k]}")
+        typer.echo(json.dumps(out))
+        return
+    for stage, note in out["notes"].items():
+        typer.echo(f"{stage:<9} {note}")
+    where = out["where"]
+    typer.echo("\nwhere to look:")
+    typer.echo(f"  MLflow       {where['mlflow']}")
+    for key, label in (("report", "report"), ("embeddings", "embeddings"), ("champion", "champion")):
+        if key in where:
+            typer.echo(f"  {label:<12} {where[key]}")
 
 
 if __name__ == "__main__":

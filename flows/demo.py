@@ -1,45 +1,51 @@
-"""`vae demo`: the offline end-to-end run on scikit-learn's digits, on one machine, in seconds."""
+"""`vae demo`: the whole chain on one machine, offline: ingest, train, evaluate and promote, encode.
+
+It is the `nightly-retrain` flow with the embedded default (scikit-learn's digits, shipped with the
+package) or an MNIST folder, a small training budget, and `retrain="always"`, so every demo trains a new
+version and shows the champion gate at work. What it prints is where to look afterwards.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 
-import torch
-from tqdm.auto import tqdm
+from vae_core.requests import IngestRequest, NightlyRequest
 
-from vae_core import load_config
-from vae_core.fit import Fit, steps_per_epoch
-from vae_core.settings import vae_home
-from vae_core.sources.digits import load_digits_u8
-from vae_core.train import iterate_batches
-from vae_core.weights import save_model
+# (preset, epochs, importance samples): a minute or so for digits, a few for MNIST on a 2-core CPU.
+BUDGETS = {"digits": ("digits", 20, 100), "mnist": ("mnist", 2, 10)}
 
 
-def run_demo(out: Path | None = None, epochs: int = 20, progress: bool = True) -> dict:
-    """Train the `digits` preset on 1,500 digits, score the rest with IWAE, write pictures and weights."""
-    out = Path(out or os.path.join(vae_home(), "demo"))
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config("digits", {"train.epochs": epochs})
-    images, _ = load_digits_u8()
-    train_x, test_x = torch.from_numpy(images[:1500]), torch.from_numpy(images[1500:])
+def demo_request(source: str | None = None, epochs: int | None = None) -> NightlyRequest:
+    """The demo's nightly request: the built-in digits when `source` is None, else the MNIST folder `source`."""
+    name = "digits" if source is None else "mnist"
+    preset, default_epochs, k = BUDGETS[name]
+    return NightlyRequest(
+        ingest=IngestRequest(source=source or "builtin:digits", name=name),
+        train={"preset": preset, "epochs": epochs or default_epochs},
+        evaluate={"iw_samples": k},
+        retrain="always",
+    )
 
-    fit = Fit.create(cfg, steps_per_epoch(len(train_x), cfg.train.batch_size))
-    bar = tqdm(range(1, cfg.train.epochs + 1), desc="train digits", unit="epoch", disable=not progress)
-    for epoch in bar:
-        m = fit.train_epoch(iterate_batches(train_x, cfg.train.batch_size, generator=fit.order(epoch)))
-        bar.set_postfix(loss=f"{m['loss']:.1f}", kl=f"{m['kl']:.1f}")
-    test = fit.evaluate(iterate_batches(test_x, 100, shuffle=False), iw_samples=200)
 
-    sizes = {"samples": (400, 400), "reconstructions": (400, 400), "interpolation": (500, 50)}
-    paths = {k: out / f"{k}.png" for k in sizes}
-    for kind, image in fit.previews(test_x[:32].permute(0, 3, 1, 2)).items():
-        image.resize(sizes[kind], 0).save(paths[kind])
-    paths["weights"] = out / "model.safetensors"
-    save_model(fit.model, str(paths["weights"]))
-    return {
-        "test_nll": test["nll"],
-        "test_bits_per_dim": test["bits_per_dim"],
-        "test_elbo": -test["loss"],
-        **{k: str(v) for k, v in paths.items()},
-    }
+def where_to_look(out: dict[str, Any]) -> dict[str, str]:
+    """Commands and paths that show what the demo made: the MLflow UI, the HTML report, the embeddings and the
+    registered champion."""
+    from flows import tracking
+
+    uri = tracking.tracking_uri()
+    ui = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+    looks = {"mlflow": ui, "champion": f"models:/{out['model_name']}@champion"}
+    if out.get("report"):
+        looks["report"] = out["report"]
+    if out.get("embeddings"):
+        looks["embeddings"] = out["embeddings"]
+    return looks
+
+
+def run_demo(source: Path | str | None = None, epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the chain (see the module docstring); returns the nightly flow's summary plus `where` (where_to_look)."""
+    from flows.nightly import nightly_retrain
+
+    out = nightly_retrain(demo_request(None if source is None else str(source), epochs), progress=progress)
+    return {**out, "where": where_to_look(out)}

@@ -145,6 +145,7 @@ class Record:
     champion_after: int | None = None
     encoded: int | None = None
     embeddings: str | None = None
+    report: str | None = None  # the evaluation's HTML report
     notes: dict[str, str] = field(default_factory=dict)  # stage -> what it did, in one line
     skipped: dict[str, str] = field(default_factory=dict)  # stage -> why it did not run
     failed: dict[str, str] = field(default_factory=dict)
@@ -167,6 +168,7 @@ class Record:
             "champion": {"before": self.champion_before, "after": self.champion_after},
             "encoded": self.encoded,
             "embeddings": self.embeddings,
+            "report": self.report,
             "notes": self.notes,
             "skipped": self.skipped,
             "failed": self.failed,
@@ -186,6 +188,8 @@ class Record:
         lines = [f"# nightly-retrain: {title}", "",
                  "| stage | outcome | flow run |", "|---|---|---|", *rows, "",
                  f"- Champion of `{self.model_name}`: {champion}" if self.model_name else "- Model: not reached"]
+        if self.report:
+            lines.append(f"- Evaluation report: `{self.report}`")
         if self.embeddings:
             lines.append(f"- Embeddings: `{self.embeddings}`")
         lines += [f"- MLflow run ({stage}): `{run_id}`" for stage, run_id in self.mlflow_runs.items()]
@@ -318,7 +322,8 @@ def nightly_retrain(request: NightlyRequest, progress: bool = False) -> dict[str
 
     Returns: dataset (name, version, changed, counts), model_name, trained (the new model version or None),
     evaluated, promoted, decision (the gate's), champion (before, after), encoded (rows of the champion's
-    embeddings of the dataset version, when encode ran, else None), embeddings (their folder), notes and
+    embeddings of the dataset version, when encode ran, else None), embeddings (their folder), report (the
+    evaluation's HTML report, when evaluate ran), notes and
     skipped (per stage, what it did / why it did not run), failed, flow_runs (child flow run per stage)
     and mlflow_runs (per stage).
     """
@@ -372,6 +377,7 @@ def nightly_retrain(request: NightlyRequest, progress: bool = False) -> dict[str
             rec.decision = evaluated["decision"]
             rec.promoted = bool(rec.decision and rec.decision["promote"])
             rec.mlflow_runs["evaluate"] = evaluated["run_id"]
+            rec.report = evaluated["report"].get("report")
             rec.notes["evaluate"] = _decision_note(candidate, rec.decision)
             champion = retried(lambda: champion_of(model_name), "reading the champion")
             rec.champion_after = champion.version if champion else None
