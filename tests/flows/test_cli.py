@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app

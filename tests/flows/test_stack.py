@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from flows import stack
 from flows.cli import app
+from tests.ports import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -32,18 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 VAE = str(Path(sys.executable).parent / "vae")
 RAY_CPUS = 1
 runner = CliRunner()
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct ports nothing listens on now."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def port_flags(ports: list[int]) -> list[str]:

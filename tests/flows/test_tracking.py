@@ -10,7 +10,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,7 @@ from flows import registry, tracking
 from flows.pyfunc import VAEPyfunc, as_images
 from vae_core.config import load_config
 from vae_core.model import ConvVAE
+from tests.ports import free_port
 
 CONFIG = load_config("digits")  # 8x8x1 images, latent_dim 8: small enough for quick registry tests
 
@@ -290,17 +290,11 @@ def test_registered_model_loads_in_a_fresh_process(store, model, images, tmp_pat
 # --- against a real tracking server -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on a free local port with SQLite and proxied artifacts in a temp folder."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         env.pop(key, None)

@@ -3,7 +3,6 @@ processes on 127.0.0.1, each training on its own half of the data."""
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from vae_core import load_config
 from vae_core.fit import Fit, steps_per_epoch
 from vae_core.train import iterate_batches
+from tests.ports import free_port
 
 # Noise-free inputs: no binarisation, and Bernoulli targets are the grey levels themselves (Gaussian and
 # logistic would add dequantisation noise), so validation's KL term is a function of the weights and
@@ -55,15 +55,9 @@ def _rank(rank: int, port: int, outs: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ranks_on_different_data_end_with_the_same_weights_and_validate_the_whole_split(tmp_path: Path):
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    mp.spawn(_rank, args=(_free_port(), outs), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), outs), nprocs=2, join=True)
     ranks = [torch.load(o, weights_only=True) for o in outs]
 
     # A single process on rank 0's half only: what each rank would end with if gradients were not averaged.
