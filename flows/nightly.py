@@ -35,7 +35,7 @@ leaves the previous champion and its embeddings as they were:
 
 Retries: Prefect 3 flows take `retries` but no `retry_condition_fn` (tasks do), and a flow-level retry
 would also re-run a training that failed on bad data. Each sub-flow call goes through
-`call_with_retries` instead, which retries only errors a later try may not meet (`is_transient`:
+`flows.retries.call_with_retries` instead, which retries only errors a later try may not meet (`is_transient`:
 connection errors, timeouts, I/O errors other than a missing file or a denied permission, 5xx answers
 from MLflow or Prefect's API), after `retry_delay_s`, doubling. A `VAEError` (TrainError,
 NonFiniteLossError, ConfigError, EvaluateError, EncodeError, ModelNotFoundError, ...) names a problem
@@ -47,28 +47,26 @@ and why, or where it failed.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import posixpath
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import httpx
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows import registry, tracking
+from flows.retries import call_with_retries
 from flows.encode import encode_dataset
 from flows.evaluate import evaluate_vae
 from flows.ingest import ingest_dataset
 from flows.registry import PinnedModel
 from flows.train import train_vae
 from vae_core import embeddings
-from vae_core.errors import ModelNotFoundError, VAEError
+from vae_core.errors import ModelNotFoundError
 from vae_core.requests import EncodeRequest, NightlyRequest
 from vae_core.settings import data_root, embeddings_root
 from vae_core.shards import resolve
@@ -78,54 +76,12 @@ STAGES = ("ingest", "train", "evaluate", "encode")
 ARTIFACT_KEY = "nightly-retrain-summary"
 CHAMPION = "champion"
 
-# Errors of the file system that no retry cures: the path is wrong, not the storage briefly away.
-_PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
 class StageError(RuntimeError):
     """A stage of `nightly-retrain` failed (after its retries); `stage` names it, `__cause__` is the error."""
 
     def __init__(self, stage: str, cause: BaseException) -> None:
         self.stage = stage
         super().__init__(f"nightly-retrain stopped at {stage}: {type(cause).__name__}: {cause}")
-
-
-# --- retries -------------------------------------------------------------------------------------
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for an error a later try may not meet: a connection refused or reset, a timeout, an I/O error
-    other than a missing file or a denied permission, a 5xx from MLflow or an HTTP API. A `VAEError` (bad
-    data, model or request) and anything else (a bug) are not."""
-    if isinstance(exc, VAEError):
-        return False
-    if registry.server_unavailable(exc):
-        return True
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(status, int):  # an HTTP error with an answer (requests, httpx, Prefect's client)
-        return status >= 500
-    if isinstance(exc, (ConnectionError, TimeoutError, httpx.TransportError)):
-        return True
-    return isinstance(exc, OSError) and not isinstance(exc, _PERMANENT_OS_ERRORS)
-
-
-def call_with_retries(fn: Callable[[], T], *, retries: int, delay_s: float, what: str = "call",
-                      sleep: Callable[[float], None] = time.sleep,
-                      log: logging.Logger | logging.LoggerAdapter | None = None) -> T:
-    """`fn()`, tried again up to `retries` times when it raises a transient error (`is_transient`), after
-    `delay_s` seconds, doubling each time. Any other error, or the last try's, is raised as it is."""
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except Exception as e:
-            if attempt == retries or not is_transient(e):
-                raise
-            wait = delay_s * 2**attempt
-            if log is not None:
-                log.warning("%s failed (%s: %s); try %d of %d in %.0f s", what, type(e).__name__, e, attempt + 2,
-                            retries + 1, wait)
-            sleep(wait)
-    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 # --- the run's record ----------------------------------------------------------------------------

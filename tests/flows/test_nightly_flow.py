@@ -238,7 +238,7 @@ def test_a_failed_stage_leaves_champion_and_embeddings_as_they_were(home):
 
 
 def test_retries_transient_errors_only_and_never_a_vae_error():
-    from flows.nightly import call_with_retries, is_transient
+    from flows.retries import call_with_retries, is_transient
     from vae_core.errors import (ConfigError, EncodeError, EvaluateError, ModelNotFoundError, NonFiniteLossError,
                                  TrainError)
 

@@ -861,11 +861,8 @@ def test_ports_agree_across_compose_kubernetes_and_urls(compose_model):
 def test_work_pools_agree():
     compose_text = (INFRA / "compose.yaml").read_text()
     assert re.search(r"--pool\s*\n\s*- vae-local", compose_text)
-    prefect_yaml = ROOT / "deploy" / "prefect.yaml"
-    if prefect_yaml.exists():  # the deployments file names the same local pool
-        pools = {p["name"] for p in (yaml.safe_load(prefect_yaml.read_text()).get("definitions", {})
-                                     .get("work_pools", {}) or {}).values()}
-        assert "vae-local" in pools, pools
+    prefect_yaml = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())  # the same local pool
+    assert {p["name"] for p in prefect_yaml["definitions"]["work_pools"].values()} == {"vae-local"}
     assert load_one(K8S / "prefect-worker-values.yaml")["worker"]["config"]["workPool"] == "vae-kubernetes"
     readme = (INFRA / "README.md").read_text()
     assert ("prefect work-pool create vae-kubernetes --type kubernetes "
@@ -914,5 +911,4 @@ def test_readme_commands_name_files_that_exist():
                     "helm install kuberay-operator"):
         assert command in readme, command
     for path in re.findall(r"(?<![\w/.-])((?:infra|deploy|tests)/[\w./-]+\.(?:yaml|json|md|sql|sh|example|py))\b", readme):
-        if not path.endswith("prefect.yaml"):  # written by the deployments' owners
-            assert (ROOT / path).exists(), path
+        assert (ROOT / path).exists(), path
