@@ -20,15 +20,19 @@ def test_help_lists_every_stage_with_help_text():
 
 
 @pytest.mark.slow
-def test_demo_runs_the_whole_chain_and_says_where_to_look(tmp_path, monkeypatch, prefect_server):
-    """`vae demo`: ingest the built-in digits, train, evaluate and promote, encode, in one command."""
+def test_demo_runs_the_whole_chain_and_says_where_to_look(tmp_path, prefect_server):
+    """`vae demo`, in its own process as a user runs it: ingest the built-in digits, train, evaluate and promote,
+    encode, in one command."""
+    from prefect.settings import PREFECT_API_URL
+
     from vae_core.embeddings import read_embeddings
 
-    monkeypatch.setenv("VAE_HOME", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    result = runner.invoke(app, ["demo", "--epochs", "3", "--json"])
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "VAE_DEBUG")}
+    env.update(VAE_HOME=str(tmp_path), PREFECT_API_URL=PREFECT_API_URL.value())  # the session's server: no start-up
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "--epochs", "3", "--json"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["trained"] == 1 and out["promoted"] and out["champion"] == {"before": None, "after": 1}
     assert out["dataset"]["changed"] and sum(out["dataset"]["counts"].values()) == 1797  # sklearn's digits
     assert out["encoded"] == 1797 and read_embeddings(out["where"]["embeddings"]).num_rows == 1797

@@ -77,9 +77,12 @@ def _run(stack, deployment: str, request: dict) -> str:
 
 
 def _mlflow(stack):
+    """A client of the stack's server for runs and the registry (both named: an earlier test may have set
+    another registry URI for this process)."""
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"])
+    uri = stack.env["MLFLOW_TRACKING_URI"]
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _versions(stack, name: str) -> list[int]:
