@@ -209,6 +209,17 @@ def _forget(home: Path, record: dict) -> None:
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 
+def _ray_token(home: Path) -> Path:
+    """`<home>/stack/ray-token`, readable by this user only: the secret a driver or a Ray node needs to join the
+    stack's head (exported as RAY_AUTH_TOKEN_PATH). Made once, kept across `down` and `up`."""
+    path = home / "stack" / "ray-token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
 @contextlib.contextmanager
 def _locked(home: Path) -> Iterator[None]:
     """One `up` or `down` at a time per VAE_HOME."""
@@ -243,7 +254,8 @@ def _plan(home: Path, prefect_port: int, mlflow_port: int, ray_port: int, pool: 
     env = {"PREFECT_API_URL": f"http://{HOST}:{prefect_port}/api",
            "MLFLOW_TRACKING_URI": f"http://{HOST}:{mlflow_port}",
            "RAY_ADDRESS": f"{HOST}:{ray_port}",
-           "RAY_AUTH_MODE": "disabled",  # a driver with only RAY_ADDRESS sends no token (docs/stack.md)
+           # Ray listens on every interface whatever it is told (docs/stack.md): joining takes this stack's token.
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_ray_token(home)),
            "VAE_HOME": str(home)}
     worker_name = f"{pool}-{secrets.token_hex(3)}"
     specs = services.commands(home, ports, pool, worker_name, ray_cpus, None if missing else ray_dashboard_port, env)
@@ -273,7 +285,7 @@ def _start(home: Path, record: dict, name: str, plan: dict, say: Callable) -> No
 def _check(record: dict, name: str) -> tuple[bool, str]:
     svc = record["services"][name]
     port = record["services"]["prefect"]["port"] if name == "worker" else svc["port"]
-    return services.health(name, port, record["pool"], record["worker_name"])
+    return services.health(name, port, record["pool"], record["worker_name"], record["env"])
 
 
 def _wait(record: dict, names: list[str], deadline: float, timeout: float, say: Callable) -> None:

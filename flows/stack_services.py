@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -100,7 +99,8 @@ def commands(home: Path, ports: dict[str, int], pool: str, worker_name: str, ray
                    # Its job runner (GenAI scorers: eight more processes) is not needed for training runs.
                    _environ({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                              "PYTHONUNBUFFERED": "1"})),
-        "ray": (ray, _environ({"RAY_AUTH_MODE": env["RAY_AUTH_MODE"], "PYTHONUNBUFFERED": "1"})),
+        "ray": (ray, _environ({"RAY_AUTH_MODE": env["RAY_AUTH_MODE"], "RAY_AUTH_TOKEN_PATH": env["RAY_AUTH_TOKEN_PATH"],
+                               "PYTHONUNBUFFERED": "1"})),
         "worker": ([tool("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", worker_name],
                    _environ({**quiet, **env, "PREFECT_WORKER_QUERY_SECONDS": "2"})),
     }
@@ -148,11 +148,11 @@ def _http(url: str, body: dict | None = None) -> tuple[bool, str]:
         return False, f"no answer from {url} ({getattr(e, 'reason', e)})"
 
 
-def health(name: str, port: int | None, pool: str, worker_name: str) -> tuple[bool, str]:
-    """(healthy, detail) of one service; `port` is Prefect's for the worker. The detail says what failed,
-    or for Ray how many CPUs the head offers."""
+def health(name: str, port: int | None, pool: str, worker_name: str, env: dict[str, str]) -> tuple[bool, str]:
+    """(healthy, detail) of one service; `port` is Prefect's for the worker, `env` the stack's exports. The
+    detail says what failed, or for Ray how many CPUs the head offers."""
     if name == "ray":
-        return _ray_head(port)
+        return _ray_head(port, env)
     if name in ("prefect", "mlflow"):
         ok, text = _http(f"http://{HOST}:{port}/{'api/health' if name == 'prefect' else 'health'}")
         return ok, "" if ok else text
@@ -165,30 +165,32 @@ def health(name: str, port: int | None, pool: str, worker_name: str) -> tuple[bo
     return False, f"worker {worker_name!r} of pool {pool!r}: {status or 'not registered yet'}"
 
 
-def _ray_head(port: int, wait: float = 5.0) -> tuple[bool, str]:
-    """Whether the GCS at `port` knows an alive head node, asked in a thread (a GCS client waits up to 40 s
-    for a server that does not answer)."""
+# Asks the GCS for the head's CPUs. In a process of its own: Ray reads its authentication settings once per
+# process, so the caller (which may have joined another cluster) could not present this stack's token.
+_ASK_GCS = """
+import json, sys
+from ray._raylet import GcsClient
+from ray.core.generated.gcs_pb2 import GcsNodeInfo
+nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=2).values()
+print(json.dumps(next((n.resources_total.get("CPU", 0.0) for n in nodes
+                       if n.state == GcsNodeInfo.ALIVE and "node:__internal_head__" in n.resources_total), None)))
+"""
+
+
+def _ray_head(port: int, env: dict[str, str], wait: float = 30.0) -> tuple[bool, str]:
+    """Whether the GCS at `port` knows an alive head node, asked with the stack's token (`env`)."""
     if not _tcp_open(port):
         return False, f"nothing listens on {HOST}:{port}"
-    from ray._raylet import GcsClient  # imported here, in the main thread: Ray's import is not thread-safe
-    from ray.core.generated.gcs_pb2 import GcsNodeInfo
-
-    found: dict[str, object] = {}
-
-    def ask() -> None:
-        try:
-            nodes = GcsClient(address=f"{HOST}:{port}").get_all_node_info(timeout=2).values()
-            found["cpus"] = next((n.resources_total.get("CPU", 0.0) for n in nodes if n.state == GcsNodeInfo.ALIVE
-                                  and "node:__internal_head__" in n.resources_total), None)
-        except Exception as e:  # an RpcError while the head starts
-            found["error"] = f"{type(e).__name__}: {e}"
-
-    asking = threading.Thread(target=ask, name="vae-stack-ray-health", daemon=True)
-    asking.start()
-    asking.join(wait)
-    if "error" in found or found.get("cpus") is None:
-        return False, str(found.get("error", "the head node has not registered yet"))
-    cpus = found["cpus"]
+    try:
+        out = subprocess.run([sys.executable, "-c", _ASK_GCS, f"{HOST}:{port}"], capture_output=True, text=True,
+                             timeout=wait, env=_environ({k: v for k, v in env.items() if k.startswith("RAY_AUTH")}))
+    except subprocess.TimeoutExpired:
+        return False, f"the GCS at {HOST}:{port} did not answer within {wait:g} s"
+    if out.returncode != 0:
+        return False, (out.stderr.strip().splitlines() or ["the GCS query failed"])[-1][:300]
+    cpus = json.loads(out.stdout.strip().splitlines()[-1])
+    if cpus is None:
+        return False, "the head node has not registered yet"
     return True, f"{cpus:g} CPU{'' if cpus == 1 else 's'}"
 
 

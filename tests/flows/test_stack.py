@@ -92,9 +92,11 @@ def started(home):
 def test_up_starts_every_service_healthy_and_prints_the_exports(started, home):
     ports, env = started["ports"], started["env"]
     assert all(line.startswith("export ") for line in started["stdout"].splitlines())  # eval-able: nothing else
+    token = home / "stack" / "ray-token"
     assert env == {"PREFECT_API_URL": f"http://127.0.0.1:{ports[0]}/api",
                    "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports[1]}", "RAY_ADDRESS": f"127.0.0.1:{ports[2]}",
-                   "RAY_AUTH_MODE": "disabled", "VAE_HOME": str(home)}
+                   "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "VAE_HOME": str(home)}
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
     assert "replaced a stale" in started["stderr"]
     assert f"http://127.0.0.1:{ports[0]}" in started["stderr"] and f"http://127.0.0.1:{ports[1]}" in started["stderr"]
 
@@ -115,9 +117,10 @@ def test_up_starts_every_service_healthy_and_prints_the_exports(started, home):
     assert listening == {"127.0.0.1"}
 
 
-def test_a_driver_and_a_second_node_join_the_ray_head(started):
-    """A driver whose environment holds only RAY_ADDRESS joins through `ray_session`, while a second node joins
-    with `ray start --address` and the exported environment."""
+def test_a_driver_and_a_second_node_join_the_ray_head_with_its_token(started):
+    """A driver whose environment holds only the Ray exports (address and token) joins through `ray_session`,
+    while a second node joins with `ray start --address` and the exported environment; a driver without the
+    token is refused."""
     address = started["env"]["RAY_ADDRESS"]
     node = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--address", address,
                              "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--block"],
@@ -142,12 +145,18 @@ def test_a_driver_and_a_second_node_join_the_ray_head(started):
                               "squares": ray.get([square.remote(i) for i in range(3)])}))
     """)
     try:
-        only = {"RAY_ADDRESS": address, "PATH": os.environ["PATH"], "HOME": os.environ["HOME"]}
-        out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=only, cwd=REPO,
-                             timeout=150)
+        only = {k: v for k, v in started["env"].items() if k.startswith("RAY_")}
+        base = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"]}
+        out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env={**base, **only},
+                             cwd=REPO, timeout=150)
         assert out.returncode == 0, out.stderr[-3000:]
         seen = json.loads(out.stdout.strip().splitlines()[-1])
         assert seen == {"head_cpus": RAY_CPUS, "nodes": 2, "squares": [0, 1, 4]}
+
+        stranger = {**base, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
+        refused = subprocess.run([sys.executable, "-c", "import ray; ray.init(); print(ray.nodes())"],
+                                 capture_output=True, text=True, env=stranger, cwd=REPO, timeout=150)
+        assert refused.returncode != 0 and "nodes" not in refused.stdout, refused.stdout
     finally:
         os.killpg(node.pid, signal.SIGTERM)
         node.wait(timeout=60)
