@@ -33,6 +33,7 @@ from vae_core.errors import VAEError
 from vae_core.settings import vae_home
 
 ORDER = ("prefect", "mlflow", "ray", "worker")
+RAY_GRACE_S = 3.0  # seconds Ray's processes get between SIGTERM and SIGKILL
 _POOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -143,8 +144,8 @@ def up(prefect_port: int = 4200, mlflow_port: int = 5000, ray_port: int = 6379, 
 
 def down(timeout: float = 20.0) -> list[str]:
     """Stop the stack recorded under the current $VAE_HOME: the worker first, then Prefect, MLflow and Ray,
-    each with SIGTERM, then SIGKILL for what is left after `timeout` s, their children and process groups
-    included. Removes the state file. Returns what was stopped ("worker (pid 123)", ...); [] if nothing ran.
+    each with SIGTERM, then SIGKILL for what is left after `timeout` s (Ray: `RAY_GRACE_S` at most), their
+    children and process groups included. Removes the state file. Returns what was stopped ("worker (pid 123)", ...); [] if nothing ran.
 
     Raises:
         StackError: a process survived SIGKILL (the state file is kept, so `down` can be run again).
@@ -337,5 +338,8 @@ def _stop(record: dict, timeout: float) -> tuple[list[str], list]:
             if procs:
                 groups.append((name, svc["pid"], procs))
     left = services.stop([g for g in groups if g[0] == "worker"], timeout)
-    left += services.stop([g for g in groups if g[0] != "worker"], timeout)
+    left += services.stop([g for g in groups if g[0] in ("prefect", "mlflow")], timeout)
+    # Ray's GCS and raylet outlive SIGTERM for good after a Ray Train or Ray Data job (their detached actors),
+    # and `ray stop` kills them after a grace period too; a head node's state is not kept, so the grace is short.
+    left += services.stop([g for g in groups if g[0] == "ray"], min(timeout, RAY_GRACE_S))
     return [f"{name} (pid {pid})" for name, pid, _ in groups], left

@@ -258,13 +258,12 @@ def descendants(pid: int, created: float) -> list[list[float]]:
 
 
 def stop(groups: list[tuple[str, int, list[psutil.Process]]], timeout: float) -> list[psutil.Process]:
-    """SIGTERM each (name, root pid, processes) group, wait up to `timeout` s for every process to end, SIGKILL
-    what is left. Ray's `ray start --block`, while alive, is the only one signalled: it drains the node and
-    stops the processes it started. Returns the processes still alive after all that."""
+    """SIGTERM every process of each (name, root pid, processes) group, root first, wait up to `timeout` s for
+    them to end, SIGKILL what is left. Returns the processes still alive after all that. Every process, as
+    `ray stop` does for Ray: signalled alone, `ray start --block` waits for a drain that may never come."""
     everyone = [proc for _, _, procs in groups for proc in procs]
-    for name, root, procs in groups:
-        roots = [p for p in procs if p.pid == root]
-        for proc in roots if name == "ray" and roots else procs:
+    for _, root, procs in groups:
+        for proc in sorted(procs, key=lambda p: p.pid != root):
             _signal(proc, signal.SIGTERM)
     left = _wait(everyone, timeout)
     for proc in left:
