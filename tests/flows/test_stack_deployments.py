@@ -98,11 +98,18 @@ def test_deploy_creates_every_deployment(stack):
         assert name.split("/")[1] in listed and name.split("/")[0] in listed, listed
 
 
+def _nightly(stack) -> dict:
+    return json.loads(_cli(stack, "prefect", "deployment", "inspect", "nightly-retrain/nightly", "-o", "json"))
+
+
 def test_nightly_deployment_has_the_two_utc_cron(stack):
-    out = json.loads(_cli(stack, "prefect", "deployment", "inspect", "nightly-retrain/nightly", "-o", "json"))
-    (schedule,) = [s["schedule"] for s in out["schedules"]]
-    assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "UTC", schedule
-    assert out["work_pool_name"] == "vae-local"
+    (entry,) = _nightly(stack)["schedules"]
+    assert entry["schedule"]["cron"] == "0 2 * * *" and entry["schedule"]["timezone"] == "UTC", entry
+    assert entry["active"] and _nightly(stack)["work_pool_name"] == "vae-local"
+    # Paused from here on (which also drops its scheduled runs): a test running across 02:00 UTC would otherwise
+    # see the real schedule fire its default request in the middle of the checks below.
+    _cli(stack, "prefect", "deployment", "schedule", "pause", "nightly-retrain/nightly", entry["id"])
+    assert not _nightly(stack)["schedules"][0]["active"]
 
 
 def test_stages_run_through_the_worker_train_evaluate_encode(stack):
