@@ -60,7 +60,7 @@ def train(req: TrainRequest, as_json: bool, debug: bool) -> None:
     """Train a VAE on an ingested dataset with Ray, tracked and registered in MLflow."""
     from vae_core.config import load_config
 
-    load_config(req.preset, req.overrides)  # a bad preset or override fails here, in a second, not in the flow
+    load_config(req.preset, req.overrides, req.objective)  # a bad preset or override fails here, in a second, not in the flow
     def flow():  # Ray, MLflow, torch: seconds, imported while Prefect's server starts
         from flows.train import train_vae
 

@@ -68,6 +68,9 @@ def _open_dataset(req: EvaluateRequest, model: PinnedModel) -> DatasetInfo:
 
 
 @task(name="load-data", cache_policy=NO_CACHE)
+LIKELIHOOD_METRICS = ("nll", "bits_per_dim", "neg_elbo")  # bounds of log p(x): a VAE's, never an autoencoder's
+
+
 def load_task(req: EvaluateRequest, target: Target) -> tuple[dict[str, Any], Any]:
     """Both models (shapes checked against the dataset) and the images: the split, and the reference split
     that latent probes and the feature classifier fit on (train; val when train itself is scored)."""
@@ -78,6 +81,9 @@ def load_task(req: EvaluateRequest, target: Target) -> tuple[dict[str, Any], Any
         models[CHAMPION] = registry.load_pinned(target.champion)
     for role, model in models.items():
         _check_shape(model, target.dataset, target.champion if role == CHAMPION else target.model)
+    if req.promote and req.metric in LIKELIHOOD_METRICS and any(m.config.kind == "ae" for m in models.values()):
+        raise EvaluateError(f"the champion gate compares {req.metric}, which an autoencoder (model.kind=ae) does not "
+                            "have: choose --metric frechet_samples (or mse, ssim, knn_accuracy, ...) or --no-promote")
     images, labels, _ = read_split_u8(target.dataset, req.split)
     if req.limit:
         images, labels = images[: req.limit], labels[: req.limit]

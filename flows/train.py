@@ -16,6 +16,7 @@ when a split streams the workers leave one CPU unreserved.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,8 @@ from vae_core import VAEConfig, load_config
 from vae_core.errors import TrainError, VAEError
 from vae_core.fit import steps_per_epoch
 from vae_core.requests import TrainRequest
-from vae_core.shards import DatasetInfo, arrow_filesystem, is_local, open_dataset, resolve, shard_paths
+from vae_core.shards import (DatasetInfo, arrow_filesystem, is_local, open_dataset, read_split_u8, resolve,
+                             shard_paths)
 
 if TYPE_CHECKING:
     from flows.train_worker import DataPlan, WorkerSpec
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 def resolve_config(req: TrainRequest, info: DatasetInfo) -> VAEConfig:
     """Preset + overrides + epochs + the dataset's image shape; a shape the architecture cannot take
     is an error."""
-    cfg = load_config(req.preset, req.overrides)
+    cfg = load_config(req.preset, req.overrides, req.objective)
     if req.epochs:
         cfg.train.epochs = req.epochs
     h, w, c = info.shape
@@ -51,6 +53,33 @@ def resolve_config(req: TrainRequest, info: DatasetInfo) -> VAEConfig:
             f"dataset {info.name}@{info.version} has {h}x{w}x{c} images, which preset {req.preset!r} cannot "
             f"take: {e}"
         ) from None
+
+
+def perceptual_weights(cfg: VAEConfig, info: DatasetInfo) -> str | None:
+    """The file of the perceptual loss's network, checked before any run starts: the config's own, or
+    the dataset version's feature classifier (the one evaluate-vae scores with; trained and cached here
+    when missing), which then goes into the config (so the run's parameters name it and every worker
+    reads the same file). None when the objective has no perceptual term or names its own file."""
+    from vae_core.perceptual import check_perceptual_weights
+
+    pcfg = cfg.objective.perceptual
+    if pcfg.weight == 0:
+        return None
+    if pcfg.weights is not None or pcfg.network != "classifier":
+        check_perceptual_weights(pcfg)
+        return None
+    from vae_core.feature_net import load_or_train_feature_net
+
+    def test() -> tuple | None:  # read only if the classifier is not cached yet
+        return read_split_u8(info, "test")[:2] if info.counts.get("test") else None
+
+    try:
+        _, net_info = load_or_train_feature_net(info.name, info.version, read_split_u8(info, "train")[:2], test,
+                                                progress=lambda line: logging.getLogger(__name__).info(line))
+    except ValueError as e:  # no labels: no classifier to take features from
+        raise TrainError(f"the perceptual loss's classifier cannot be trained on {info.name}@{info.version}: {e}; "
+                         "set objective.perceptual.network=vgg16 with objective.perceptual.weights=FILE") from None
+    return net_info["path"]
 
 
 def plan_data(info: DatasetInfo, memory_budget_mb: float) -> DataPlan:
@@ -188,6 +217,8 @@ def prepare_task(req: TrainRequest) -> tuple[DatasetInfo, VAEConfig, str, DataPl
     info = open_dataset(data_root(), *req.dataset_ref())
     plan = plan_data(info, req.memory_budget_mb)
     cfg = resolve_config(req, info)
+    if (classifier := perceptual_weights(cfg, info)) is not None:
+        cfg.objective.perceptual.weights = classifier
     tracking.configure()
     run_id = tracking.start_training_run(
         req.experiment, f"{info.name}-{cfg.name}", cfg, info.name, info.version, info.url,

@@ -234,7 +234,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
                                 drop_last=world > 1)
         m = fit.train_epoch(batches, forward, on_step=logger.on_step if logger else None)
         images, seconds = _all_reduce_sum([m["images"], time.perf_counter() - started], world, device)
-        metrics = {k: m[k] for k in ("loss", "recon", "kl", "elbo", "beta", "grad_norm", "lr")}
+        metrics = {k: v for k, v in m.items() if k not in ("images", "images_per_s")}  # every loss term
         metrics["images_per_s"] = images / (seconds / world)
         metrics["images"] = images
         metrics.update(_validate(fit, val, world))

@@ -33,6 +33,8 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     """Architecture of a `ConvVAE`."""
 
+    kind: Literal["vae", "ae"] = Field("vae", description="vae: Gaussian posterior and KL; ae: the deterministic "
+                                       "autoencoder baseline (same networks, a point-mass posterior, no KL)")
     image_size: tuple[int, int] = (28, 28)
     channels: Literal[1, 3] = 1
     hidden_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=1)
@@ -85,12 +87,72 @@ class TrainConfig(Strict):
     eval_iw_samples: int = Field(0, ge=0, description="IWAE samples for validation NLL; 0 skips it")
 
 
+class PerceptualConfig(Strict):
+    """A feature-matching loss on chosen layers of a fixed network (DFC-VAE, Hou et al. 2016). Weights
+    are never downloaded: the dataset version's feature classifier (the one evaluate-vae trains), or a
+    torchvision VGG-16 read from a local file."""
+
+    weight: float = Field(0.0, ge=0, description="weight of the term; 0 turns it off")
+    network: Literal["classifier", "vgg16"] = "classifier"
+    weights: str | None = Field(None, description="classifier: a feature_net.safetensors file (default: the "
+                                "dataset version's cached classifier, trained if missing); vgg16: the file of "
+                                "torchvision's vgg16 state dict (required)")
+    layers: list[str] = Field(default_factory=list, description="module names whose outputs are matched; empty: "
+                              "the network's defaults (see vae_core.perceptual)")
+
+
+class AdversarialConfig(Strict):
+    """A PatchGAN discriminator trained beside the VAE with its own optimizer: its verdict on the
+    reconstructions (and prior samples) as a loss, and its features as a learned similarity (VAE-GAN,
+    Larsen et al. 2016)."""
+
+    weight: float = Field(0.0, ge=0, description="weight of the generator's adversarial term (times the adaptive "
+                          "weight when adaptive_weight); 0 with feature_weight 0 turns the discriminator off")
+    feature_weight: float = Field(0.0, ge=0, description="VAE-GAN learned similarity: squared distance between "
+                                  "the discriminator's features of an image and of its reconstruction")
+    loss: Literal["hinge", "non_saturating"] = "hinge"
+    start_step: int = Field(0, ge=0, description="optimizer step at which the discriminator and its terms start")
+    adaptive_weight: bool = Field(True, description="scale the adversarial term by |grad rec| / |grad adv| at the "
+                                  "decoder's last layer (Esser et al. 2021, Rombach et al. 2022)")
+    max_adaptive_weight: float = Field(1e4, gt=0)
+    prior_fakes: bool = Field(True, description="also show the discriminator decodes of prior samples")
+    channels: list[PositiveInt] = Field(default_factory=lambda: [64, 128], min_length=1,
+                                        description="discriminator widths, one stride-2 stage each")
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.9)
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0 or self.feature_weight > 0
+
+
+class ObjectiveConfig(Strict):
+    """What the loss is made of, beyond β and the KL schedule (in `train`)."""
+
+    recon_weight: float = Field(1.0, ge=0, description="weight of -log p(x|z); 0 is the KL-only ablation")
+    perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+
+
 class VAEConfig(Strict):
-    """A whole preset: model plus training."""
+    """A whole preset: model, training and objective."""
 
     name: str = "custom"
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+
+    @model_validator(mode="after")
+    def _objective(self) -> "VAEConfig":
+        obj, beta = self.objective, self.train.beta
+        if self.model.kind == "ae" and beta > 0:
+            raise ValueError("model.kind=ae has no KL term: set train.beta=0 (or use objective preset ae)")
+        if self.model.kind == "ae" and obj.recon_weight == 0:
+            raise ValueError("model.kind=ae with objective.recon_weight=0 has nothing to learn")
+        if obj.recon_weight == 0 and beta == 0 and obj.perceptual.weight == 0 and not obj.adversarial.enabled:
+            raise ValueError("objective.recon_weight=0 and train.beta=0 with no perceptual or adversarial term: "
+                             "nothing to minimise")
+        return self
 
     def with_image_shape(self, height: int, width: int, channels: int) -> "VAEConfig":
         """Same preset for another image shape; raises ValueError if the architecture cannot take it."""
@@ -106,9 +168,12 @@ class VAEConfig(Strict):
     def flat(self) -> dict[str, Any]:
         """Dotted `section.key -> value` view, for logging as parameters."""
         out: dict[str, Any] = {"name": self.name}
-        for section in ("model", "train"):
-            for k, v in getattr(self, section).model_dump(mode="json").items():
-                out[f"{section}.{k}"] = v
+
+        def walk(prefix: str, node: dict[str, Any]) -> None:
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v) if isinstance(v, dict) else out.__setitem__(f"{prefix}{k}", v)
+
+        walk("", self.model_dump(mode="json", exclude={"name"}))
         return out
 
 
@@ -144,11 +209,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     return data
 
 
-def load_config(preset: str | Path = "mnist", overrides: list[str] | dict[str, Any] | None = None) -> VAEConfig:
-    """Load a preset by name (shipped in `vae_core/presets/`) or by path, then apply `key=value` overrides.
+def list_objectives() -> list[str]:
+    """Names of the objective presets shipped in `vae_core/presets/objectives/`."""
+    folder = CONFIG_DIR / "objectives"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`overlay` laid over `base`, section by section (in place on `base`)."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(preset: str | Path = "mnist", overrides: list[str] | dict[str, Any] | None = None,
+                objective: str | None = None) -> VAEConfig:
+    """Load a preset by name (shipped in `vae_core/presets/`) or by path, lay an objective preset over it
+    (`vae_core/presets/objectives/<objective>.yaml`: ae, recon-only, kl-only, elbo, vae-gan, perceptual),
+    then apply `key=value` overrides.
 
     Raises:
-        FileNotFoundError: unknown preset, listing the shipped ones.
+        FileNotFoundError: unknown preset or objective, listing the shipped ones.
         ConfigError: a bad key or value, in one line that names it (see `config_error`).
     """
     path: Path | Traversable = Path(preset)
@@ -158,6 +242,13 @@ def load_config(preset: str | Path = "mnist", overrides: list[str] | dict[str, A
         raise FileNotFoundError(f"no config preset {str(preset)!r}; shipped presets: {', '.join(list_presets())}")
     data = yaml.safe_load(path.read_text()) or {}
     data.setdefault("name", Path(path.name).stem)
+    if objective:
+        layer = CONFIG_DIR / "objectives" / f"{objective}.yaml"
+        if "/" in objective or not layer.is_file():
+            raise FileNotFoundError(f"no objective preset {objective!r}; shipped objectives: "
+                                    f"{', '.join(list_objectives())}")
+        _merge(data, yaml.safe_load(layer.read_text()) or {})
+        data["name"] = f"{data['name']}+{objective}"
     try:
         return VAEConfig.model_validate(apply_overrides(data, overrides or {}))
     except ValidationError as e:

@@ -98,7 +98,9 @@ def build_table(ids: list[str], split: str, labels: np.ndarray, mean: np.ndarray
     if labels.shape != (n,):
         raise ValueError(f"{n} ids but labels of shape {labels.shape}")
     # A NaN or inf latent means a broken model or input; stored, it would poison every downstream statistic.
-    for what, x in (("mean", mean), ("logvar", logvar)):
+    # The one exception is an autoencoder's logvar: -inf everywhere, its point mass's zero variance.
+    point = logvar.size > 0 and bool(np.isneginf(logvar).all())
+    for what, x in (("mean", mean),) + (() if point else (("logvar", logvar),)):
         if (bad := np.flatnonzero(~np.isfinite(x).all(axis=1))).size:
             raise ValueError(f"non-finite {what} for {bad.size} row(s), e.g. id {ids[bad[0]]!r}")
     _check_split(split)

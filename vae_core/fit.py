@@ -6,8 +6,9 @@
     fit.save(directory, metrics)          # every module, optimizer and scheduler, plus counters
     metrics = fit.restore(directory)      # the same bundle back, on the fit's device
 
-`Fit` holds named modules, optimizers and schedulers (today one of each, "model"), so a second
-network with its own optimizer (a discriminator) is one more entry, not a second trainer. Random
+`Fit` holds named modules, optimizers and schedulers: "model", and "discriminator" when the objective
+is adversarial (its own optimizer, saved and restored beside the VAE's), plus the `Objective` that
+turns them into losses: one trainer for every variant. Random
 numbers are a function of (seed, epoch, rank) and live on the device they feed, so an epoch re-run
 after a restart draws exactly the same noise, on a CPU or a GPU.
 """
@@ -25,12 +26,15 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from vae_core.config import TrainConfig, VAEConfig
+from vae_core.discriminator import PatchDiscriminator
 from vae_core.model import ConvVAE
+from vae_core.objectives import Objective
 from vae_core.pictures import previews
 from vae_core.train import TrainState, evaluate, train_epoch
 from vae_core.weights import load_model, save_model
 
 MODEL = "model"  # the VAE's key in the bundle; its weights file is what registration reads
+DISCRIMINATOR = "discriminator"
 STATE = "trainer_state.pt"
 METRICS = "metrics.json"
 
@@ -76,24 +80,42 @@ class Fit:
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = field(default_factory=dict)
     state: TrainState = field(default_factory=TrainState)
+    objective: Objective | None = None
 
     @classmethod
     def create(cls, config: VAEConfig, steps_per_epoch: int, device: str | torch.device = "cpu",
-               rank: int = 0) -> Fit:
-        """Model (same initial weights on every rank), AdamW and its schedule over all epochs.
+               rank: int = 0, perceptual_weights: str | None = None) -> Fit:
+        """Model (same initial weights on every rank), AdamW and its schedule over all epochs; with an
+        adversarial objective also the discriminator and its Adam; with a perceptual one its frozen network,
+        read from `perceptual_weights` unless the config names a file (`vae_core.perceptual`).
 
         channels_last only on a GPU, where it speeds convolutions up.
         """
-        device, tcfg = torch.device(device), config.train
+        device, tcfg, obj = torch.device(device), config.train, config.objective
         torch.manual_seed(tcfg.seed)
-        model = ConvVAE(config.model).to(device)
-        if tcfg.channels_last and device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        modules: dict[str, torch.nn.Module] = {MODEL: ConvVAE(config.model)}
+        if obj.adversarial.enabled:
+            modules[DISCRIMINATOR] = PatchDiscriminator(config.model.channels, obj.adversarial.channels)
+        for module in modules.values():  # Module.to works in place
+            module.to(device)
+            if tcfg.channels_last and device.type == "cuda":
+                module.to(memory_format=torch.channels_last)
         if tcfg.num_threads and device.type == "cpu":
             torch.set_num_threads(tcfg.num_threads)
-        opt = make_optimizer(model, config.train)
-        sched = make_scheduler(opt, config.train, steps_per_epoch * config.train.epochs)
-        return cls(config, {MODEL: model}, device, rank, {MODEL: opt}, {MODEL: sched})
+        opt = make_optimizer(modules[MODEL], config.train)
+        optimizers = {MODEL: opt}
+        schedulers = {MODEL: make_scheduler(opt, config.train, steps_per_epoch * config.train.epochs)}
+        if DISCRIMINATOR in modules:
+            optimizers[DISCRIMINATOR] = torch.optim.Adam(modules[DISCRIMINATOR].parameters(),
+                                                         lr=obj.adversarial.lr, betas=obj.adversarial.betas)
+        perceptual = None
+        if obj.perceptual.weight > 0:
+            from vae_core.perceptual import load_perceptual
+
+            perceptual = load_perceptual(obj.perceptual, config.model.input_shape, perceptual_weights, device)
+        objective = Objective(obj, perceptual, modules.get(DISCRIMINATOR),  # type: ignore[arg-type]
+                              optimizers.get(DISCRIMINATOR))
+        return cls(config, modules, device, rank, optimizers, schedulers, objective=objective)
 
     @property
     def model(self) -> ConvVAE:
@@ -118,7 +140,7 @@ class Fit:
     ) -> dict[str, float]:
         """One pass over uint8 batches (B, C, H, W); `forward` is the DDP wrapper when there is one."""
         return train_epoch(forward or self.model, self.optimizers[MODEL], batches, self.state, self.config.train,
-                           self.schedulers[MODEL], self.noise(self.state.epoch + 1), on_step)
+                           self.schedulers[MODEL], self.noise(self.state.epoch + 1), on_step, self.objective)
 
     def evaluate(self, batches: Iterable[torch.Tensor], iw_samples: int | None = None) -> dict[str, float]:
         """-ELBO terms (and IWAE NLL when `iw_samples`, default the config's) over uint8 batches."""

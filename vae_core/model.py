@@ -21,17 +21,30 @@ LOG_2PI = math.log(2 * math.pi)
 
 @dataclass
 class Posterior:
-    """Diagonal Gaussian q(z|x) = N(mean, exp(logvar)); tensors are (B, L)."""
+    """Diagonal Gaussian q(z|x) = N(mean, exp(logvar)); tensors are (B, L).
+
+    An autoencoder's posterior is a point mass: logvar is -inf (variance exactly 0), a sample is the
+    mean, and it has no KL to the prior (infinite, so asking for it is an error, not a number).
+    """
 
     mean: torch.Tensor
     logvar: torch.Tensor
+    is_point: bool = False  # a flag, not a look at logvar: reading a GPU tensor would stall the step
+
+    @classmethod
+    def point(cls, mean: torch.Tensor) -> "Posterior":
+        """The point mass at `mean` (B, L): an autoencoder's code."""
+        return cls(mean, torch.full_like(mean, -math.inf), is_point=True)
 
     @property
     def std(self) -> torch.Tensor:
         return torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reparameterised draw z = mean + std * eps, (B, L); differentiable in mean and logvar."""
+        """Reparameterised draw z = mean + std * eps, (B, L); differentiable in mean and logvar.
+        A point mass returns its mean and draws nothing."""
+        if self.is_point:
+            return self.mean
         eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * eps
 
@@ -40,6 +53,9 @@ class Posterior:
 
     def kl_per_dim(self) -> torch.Tensor:
         """KL(q || N(0, I)) per latent dimension in closed form, (B, L) nats."""
+        if self.is_point:
+            raise ValueError("an autoencoder's point-mass posterior has no finite KL to the prior "
+                             "(model.kind=ae has no KL term and no likelihood bound)")
         return 0.5 * (self.mean.square() + self.logvar.exp() - 1.0 - self.logvar)
 
     def kl(self) -> torch.Tensor:
@@ -48,6 +64,8 @@ class Posterior:
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log q(z|x) for z of shape (..., B, L), summed over L -> (..., B)."""
+        if self.is_point:
+            raise ValueError("an autoencoder's point-mass posterior has no density (model.kind=ae)")
         return (-0.5 * ((z - self.mean).square() / self.logvar.exp() + self.logvar + LOG_2PI)).sum(-1)
 
 
@@ -95,7 +113,8 @@ class ConvVAE(nn.Module):
         if config.hidden_dim:
             self.enc_dense = nn.Sequential(nn.Linear(flat, config.hidden_dim), act())
             head_in = config.hidden_dim
-        self.to_posterior = nn.Linear(head_in, 2 * config.latent_dim)
+        # A VAE's head emits mean and log-variance; an autoencoder's only the code.
+        self.to_posterior = nn.Linear(head_in, (1 if config.kind == "ae" else 2) * config.latent_dim)
 
         dec_in = config.hidden_dim or flat
         self.from_latent = nn.Sequential(nn.Linear(config.latent_dim, dec_in), act())
@@ -115,6 +134,11 @@ class ConvVAE(nn.Module):
     def latent_dim(self) -> int:
         return self.config.latent_dim
 
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's last weight: where the adaptive adversarial weight compares gradient norms."""
+        return self.decoder[-1].weight
+
     def _check_input(self, x: torch.Tensor) -> None:
         expected = self.config.input_shape
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
@@ -124,6 +148,8 @@ class ConvVAE(nn.Module):
         """Prepared images (B, C, H, W) -> q(z|x) with (B, L) mean and logvar."""
         self._check_input(x)
         h = self.enc_dense(self.encoder(x))
+        if self.config.kind == "ae":
+            return Posterior.point(self.to_posterior(h).float())
         mean, logvar = self.to_posterior(h).float().chunk(2, dim=-1)
         # Clamp keeps exp(logvar) finite early in training without limiting a useful range.
         return Posterior(mean, logvar.clamp(-30.0, 20.0))

@@ -137,6 +137,8 @@ class TrainRequest(Request):
     dataset: DatasetRef = Field(description="NAME or NAME@VERSION of an ingested dataset (latest version by default)")
     preset: str = Field("mnist", description="model and training preset shipped with vae_core, or a YAML path",
                         json_schema_extra={"cli": ["--preset", "--config"]})
+    objective: str | None = Field(None, description="objective preset laid over the preset: ae, recon-only, "
+                                  "kl-only, elbo, vae-gan, perceptual (default: the preset's own, the ELBO)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="config overrides key=value, e.g. "
                                       "train.lr=3e-4 (repeatable)", json_schema_extra={"cli": ["--set"]})
     epochs: int | None = Field(None, ge=1, description="epochs (overrides the preset)")

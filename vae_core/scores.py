@@ -7,6 +7,8 @@ What the per-image numbers are:
   in expectation at K = 1, tighter as K grows.
 - `mse`, `psnr`, `ssim`: the posterior mean's reconstruction against the original in [0, 1]
   (torchmetrics' PSNR and SSIM, per image).
+- An autoencoder (`model.kind=ae`) has no likelihood bound: its `kl` and `iwae` are NaN and its summary
+  leaves out every number built on them (it keeps `recon_nll`, the likelihood of the image at its code).
 - `mean`, `logvar`: the posterior of the image itself (no binarisation or dequantisation noise), the
   embedding that latent metrics and pictures use and that the registered model's `predict` returns.
 
@@ -51,9 +53,13 @@ class SplitScores:
     reconstructions: np.ndarray  # (N, C, H, W) uint8, the posterior mean's decoded image
     k: int
     dims: int  # C*H*W, for bits per dimension
+    point: bool = False  # an autoencoder's scores: no KL, no IWAE bound
 
     def summary(self) -> dict[str, float]:
         """Split-level numbers: means of the per-image scores, NLL in nats and bits/dim, KL per dim."""
+        if self.point:
+            return {"recon_nll": float(-self.log_px.mean()), "mse": float(self.mse.mean()),
+                    "psnr": float(self.psnr.mean()), "ssim": float(self.ssim.mean())}
         neg_elbo = float(-(self.log_px - self.kl).mean())
         nll = float(-self.iwae.mean())
         out = {
@@ -132,7 +138,7 @@ def score_split(
     else:
         with ThreadPoolExecutor(len(devices)) as pool:
             list(pool.map(run, range(len(devices))))  # list(): re-raises a thread's error here
-    return _finish(out, k, c * h * w)
+    return _finish(out, k, c * h * w, point=model.config.kind == "ae")
 
 
 def _batch_generator(device: torch.device, seed: int, batch: int) -> torch.Generator:
@@ -159,7 +165,8 @@ def _score_batch(model: ConvVAE, x_u8: torch.Tensor, k: int, generator: torch.Ge
     posterior = model.encode(x)
     log_px = model.likelihood.log_prob(model.decode(posterior.sample(generator)), target)
     chunk = max(1, _DECODES_PER_CHUNK.get(device.type, 5_000) // b)
-    iwae = iwae_log_likelihood(model, x, target, k=k, chunk=chunk, generator=generator)
+    iwae = None if posterior.is_point else iwae_log_likelihood(model, x, target, k=k, chunk=chunk,
+                                                               generator=generator)
     # The embedding and the reconstruction are of the image itself (`prepare_eval`: no binarisation or
     # dequantisation noise), as the registered model's `predict` encodes it; the ELBO and IWAE terms
     # above score the likelihood's prepared input, as training does.
@@ -174,9 +181,9 @@ def _score_batch(model: ConvVAE, x_u8: torch.Tensor, k: int, generator: torch.Ge
         recon, original, data_range=1.0, reduction="none", kernel_size=ssim_kernel(*recon.shape[-2:])))
     out["mse"][rows] = _np((recon - original).square().mean(dim=(1, 2, 3)))
     out["log_px"][rows] = _np(log_px)
-    out["kl_per_dim"][rows] = _np(posterior.kl_per_dim())
+    out["kl_per_dim"][rows] = np.nan if posterior.is_point else _np(posterior.kl_per_dim())
     out["kl"][rows] = out["kl_per_dim"][rows].sum(-1)
-    out["iwae"][rows] = _np(iwae)
+    out["iwae"][rows] = np.nan if iwae is None else _np(iwae)
     out["mean"][rows] = _np(embedding.mean)
     out["logvar"][rows] = _np(embedding.logvar)
     out["reconstructions"][rows] = _np(recon.mul(255).round()).astype(np.uint8)
@@ -186,10 +193,10 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def _finish(out: dict[str, np.ndarray], k: int, dims: int) -> SplitScores:
+def _finish(out: dict[str, np.ndarray], k: int, dims: int, point: bool) -> SplitScores:
     kl_rows = out.pop("kl_per_dim")
-    bad = [key for key in ("log_px", "kl", "iwae") if not np.isfinite(out[key]).all()]
+    bad = [key for key in (("log_px",) if point else ("log_px", "kl", "iwae")) if not np.isfinite(out[key]).all()]
     if bad:
         raise ValueError(f"the model gives non-finite {', '.join(bad)} on this split; it cannot be scored")
-    return SplitScores(kl_per_dim=kl_rows.mean(0), k=k, dims=dims, **out)
+    return SplitScores(kl_per_dim=kl_rows.mean(0), k=k, dims=dims, point=point, **out)
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vae_core.config import TrainConfig
+from vae_core.config import ObjectiveConfig, TrainConfig
 from vae_core.errors import NonFiniteLossError
 from vae_core.iwae import iwae_log_likelihood
 from vae_core.losses import beta_at, bits_per_dim, negative_elbo
 from vae_core.model import ConvVAE
+from vae_core.objectives import Objective
 
 
 @dataclass
@@ -73,10 +74,13 @@ def train_step(
     state: TrainState,
     cfg: TrainConfig,
     generator: torch.Generator | None = None,
+    objective: Objective | None = None,
 ) -> dict[str, float]:
-    """One optimiser step on a uint8 batch (B, C, H, W); returns the loss terms and gradient norm.
+    """One optimiser step on a uint8 batch (B, C, H, W) (and the discriminator's, when the objective has
+    one); returns every loss term, the gradient norm and the learning rate.
 
-    `generator` (binarisation and the posterior sample) must live on the model's device.
+    `generator` (binarisation and the posterior sample) must live on the model's device. `objective`
+    defaults to the ELBO with `cfg`'s beta (see `vae_core.objectives`).
 
     `model` may be a DistributedDataParallel wrapper: the forward goes through it (so gradients are
     all-reduced) and the likelihood is taken from the module inside.
@@ -85,15 +89,16 @@ def train_step(
         NonFiniteLossError: the loss is NaN or infinite (before the weights are touched).
     """
     device = next(model.parameters()).device
+    objective = objective or Objective(ObjectiveConfig())
     model.train()
-    likelihood = getattr(model, "module", model).likelihood  # the ConvVAE inside a DDP wrapper
+    vae: ConvVAE = getattr(model, "module", model)  # the ConvVAE inside a DDP wrapper
     x_u8 = x_u8.to(device, non_blocking=True)
-    x, target = likelihood.prepare(x_u8, generator=generator)
+    x, target = vae.likelihood.prepare(x_u8, generator=generator)
     beta = beta_at(state.step, cfg)
     with autocast(device, cfg.amp):
         params, posterior = model(x, generator=generator)
-    log_px = likelihood.log_prob(params, target)
-    terms = negative_elbo(log_px, posterior.kl_per_dim(), beta=beta, free_bits=cfg.free_bits)
+    log_px = vae.likelihood.log_prob(params, target)
+    terms = objective.vae_loss(vae, x_u8, params, posterior, log_px, beta, cfg.free_bits, state.step, generator)
     loss = terms["loss"]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -107,16 +112,13 @@ def train_step(
             f"(epoch {state.epoch + 1}); lower train.lr, set train.grad_clip, or check the data"
         )
     optimizer.step()
+    terms.update(objective.discriminator_step(state.step))
     state.step += 1
-    return {
-        "loss": loss.item(),
-        "recon": terms["recon"].item(),
-        "kl": terms["kl"].item(),
-        "elbo": terms["elbo"].item(),
-        "beta": beta,
-        "grad_norm": grad_norm.item(),
-        "lr": optimizer.param_groups[0]["lr"],
-    }
+    out = {k: v.item() for k, v in terms.items()}
+    if not posterior.is_point:
+        out["beta"] = beta
+    out.update(grad_norm=grad_norm.item(), lr=optimizer.param_groups[0]["lr"])
+    return out
 
 
 def train_epoch(
@@ -128,24 +130,29 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     generator: torch.Generator | None = None,
     on_step: Callable[[dict[str, float], TrainState], None] | None = None,
+    objective: Objective | None = None,
 ) -> dict[str, float]:
-    """Run one pass over `batches`; returns image-weighted means of the step metrics plus images/s."""
+    """Run one pass over `batches`; returns image-weighted means of the step metrics plus images/s.
+    A term that only some steps have (the adversarial ones, from their start step) is averaged over
+    the steps that have it."""
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     seen = 0
     start = time.perf_counter()
     for x_u8 in batches:
-        metrics = train_step(model, optimizer, x_u8, state, cfg, generator)
+        metrics = train_step(model, optimizer, x_u8, state, cfg, generator, objective)
         if scheduler is not None:
             scheduler.step()
         b = x_u8.shape[0]
         seen += b
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v * b
+            counts[k] = counts.get(k, 0) + b
         if on_step is not None:
             on_step(metrics, state)
     elapsed = time.perf_counter() - start
     state.epoch += 1
-    out = {k: v / max(seen, 1) for k, v in sums.items()}
+    out = {k: v / counts[k] for k, v in sums.items()}
     out["images_per_s"] = seen / elapsed if elapsed > 0 else 0.0
     out["images"] = float(seen)
     return out
@@ -159,17 +166,22 @@ def evaluate(
     iw_samples: int = 0,
     amp: bool = False,
 ) -> dict[str, float]:
-    """Mean -ELBO terms over `batches` (β = 1); with `iw_samples` > 0 also the IWAE NLL in nats and bits/dim."""
+    """Mean -ELBO terms over `batches` (β = 1); with `iw_samples` > 0 also the IWAE NLL in nats and bits/dim.
+    An autoencoder has neither: its `loss` is the reconstruction term alone."""
     model.eval()
     device = next(model.parameters()).device
-    sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+    point = model.config.kind == "ae"
+    sums = {"loss": 0.0, "recon": 0.0} if point else {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+    iw_samples = 0 if point else iw_samples
     nll_sum, seen = 0.0, 0
     for x_u8 in batches:
         x_u8 = x_u8.to(device, non_blocking=True)
         x, target = model.likelihood.prepare(x_u8, generator=generator)
         with autocast(device, amp):
             params, posterior = model(x, generator=generator)
-        terms = negative_elbo(model.likelihood.log_prob(params, target), posterior.kl_per_dim())
+        log_px = model.likelihood.log_prob(params, target)
+        terms = {"loss": -log_px.mean(), "recon": -log_px.mean()} if point else \
+            negative_elbo(log_px, posterior.kl_per_dim())
         b = x_u8.shape[0]
         seen += b
         for k in sums:

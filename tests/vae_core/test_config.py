@@ -43,7 +43,7 @@ def test_unknown_key_names_it_lists_the_section_and_suggests_the_closest():
     assert _one_line_error("mnist", ["train.lrr=1"]) == f"train.lrr: no such key; did you mean lr? train keys: {keys}"
     assert _one_line_error("mnist", ["train.nosuch=1"]) == f"train.nosuch: no such key; train keys: {keys}"
     assert _one_line_error("mnist", ["modle.latent_dim=4"]) == (
-        "modle: no such key; did you mean model? config keys: model, name, train")
+        "modle: no such key; did you mean model? config keys: model, name, objective, train")
 
 
 def test_bad_value_names_key_value_and_problem():
