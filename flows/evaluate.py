@@ -67,10 +67,10 @@ def _open_dataset(req: EvaluateRequest, model: PinnedModel) -> DatasetInfo:
     return info
 
 
-@task(name="load-data", cache_policy=NO_CACHE)
 LIKELIHOOD_METRICS = ("nll", "bits_per_dim", "neg_elbo")  # bounds of log p(x): a VAE's, never an autoencoder's
 
 
+@task(name="load-data", cache_policy=NO_CACHE)
 def load_task(req: EvaluateRequest, target: Target) -> tuple[dict[str, Any], Any]:
     """Both models (shapes checked against the dataset) and the images: the split, and the reference split
     that latent probes and the feature classifier fit on (train; val when train itself is scored)."""

@@ -3,7 +3,8 @@
 Each page's ```python blocks run in one namespace, in a fresh working folder that has `../shared` beside
 it (as a checkout does) and `VAE_HOME=./.vae`: ingest (docs/ingest.md), train (docs/train.md), evaluate
 and promote (docs/evaluate.md), encode the dataset (docs/encode.md), pull the registered model
-(docs/models.md), the library tour (README.md), then the nightly chain over what is there (docs/nightly.md).
+(docs/models.md), the library tour (README.md), then the nightly chain over what is there (docs/nightly.md)
+and the objectives (docs/objectives.md).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PAGES = ["docs/ingest.md", "docs/train.md", "docs/evaluate.md", "docs/encode.md", "docs/models.md", "README.md",
-         "docs/nightly.md"]
+         "docs/nightly.md", "docs/objectives.md"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
