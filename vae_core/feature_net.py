@@ -153,6 +153,53 @@ def _load(blob: bytes, device: str | torch.device) -> tuple[FeatureNet, dict[str
     return net.to(device).eval(), meta
 
 
+def feature_net_url(dataset: str, version: str, root: str | None = None) -> str:
+    """Where the cached classifier of a dataset version lives (default root: `settings.feature_net_root()`).
+
+    Raises ValueError for a dataset name or version that is unsafe as a path component.
+    """
+    for name in (dataset, version):
+        if not _SAFE_NAME.match(name) or name in (".", ".."):
+            raise ValueError(f"unsafe dataset name or version for a cache path: {name!r}")
+    return f"{(root or feature_net_root()).rstrip('/')}/{dataset}/{version}/{FILE_NAME}"
+
+
+def load_feature_net(url: str, device: str | torch.device = "cpu") -> tuple[FeatureNet, dict[str, str]]:
+    """A saved classifier (a local path or any fsspec URL) in eval mode on `device`, and its string metadata.
+
+    Raises FileNotFoundError naming `url` when there is no file there, ValueError when the file is not
+    one `save_feature_net` wrote.
+    """
+    fs, path = resolve(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no feature classifier at {url}")
+    blob = fs.cat_file(path)
+    try:
+        return _load(blob, device)
+    except (KeyError, ValueError) as err:  # no or malformed metadata: some other safetensors file
+        raise ValueError(f"{url} is not a feature classifier file (saved by save_feature_net): {err}") from err
+
+
+def save_feature_net(net: FeatureNet, url: str, metadata: dict[str, str] | None = None) -> dict[str, str]:
+    """Write `net` as safetensors to a local path or fsspec URL, atomically; returns the metadata written.
+
+    The metadata holds what `load_feature_net` needs to rebuild the net (classes, input_shape, width,
+    num_features) followed by `metadata` (string values only: safetensors stores nothing else).
+    """
+    meta = {"classes": str(net.num_classes), "input_shape": json.dumps(list(net.input_shape)),
+            "width": str(net.width), "num_features": str(net.num_features)}
+    extra = dict(metadata or {})
+    bad = sorted(str(k) for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str) or k in meta)
+    if bad:
+        raise ValueError(f"feature classifier metadata must map strings to strings and leave {sorted(meta)} "
+                         f"to save_feature_net; not so for {bad}")
+    meta.update(extra)
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    fs, path = resolve(url)
+    atomic_write_bytes(fs, path, st_save(state, metadata=meta))
+    return meta
+
+
 def _info(meta: dict[str, str], cached: bool, url: str) -> dict[str, Any]:
     return {"test_accuracy": float(meta["test_accuracy"]), "accuracy_split": meta["accuracy_split"],
             "num_classes": int(meta["classes"]), "train_rows": int(meta["train_rows"]),
@@ -171,10 +218,7 @@ def load_or_train_feature_net(
     that reads them, called only when a classifier is trained (a cached one needs no test images). A
     cached file is used when its input shape matches `train`'s images; otherwise it is replaced.
     """
-    for name in (dataset, version):
-        if not _SAFE_NAME.match(name) or name in (".", ".."):
-            raise ValueError(f"unsafe dataset name or version for a cache path: {name!r}")
-    url = f"{(root or feature_net_root()).rstrip('/')}/{dataset}/{version}/{FILE_NAME}"
+    url = feature_net_url(dataset, version, root)
     fs, path = resolve(url)
     images, labels = train
     shape = [int(images.shape[3]), int(images.shape[1]), int(images.shape[2])] if images.ndim == 4 else None
@@ -195,13 +239,10 @@ def load_or_train_feature_net(
     # An unlabelled test split cannot measure anything: fall back to the train split and say so.
     use_test = test is not None and bool((np.asarray(test[1]) >= 0).any())
     split, (eval_images, eval_labels) = ("test", test) if use_test else ("train", train)
-    meta = {"classes": str(num_classes), "input_shape": json.dumps(list(net.input_shape)),
-            "width": str(net.width), "num_features": str(net.num_features),
-            "test_accuracy": repr(accuracy(net, eval_images, eval_labels)), "accuracy_split": split,
-            "dataset": dataset, "version": version, "train_rows": str(int(labelled.sum())),
-            "epochs": str(epochs), "seed": str(seed)}
-    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    atomic_write_bytes(fs, path, st_save(state, metadata=meta))
+    meta = save_feature_net(net, url, {
+        "test_accuracy": repr(accuracy(net, eval_images, eval_labels)), "accuracy_split": split,
+        "dataset": dataset, "version": version, "train_rows": str(int(labelled.sum())),
+        "epochs": str(epochs), "seed": str(seed)})
     return net, _info(meta, False, url)
 
 

@@ -69,7 +69,8 @@ SMALL = {"model.hidden_channels": [16, 32], "model.hidden_dim": 64, "model.laten
          "train.kl_warmup_steps": 50, "train.lr": 3e-3}
 
 
-def _register(epochs: int = 0, name: str = "vae-mnist", preset: str = "mnist", dataset: str = "mnist") -> int:
+def _register(epochs: int = 0, name: str = "vae-mnist", preset: str = "mnist", dataset: str = "mnist",
+              objective: str | None = None) -> int:
     """Train a small model in process for `epochs` (0: untrained) on the train split of `dataset` under the
     current VAE_HOME and register it as the next version of `name` (@challenger); returns the version.
     The `mnist` preset is shrunk (SMALL) and fitted to the dataset's image shape; others are used as they are."""
@@ -83,7 +84,7 @@ def _register(epochs: int = 0, name: str = "vae-mnist", preset: str = "mnist", d
     from vae_core.train import iterate_batches
 
     info = open_dataset(data_root(), dataset)
-    cfg = load_config(preset, SMALL if preset == "mnist" else {})
+    cfg = load_config(preset, SMALL if preset == "mnist" else {}, objective)
     if preset == "mnist":
         cfg = cfg.with_image_shape(*info.shape)
     torch.manual_seed(epochs)
@@ -98,5 +99,5 @@ def _register(epochs: int = 0, name: str = "vae-mnist", preset: str = "mnist", d
 
 @pytest.fixture(scope="session")
 def register_model():
-    """`register_model(epochs, name, preset, dataset) -> version` (see `_register`)."""
+    """`register_model(epochs, name, preset, dataset, objective) -> version` (see `_register`)."""
     return _register

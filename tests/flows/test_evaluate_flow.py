@@ -178,6 +178,19 @@ def test_unlabelled_dataset_skips_label_metrics_with_a_note(home, register, tmp_
     assert "skipped" in out["feature_classifier"]
 
 
+def test_an_autoencoder_is_evaluated_like_any_model_without_likelihood_numbers(home, register):
+    from vae_core.errors import EvaluateError
+
+    version = register(epochs=1, name="vae-mnist-ae", objective="ae")
+    with pytest.raises(EvaluateError, match=r"compares nll, which an autoencoder \(model.kind=ae\) does not have"):
+        _evaluate(model=f"models:/vae-mnist-ae/{version}")  # the gate's default metric: stops before scoring
+    out = _evaluate(model=f"models:/vae-mnist-ae/{version}", metric="frechet_samples", limit=300)
+    m = out["metrics"]
+    assert not [k for k in m if k.startswith(("test/nll", "test/bits_per_dim", "test/neg_elbo", "test/kl"))]
+    assert m["test/recon_nll"] > 0 and m["test/frechet_samples"] > 0 and 0 <= m["test/knn_accuracy"] <= 1
+    assert out["decision"]["promote"]  # the first version of its name: gated on what it has
+
+
 def test_cli_prints_metrics_and_decision_as_json(home, register):
     from flows.cli import app
 

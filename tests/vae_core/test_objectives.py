@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,3 +159,17 @@ def test_a_checkpoint_with_both_optimizers_resumes_to_the_same_state(digits_u8, 
         sa, sb = straight.optimizers[name].state_dict()["state"], resumed.optimizers[name].state_dict()["state"]
         assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa), name
     assert resumed.state == straight.state
+
+
+def test_an_autoencoders_embeddings_carry_its_zero_variance(digits_u8):
+    from vae_core.embeddings import build_table, latents
+    from vae_core.encode import encode_images
+
+    fit = _fit(objective="ae")
+    mean, logvar = encode_images(fit.model, _nhwc(digits_u8, 8).numpy())
+    assert np.isfinite(mean).all() and np.isneginf(logvar).all()
+    table = build_table([f"i{k}" for k in range(8)], "test", np.arange(8), mean, logvar, "vae-d-ae", 1, "v1")
+    assert np.isneginf(latents(table)[2]).all()
+    logvar[0, 0] = 0.0  # one finite entry among -inf: a broken model, not a point mass
+    with pytest.raises(ValueError, match="non-finite logvar for 8 row"):
+        build_table([f"i{k}" for k in range(8)], "test", np.arange(8), mean, logvar, "vae-d-ae", 1, "v1")
