@@ -9,14 +9,18 @@ The numbers, all on the split's images and keyed without the split (the flow add
   on the train split's latent means (`vae_core.latent_metrics`);
 - with a feature classifier, `frechet_samples` and `frechet_reconstructions`: the Fréchet distance of
   prior samples and of reconstructions to the real images, in the classifier's feature space
-  (`vae_core.feature_net`, the offline stand-in for FID).
+  (`vae_core.feature_net`, the offline stand-in for FID);
+- `sharpness_reconstructions` and `sharpness_samples`: the mean Laplacian variance of reconstructions and
+  of prior samples over the real images' (`vae_core.sharpness`; 1.0 is as sharp as the split, blurry
+  below). Every model has them: they need neither labels nor a feature classifier.
 
-Label-based numbers on unlabelled data are left out with a note, never an error.
+Label-based numbers on unlabelled data, and sharpness on a split without edges (blank images), are left
+out with a note, never an error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +33,7 @@ from vae_core.latent_metrics import active_units, latent_probes
 from vae_core.model import ConvVAE
 from vae_core.pictures import grid, reconstruction_grid
 from vae_core.scores import SplitScores, score_split
+from vae_core.sharpness import SharpnessMeter
 
 
 @dataclass
@@ -84,12 +89,30 @@ def evaluate_model(
         notes += probe_notes
     else:
         notes.append("k-NN and linear probe skipped: no labelled train split to fit them on")
+    sharpness: SharpnessMeter | None = SharpnessMeter()
+    real = torch.from_numpy(data.images).permute(0, 3, 1, 2)
+    for start in range(0, len(real), batch_size):
+        sharpness.add_real(real[start : start + batch_size])
+    recon = torch.from_numpy(scores.reconstructions)
+    try:
+        metrics["sharpness_reconstructions"] = sharpness.relative(_batches(recon, batch_size))
+    except ValueError as e:  # a split without edges (blank images): nothing to be as sharp as
+        notes.append(f"sharpness skipped: {e}")
+        sharpness = None
+    # One draw of the prior, seeded as ever, read by both measures batch by batch: the sharpness of the
+    # very samples the Fréchet distance saw, and no second pass through the decoder.
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    samples = _prior_samples(model, len(data.images), batch_size, generator)
     if frechet is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-        metrics["frechet_samples"] = frechet.distance(_prior_samples(model, len(data.images), batch_size, generator))
-        recon = torch.from_numpy(scores.reconstructions)
-        metrics["frechet_reconstructions"] = frechet.distance(recon[i : i + batch_size]
-                                                              for i in range(0, len(recon), batch_size))
+        if sharpness is not None:
+            sharpness.reset()
+            samples = _measured(samples, sharpness)
+        metrics["frechet_samples"] = frechet.distance(samples)
+        if sharpness is not None:
+            metrics["sharpness_samples"] = sharpness.compute()
+        metrics["frechet_reconstructions"] = frechet.distance(_batches(recon, batch_size))
+    elif sharpness is not None:
+        metrics["sharpness_samples"] = sharpness.relative(samples)
     return Evaluation(metrics=metrics, notes=notes, scores=scores, unit_variance=variance)
 
 
@@ -97,6 +120,17 @@ def _prior_samples(model: ConvVAE, n: int, batch_size: int, generator: torch.Gen
     """n images from the prior in batches, (B, C, H, W) in [0, 1]."""
     for start in range(0, n, batch_size):
         yield model.sample(min(batch_size, n - start), generator=generator)
+
+
+def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    return (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+
+
+def _measured(batches: Iterable[torch.Tensor], meter: SharpnessMeter) -> Iterator[torch.Tensor]:
+    """Each batch, unchanged, after `meter` has measured it: one stream for two consumers, none held."""
+    for batch in batches:
+        meter.update(batch)
+        yield batch
 
 
 def draw_pictures(model: ConvVAE, data: EvalData, evaluation: Evaluation, seed: int = 0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import subprocess
@@ -221,6 +222,26 @@ def test_nan_loss_fails_the_run_with_a_clear_error(home):
     assert type(raised.value) is NonFiniteLossError and "at step" in str(raised.value)
     new = [r for r in _runs() if r.info.run_id not in before]
     assert len(new) == 1 and new[0].info.status == "FAILED"
+
+
+def test_a_perceptual_vae_gan_trains_on_ray_and_logs_every_term(home):
+    """Both extra terms at once, through Ray Train: the perceptual loss's classifier is resolved (trained and
+    cached) before the run and named in its parameters; the discriminator's terms are logged from its start."""
+    from flows.train import train_vae
+    from vae_core.feature_net import feature_net_url
+    from vae_core.requests import TrainRequest
+
+    gan = ["objective.adversarial.weight=0.5", "objective.adversarial.feature_weight=1",
+           "objective.adversarial.start_step=10", "objective.adversarial.channels=[8,16]"]
+    out = train_vae(TrainRequest(dataset="mnist", objective="perceptual", overrides=SMALL + gan, epochs=1))
+    run = mlflow.MlflowClient().get_run(out["run_id"])
+    classifier = run.data.params["objective.perceptual.weights"]
+    assert classifier == feature_net_url("mnist", out["dataset_version"]) and run.data.params["name"] == "mnist+perceptual"
+    for term in ("recon", "kl", "perceptual", "feature", "adversarial", "adaptive_weight", "disc_loss"):
+        assert math.isfinite(run.data.metrics[f"epoch/{term}"]), term
+    steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(out["run_id"], "train/disc_loss"))
+    assert steps and steps[0] >= 10  # the discriminator starts at its start step
+    assert len(mlflow.MlflowClient().get_metric_history(out["run_id"], "train/perceptual")) > len(steps)
 
 
 def test_shape_mismatch_fails_before_ray_starts(home, monkeypatch):
