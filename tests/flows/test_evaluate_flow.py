@@ -63,7 +63,7 @@ def test_first_becomes_champion_worse_does_not_better_does(home, register):
     m = first["metrics"]
     for key in ("neg_elbo", "recon_nll", "kl", f"nll_k{K}", f"bits_per_dim_k{K}", "mse", "psnr", "ssim",
                 "active_units", "kl_dim_00", "knn_accuracy", "linear_probe_accuracy", "frechet_samples",
-                "frechet_reconstructions"):
+                "frechet_reconstructions", "sharpness_reconstructions", "sharpness_samples"):
         assert f"test/{key}" in m, key
     assert m[f"test/nll_k{K}"] <= m["test/neg_elbo"] + 1.0  # the IWAE bound is at least as tight, up to noise
     assert 0 < m["test/ssim"] <= 1 and m["test/psnr"] > 0
