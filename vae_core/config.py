@@ -40,6 +40,8 @@ class ModelConfig(Strict):
     hidden_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=1)
     latent_dim: int = Field(32, ge=1)
     hidden_dim: int = Field(0, ge=0, description="width of a dense layer before the latent; 0 for none")
+    res_blocks: int = Field(0, ge=0, description="residual blocks (two 3x3 convs, identity at start) after each "
+                            "encoder stage and before each decoder stage; 0 for a plain conv stack")
     norm: Literal["none", "batch", "group"] = "none"
     activation: Literal["relu", "elu", "silu", "gelu"] = "elu"
     likelihood: Literal["bernoulli", "gaussian", "logistic"] = "bernoulli"

@@ -29,19 +29,21 @@ def _run_steps(cfg, n_steps=5):
     return [train_step(model, opt, batch, state, cfg.train, gen)["loss"] for _ in range(n_steps)], model
 
 
-def test_same_seed_same_loss_and_different_seed_differs():
-    cfg = _tiny()
+@pytest.mark.parametrize("extra", [[], ["model.res_blocks=2"]], ids=["plain", "residual"])
+def test_same_seed_same_loss_and_different_seed_differs(extra):
+    cfg = _tiny(extra)
     a, _ = _run_steps(cfg)
     b, _ = _run_steps(cfg)
-    c, _ = _run_steps(_tiny(["train.seed=1"]))
+    c, _ = _run_steps(_tiny(["train.seed=1", *extra]))
     assert a == b
     assert a != c
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "logistic"])
-def test_tiny_model_overfits_one_batch(likelihood, digits_u8):
+@pytest.mark.parametrize("likelihood,extra", [("bernoulli", ""), ("gaussian", ""), ("logistic", ""),
+                                              ("bernoulli", "model.res_blocks=1")])
+def test_tiny_model_overfits_one_batch(likelihood, extra, digits_u8):
     cfg = _tiny([f"model.likelihood={likelihood}", "model.binarize=false", "train.lr=3e-3",
-                 "train.kl_warmup_steps=0", "train.beta=0.1"])
+                 "train.kl_warmup_steps=0", "train.beta=0.1", *([extra] if extra else [])])
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = ConvVAE(cfg.model)
