@@ -3,6 +3,7 @@
     .venv/bin/python bench/train.py [--images 20000] [--epochs 2] [--preset mnist]
     .venv/bin/python bench/train.py --quality-minutes 20 --iw-samples 1000   # test NLL on full MNIST
     .venv/bin/python bench/train.py --quality-minutes 20 --set model.hidden_dim=256   # a variant
+    .venv/bin/python bench/train.py --repeat 3 --cases memory1   # three alternating pairs, median ratio
 
 Throughput: MNIST (from ../shared/data/mnist) is ingested once; then, with the same model, batch and
 torch threads:
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -129,6 +131,11 @@ def main() -> None:
     ap.add_argument("--preset", default="mnist")
     ap.add_argument("--quality-minutes", type=float, default=0.0)
     ap.add_argument("--iw-samples", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=1, help="alternating bare/pipeline pairs per case; prints the "
+                    "median ratio, which a noisy machine settles better than one pair")
+    ap.add_argument("--cases", nargs="*", default=None, choices=["memory1", "memory2", "stream1"],
+                    help="only these: memory1 (1 worker, in memory), memory2 (2 workers), stream1 (1 worker, "
+                    "streamed through Ray Data); default all")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="config override key=value for the quality run (repeatable)")
     args = ap.parse_args()
@@ -153,19 +160,24 @@ def main() -> None:
     print(f"images={len(train_np)} preset={args.preset} epochs={args.epochs} torch_threads={threads}")
     # Bare loops and pipelines alternate, and each pipeline is compared with the mean of the bare loops
     # just before and just after it, so drift in what else the machine is doing affects both sides alike.
-    cases = [("1 worker, in memory", 1, 4096.0), ("2 workers, in memory", 2, 4096.0),
-             ("1 worker, streamed", 1, 0.01)]
-    bare = [bare_loop(torch.from_numpy(train_np), args.preset, overrides, args.epochs)]
-    runs = []
-    for label, workers, budget in cases:
-        runs.append(pipeline(dataset, args.preset, overrides, args.epochs, workers, budget))
-        bare.append(bare_loop(torch.from_numpy(train_np), args.preset, overrides, args.epochs))
-    print("bare vae_core loop          " + ", ".join(f"{b:.0f}" for b in bare) + " images/s")
-    for i, ((label, _, _), p) in enumerate(zip(cases, runs)):
-        base = (bare[i] + bare[i + 1]) / 2
-        print(f"pipeline {label:22s} {p['images_per_s']:6.0f} images/s  bare {base:6.0f}  "
-              f"ratio {p['images_per_s'] / base:.3f}  (ray start {p['ray_start_s']:.1f}s, "
-              f"registration {p['register_s']:.1f}s, wall {p['wall_s']:.1f}s)")
+    every = {"memory1": ("1 worker, in memory", 1, 4096.0), "memory2": ("2 workers, in memory", 2, 4096.0),
+             "stream1": ("1 worker, streamed", 1, 0.01)}
+    cases = [every[key] for key in (args.cases or every)]
+    ratios: dict[str, list[float]] = {label: [] for label, _, _ in cases}
+    for rep in range(1, args.repeat + 1):
+        bare = [bare_loop(torch.from_numpy(train_np), args.preset, overrides, args.epochs)]
+        for label, workers, budget in cases:
+            p = pipeline(dataset, args.preset, overrides, args.epochs, workers, budget)
+            bare.append(bare_loop(torch.from_numpy(train_np), args.preset, overrides, args.epochs))
+            base = (bare[-2] + bare[-1]) / 2
+            ratios[label].append(p["images_per_s"] / base)
+            print(f"[{rep}/{args.repeat}] pipeline {label:22s} {p['images_per_s']:6.0f} images/s  bare {base:6.0f}  "
+                  f"ratio {ratios[label][-1]:.3f}  (ray start {p['ray_start_s']:.1f}s, registration "
+                  f"{p['register_s']:.1f}s, wall {p['wall_s']:.1f}s)", flush=True)
+    if args.repeat > 1:
+        for label, rs in ratios.items():
+            print(f"pipeline/bare {label:22s} median {statistics.median(rs):.3f}  (min {min(rs):.3f}, max {max(rs):.3f}, "
+                  f"{len(rs)} pairs)")
 
 
 if __name__ == "__main__":
