@@ -56,7 +56,7 @@ def iterate_batches(
     n = images.shape[0]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     # Images held on a GPU are gathered there: the order crosses over once per epoch, not once per batch.
-    order = order.to(images.device)
+    order = order.to(images.device, non_blocking=True)
     if drop_last:
         per_rank = n // world_size
         order = order[rank * per_rank : (rank + 1) * per_rank]
