@@ -343,4 +343,4 @@ def test_this_jobs_ray_workers_run_at_ordinary_priority(home):
     def niceness() -> int:
         return os.getpriority(os.PRIO_PROCESS, 0)
 
-    assert ray.get(niceness.remote(), timeout=60) == os.getpriority(os.PRIO_PROCESS, 0) == 0
+    assert ray.get(niceness.remote(), timeout=60) == 0
