@@ -3,6 +3,7 @@
     .venv/bin/python bench/train.py [--images 20000] [--epochs 2] [--preset mnist]
     .venv/bin/python bench/train.py --quality-minutes 20 --iw-samples 1000   # test NLL on full MNIST
     .venv/bin/python bench/train.py --quality-minutes 20 --set model.hidden_dim=256   # a variant
+    .venv/bin/python bench/train.py --quality-minutes 10 --preset mnist-gpu --device cuda   # the GPU preset
     .venv/bin/python bench/train.py --repeat 3 --cases memory1   # three alternating pairs, median ratio
 
 Throughput: MNIST (from ../shared/data/mnist) is ingested once; then, with the same model, batch and
@@ -15,7 +16,7 @@ torch threads:
 Bare loops run before, between and after the pipelines; each pipeline is divided by the mean of the
 bare loops on either side of it. Prints images/s and the ratios (target >= 0.9 for 1 worker).
 
-Quality (--quality-minutes): trains the MNIST preset in one process on all 60,000 training images
+Quality (--quality-minutes): trains --preset (default mnist) in one process on --device on all 60,000 training images
 (dynamic binarisation) for that many minutes of wall clock, then reports the IWAE test NLL in nats
 over the full 10,000-image test set with --iw-samples samples, and the learning curve.
 """
@@ -82,7 +83,8 @@ def pipeline(dataset: str, preset: str, overrides: list[str], epochs: int, worke
     }
 
 
-def quality(minutes: float, iw_samples: int, home: Path, dataset: str, overrides: list[str]) -> None:
+def quality(minutes: float, iw_samples: int, home: Path, dataset: str, preset: str, overrides: list[str],
+            device: str = "cpu") -> None:
     from vae_core import load_config
     from vae_core.fit import Fit, make_scheduler, steps_per_epoch
     from vae_core.shards import open_dataset, read_split_u8
@@ -90,13 +92,15 @@ def quality(minutes: float, iw_samples: int, home: Path, dataset: str, overrides
 
     name, version = dataset.split("@")
     info = open_dataset(str(home / "datasets"), name, version)
-    train_x = torch.cat([torch.from_numpy(read_split_u8(info, s)[0]) for s in ("train", "val") if info.counts.get(s)])
-    test_x = torch.from_numpy(read_split_u8(info, "test")[0])
-    cfg = load_config("mnist", overrides)
+    # Held on the device, as the train-vae worker holds a split that fits train.device_data_mb.
+    train_x = torch.cat([torch.from_numpy(read_split_u8(info, s)[0]) for s in ("train", "val")
+                         if info.counts.get(s)]).to(device)
+    test_x = torch.from_numpy(read_split_u8(info, "test")[0]).to(device)
+    cfg = load_config(preset, overrides)
     bs = cfg.train.batch_size
     # Estimate the epochs that fit the budget from the first epoch, so the cosine schedule ends on time.
     cfg.train.epochs = 10_000
-    fit = Fit.create(cfg, steps_per_epoch(len(train_x), bs))
+    fit = Fit.create(cfg, steps_per_epoch(len(train_x), bs), device)
     start = time.perf_counter()
     first = fit.train_epoch(iterate_batches(train_x, bs, generator=fit.order(1)))
     cfg.train.epochs = epochs = max(2, int(minutes * 60 / (time.perf_counter() - start)))
@@ -117,7 +121,7 @@ def quality(minutes: float, iw_samples: int, home: Path, dataset: str, overrides
     t_eval = time.perf_counter()
     test = fit.evaluate(iterate_batches(test_x, 100, shuffle=False), iw_samples=iw_samples)
     print(json.dumps({
-        "overrides": overrides, "train_minutes": (t_eval - start) / 60, "epochs": len(curve), "test_images": len(test_x),
+        "preset": preset, "overrides": overrides, "device": device, "train_minutes": (t_eval - start) / 60, "epochs": len(curve), "test_images": len(test_x),
         "iw_samples": iw_samples, "test_nll_nats": test["nll"], "test_neg_elbo": test["loss"],
         "eval_minutes": (time.perf_counter() - t_eval) / 60,
         "curve": [{"epoch": e, "seconds": round(s, 1), "train_neg_elbo": round(v, 2)} for e, s, v in curve],
@@ -131,6 +135,7 @@ def main() -> None:
     ap.add_argument("--preset", default="mnist")
     ap.add_argument("--quality-minutes", type=float, default=0.0)
     ap.add_argument("--iw-samples", type=int, default=1000)
+    ap.add_argument("--device", default="cpu", help="the quality run's device (cpu, cuda)")
     ap.add_argument("--repeat", type=int, default=1, help="alternating bare/pipeline pairs per case; prints the "
                     "median ratio, which a noisy machine settles better than one pair")
     ap.add_argument("--cases", nargs="*", default=None, choices=["memory1", "memory2", "stream1"],
@@ -147,7 +152,8 @@ def main() -> None:
 
     tracking.configure()
     if args.quality_minutes:
-        quality(args.quality_minutes, args.iw_samples, home, ingest_mnist(home, None), args.overrides)
+        quality(args.quality_minutes, args.iw_samples, home, ingest_mnist(home, None), args.preset, args.overrides,
+                args.device)
         return
 
     dataset = ingest_mnist(home, args.images)
