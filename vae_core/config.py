@@ -40,6 +40,8 @@ class ModelConfig(Strict):
     hidden_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=1)
     latent_dim: int = Field(32, ge=1)
     hidden_dim: int = Field(0, ge=0, description="width of a dense layer before the latent; 0 for none")
+    res_blocks: int = Field(0, ge=0, description="residual blocks (two 3x3 convs, identity at start) after each "
+                            "encoder stage and before each decoder stage; 0 for a plain conv stack")
     norm: Literal["none", "batch", "group"] = "none"
     activation: Literal["relu", "elu", "silu", "gelu"] = "elu"
     likelihood: Literal["bernoulli", "gaussian", "logistic"] = "bernoulli"
@@ -82,6 +84,9 @@ class TrainConfig(Strict):
     amp: bool = True
     channels_last: bool = True
     num_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 keeps torch's default")
+    device_data_mb: float = Field(4096, ge=0, description="on a GPU, a split held in memory whose pixels fit this "
+                                  "many MiB lives on the GPU as uint8 (batches are gathered there); else in "
+                                  "pinned host memory")
     log_every: int = Field(50, ge=1)
     image_every: int = Field(5, ge=1, description="epochs between sample/reconstruction grids")
     eval_iw_samples: int = Field(0, ge=0, description="IWAE samples for validation NLL; 0 skips it")

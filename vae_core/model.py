@@ -82,6 +82,24 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
+class ResBlock(nn.Module):
+    """x + conv(act(norm(conv(act(norm(x)))))) at a fixed width and size, (B, C, H, W) -> same.
+
+    The second conv starts at zero, so a fresh block is the identity and a deep stack starts as the
+    shallow one it wraps: residual VAEs otherwise blow up early at the learning rates plain ones take.
+    """
+
+    def __init__(self, width: int, norm: str, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_norm(norm, width), act(), nn.Conv2d(width, width, 3, padding=1),
+                                  _norm(norm, width), act(), nn.Conv2d(width, width, 3, padding=1))
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 class ConvVAE(nn.Module):
     """Conv encoder/decoder VAE; each hidden stage halves (encoder) or doubles (decoder) H and W.
 
@@ -97,10 +115,13 @@ class ConvVAE(nn.Module):
         widths = config.hidden_channels
         self.likelihood: Likelihood = make_likelihood(config.likelihood, c, binarize=config.binarize)
 
+        def res(width: int) -> list[nn.Module]:
+            return [ResBlock(width, config.norm, act) for _ in range(config.res_blocks)]
+
         enc: list[nn.Module] = []
         prev = c
         for width in widths:
-            enc += [nn.Conv2d(prev, width, 4, stride=2, padding=1), _norm(config.norm, width), act()]
+            enc += [nn.Conv2d(prev, width, 4, stride=2, padding=1), _norm(config.norm, width), act(), *res(width)]
             prev = width
         self.encoder = nn.Sequential(*enc, nn.Flatten())
 
@@ -127,8 +148,8 @@ class ConvVAE(nn.Module):
         rev = list(reversed(widths))
         dec: list[nn.Module] = []
         for width, nxt in zip(rev[:-1], rev[1:]):
-            dec += [nn.ConvTranspose2d(width, nxt, 4, stride=2, padding=1), _norm(config.norm, nxt), act()]
-        self.decoder = nn.Sequential(*dec, nn.ConvTranspose2d(rev[-1], out_ch, 4, stride=2, padding=1))
+            dec += [*res(width), nn.ConvTranspose2d(width, nxt, 4, stride=2, padding=1), _norm(config.norm, nxt), act()]
+        self.decoder = nn.Sequential(*dec, *res(rev[-1]), nn.ConvTranspose2d(rev[-1], out_ch, 4, stride=2, padding=1))
 
     @property
     def latent_dim(self) -> int:

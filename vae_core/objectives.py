@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from vae_core.config import ObjectiveConfig
 from vae_core.discriminator import PatchDiscriminator, discriminator_loss, generator_loss
-from vae_core.errors import NonFiniteLossError
+from vae_core.device_metrics import FiniteGuard
 from vae_core.losses import free_bits_kl
 from vae_core.model import ConvVAE, Posterior
 
@@ -155,12 +155,10 @@ class Objective:
         self._pending = (real, fakes.detach())
         return rec
 
-    def discriminator_step(self, step: int) -> dict[str, torch.Tensor]:
-        """One update of the discriminator on the images of the VAE's last step; {} when it is off.
-
-        Raises:
-            NonFiniteLossError: its loss is NaN or infinite (the weights are left as they were).
-        """
+    def discriminator_step(self, step: int, guard: FiniteGuard) -> dict[str, torch.Tensor]:
+        """One update of the discriminator on the images of the VAE's last step, as device scalars; {} when
+        it is off. A non-finite loss or gradient sets `guard`'s flag and the (armed, fused) optimizer skips
+        the update, as the VAE's step does."""
         if self._pending is None or self.discriminator is None or self.disc_optimizer is None:
             return {}
         real, fakes = self._pending
@@ -174,11 +172,10 @@ class Objective:
         loss.backward()
         sync_gradients(disc)
         # The averaged gradients, not only this rank's loss: a NaN on one rank reaches all of them, so
-        # every rank stops at the same step.
-        grad_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), float("inf"))
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            raise NonFiniteLossError(f"non-finite discriminator loss {loss.item()} (gradient norm {grad_norm.item()}) "
-                                     f"at step {step}; lower objective.adversarial.lr or check the data")
+        # every rank skips the same steps.
+        grad_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), float("inf"), foreach=True)
+        guard.check(step, 1, loss, grad_norm)
+        guard.before_step(self.disc_optimizer, 0)
         self.disc_optimizer.step()
         return {"disc_loss": loss.detach(), "logits_real": real_logits.detach().mean(),
                 "logits_fake": fake_logits.detach().mean()}

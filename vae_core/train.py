@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from vae_core.config import ObjectiveConfig, TrainConfig
-from vae_core.errors import NonFiniteLossError
+from vae_core.device_metrics import FiniteGuard, MetricSums, read_scalars
 from vae_core.iwae import iwae_log_likelihood
 from vae_core.losses import beta_at, bits_per_dim, negative_elbo
 from vae_core.model import ConvVAE
@@ -55,6 +55,8 @@ def iterate_batches(
     """
     n = images.shape[0]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    # Images held on a GPU are gathered there: the order crosses over once per epoch, not once per batch.
+    order = order.to(images.device, non_blocking=True)
     if drop_last:
         per_rank = n // world_size
         order = order[rank * per_rank : (rank + 1) * per_rank]
@@ -67,26 +69,23 @@ def iterate_batches(
         yield images[idx].permute(0, 3, 1, 2)
 
 
-def train_step(
+def step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     x_u8: torch.Tensor,
     state: TrainState,
     cfg: TrainConfig,
+    guard: FiniteGuard,
     generator: torch.Generator | None = None,
     objective: Objective | None = None,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """One optimiser step on a uint8 batch (B, C, H, W) (and the discriminator's, when the objective has
-    one); returns every loss term, the gradient norm and the learning rate.
+    one) that never waits for the device: returns every loss term and the gradient norm as device scalars.
 
-    `generator` (binarisation and the posterior sample) must live on the model's device. `objective`
-    defaults to the ELBO with `cfg`'s beta (see `vae_core.objectives`).
-
-    `model` may be a DistributedDataParallel wrapper: the forward goes through it (so gradients are
-    all-reduced) and the likelihood is taken from the module inside.
-
-    Raises:
-        NonFiniteLossError: the loss is NaN or infinite (before the weights are touched).
+    A non-finite loss or gradient norm sets `guard`'s flag, and `optimizer` (fused, armed with the flag)
+    skips its update; the host finds out at its next read. `generator` (binarisation and the posterior
+    sample) must live on the model's device. `model` may be a DistributedDataParallel wrapper: the forward
+    goes through it (so gradients are all-reduced) and the likelihood is taken from the module inside.
     """
     device = next(model.parameters()).device
     objective = objective or Objective(ObjectiveConfig())
@@ -99,25 +98,48 @@ def train_step(
         params, posterior = model(x, generator=generator)
     log_px = vae.likelihood.log_prob(params, target)
     terms = objective.vae_loss(vae, x_u8, params, posterior, log_px, beta, cfg.free_bits, state.step, generator)
-    loss = terms["loss"]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    terms["loss"].backward()
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
     # Checked after backward: under DDP a NaN on one rank reaches every rank's gradients through the
-    # all-reduce, so all ranks stop at the same step instead of some waiting forever on the others.
-    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-        raise NonFiniteLossError(
-            f"non-finite loss: loss is {loss.item()} (gradient norm {grad_norm.item()}) at step {state.step} "
-            f"(epoch {state.epoch + 1}); lower train.lr, set train.grad_clip, or check the data"
-        )
+    # all-reduce, so every rank skips the same steps and raises at the same read.
+    guard.check(state.step, 0, terms["loss"], terms["grad_norm"])
+    guard.before_step(optimizer, state.epoch + 1)
     optimizer.step()
-    terms.update(objective.discriminator_step(state.step))
+    terms.update(objective.discriminator_step(state.step, guard))
     state.step += 1
-    out = {k: v.item() for k, v in terms.items()}
-    if not posterior.is_point:
+    return terms
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_u8: torch.Tensor,
+    state: TrainState,
+    cfg: TrainConfig,
+    generator: torch.Generator | None = None,
+    objective: Objective | None = None,
+) -> dict[str, float]:
+    """`step` on its own, read at once: every loss term, the gradient norm, beta and the learning rate.
+
+    Raises:
+        NonFiniteLossError: the loss or its gradient is NaN or infinite (the update was skipped).
+    """
+    device = next(model.parameters()).device
+    guard = FiniteGuard(device)
+    guard.arm(optimizer, objective.disc_optimizer if objective else None)
+    beta = beta_at(state.step, cfg)
+    try:
+        terms = step(model, optimizer, x_u8, state, cfg, guard, generator, objective)
+    finally:
+        guard.disarm(optimizer, objective.disc_optimizer if objective else None)
+    values = read_scalars([guard.first, *terms.values()])
+    guard.raise_if_bad(values[:4], state.epoch + 1)
+    out = dict(zip(terms, values[4:]))
+    if "kl" in out:
         out["beta"] = beta
-    out.update(grad_norm=grad_norm.item(), lr=optimizer.param_groups[0]["lr"])
+    out["lr"] = optimizer.param_groups[0]["lr"]
     return out
 
 
@@ -133,26 +155,49 @@ def train_epoch(
     objective: Objective | None = None,
 ) -> dict[str, float]:
     """Run one pass over `batches`; returns image-weighted means of the step metrics plus images/s.
-    A term that only some steps have (the adversarial ones, from their start step) is averaged over
-    the steps that have it."""
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+
+    The host reads the device once every `cfg.log_every` steps, when it calls `on_step` with the means over
+    the steps since the last read, and once at the end. A non-finite loss raises `NonFiniteLossError` at the
+    read after it, naming its step; no update lands from that step on. A term that only some steps have
+    (the adversarial ones, from their start step) is averaged over the steps that have it.
+    """
+    device = next(model.parameters()).device
+    disc_opt = objective.disc_optimizer if objective else None
+    guard = FiniteGuard(device)
+    guard.arm(optimizer, disc_opt)
+    epoch, window = MetricSums(), MetricSums()
+    host: dict[str, float] = {}  # beta and lr: known on the host, averaged there
     seen = 0
     start = time.perf_counter()
-    for x_u8 in batches:
-        metrics = train_step(model, optimizer, x_u8, state, cfg, generator, objective)
-        if scheduler is not None:
-            scheduler.step()
-        b = x_u8.shape[0]
-        seen += b
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + v * b
-            counts[k] = counts.get(k, 0) + b
-        if on_step is not None:
-            on_step(metrics, state)
+    try:
+        for x_u8 in batches:
+            b = x_u8.shape[0]
+            beta, lr = beta_at(state.step, cfg), optimizer.param_groups[0]["lr"]
+            terms = step(model, optimizer, x_u8, state, cfg, guard, generator, objective)
+            if scheduler is not None:
+                scheduler.step()
+            window.add(terms, b)
+            seen += b
+            if "kl" in terms:
+                host["beta"] = host.get("beta", 0.0) + beta * b
+            host["lr"] = host.get("lr", 0.0) + lr * b
+            if state.step % cfg.log_every == 0:
+                values = read_scalars([guard.first, *window.tensors()])
+                guard.raise_if_bad(values[:4], state.epoch + 1)
+                if on_step is not None:
+                    means = window.means(values[4:])
+                    on_step({**means, **({"beta": beta} if "kl" in means else {}), "lr": lr}, state)
+                epoch.merge(window)
+                window = MetricSums()
+        epoch.merge(window)
+        values = read_scalars([guard.first, *epoch.tensors()])
+    finally:
+        guard.disarm(optimizer, disc_opt)
+    guard.raise_if_bad(values[:4], state.epoch + 1)
     elapsed = time.perf_counter() - start
     state.epoch += 1
-    out = {k: v / counts[k] for k, v in sums.items()}
+    out = epoch.means(values[4:])
+    out.update({k: v / max(seen, 1) for k, v in host.items()})
     out["images_per_s"] = seen / elapsed if elapsed > 0 else 0.0
     out["images"] = float(seen)
     return out

@@ -330,3 +330,17 @@ def test_request_round_trips_through_json_and_names_bad_options():
         _request(evaluate={"promote": False})
     with pytest.raises(ValidationError, match=r"workerz: Extra inputs are not permitted"):
         _request(encode={"workerz": 2})
+
+
+def test_this_jobs_ray_workers_run_at_ordinary_priority(home):
+    """Ray's default worker niceness is 15: under any other load the training workers would yield their
+    cores and train at a fraction of the bare loop's speed. ray_session runs this job's at 0."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+    assert ray.get(niceness.remote(), timeout=60) == 0

@@ -178,3 +178,31 @@ def test_evaluation_scoring_pass_on_the_device(bars, device):
     np.testing.assert_allclose(a.mean, cpu_mean, rtol=1e-3, atol=1e-3)
     s = a.summary()
     assert s["nll_k50"] < s["neg_elbo"] and np.isfinite(a.ssim).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_epoch_with_its_data_on_the_gpu_synchronises_only_at_its_reads(monkeypatch):
+    """CUDA's own sync detector: between the loop's reads (every log_every steps and at the end), no step
+    makes the host wait for the GPU."""
+    import warnings
+
+    import vae_core.train as train_module
+
+    cfg = load_config("mnist", {"train.log_every": 5, "train.batch_size": BATCH})
+    data = torch.randint(0, 256, (10 * BATCH, 28, 28, 1), dtype=torch.uint8, device="cuda")
+    fit = Fit.create(cfg, steps_per_epoch(len(data), BATCH), "cuda")
+    fit.train_epoch(iterate_batches(data, BATCH, generator=fit.order(0)))  # warm-up: allocations, autotuning
+    reads = []
+    real_read = train_module.read_scalars
+    monkeypatch.setattr(train_module, "read_scalars", lambda ts: reads.append(1) or real_read(ts))
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit.train_epoch(iterate_batches(data, BATCH, generator=fit.order(1)))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(reads) == 3  # steps 5 and 10, and the epoch's end
+    assert len(syncs) <= len(reads), [str(w.message) for w in syncs]

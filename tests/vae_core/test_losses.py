@@ -29,13 +29,13 @@ def test_negative_elbo_terms():
     assert t["loss"].item() == 15.0 + 0.5 * 5.0 and t["elbo"].item() == -20.0 and t["beta"] == 0.5
 
 
-def _trained_tiny_model(digits_u8):
+def _trained_tiny_model(digits_u8, extra=()):
     """A briefly trained model: its posterior is informative, so the bounds differ by more than noise."""
     from vae_core.fit import make_optimizer
     from vae_core.train import TrainState, train_step
 
     cfg = load_config("digits", ["model.hidden_channels=[8,16]", "model.hidden_dim=32", "model.latent_dim=4",
-                                 "train.kl_warmup_steps=0", "train.lr=3e-3"])
+                                 "train.kl_warmup_steps=0", "train.lr=3e-3", *extra])
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = ConvVAE(cfg.model)
@@ -47,8 +47,9 @@ def _trained_tiny_model(digits_u8):
     return model.eval(), x, target
 
 
-def test_iwae_bound_is_above_elbo_and_grows_with_k(digits_u8):
-    model, x, target = _trained_tiny_model(digits_u8)
+@pytest.mark.parametrize("extra", [(), ("model.res_blocks=1",)], ids=["plain", "residual"])
+def test_iwae_bound_is_above_elbo_and_grows_with_k(digits_u8, extra):
+    model, x, target = _trained_tiny_model(digits_u8, extra)
     with torch.no_grad():
         post = model.encode(x)
         elbo = torch.stack([
@@ -62,7 +63,8 @@ def test_iwae_bound_is_above_elbo_and_grows_with_k(digits_u8):
                for r in range(reps)]
         means.append(torch.stack(est).mean().item())
     assert means[0] == pytest.approx(elbo, abs=0.5)
-    assert means == sorted(means), means
+    # Non-decreasing in K up to the estimates' noise (the bound saturates once K is large for a small model).
+    assert all(b >= a - 0.01 for a, b in zip(means, means[1:])), means
     assert means[-1] > elbo + 0.1, (means, elbo)
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from vae_core import ConvVAE, ModelConfig, Posterior
+from vae_core.model import ResBlock
 
 
 @pytest.mark.parametrize(
@@ -10,9 +11,10 @@ from vae_core import ConvVAE, ModelConfig, Posterior
      ((8, 8), 1, [8, 16]), ((48, 32), 1, [8, 16, 32]), ((28, 28), 3, [8, 16])],
 )
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "logistic"])
-def test_shapes_for_supported_sizes(size, channels, widths, likelihood):
+@pytest.mark.parametrize("res_blocks", [0, 2])
+def test_shapes_for_supported_sizes(size, channels, widths, likelihood, res_blocks):
     cfg = ModelConfig(image_size=size, channels=channels, hidden_channels=widths, latent_dim=5,
-                      likelihood=likelihood, norm="group")
+                      likelihood=likelihood, norm="group", res_blocks=res_blocks)
     model = ConvVAE(cfg)
     x_u8 = torch.randint(0, 256, (3, channels, *size), dtype=torch.uint8)
     x, target = model.likelihood.prepare(x_u8)
@@ -62,3 +64,27 @@ def test_mode_is_mean_and_sample_is_seeded():
     a = post.sample(torch.Generator().manual_seed(7))
     b = post.sample(torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and not torch.equal(a, post.mean)
+
+
+def test_a_fresh_residual_model_computes_what_its_plain_stack_does():
+    """Each residual block starts as the identity, so a deep model starts as the shallow one it wraps."""
+    plain_cfg = ModelConfig(hidden_channels=[8, 16], latent_dim=4)
+    torch.manual_seed(0)
+    deep = ConvVAE(plain_cfg.model_copy(update={"res_blocks": 2}))
+    plain = ConvVAE(plain_cfg)
+    blocks = sum(isinstance(m, ResBlock) for m in deep.modules())
+    assert blocks == 2 * 2 * 2  # two per stage, two stages, encoder and decoder
+    plain_layers = [m for m in plain.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d,
+                                                                  torch.nn.Linear))]
+    deep_layers = [m for m in deep.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d,
+                                                                torch.nn.Linear)) and not _in_block(deep, m)]
+    for a, b in zip(plain_layers, deep_layers, strict=True):
+        a.load_state_dict(b.state_dict())
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(deep.encode(x).mean, plain.encode(x).mean)
+    z = torch.randn(3, 4)
+    torch.testing.assert_close(deep.decode(z), plain.decode(z))
+
+
+def _in_block(model, layer) -> bool:
+    return any(layer is m for block in model.modules() if isinstance(block, ResBlock) for m in block.modules())

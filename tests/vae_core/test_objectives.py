@@ -13,6 +13,7 @@ import torch
 from vae_core import load_config
 from vae_core.config import list_objectives, list_presets
 from vae_core.errors import ConfigError
+from vae_core.device_metrics import FiniteGuard
 from vae_core.fit import DISCRIMINATOR, MODEL, Fit, steps_per_epoch
 from vae_core.objectives import adaptive_weight
 from vae_core.train import TrainState, evaluate, iterate_batches, train_step
@@ -111,7 +112,7 @@ def test_the_discriminator_and_the_vae_never_update_each_other(digits_u8):
     vae_before = {k: v.clone() for k, v in vae.state_dict().items()}
     grads_before = [p.grad.clone() for p in vae.parameters()]
     disc_before = {k: v.clone() for k, v in disc.state_dict().items()}
-    d = objective.discriminator_step(step=0)
+    d = objective.discriminator_step(0, FiniteGuard(torch.device("cpu")))
     assert set(d) == {"disc_loss", "logits_real", "logits_fake"}
     assert all(torch.equal(v, vae.state_dict()[k]) for k, v in vae_before.items())
     assert all(torch.equal(g, p.grad) for g, p in zip(grads_before, vae.parameters()))

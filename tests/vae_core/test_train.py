@@ -29,19 +29,21 @@ def _run_steps(cfg, n_steps=5):
     return [train_step(model, opt, batch, state, cfg.train, gen)["loss"] for _ in range(n_steps)], model
 
 
-def test_same_seed_same_loss_and_different_seed_differs():
-    cfg = _tiny()
+@pytest.mark.parametrize("extra", [[], ["model.res_blocks=2"]], ids=["plain", "residual"])
+def test_same_seed_same_loss_and_different_seed_differs(extra):
+    cfg = _tiny(extra)
     a, _ = _run_steps(cfg)
     b, _ = _run_steps(cfg)
-    c, _ = _run_steps(_tiny(["train.seed=1"]))
+    c, _ = _run_steps(_tiny(["train.seed=1", *extra]))
     assert a == b
     assert a != c
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "logistic"])
-def test_tiny_model_overfits_one_batch(likelihood, digits_u8):
+@pytest.mark.parametrize("likelihood,extra", [("bernoulli", ""), ("gaussian", ""), ("logistic", ""),
+                                              ("bernoulli", "model.res_blocks=1")])
+def test_tiny_model_overfits_one_batch(likelihood, extra, digits_u8):
     cfg = _tiny([f"model.likelihood={likelihood}", "model.binarize=false", "train.lr=3e-3",
-                 "train.kl_warmup_steps=0", "train.beta=0.1"])
+                 "train.kl_warmup_steps=0", "train.beta=0.1", *([extra] if extra else [])])
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = ConvVAE(cfg.model)
@@ -124,3 +126,79 @@ def test_weights_round_trip_safely(tmp_path):
 
         model_from_bytes(save({"w": torch.zeros(1)}))
     assert model_to_bytes(model) == model_to_bytes(loaded)
+
+
+# --- the step never waits for the device -----------------------------------------------------------------
+
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts `.item()`, `float(t)`, `bool(t)`: the reads that make the host wait for a GPU, one by one."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _fit_and_data(overrides=()):
+    from vae_core.fit import Fit, steps_per_epoch
+
+    cfg = _tiny(["train.batch_size=16", *overrides])
+    data = _images(160, seed=3)  # 10 steps
+    return Fit.create(cfg, steps_per_epoch(len(data), 16)), data
+
+
+def test_an_epoch_reads_the_device_once_per_log_every_steps(monkeypatch):
+    import vae_core.train as train_module
+
+    fit, data = _fit_and_data(["train.log_every=4"])
+    reads, logged = [], []
+    real_read = train_module.read_scalars
+    monkeypatch.setattr(train_module, "read_scalars", lambda ts: reads.append(len(ts)) or real_read(ts))
+    with _ScalarReads() as scalar_reads:
+        m = fit.train_epoch(iterate_batches(data, 16, generator=fit.order(1)),
+                            on_step=lambda metrics, state: logged.append(state.step))
+    assert scalar_reads.count == 0  # no .item(), float() or bool() of a tensor in any step
+    assert len(reads) == 3 and logged == [4, 8]  # steps 4 and 8, and the epoch's end: 10 steps, 3 reads
+    assert m["images"] == 160 and {"loss", "recon", "kl", "grad_norm", "beta", "lr"} <= set(m)
+
+
+def test_epoch_metrics_equal_the_step_by_step_ones():
+    batched, data = _fit_and_data(["train.log_every=1000"])
+    m = batched.train_epoch(iterate_batches(data, 16, generator=batched.order(1)))
+    alone, _ = _fit_and_data()
+    noise = alone.noise(1)  # one generator for the epoch, as train_epoch draws from
+    steps = []
+    for x in iterate_batches(data, 16, generator=alone.order(1)):
+        steps.append(train_step(alone.model, alone.optimizers["model"], x, alone.state, alone.config.train, noise,
+                                alone.objective))
+        alone.schedulers["model"].step()
+    for key in ("loss", "recon", "kl", "elbo", "grad_norm", "beta"):
+        assert m[key] == pytest.approx(sum(s[key] for s in steps) / len(steps), rel=1e-5), key
+    assert all(torch.equal(a, b) for a, b in zip(batched.model.state_dict().values(),
+                                                 alone.model.state_dict().values()))
+
+
+def test_a_nan_at_a_known_step_leaves_the_weights_as_before_it_and_names_it():
+    fit, data = _fit_and_data(["train.log_every=4"])
+    calls, before = {"n": 0}, {}
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the forward of step 5 (counting from 0)
+            before.update(weights={k: v.clone() for k, v in fit.model.state_dict().items()},
+                          moments={i: s["exp_avg"].clone() for i, s in fit.optimizers["model"].state_dict()["state"].items()})
+            return output * float("nan")
+        return output
+
+    fit.model.decoder.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss: loss is nan .* at step 5 \(epoch 1\)"):
+        fit.train_epoch(iterate_batches(data, 16, generator=fit.order(1)))
+    assert calls["n"] == 8  # found at the read after step 8: steps 6 and 7 ran, and changed nothing either
+    assert all(torch.equal(v, fit.model.state_dict()[k]) for k, v in before["weights"].items())
+    state = fit.optimizers["model"].state_dict()["state"]
+    assert all(torch.equal(m, state[i]["exp_avg"]) for i, m in before["moments"].items())
+    assert all(int(s["step"]) == 5 for s in state.values())  # five updates landed, the skipped ones uncounted
