@@ -102,7 +102,8 @@ def test_presets_ship_in_the_wheel(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    shipped = sorted(p.stem for p in (repo / "vae_core" / "presets").glob("*.yaml"))
+    presets = repo / "vae_core" / "presets"
+    shipped = sorted(p.relative_to(presets).with_suffix("").as_posix() for p in presets.rglob("*.yaml"))
     assert shipped, "no presets in vae_core/presets"
 
     # Build from a clean copy: an in-tree build would leave build/ in the checkout, and a stale
@@ -125,17 +126,16 @@ def test_presets_ship_in_the_wheel(tmp_path):
 
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as zf:
-        assert sorted(n for n in zf.namelist() if n.startswith("vae_core/presets/")) == [
-            f"vae_core/presets/{name}.yaml" for name in shipped
-        ]
+        assert sorted(n for n in zf.namelist() if n.startswith("vae_core/presets/")) == sorted(
+            f"vae_core/presets/{name}.yaml" for name in shipped)
         zf.extractall(site)
 
     probe = (
         "import json, vae_core\n"
-        "from vae_core.config import list_presets, load_config\n"
-        "names = list_presets()\n"
-        "print(json.dumps({'file': vae_core.__file__, 'presets': names,"
-        " 'loaded': [load_config(n).name for n in names]}))\n"
+        "from vae_core.config import list_objectives, list_presets, load_config\n"
+        "names, objectives = list_presets(), list_objectives()\n"
+        "print(json.dumps({'file': vae_core.__file__, 'presets': names, 'objectives': objectives,"
+        " 'loaded': [load_config(n).name for n in names] + [load_config('mnist', objective=o).name for o in objectives]}))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     ran = subprocess.run([sys.executable, "-c", probe], cwd=site, env=env, capture_output=True, text=True, timeout=120)
@@ -145,5 +145,6 @@ def test_presets_ship_in_the_wheel(tmp_path):
     result = json.loads(ran.stdout.strip().splitlines()[-1])
     module = Path(result["file"]).resolve()
     assert module.is_relative_to(site.resolve()) and not module.is_relative_to(repo), module
-    assert result["presets"] == shipped
-    assert result["loaded"] == shipped
+    objectives = [n.removeprefix("objectives/") for n in shipped if n.startswith("objectives/")]
+    assert result["presets"] == [n for n in shipped if "/" not in n] and result["objectives"] == objectives
+    assert result["loaded"] == result["presets"] + [f"mnist+{o}" for o in objectives]
