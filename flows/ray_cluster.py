@@ -7,7 +7,6 @@ import os
 from collections.abc import Iterator
 
 
-@contextlib.contextmanager
 # Ray starts its workers at niceness 15, below every ordinary process: a training or encoding worker
 # then yields its cores to the driver, Ray's own daemons and anything else on the machine, and trains at
 # about half the bare loop's speed on a busy 2-core machine. This job's workers (the Ray Train group, Ray
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 JOB_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
+@contextlib.contextmanager
 def ray_session() -> Iterator[dict[str, float]]:
     """Join $RAY_ADDRESS (or an already initialised Ray), else start a local Ray and shut it down after."""
     import ray
