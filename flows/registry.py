@@ -46,7 +46,7 @@ def model_uri(model_name: str, alias: str) -> str:
 def model_signature(model: ConvVAE) -> ModelSignature:
     """uint8 (-1, H, W, C) images in; float32 (-1, L) "mean" and "logvar" out; optional batch_size."""
     c, h, w = model.config.input_shape
-    latent = model.config.latent_dim
+    latent = model.latent_dim
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w, c))]),
         outputs=Schema([

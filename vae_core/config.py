@@ -39,6 +39,9 @@ class ModelConfig(Strict):
     channels: Literal[1, 3] = 1
     hidden_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=1)
     latent_dim: int = Field(32, ge=1)
+    top_latent_dim: int = Field(0, ge=0, description="a second stochastic layer of this many dims above the "
+                                "latent (p(z2) p(z1|z2), top-down inference, as in ladder VAEs); the latent "
+                                "vector is then [z1 | z2]; 0 for one layer")
     hidden_dim: int = Field(0, ge=0, description="width of a dense layer before the latent; 0 for none")
     res_blocks: int = Field(0, ge=0, description="residual blocks (two 3x3 convs, identity at start) after each "
                             "encoder stage and before each decoder stage; 0 for a plain conv stack")
@@ -49,6 +52,9 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _divisible(self) -> "ModelConfig":
+        if self.kind == "ae" and self.top_latent_dim:
+            raise ValueError("model.kind=ae has one deterministic code and no stochastic layers; "
+                             "set model.top_latent_dim=0")
         factor = 2 ** len(self.hidden_channels)
         h, w = self.image_size
         if h % factor or w % factor:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from vae_core.model import ConvVAE, standard_normal_log_prob
+from vae_core.model import ConvVAE
 
 
 @torch.no_grad()
@@ -32,12 +32,11 @@ def iwae_log_likelihood(
     done = 0
     while done < k:
         n = min(chunk, k - done)
-        eps = torch.randn((n, *posterior.mean.shape), generator=generator, device=x.device)
-        z = posterior.mean + posterior.std * eps  # (n, B, L)
+        z = posterior.sample_n(n, generator)  # (n, B, L)
         params = model.decode(z.reshape(n * b, -1))
         tgt = target.unsqueeze(0).expand(n, *target.shape).reshape(n * b, *target.shape[1:])
         log_px = model.likelihood.log_prob(params, tgt).view(n, b)
-        log_w = log_px + standard_normal_log_prob(z) - posterior.log_prob(z)  # (n, B)
+        log_w = log_px + model.prior_log_prob(z) - posterior.log_prob(z)  # (n, B)
         running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
         done += n
     return running - math.log(k)

@@ -1,4 +1,4 @@
-"""The convolutional VAE and its Gaussian posterior.
+"""The convolutional VAE, with one Gaussian latent layer or two (a top layer above it).
 
 API in the manner of diffusers' `AutoencoderKL`: `encode(x) -> Posterior`, `decode(z)`, plus
 `sample`, `reconstruct` and `interpolate` for the things people do with a trained VAE.
@@ -6,72 +6,16 @@ API in the manner of diffusers' `AutoencoderKL`: `encode(x) -> Posterior`, `deco
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from vae_core.config import ModelConfig
 from vae_core.likelihoods import Likelihood, make_likelihood
+from vae_core.posterior import HierarchicalPosterior, Posterior, standard_normal_log_prob
+
+__all__ = ["ConvVAE", "Posterior", "HierarchicalPosterior", "ResBlock", "standard_normal_log_prob"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU, "gelu": nn.GELU}
-LOG_2PI = math.log(2 * math.pi)
-
-
-@dataclass
-class Posterior:
-    """Diagonal Gaussian q(z|x) = N(mean, exp(logvar)); tensors are (B, L).
-
-    An autoencoder's posterior is a point mass: logvar is -inf (variance exactly 0), a sample is the
-    mean, and it has no KL to the prior (infinite, so asking for it is an error, not a number).
-    """
-
-    mean: torch.Tensor
-    logvar: torch.Tensor
-    is_point: bool = False  # a flag, not a look at logvar: reading a GPU tensor would stall the step
-
-    @classmethod
-    def point(cls, mean: torch.Tensor) -> "Posterior":
-        """The point mass at `mean` (B, L): an autoencoder's code."""
-        return cls(mean, torch.full_like(mean, -math.inf), is_point=True)
-
-    @property
-    def std(self) -> torch.Tensor:
-        return torch.exp(0.5 * self.logvar)
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reparameterised draw z = mean + std * eps, (B, L); differentiable in mean and logvar.
-        A point mass returns its mean and draws nothing."""
-        if self.is_point:
-            return self.mean
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def kl_per_dim(self) -> torch.Tensor:
-        """KL(q || N(0, I)) per latent dimension in closed form, (B, L) nats."""
-        if self.is_point:
-            raise ValueError("an autoencoder's point-mass posterior has no finite KL to the prior "
-                             "(model.kind=ae has no KL term and no likelihood bound)")
-        return 0.5 * (self.mean.square() + self.logvar.exp() - 1.0 - self.logvar)
-
-    def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)), (B,) nats."""
-        return self.kl_per_dim().sum(-1)
-
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log q(z|x) for z of shape (..., B, L), summed over L -> (..., B)."""
-        if self.is_point:
-            raise ValueError("an autoencoder's point-mass posterior has no density (model.kind=ae)")
-        return (-0.5 * ((z - self.mean).square() / self.logvar.exp() + self.logvar + LOG_2PI)).sum(-1)
-
-
-def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
-    """log N(z; 0, I) summed over the last dim."""
-    return (-0.5 * (z.square() + LOG_2PI)).sum(-1)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -134,11 +78,21 @@ class ConvVAE(nn.Module):
         if config.hidden_dim:
             self.enc_dense = nn.Sequential(nn.Linear(flat, config.hidden_dim), act())
             head_in = config.hidden_dim
-        # A VAE's head emits mean and log-variance; an autoencoder's only the code.
-        self.to_posterior = nn.Linear(head_in, (1 if config.kind == "ae" else 2) * config.latent_dim)
+        # A VAE's head emits mean and log-variance; an autoencoder's only the code. With a top layer the
+        # head is the top layer's, and the bottom layer's comes from the features and the drawn z2.
+        bottom, top = config.latent_dim, config.top_latent_dim
+        self.to_posterior = nn.Linear(head_in, (1 if config.kind == "ae" else 2) * (top or bottom))
+        if top:
+            self.to_bottom = nn.Linear(head_in + top, 2 * bottom)
+            width = max(2 * bottom, 64)
+            self.prior_net = nn.Sequential(nn.Linear(top, width), act(), nn.Linear(width, 2 * bottom))
+            # p(z1|z2) starts as N(0, I): a fresh two-layer model's prior is the one-layer model's.
+            nn.init.zeros_(self.prior_net[-1].weight)
+            nn.init.zeros_(self.prior_net[-1].bias)
 
+        # The decoder sees the whole latent vector [z1 | z2]: a direct path from the top layer keeps it in use.
         dec_in = config.hidden_dim or flat
-        self.from_latent = nn.Sequential(nn.Linear(config.latent_dim, dec_in), act())
+        self.from_latent = nn.Sequential(nn.Linear(self.latent_dim, dec_in), act())
         if config.hidden_dim:
             self.dec_dense = nn.Sequential(nn.Linear(config.hidden_dim, flat), act())
 
@@ -153,7 +107,8 @@ class ConvVAE(nn.Module):
 
     @property
     def latent_dim(self) -> int:
-        return self.config.latent_dim
+        """Width of the latent vector z: `latent_dim`, plus `top_latent_dim` with a top layer ([z1 | z2])."""
+        return self.config.latent_dim + self.config.top_latent_dim
 
     @property
     def last_layer(self) -> nn.Parameter:
@@ -171,9 +126,39 @@ class ConvVAE(nn.Module):
         h = self.enc_dense(self.encoder(x))
         if self.config.kind == "ae":
             return Posterior.point(self.to_posterior(h).float())
-        mean, logvar = self.to_posterior(h).float().chunk(2, dim=-1)
-        # Clamp keeps exp(logvar) finite early in training without limiting a useful range.
-        return Posterior(mean, logvar.clamp(-30.0, 20.0))
+        posterior = _gaussian(self.to_posterior(h))
+        if not self.config.top_latent_dim:
+            return posterior
+
+        def bottom(z2: torch.Tensor) -> Posterior:  # q(z1 | x, z2); z2 may carry leading sample dims
+            return _gaussian(self.to_bottom(torch.cat([h.expand(*z2.shape[:-1], h.shape[-1]), z2.to(h.dtype)], -1)))
+
+        return HierarchicalPosterior.create(posterior, bottom, self.conditional_prior)
+
+    def conditional_prior(self, z2: torch.Tensor) -> Posterior:
+        """p(z1 | z2) for top-layer latents (..., B, L2) -> a Gaussian over (..., B, L1)."""
+        return _gaussian(self.prior_net(z2))
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) for latent vectors (..., B, L) -> (..., B) nats."""
+        top = self.config.top_latent_dim
+        if not top:
+            return standard_normal_log_prob(z)
+        z1, z2 = z[..., :-top], z[..., -top:]
+        return standard_normal_log_prob(z2) + self.conditional_prior(z2).log_prob(z1)
+
+    def prior_sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+                     ) -> torch.Tensor:
+        """n latent vectors from the prior (ancestrally, top layer first), (n, L); `temperature` scales
+        every layer's noise. `generator` lives on the model's device."""
+        device = next(self.parameters()).device
+        top = self.config.top_latent_dim
+        z = torch.randn(n, top or self.latent_dim, generator=generator, device=device) * temperature
+        if not top:
+            return z
+        p1 = self.conditional_prior(z)
+        eps = torch.randn(p1.mean.shape, generator=generator, device=device)
+        return torch.cat([p1.mean + temperature * p1.std * eps, z], -1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, L) -> likelihood parameters (B, P*C, H, W)."""
@@ -198,9 +183,7 @@ class ConvVAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """n images from the prior, (n, C, H, W) in [0, 1]; `generator` lives on the model's device."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature
-        return self.likelihood.mean(self.decode(z))
+        return self.likelihood.mean(self.decode(self.prior_sample(n, generator, temperature)))
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -216,3 +199,10 @@ class ConvVAE(nn.Module):
         za, zb = self.encode(pair).mode()
         t = torch.linspace(0.0, 1.0, steps, device=za.device).unsqueeze(1)
         return self.likelihood.mean(self.decode((1 - t) * za + t * zb))
+
+
+def _gaussian(head: torch.Tensor) -> Posterior:
+    """A head's output (..., 2L) -> the Gaussian with that mean and log-variance, in float32."""
+    mean, logvar = head.float().chunk(2, dim=-1)
+    # Clamp keeps exp(logvar) finite early in training without limiting a useful range.
+    return Posterior(mean, logvar.clamp(-30.0, 20.0))

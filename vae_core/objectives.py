@@ -132,7 +132,7 @@ class Objective:
         assert disc is not None
         fakes = fake
         if adv_cfg.prior_fakes:  # Larsen et al.: the discriminator also judges decodes of the prior
-            z = torch.randn(fake.shape[0], vae.latent_dim, generator=generator, device=fake.device)
+            z = vae.prior_sample(fake.shape[0], generator)
             fakes = torch.cat([fake, vae.likelihood.mean(vae.decode(z).float())])
         disc.requires_grad_(False)  # the VAE's step never updates the discriminator
         logits, features = disc(fakes)

@@ -47,7 +47,8 @@ def _trained_tiny_model(digits_u8, extra=()):
     return model.eval(), x, target
 
 
-@pytest.mark.parametrize("extra", [(), ("model.res_blocks=1",)], ids=["plain", "residual"])
+@pytest.mark.parametrize("extra", [(), ("model.res_blocks=1",), ("model.top_latent_dim=4",)],
+                         ids=["plain", "residual", "two-layer"])
 def test_iwae_bound_is_above_elbo_and_grows_with_k(digits_u8, extra):
     model, x, target = _trained_tiny_model(digits_u8, extra)
     with torch.no_grad():

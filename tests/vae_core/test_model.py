@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from vae_core import ConvVAE, ModelConfig, Posterior
+from vae_core.errors import ConfigError
 from vae_core.model import ResBlock
+from vae_core.posterior import HierarchicalPosterior
 
 
 @pytest.mark.parametrize(
@@ -11,17 +13,19 @@ from vae_core.model import ResBlock
      ((8, 8), 1, [8, 16]), ((48, 32), 1, [8, 16, 32]), ((28, 28), 3, [8, 16])],
 )
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "logistic"])
-@pytest.mark.parametrize("res_blocks", [0, 2])
-def test_shapes_for_supported_sizes(size, channels, widths, likelihood, res_blocks):
+@pytest.mark.parametrize("arch", [{}, {"res_blocks": 2}, {"top_latent_dim": 3}], ids=["plain", "residual", "two-layer"])
+def test_shapes_for_supported_sizes(size, channels, widths, likelihood, arch):
     cfg = ModelConfig(image_size=size, channels=channels, hidden_channels=widths, latent_dim=5,
-                      likelihood=likelihood, norm="group", res_blocks=res_blocks)
+                      likelihood=likelihood, norm="group", **arch)
     model = ConvVAE(cfg)
     x_u8 = torch.randint(0, 256, (3, channels, *size), dtype=torch.uint8)
     x, target = model.likelihood.prepare(x_u8)
     params, post = model(x)
     per_px = 2 if likelihood == "logistic" else 1
+    latent = 5 + arch.get("top_latent_dim", 0)
     assert params.shape == (3, per_px * channels, *size)
-    assert post.mean.shape == post.logvar.shape == (3, 5)
+    assert model.latent_dim == latent
+    assert post.mean.shape == post.logvar.shape == post.kl_per_dim().shape == (3, latent)
     assert model.likelihood.log_prob(params, target).shape == (3,)
     assert model.sample(4).shape == (4, channels, *size)
     rec = model.reconstruct(x_u8)
@@ -88,3 +92,76 @@ def test_a_fresh_residual_model_computes_what_its_plain_stack_does():
 
 def _in_block(model, layer) -> bool:
     return any(layer is m for block in model.modules() if isinstance(block, ResBlock) for m in block.modules())
+
+
+def _two_layer(seed: int = 0) -> ConvVAE:
+    torch.manual_seed(seed)
+    model = ConvVAE(ModelConfig(hidden_channels=[8, 16], latent_dim=4, top_latent_dim=2)).eval()
+    with torch.no_grad():  # a prior p(z1|z2) that depends on z2, as a trained one does (it starts at N(0, I))
+        for p in model.prior_net.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def test_two_layer_kl_is_the_expected_log_ratio_of_posterior_and_prior():
+    """The analytic per-draw KL, averaged over draws of z2, is E_q[log q(z|x) - log p(z)]: the two
+    layers' closed forms agree with the densities `log_prob` and `prior_log_prob` give."""
+    model = _two_layer()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        post = model.encode(x)
+        assert isinstance(post, HierarchicalPosterior)
+        gen = torch.Generator().manual_seed(0)
+        kls = []
+        for _ in range(20_000):
+            post.sample(gen)
+            kls.append(post.kl())
+        analytic = torch.stack(kls).mean(0)
+        z = post.sample_n(200_000, torch.Generator().manual_seed(1))
+        mc = (post.log_prob(z) - model.prior_log_prob(z)).mean(0)
+    torch.testing.assert_close(analytic, mc, rtol=0.03, atol=0.03)
+    assert (analytic > 0.5).all()  # the layers disagree enough for the check to mean something
+
+
+def test_two_layer_densities_match_torch_distributions():
+    model = _two_layer()
+    with torch.no_grad():
+        post = model.encode(torch.rand(2, 1, 28, 28))
+        z = torch.randn(5, 2, 6)
+        z1, z2 = z[..., :4], z[..., 4:]
+        q1 = post.bottom(z2)
+        normal = torch.distributions.Normal
+        expected_q = (normal(post.top.mean, post.top.std).log_prob(z2).sum(-1)
+                      + normal(q1.mean, q1.std).log_prob(z1).sum(-1))
+        p1 = model.conditional_prior(z2)
+        expected_p = normal(0.0, 1.0).log_prob(z2).sum(-1) + normal(p1.mean, p1.std).log_prob(z1).sum(-1)
+    torch.testing.assert_close(post.log_prob(z), expected_q)
+    torch.testing.assert_close(model.prior_log_prob(z), expected_p)
+
+
+def test_two_layer_prior_samples_are_ancestral_and_seeded():
+    model = _two_layer()
+    a = model.prior_sample(20_000, torch.Generator().manual_seed(3))
+    b = model.prior_sample(20_000, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (20_000, 6)
+    # z1 given z2 is N(p(z1|z2)): its standardised residual is N(0, 1), while z1 itself is not.
+    with torch.no_grad():
+        p1 = model.conditional_prior(a[:, 4:])
+    resid = (a[:, :4] - p1.mean) / p1.std
+    assert resid.mean().abs() < 0.03 and (resid.std() - 1).abs() < 0.03
+    assert (a[:, :4].std(0) - 1).abs().max() > 0.1
+
+
+def test_two_layer_kl_needs_a_draw_and_mode_is_the_mean_path():
+    model = _two_layer()
+    with torch.no_grad():
+        post = model.encode(torch.rand(2, 1, 28, 28))
+        with pytest.raises(ValueError, match="call sample"):
+            post.kl_per_dim()
+        at_mean = post.bottom(post.top.mean)
+    torch.testing.assert_close(post.mode(), torch.cat([at_mean.mean, post.top.mean], -1))
+
+
+def test_an_autoencoder_has_no_second_stochastic_layer():
+    with pytest.raises((ConfigError, ValueError), match="top_latent_dim=0"):
+        ModelConfig(kind="ae", top_latent_dim=2)

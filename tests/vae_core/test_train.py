@@ -29,7 +29,8 @@ def _run_steps(cfg, n_steps=5):
     return [train_step(model, opt, batch, state, cfg.train, gen)["loss"] for _ in range(n_steps)], model
 
 
-@pytest.mark.parametrize("extra", [[], ["model.res_blocks=2"]], ids=["plain", "residual"])
+@pytest.mark.parametrize("extra", [[], ["model.res_blocks=2"], ["model.top_latent_dim=4"]],
+                         ids=["plain", "residual", "two-layer"])
 def test_same_seed_same_loss_and_different_seed_differs(extra):
     cfg = _tiny(extra)
     a, _ = _run_steps(cfg)
@@ -40,7 +41,8 @@ def test_same_seed_same_loss_and_different_seed_differs(extra):
 
 
 @pytest.mark.parametrize("likelihood,extra", [("bernoulli", ""), ("gaussian", ""), ("logistic", ""),
-                                              ("bernoulli", "model.res_blocks=1")])
+                                              ("bernoulli", "model.res_blocks=1"),
+                                              ("bernoulli", "model.top_latent_dim=4")])
 def test_tiny_model_overfits_one_batch(likelihood, extra, digits_u8):
     cfg = _tiny([f"model.likelihood={likelihood}", "model.binarize=false", "train.lr=3e-3",
                  "train.kl_warmup_steps=0", "train.beta=0.1", *([extra] if extra else [])])
