@@ -24,15 +24,32 @@ def digits() -> np.ndarray:
     return images  # uint8 (1797, 8, 8, 1)
 
 
-@pytest.fixture(scope="module")
-def trained(digits) -> ConvVAE:
-    """A model with a real posterior (a few epochs on 1,500 digits), so IWAE has a gap to close."""
-    cfg = load_config("digits", {"train.epochs": 4})
+def _train(digits: np.ndarray, overrides: dict) -> ConvVAE:
+    cfg = load_config("digits", {"train.epochs": 4, **overrides})
     x = torch.from_numpy(digits[:1500])
     fit = Fit.create(cfg, steps_per_epoch(len(x), cfg.train.batch_size))
     for epoch in range(1, 5):
         fit.train_epoch(iterate_batches(x, cfg.train.batch_size, generator=fit.order(epoch)))
     return fit.model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(digits) -> ConvVAE:
+    """A model with a real posterior (a few epochs on 1,500 digits), so IWAE has a gap to close."""
+    return _train(digits, {})
+
+
+def test_a_two_layer_model_scores_and_embeds_its_whole_latent_vector(digits):
+    model = _train(digits, {"model.top_latent_dim": 4})
+    test = digits[1500:1700]
+    s = score_split(model, test, k=100, seed=3)
+    assert s.mean.shape == s.logvar.shape == (200, 8 + 4) and s.kl_per_dim.shape == (12,)
+    from vae_core.encode import encode_images
+
+    np.testing.assert_allclose(s.mean, encode_images(model, test)[0], rtol=1e-5, atol=1e-5)
+    summary = s.summary()
+    assert summary["nll_k100"] < summary["neg_elbo"]
+    assert summary["neg_elbo"] == pytest.approx(summary["recon_nll"] + summary["kl"], rel=1e-5)
 
 
 def test_iwae_bound_is_above_the_elbo_and_rises_with_k(trained, digits):
