@@ -79,6 +79,7 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_floor: float = Field(0.1, ge=0, le=1, description="cosine: the rate it ends at, as a fraction of lr")
     grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 disables clipping")
     beta: float = Field(1.0, ge=0)
     kl_schedule: Literal["constant", "linear", "cyclical"] = "linear"

@@ -53,11 +53,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    """Cosine decay to 10% of the peak over `total_steps`, or a constant rate."""
+    """Cosine decay to `lr_floor` of the peak over `total_steps`, or a constant rate."""
     if cfg.lr_schedule == "cosine":
+        floor = cfg.lr_floor
+
         def factor(step: int) -> float:
             t = min(1.0, step / max(1, total_steps))
-            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 

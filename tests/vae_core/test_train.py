@@ -204,3 +204,21 @@ def test_a_nan_at_a_known_step_leaves_the_weights_as_before_it_and_names_it():
     state = fit.optimizers["model"].state_dict()["state"]
     assert all(torch.equal(m, state[i]["exp_avg"]) for i, m in before["moments"].items())
     assert all(int(s["step"]) == 5 for s in state.values())  # five updates landed, the skipped ones uncounted
+
+
+@pytest.mark.parametrize("floor", [0.1, 0.0])
+def test_cosine_schedule_runs_from_the_peak_to_its_floor(floor):
+    from vae_core.fit import make_scheduler
+
+    cfg = _tiny([f"train.lr_floor={floor}", "train.lr=1e-3"])
+    opt = make_optimizer(ConvVAE(cfg.model), cfg.train)
+    sched = make_scheduler(opt, cfg.train, total_steps=100)
+    rates = []
+    for _ in range(120):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] == pytest.approx(1e-3)
+    assert rates[50] == pytest.approx(1e-3 * (floor + (1 - floor) / 2))
+    assert rates[100] == rates[119] == pytest.approx(1e-3 * floor, abs=1e-12)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
