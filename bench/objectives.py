@@ -95,12 +95,17 @@ def open_or_ingest(dataset_arg: str | None) -> Any:
 # --- 1. equal budget ----------------------------------------------------------------------------------
 
 
+# Every variant has one stochastic layer, as the autoencoder has one code: the comparison is of
+# objectives on the same encoder and decoder, whatever the preset's own depth.
+SAME_NETWORKS = {"model.top_latent_dim": 0}
+
+
 def variant_config(preset: str, variant: str, info: Any, overrides: dict[str, Any] | None = None) -> Any:
     """What train-vae builds for this variant: preset + objective + the dataset's image shape."""
     from vae_core.config import load_config
 
     h, w, c = info.shape
-    return load_config(preset, overrides, variant).with_image_shape(h, w, c)
+    return load_config(preset, {**SAME_NETWORKS, **(overrides or {})}, variant).with_image_shape(h, w, c)
 
 
 def probe_rate(cfg: Any, train_x: torch.Tensor, perceptual_url: str | None) -> float:
@@ -171,6 +176,7 @@ def train(dataset: str, preset: str, variant: str, epochs: int) -> dict[str, Any
 
     t0 = time.perf_counter()
     out = train_vae(TrainRequest(dataset=dataset, preset=preset, objective=variant, epochs=epochs,
+                                 overrides=SAME_NETWORKS,
                                  model_name=f"vae-{dataset.split('@')[0]}-{variant}", max_failures=0))
     wall = time.perf_counter() - t0
     # What the budget plans: the optimizer steps, from each epoch's images / images-per-s as the worker

@@ -78,8 +78,10 @@ def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
     frame = pd.read_parquet(files[0])
     assert list(frame.columns) == ["id", "split", "label", "mean", "logvar", "model_name", "model_version",
                                    "dataset_version"]
-    assert len(frame["mean"].iloc[0]) == 8 and frame["model_version"].iloc[0] == 1
-    assert pq.read_table(files[0]).schema.field("mean").type.list_size == 8
+    # The mnist preset has a second stochastic layer: the embedding is [z1 | z2], 8 + 16 wide.
+    assert expected["mean"].shape[1] == 8 + 16
+    assert len(frame["mean"].iloc[0]) == 8 + 16 and frame["model_version"].iloc[0] == 1
+    assert pq.read_table(files[0]).schema.field("mean").type.list_size == 8 + 16
     manifest = json.loads((Path(out["output"]) / "manifest.json").read_text())
     assert manifest["counts"] == out["rows"] and manifest["model_version"] == 1
     # Throughput in an MLflow run linked to the model version.

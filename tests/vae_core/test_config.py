@@ -16,7 +16,7 @@ def test_every_shipped_preset_loads_and_builds(preset):
     model = ConvVAE(cfg.model).eval()
     images = torch.randint(0, 256, (2, *cfg.model.input_shape), dtype=torch.uint8)
     posterior = model.encode(model.prepare_eval(images))
-    assert posterior.mean.shape == posterior.logvar.shape == (2, cfg.model.latent_dim)
+    assert posterior.mean.shape == posterior.logvar.shape == (2, model.latent_dim)
     recon = model.reconstruct(images)
     assert recon.shape == images.shape and 0 <= recon.min() <= recon.max() <= 1
 

@@ -117,7 +117,7 @@ def test_batched_encoder_matches_the_model_in_any_batch_size(bars, device):
     fit = _fit(bars[:256], device)
     images = bars[:300].numpy()
     mean, logvar = encode_images(fit.model, images, batch_size=128)
-    assert mean.shape == logvar.shape == (300, fit.config.model.latent_dim) and mean.dtype == np.float32
+    assert mean.shape == logvar.shape == (300, fit.model.latent_dim) and mean.dtype == np.float32
     one_batch, _ = encode_images(fit.model, images, batch_size=1000)
     np.testing.assert_allclose(mean, one_batch, atol=1e-5)
     with torch.no_grad():
