@@ -127,7 +127,8 @@ def test_two_workers_train_track_register_and_pull(home, uninterrupted):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shapes = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
-    assert shapes == {"mean": [5, 32], "logvar": [5, 32], "sample": [2, 1, 28, 28]}
+    # The mnist preset's latent vector: latent_dim 32 and its 16-dim top layer, [z1 | z2].
+    assert shapes == {"mean": [5, 32 + 16], "logvar": [5, 32 + 16], "sample": [2, 1, 28, 28]}
 
 
 def _train_worker_pids(home: Path) -> list[int]:
