@@ -70,7 +70,7 @@ def test_unsupported_size_fails_with_a_suggestion():
 
 
 def test_digest_tracks_content():
-    a, b = load_config("mnist"), load_config("mnist", ["train.lr=0.003"])
+    a, b = load_config("mnist"), load_config("mnist", ["train.lr=0.004"])
     assert a.digest() == load_config("mnist").digest() and a.digest() != b.digest()
     assert VAEConfig().flat()["model.latent_dim"] == 32
 

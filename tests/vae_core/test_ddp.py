@@ -56,6 +56,7 @@ def _rank(rank: int, port: int, outs: list[str]) -> None:
         dist.all_reduce(sums)
         whole = fit.evaluate(iterate_batches(val, 16, shuffle=False), iw_samples=0)  # this rank alone, every image
         torch.save({"weights": fit.model.state_dict(), "combined": sums.tolist(), "whole": whole}, outs[rank])
+        dist.barrier()  # tear down together (see _gan_rank)
     finally:
         dist.destroy_process_group()
 
@@ -97,6 +98,9 @@ def _gan_rank(rank: int, port: int, outs: list[str]) -> None:
         m = fit.train_epoch(iterate_batches(train, 16, generator=fit.order(1), rank=rank, world_size=2,
                                             drop_last=True), forward=ddp)
         torch.save({name: module.state_dict() for name, module in fit.modules.items()} | {"metrics": m}, outs[rank])
+        # Both ranks tear gloo down together: a rank that leaves while the other's pair threads still
+        # talk to it aborts the other ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
