@@ -3,6 +3,7 @@
     .venv/bin/python bench/train.py [--images 20000] [--epochs 2] [--preset mnist]
     .venv/bin/python bench/train.py --quality-minutes 20 --iw-samples 1000   # test NLL on full MNIST
     .venv/bin/python bench/train.py --quality-minutes 20 --set model.hidden_dim=256   # a variant
+    .venv/bin/python bench/train.py --quality-minutes 5 --iw-samples 100 --test-images 2000   # a quick comparison
     .venv/bin/python bench/train.py --quality-minutes 10 --preset mnist-gpu --device cuda   # the GPU preset
     .venv/bin/python bench/train.py --repeat 3 --cases memory1   # three alternating pairs, median ratio
 
@@ -24,6 +25,7 @@ over the full 10,000-image test set with --iw-samples samples, and the learning 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -84,9 +86,9 @@ def pipeline(dataset: str, preset: str, overrides: list[str], epochs: int, worke
 
 
 def quality(minutes: float, iw_samples: int, home: Path, dataset: str, preset: str, overrides: list[str],
-            device: str = "cpu") -> None:
+            device: str = "cpu", test_images: int | None = None) -> None:
     from vae_core import load_config
-    from vae_core.fit import Fit, make_scheduler, steps_per_epoch
+    from vae_core.fit import Fit, lr_factor, steps_per_epoch
     from vae_core.shards import open_dataset, read_split_u8
     from vae_core.train import iterate_batches
 
@@ -95,23 +97,19 @@ def quality(minutes: float, iw_samples: int, home: Path, dataset: str, preset: s
     # Held on the device, as the train-vae worker holds a split that fits train.device_data_mb.
     train_x = torch.cat([torch.from_numpy(read_split_u8(info, s)[0]) for s in ("train", "val")
                          if info.counts.get(s)]).to(device)
-    test_x = torch.from_numpy(read_split_u8(info, "test")[0]).to(device)
+    test_x = torch.from_numpy(read_split_u8(info, "test")[0][:test_images]).to(device)
     cfg = load_config(preset, overrides)
     bs = cfg.train.batch_size
-    cfg.train.epochs = 10_000
     fit = Fit.create(cfg, steps_per_epoch(len(train_x), bs), device)
     budget = minutes * 60
     # The preset's schedule runs over the budget's wall clock, not over an epoch count guessed from the
     # first epoch: on a shared machine epochs slow down, and a cosine cut off half-way leaves the rate high.
-    # The same shape as the preset's (cosine to lr_floor), with progress = elapsed / budget.
-    step_schedule = make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), cfg.train, 1000)
-    shape = step_schedule.lr_lambdas[0]
     start = time.perf_counter()
     fit.schedulers["model"] = torch.optim.lr_scheduler.LambdaLR(
-        fit.optimizers["model"], lambda _: shape(min(1000, int(1000 * (time.perf_counter() - start) / budget))))
+        fit.optimizers["model"], lambda _: lr_factor(cfg.train, (time.perf_counter() - start) / budget))
     first = fit.train_epoch(iterate_batches(train_x, bs, generator=fit.order(1)))
     curve = [(1, time.perf_counter() - start, -first["elbo"])]
-    for epoch in range(2, 100_000):
+    for epoch in itertools.count(2):
         # The machine is shared and epochs slow down: stop rather than run past the budget.
         elapsed = time.perf_counter() - start
         if elapsed + elapsed / (epoch - 1) > budget:
@@ -136,6 +134,8 @@ def main() -> None:
     ap.add_argument("--preset", default="mnist")
     ap.add_argument("--quality-minutes", type=float, default=0.0)
     ap.add_argument("--iw-samples", type=int, default=1000)
+    ap.add_argument("--test-images", type=int, default=None,
+                    help="score only the first N test images (quick comparisons; the target is on all 10,000)")
     ap.add_argument("--device", default="cpu", help="the quality run's device (cpu, cuda)")
     ap.add_argument("--repeat", type=int, default=1, help="alternating bare/pipeline pairs per case; prints the "
                     "median ratio, which a noisy machine settles better than one pair")
@@ -154,7 +154,7 @@ def main() -> None:
     tracking.configure()
     if args.quality_minutes:
         quality(args.quality_minutes, args.iw_samples, home, ingest_mnist(home, None), args.preset, args.overrides,
-                args.device)
+                args.device, args.test_images)
         return
 
     dataset = ingest_mnist(home, args.images)

@@ -52,16 +52,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    """Cosine decay to `lr_floor` of the peak over `total_steps`, or a constant rate."""
-    if cfg.lr_schedule == "cosine":
-        floor = cfg.lr_floor
+def lr_factor(cfg: TrainConfig, progress: float) -> float:
+    """The rate as a fraction of `lr` at `progress` in [0, 1] of the run: cosine to `lr_floor`, or 1."""
+    if cfg.lr_schedule != "cosine":
+        return 1.0
+    t = min(1.0, max(0.0, progress))
+    return cfg.lr_floor + (1.0 - cfg.lr_floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
-        def factor(step: int) -> float:
-            t = min(1.0, step / max(1, total_steps))
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """`lr_factor` over `total_steps` optimizer steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step / max(1, total_steps)))
 
 
 def weights_file(name: str) -> str:

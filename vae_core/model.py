@@ -11,7 +11,7 @@ from torch import nn
 
 from vae_core.config import ModelConfig
 from vae_core.likelihoods import Likelihood, make_likelihood
-from vae_core.posterior import HierarchicalPosterior, Posterior, standard_normal_log_prob
+from vae_core.posterior import HierarchicalPosterior, Posterior, split_layers, standard_normal_log_prob
 
 __all__ = ["ConvVAE", "Posterior", "HierarchicalPosterior", "ResBlock", "standard_normal_log_prob"]
 
@@ -144,7 +144,7 @@ class ConvVAE(nn.Module):
         top = self.config.top_latent_dim
         if not top:
             return standard_normal_log_prob(z)
-        z1, z2 = z[..., :-top], z[..., -top:]
+        z1, z2 = split_layers(z, top)
         return standard_normal_log_prob(z2) + self.conditional_prior(z2).log_prob(z1)
 
     def prior_sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0

@@ -26,6 +26,11 @@ def gaussian_kl_per_dim(q: "Posterior", p: "Posterior") -> torch.Tensor:
     return 0.5 * (p.logvar - q.logvar + (q.logvar.exp() + (q.mean - p.mean).square()) / p.logvar.exp() - 1.0)
 
 
+def split_layers(z: torch.Tensor, top_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A latent vector [z1 | z2] (..., L1 + L2) -> (z1 (..., L1), z2 (..., L2)), L2 = `top_dim`."""
+    return z[..., :-top_dim], z[..., -top_dim:]
+
+
 @dataclass
 class Posterior:
     """Diagonal Gaussian q(z|x) = N(mean, exp(logvar)); tensors are (B, L).
@@ -106,13 +111,6 @@ class HierarchicalPosterior(Posterior):
         return cls(torch.cat([at_mean.mean, top.mean], -1), torch.cat([at_mean.logvar, top.logvar], -1),
                    top=top, bottom=bottom, prior=prior)
 
-    @property
-    def top_dim(self) -> int:
-        return self.top.mean.shape[-1]
-
-    def _split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return z[..., : -self.top_dim], z[..., -self.top_dim :]
-
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         z2 = self.top.sample(generator)
         q1 = self.bottom(z2)
@@ -131,5 +129,5 @@ class HierarchicalPosterior(Posterior):
         return torch.cat([gaussian_kl_per_dim(q1, p1), self.top.kl_per_dim()], -1)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        z1, z2 = self._split(z)
+        z1, z2 = split_layers(z, self.top.mean.shape[-1])
         return self.top.log_prob(z2) + self.bottom(z2).log_prob(z1)
