@@ -34,7 +34,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import registry, tracking
-from flows.ray_cluster import ray_session
+from flows.ray_cluster import data_context, ray_session, read_shards
 from flows.registry import PinnedModel
 from vae_core import embeddings
 from vae_core.errors import EncodeError
@@ -178,13 +178,13 @@ def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) 
     # only once a shard is read and every latent comes back at the very end (no overlap, and a progress
     # bar that jumps from 0 to 100%).
     block_bytes = max(2**16, 2 * req.batch_size * plan.info.manifest.image_bytes)
-    with ray_session() as resources, _data_context(target_max_block_size=block_bytes, enable_progress_bars=False), \
+    with ray_session() as resources, data_context(target_max_block_size=block_bytes, enable_progress_bars=False), \
             _quiet("ray.data", progress):
         ray_s = time.perf_counter() - t0
         cpus, threads = _scaling(req, resources)
         by_path = {_norm(j.source): j for j in todo}
-        ds = ray.data.read_parquet([j.source for j in todo], filesystem=arrow_filesystem(plan.info.fs),
-                                   columns=["id", "image", "label"], include_paths=True)
+        ds = read_shards([j.source for j in todo], arrow_filesystem(plan.info.fs), ["id", "image", "label"],
+                         include_paths=True)
         latents = ds.map_batches(
             ShardEncoder, batch_size=req.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"weights": weights, "threads": threads,
@@ -217,22 +217,6 @@ def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) 
     return {"rows_encoded": float(total), "images_per_s": total / max(elapsed, 1e-9), "encode_s": elapsed,
             "steady_images_per_s": steady, "startup/ray_s": ray_s,
             "startup/first_latents_s": (first - t0 - ray_s) if first is not None else 0.0}
-
-
-@contextlib.contextmanager
-def _data_context(**settings: Any) -> Iterator[None]:
-    """Ray Data's process-wide DataContext with `settings` while the block runs, as it was after."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    before = {k: getattr(ctx, k) for k in settings}
-    for k, v in settings.items():
-        setattr(ctx, k, v)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            setattr(ctx, k, v)
 
 
 @contextlib.contextmanager

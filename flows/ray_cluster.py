@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 
 # Ray starts its workers at niceness 15, below every ordinary process: a training or encoding worker
@@ -50,3 +51,33 @@ def ray_session() -> Iterator[dict[str, float]]:
             for key in set(os.environ) - set(env_before):
                 del os.environ[key]
             os.environ.update(env_before)
+
+
+@contextlib.contextmanager
+def data_context(**settings: Any) -> Iterator[None]:
+    """Ray Data's process-wide DataContext with `settings` while the block runs, as it was after."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    before = {k: getattr(ctx, k) for k in settings}
+    for k, v in settings.items():
+        setattr(ctx, k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(ctx, k, v)
+
+
+def read_shards(paths: list[str], filesystem: Any, columns: list[str], **options: Any):
+    """A Ray Dataset of Parquet shards (`ray.data.read_parquet` with `options`) through Ray Data's first
+    Parquet reader, whose footers the driver reads once when the dataset is made.
+
+    The second reader (Ray 2.60's default) reads them again every time the dataset runs, on a pool of up to
+    32 new actor processes: once per epoch for a streamed training split. On a 2-core machine that left the
+    training worker one core of two (streamed pipeline/bare 0.56, against 0.85 through this reader).
+    """
+    import ray.data
+
+    with data_context(use_datasource_v2=False):
+        return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, **options)

@@ -25,7 +25,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows import registry, tracking
-from flows.ray_cluster import ray_session
+from flows.ray_cluster import ray_session, read_shards
 from flows.train_progress import Progress
 from vae_core.settings import checkpoint_root, data_root
 from vae_core import VAEConfig, load_config
@@ -143,9 +143,7 @@ def worker_error(err: BaseException) -> BaseException:
 
 def stream_split(info: DatasetInfo, split: str):
     """A Ray Dataset of one split's `image` column, read from the shards the manifest lists."""
-    import ray.data
-
-    ds = ray.data.read_parquet(shard_paths(info, split), filesystem=arrow_filesystem(info.fs), columns=["image"])
+    ds = read_shards(shard_paths(info, split), arrow_filesystem(info.fs), ["image"])
     # A fresh block order every epoch; workers add a local shuffle buffer on top.
     return ds.randomize_block_order() if split == "train" else ds
 
