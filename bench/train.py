@@ -1,6 +1,6 @@
 """The train-vae pipeline against the bare vae_core loop, measured side by side in one run.
 
-    .venv/bin/python bench/train.py [--images 20000] [--epochs 2] [--preset mnist]
+    .venv/bin/python bench/train.py [--images 20000] [--epochs 5] [--preset mnist]
     .venv/bin/python bench/train.py --quality-minutes 20 --iw-samples 1000   # test NLL on full MNIST
     .venv/bin/python bench/train.py --quality-minutes 20 --set model.hidden_dim=256   # a variant
     .venv/bin/python bench/train.py --quality-minutes 5 --iw-samples 100 --test-images 2000   # a quick comparison
@@ -82,6 +82,7 @@ def pipeline(dataset: str, preset: str, overrides: list[str], epochs: int, worke
         "ray_start_s": out["metrics"]["startup/ray_s"],
         "register_s": out["metrics"]["startup/register_s"],
         "wall_s": wall,
+        "epoch_rates": rates,
     }
 
 
@@ -130,7 +131,8 @@ def quality(minutes: float, iw_samples: int, home: Path, dataset: str, preset: s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=20_000, help="MNIST training images for the throughput runs")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=5, help="per throughput run; the steady state is the mean "
+                    "over epochs after the first (a streamed split still warms up in the second)")
     ap.add_argument("--preset", default="mnist")
     ap.add_argument("--quality-minutes", type=float, default=0.0)
     ap.add_argument("--iw-samples", type=int, default=1000)
@@ -180,7 +182,8 @@ def main() -> None:
             ratios[label].append(p["images_per_s"] / base)
             print(f"[{rep}/{args.repeat}] pipeline {label:22s} {p['images_per_s']:6.0f} images/s  bare {base:6.0f}  "
                   f"ratio {ratios[label][-1]:.3f}  (ray start {p['ray_start_s']:.1f}s, registration "
-                  f"{p['register_s']:.1f}s, wall {p['wall_s']:.1f}s)", flush=True)
+                  f"{p['register_s']:.1f}s, wall {p['wall_s']:.1f}s; images/s by epoch "
+                  f"{', '.join(f'{r:.0f}' for r in p['epoch_rates'])})", flush=True)
     if args.repeat > 1:
         for label, rs in ratios.items():
             print(f"pipeline/bare {label:22s} median {statistics.median(rs):.3f}  (min {min(rs):.3f}, max {max(rs):.3f}, "
