@@ -67,16 +67,18 @@ class Progress:
         loss = self._history("epoch/loss")
         if not loss.keys() - self.shown:
             return
-        val, speed, images = (self._history(f"epoch/{k}") for k in ("val_loss", "images_per_s", "images"))
+        val, speed, images, planned = (self._history(f"epoch/{k}")
+                                       for k in ("val_loss", "images_per_s", "images", "planned_epochs"))
         for epoch in sorted(loss.keys() - self.shown):
+            total = round(planned.get(epoch, self.epochs))  # a time budget re-plans the last epoch as it goes
             self.seen_at.append(time.monotonic())
             # Until a second epoch is seen, the first one's training time: what came before it is start-up.
             per_epoch = (self.seen_at[-1] - self.seen_at[0]) / (len(self.seen_at) - 1) if len(self.seen_at) > 1 \
                 else images.get(epoch, 0) / max(speed.get(epoch, 0), 1e-9)
-            self._show(epoch, f"epoch {epoch}/{self.epochs}: loss {loss[epoch]:.3f}"
+            self._show(epoch, f"epoch {epoch}/{total}: loss {loss[epoch]:.3f}"
                               + (f", val loss {val[epoch]:.3f}" if epoch in val else "")
                               + f", {speed.get(epoch, 0):,.0f} images/s, "
-                              f"{_duration((self.epochs - epoch) * per_epoch)} left")
+                              f"{_duration((total - epoch) * per_epoch)} left")
 
 
 def _duration(seconds: float) -> str:

@@ -234,21 +234,29 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         logger.on_epoch(fit.state.epoch, last_metrics)  # the crash may have come between checkpoint and log
         logger.run.log_metrics({"resumed_from_epoch": fit.state.epoch}, step=fit.state.step)
 
-    for epoch in range(fit.state.epoch + 1, tcfg.epochs + 1):
+    last = fit.plan()  # train.epochs, or what fits train.time_budget_minutes (re-planned every epoch)
+    while fit.state.epoch < last:
+        epoch = fit.state.epoch + 1
         started = time.perf_counter()
         # In memory: the same permutation on every rank (same seed), each rank taking its own slice of it.
         batches = train.batches(tcfg.batch_size, rank, world, shuffle_seed=fit.order(epoch).initial_seed(),
                                 drop_last=world > 1)
         m = fit.train_epoch(batches, forward, on_step=logger.on_step if logger else None)
-        images, seconds = _all_reduce_sum([m["images"], time.perf_counter() - started], world, device)
+        train_s = time.perf_counter() - started
+        validation = _validate(fit, val, world)
+        # Summed over ranks: every rank then plans the same last epoch from the same mean epoch time.
+        images, seconds, wall = _all_reduce_sum([m["images"], train_s, time.perf_counter() - started], world, device)
+        fit.state.elapsed_s += wall / world
+        last = fit.plan()
         metrics = {k: v for k, v in m.items() if k not in ("images", "images_per_s")}  # every loss term
         metrics["images_per_s"] = images / (seconds / world)
         metrics["images"] = images
-        metrics.update(_validate(fit, val, world))
+        metrics.update(validation)
+        metrics.update({"elapsed_s": fit.state.elapsed_s, "planned_epochs": last})
         if not all(math.isfinite(v) for v in metrics.values()):
             raise NonFiniteLossError(f"non-finite metrics at epoch {epoch}: {metrics}")
         _report(fit, epoch, metrics)
         if logger is not None:
             logger.on_epoch(epoch, metrics)
-            if epoch % tcfg.image_every == 0 or epoch == tcfg.epochs:
+            if epoch % tcfg.image_every == 0 or epoch == last:
                 logger.pictures(fit, (val or train).preview, epoch)

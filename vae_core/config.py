@@ -80,6 +80,10 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     lr_floor: float = Field(0.1, ge=0, le=1, description="cosine: the rate it ends at, as a fraction of lr")
+    time_budget_minutes: float | None = Field(
+        None, gt=0, description="minutes of training (validation included) the run fits in: it ends after the last "
+        "epoch that, at the mean epoch time so far, does not overrun them, and a cosine schedule runs down over "
+        "those epochs; `epochs` is then an upper bound")
     grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 disables clipping")
     beta: float = Field(1.0, ge=0)
     kl_schedule: Literal["constant", "linear", "cyclical"] = "linear"

@@ -1,8 +1,9 @@
 """The training setup, written once: what the Ray worker, `vae demo` and the benchmarks all build.
 
     fit = Fit.create(config, steps_per_epoch(rows, config.train.batch_size), device)
-    for epoch in range(fit.state.epoch + 1, config.train.epochs + 1):
-        metrics = fit.train_epoch(iterate_batches(images, batch, generator=fit.order(epoch)))
+    while fit.state.epoch < fit.plan():   # train.epochs, or as many as fit train.time_budget_minutes
+        metrics = fit.train_epoch(iterate_batches(images, batch, generator=fit.order(fit.state.epoch + 1)))
+        fit.state.elapsed_s += seconds    # what the budget counts
     fit.save(directory, metrics)          # every module, optimizer and scheduler, plus counters
     metrics = fit.restore(directory)      # the same bundle back, on the fit's device
 
@@ -52,17 +53,38 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
-def lr_factor(cfg: TrainConfig, progress: float) -> float:
-    """The rate as a fraction of `lr` at `progress` in [0, 1] of the run: cosine to `lr_floor`, or 1."""
-    if cfg.lr_schedule != "cosine":
-        return 1.0
-    t = min(1.0, max(0.0, progress))
-    return cfg.lr_floor + (1.0 - cfg.lr_floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+class LRSchedule:
+    """The rate as a fraction of `lr` at optimizer step `step`: a cosine from 1 to `lr_floor` over `epochs`
+    x `steps_per_epoch` steps, or 1, for LambdaLR. A time budget moves `epochs` as it measures them
+    (`Fit.plan`); being a callable object of plain numbers, LambdaLR's state dict (and so the checkpoint)
+    carries that horizon, and a resumed run picks it up."""
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, epochs: int):
+        self.cosine, self.floor = cfg.lr_schedule == "cosine", cfg.lr_floor
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+
+    def __call__(self, step: int) -> float:
+        if not self.cosine:
+            return 1.0
+        t = min(1.0, step / max(1, self.steps_per_epoch * self.epochs))
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    """`lr_factor` over `total_steps` optimizer steps."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step / max(1, total_steps)))
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                   epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """An `LRSchedule` over `epochs` of `steps_per_epoch` optimizer steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(cfg, steps_per_epoch, epochs))
+
+
+def planned_epochs(cfg: TrainConfig, done: int, elapsed_s: float) -> int:
+    """The epoch a run ends at: `epochs`; with `time_budget_minutes`, after `done` epochs in `elapsed_s`
+    seconds, the last one that at their mean duration still ends within the budget (never fewer than
+    `done`, never more than `epochs`). Before any epoch is measured, `epochs`."""
+    if cfg.time_budget_minutes is None or done == 0:
+        return cfg.epochs
+    per_epoch = elapsed_s / done
+    left = cfg.time_budget_minutes * 60 - elapsed_s
+    return max(done, min(cfg.epochs, done + int(left // per_epoch)))
 
 
 def weights_file(name: str) -> str:
@@ -109,7 +131,7 @@ class Fit:
             torch.set_num_threads(tcfg.num_threads)
         opt = make_optimizer(modules[MODEL], config.train)
         optimizers = {MODEL: opt}
-        schedulers = {MODEL: make_scheduler(opt, config.train, steps_per_epoch * config.train.epochs)}
+        schedulers = {MODEL: make_scheduler(opt, config.train, steps_per_epoch, config.train.epochs)}
         if DISCRIMINATOR in modules:
             optimizers[DISCRIMINATOR] = torch.optim.Adam(modules[DISCRIMINATOR].parameters(),
                                                          lr=obj.adversarial.lr, betas=obj.adversarial.betas,
@@ -126,6 +148,12 @@ class Fit:
     @property
     def model(self) -> ConvVAE:
         return self.modules[MODEL]  # type: ignore[return-value]
+
+    def plan(self) -> int:
+        """The epoch this run ends at (`planned_epochs` from the counters); the schedule now runs down to it."""
+        last = planned_epochs(self.config.train, self.state.epoch, self.state.elapsed_s)
+        self.schedulers[MODEL].lr_lambdas[0].epochs = last  # type: ignore[attr-defined]
+        return last
 
     def noise(self, epoch: int, stream: int = 0) -> torch.Generator:
         """Generator on the model's device for epoch `epoch`'s sampling (binarisation, eps);
@@ -175,6 +203,7 @@ class Fit:
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "epoch": self.state.epoch,
             "step": self.state.step,
+            "elapsed_s": self.state.elapsed_s,
         }, os.path.join(directory, STATE))
         with open(os.path.join(directory, METRICS), "w") as f:
             json.dump(metrics, f)
@@ -191,6 +220,6 @@ class Fit:
             opt.load_state_dict(blob["optimizers"][k])
         for k, sched in self.schedulers.items():
             sched.load_state_dict(blob["schedulers"][k])
-        self.state = TrainState(epoch=blob["epoch"], step=blob["step"])
+        self.state = TrainState(epoch=blob["epoch"], step=blob["step"], elapsed_s=float(blob.get("elapsed_s", 0.0)))
         with open(os.path.join(directory, METRICS)) as f:
             return json.load(f)

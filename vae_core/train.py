@@ -28,6 +28,7 @@ class TrainState:
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
+    elapsed_s: float = 0.0  # seconds of training (and validation) so far: what a time budget counts
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:

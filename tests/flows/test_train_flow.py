@@ -210,6 +210,25 @@ def test_killed_worker_is_replaced_and_every_epoch_logged_once(home, uninterrupt
     assert not differ, differ
 
 
+def test_a_time_budget_ends_both_ranks_at_the_same_epoch(home):
+    """train.time_budget_minutes: after the first epoch the budget is spent, so the run ends there with a
+    final picture and a registered model, epochs being only an upper bound. Both ranks plan the end from
+    the same all-reduced time: had they disagreed, one would wait forever in DDP's next all-reduce."""
+    from flows.train import train_vae
+    from vae_core.requests import TrainRequest
+
+    out = train_vae(TrainRequest(dataset="mnist", overrides=SMALL + ["train.time_budget_minutes=0.001"], epochs=5,
+                                 workers=2, max_failures=0))
+    client = mlflow.MlflowClient()
+    assert client.get_run(out["run_id"]).data.params["train.time_budget_minutes"] == "0.001"
+    assert _epoch_steps(out["run_id"]) == [1]
+    assert [m.value for m in client.get_metric_history(out["run_id"], "epoch/planned_epochs")] == [1]
+    [elapsed] = client.get_metric_history(out["run_id"], "epoch/elapsed_s")
+    assert elapsed.value > 0.06  # the budget, in seconds, was spent
+    assert "samples/epoch_0001.png" in {a.path for a in client.list_artifacts(out["run_id"], "samples")}
+    assert client.get_model_version_by_alias("vae-mnist", "challenger").run_id == out["run_id"]
+
+
 def test_nan_loss_fails_the_run_with_a_clear_error(home):
     from flows.train import train_vae
     from vae_core.errors import NonFiniteLossError, TrainError

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -212,7 +213,7 @@ def test_cosine_schedule_runs_from_the_peak_to_its_floor(floor):
 
     cfg = _tiny([f"train.lr_floor={floor}", "train.lr=1e-3"])
     opt = make_optimizer(ConvVAE(cfg.model), cfg.train)
-    sched = make_scheduler(opt, cfg.train, total_steps=100)
+    sched = make_scheduler(opt, cfg.train, steps_per_epoch=10, epochs=10)
     rates = []
     for _ in range(120):
         rates.append(opt.param_groups[0]["lr"])
@@ -222,3 +223,45 @@ def test_cosine_schedule_runs_from_the_peak_to_its_floor(floor):
     assert rates[50] == pytest.approx(1e-3 * (floor + (1 - floor) / 2))
     assert rates[100] == rates[119] == pytest.approx(1e-3 * floor, abs=1e-12)
     assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+@pytest.mark.parametrize("done, elapsed, expected", [
+    (0, 0.0, 40),     # nothing measured yet: train.epochs
+    (3, 30.0, 6),     # 10 s an epoch, 30 s of 60 left: three more
+    (3, 35.0, 5),     # 25 s left: two whole epochs more, not a third that would overrun
+    (3, 75.0, 3),     # over the budget already: end now
+    (1, 0.5, 40),     # a fast run: still at most train.epochs
+])
+def test_a_time_budget_plans_the_epochs_that_fit(done, elapsed, expected):
+    from vae_core.fit import planned_epochs
+
+    assert planned_epochs(_tiny(["train.epochs=40", "train.time_budget_minutes=1"]).train, done, elapsed) == expected
+    assert planned_epochs(_tiny(["train.epochs=40"]).train, done, elapsed) == 40  # no budget: the epochs
+
+
+def test_a_budgeted_cosine_runs_down_over_the_planned_epochs_and_resumes_with_them(tmp_path):
+    """Fit.plan moves the schedule's horizon; the checkpoint carries it and the time spent, so a resumed run
+    continues the same cosine towards the same end."""
+    from vae_core.fit import Fit
+
+    cfg = _tiny(["train.epochs=100", "train.time_budget_minutes=1", "train.lr=1e-3", "train.lr_floor=0"])
+    data = _images(64)
+    fit = Fit.create(cfg, steps_per_epoch=4)
+    assert fit.plan() == 100
+    fit.train_epoch(iterate_batches(data, 16, generator=fit.order(1)))
+    schedule = fit.schedulers["model"].lr_lambdas[0]
+    assert schedule(fit.state.step) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 400)))
+    fit.state.elapsed_s = 15.0  # as if the epoch had taken 15 s: four fit in a minute
+    assert fit.plan() == 4
+    # Step 4 of 16 planned: a quarter of the way down the cosine.
+    assert schedule(fit.state.step) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    fit.save(str(tmp_path), {})
+
+    resumed = Fit.create(cfg, steps_per_epoch=4)
+    resumed.restore(str(tmp_path))
+    assert resumed.state.elapsed_s == 15.0 and resumed.state.epoch == 1
+    assert resumed.schedulers["model"].lr_lambdas[0].epochs == 4
+    assert resumed.plan() == 4
+    for epoch in range(2, 5):
+        resumed.train_epoch(iterate_batches(data, 16, generator=resumed.order(epoch)))
+    assert resumed.optimizers["model"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # at the floor
