@@ -75,7 +75,7 @@ def read_shards(paths: list[str], filesystem: Any, columns: list[str], **options
 
     The second reader (Ray 2.60's default) reads them again every time the dataset runs, on a pool of up to
     32 new actor processes: once per epoch for a streamed training split. On a 2-core machine that left the
-    training worker one core of two (streamed pipeline/bare 0.56, against 0.85 through this reader).
+    training worker one core of two (streamed pipeline/bare 0.56, against 0.81 through this reader).
     """
     import ray.data
 

@@ -3,7 +3,7 @@
     fit = Fit.create(config, steps_per_epoch(rows, config.train.batch_size), device)
     while fit.state.epoch < fit.plan():   # train.epochs, or as many as fit train.time_budget_minutes
         metrics = fit.train_epoch(iterate_batches(images, batch, generator=fit.order(fit.state.epoch + 1)))
-        fit.state.elapsed_s += seconds    # what the budget counts
+        fit.state.elapsed_s += epoch_seconds   # what the budget counts
     fit.save(directory, metrics)          # every module, optimizer and scheduler, plus counters
     metrics = fit.restore(directory)      # the same bundle back, on the fit's device
 
