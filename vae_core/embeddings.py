@@ -19,7 +19,6 @@ readers go through it (`read_embeddings`), never through a folder listing.
 
 from __future__ import annotations
 
-import fnmatch
 import posixpath
 import re
 from datetime import datetime, timezone
@@ -33,8 +32,8 @@ from pydantic import Field, field_validator, model_validator
 
 from vae_core.config import Strict
 from vae_core.requests import NAME_RULE, check_name
-from vae_core.shards import (COMPRESSION, MANIFEST, SPLITS, TEMPORARY, DatasetInfo, atomic_write_bytes,
-                             images_u8, read_shard_table, resolve, to_url)
+from vae_core.shards import (COMPRESSION, MANIFEST, SPLITS, DatasetInfo, atomic_write_bytes,
+                             images_u8, is_temporary, read_shard_table, resolve, to_url)
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 FILE_NAME = re.compile(r"^[0-9a-f]{64}-v[1-9][0-9]*\.parquet$")  # what `file_name` returns
@@ -185,8 +184,8 @@ def reusable_files(fs: fsspec.AbstractFileSystem, out_path: str) -> dict[str, st
     for path in sorted(fs.glob(posixpath.join(parent, "*", "*", "*.parquet"))):
         name = posixpath.basename(path)
         version_dir = posixpath.dirname(posixpath.dirname(path))
-        if (version_dir != out_path and FILE_NAME.match(name) and NAME_RULE.match(posixpath.basename(version_dir))
-                and not fnmatch.fnmatchcase(name, TEMPORARY)):
+        if (version_dir != out_path and FILE_NAME.match(name) and NAME_RULE.fullmatch(posixpath.basename(version_dir))
+                and not is_temporary(name)):
             found.setdefault(name, path)
     return found
 

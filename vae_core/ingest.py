@@ -143,7 +143,9 @@ def publish(staged: StagedDataset, cfg: IngestRequest) -> IngestResult:
     url = to_url(fs, vdir)
     if fs.exists(posixpath.join(vdir, MANIFEST)):
         return IngestResult(m.name, m.version, url, created=False, manifest=read_manifest(fs, vdir))
-    remove_temporaries(fs, vdir)  # left by an earlier run that was killed mid-upload
+    written = [vdir, *(posixpath.join(vdir, s) for s in m.splits)]  # the folders this run writes
+    for folder in written:
+        remove_temporaries(fs, folder)  # left by an earlier run that was killed mid-upload
     for split in m.splits.values():
         for shard in split.shards:
             dest = posixpath.join(vdir, shard.path)
@@ -152,7 +154,8 @@ def publish(staged: StagedDataset, cfg: IngestRequest) -> IngestResult:
             atomic_put_file(fs, str(staged.staging / shard.path), dest)
     m = m.model_copy(update={"created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")})
     atomic_write_bytes(fs, posixpath.join(vdir, MANIFEST), m.to_json().encode())
-    remove_temporaries(fs, vdir)  # the version is final: temporaries of a run killed meanwhile go too
+    for folder in written:  # the version is final: temporaries of a run killed meanwhile go too
+        remove_temporaries(fs, folder)
     return IngestResult(m.name, m.version, url, created=True, manifest=m)
 
 

@@ -27,10 +27,13 @@ Reader API (what training and encoding build on)::
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import json
+import os
 import posixpath
+import re
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +52,12 @@ FORMAT = "vae-shards/1"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST = "manifest.json"
 COMPRESSION = "zstd"
-TEMPORARY = ".*.tmp-*"  # the hidden names `_publish` writes to before the move
+# The hidden names `_publish` writes to before the move: `.<final name>.tmp-<host key>-<pid>-<random>`.
+# The writer's host and process are part of the name, so that a clean-up can tell a temporary whose
+# writer is gone (removable) from one another process is still writing (never touched).
+TEMPORARY = re.compile(r"\A\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{32}\Z")
+# A temporary written on another host is removed only once it is this old: its writer cannot be asked.
+FOREIGN_TEMPORARY_AGE_S = 24 * 3600.0
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -247,15 +255,30 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
+def _host_key() -> str:
+    """8 hex digits naming this host in temporary names (a host name may hold '.' or '-')."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temporary_name(path: str) -> str:
+    """The hidden name beside `path` that this process writes before publishing `path` (see TEMPORARY)."""
+    parent, base = posixpath.split(path)
+    return posixpath.join(parent, f".{base}.tmp-{_host_key()}-{os.getpid()}-{uuid.uuid4().hex}")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether the file name `name` (no folder) is one of `_publish`'s temporaries."""
+    return TEMPORARY.fullmatch(name) is not None
+
+
 def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], None]) -> None:
     """Have `write` fill a hidden temporary name beside `path`, then publish it with one move.
 
     A rename locally; on object stores a server-side copy, which also appears all at once. Readers see
     either nothing or the whole file.
     """
-    parent = posixpath.dirname(path)
-    fs.makedirs(parent, exist_ok=True)
-    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = temporary_name(path)
     try:  # the write too: an interrupt halfway through it must not leave the partial temporary behind
         write(tmp)
         fs.mv(tmp, path)
@@ -265,15 +288,53 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], No
         raise
 
 
-def remove_temporaries(fs: fsspec.AbstractFileSystem, version_dir: str) -> list[str]:
-    """Delete the hidden temporaries under `version_dir` and return their paths.
+def _writer_gone(name: str, modified: float | None, now: float) -> bool:
+    """Whether the process that wrote temporary `name` can no longer finish it.
 
-    `_publish` removes its own temporary when it fails, but a killed process (SIGKILL, power loss) cannot;
-    `ingest.publish` calls this before it uploads and once the manifest is written, so that no such leftover
-    stays in the finished folder.
+    On this host: its pid is not alive (a pid reused since only keeps the file, the safe mistake). On
+    another host: the file is older than FOREIGN_TEMPORARY_AGE_S (unknown age: never).
     """
-    fs.invalidate_cache(version_dir)  # object stores cache listings; another process may have written since
-    stale = [p for p in fs.find(version_dir) if fnmatch.fnmatchcase(posixpath.basename(p), TEMPORARY)]
+    m = TEMPORARY.fullmatch(name)
+    if m is None:
+        return False
+    if m["host"] != _host_key():
+        return modified is not None and now - modified > FOREIGN_TEMPORARY_AGE_S
+    try:
+        os.kill(int(m["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False  # alive but not ours to signal / not a pid: leave it
+    return False
+
+
+def _modified(entry: dict[str, Any]) -> float | None:
+    """Modification time (epoch seconds) of an `fs.ls(detail=True)` entry, where the store gives one."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = entry.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+    return None
+
+
+def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    """Delete the temporaries in `folder` (not below it) whose writer is gone, and return their paths.
+
+    `_publish` removes its own temporary when it fails, but a killed process (SIGKILL, power loss) cannot.
+    Only names of `_publish`'s own scheme are candidates, only directly in a folder the caller writes,
+    and never one a live process may still be writing (a concurrent run of the same stage): nothing a
+    user or another run put there is touched.
+    """
+    fs.invalidate_cache(folder)  # object stores cache listings; another process may have written since
+    try:
+        entries = fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return []
+    now = time.time()
+    stale = [e["name"] for e in entries if e.get("type") == "file"
+             and _writer_gone(posixpath.basename(e["name"]), _modified(e), now)]
     for p in stale:
         with contextlib.suppress(FileNotFoundError):  # a concurrent cleanup got there first
             fs.rm_file(p)
@@ -365,7 +426,7 @@ def list_versions(root_url: str, name: str, storage_options: dict[str, Any] | No
     found: list[tuple[str, str]] = []
     for entry in sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory"):
         version = posixpath.basename(entry)
-        if not NAME_RULE.match(version):
+        if not NAME_RULE.fullmatch(version):
             continue  # temporary names of unfinished writes, or folders no reference could name
         try:
             m = read_manifest(fs, entry)

@@ -212,7 +212,7 @@ def test_changed_source_trains_evaluates_and_encodes_with_the_champion(home, fir
 @pytest.mark.slow
 def test_a_failed_stage_leaves_champion_and_embeddings_as_they_were(home):
     from flows.nightly import StageError, nightly_retrain
-    from vae_core.shards import TEMPORARY
+    from vae_core.shards import is_temporary
 
     champion, versions, files = _champion(), _versions(), _files(home)
     # Train fails at run time (an override the model config does not have): no version, no alias move.
@@ -234,7 +234,7 @@ def test_a_failed_stage_leaves_champion_and_embeddings_as_they_were(home):
         nightly_retrain(_request(CHANGED, encode={"cpus_per_worker": 64}))
     assert failed.value.stage == "encode"
     assert _champion() == champion and _versions() == versions and _files(home) == files and not removed.exists()
-    assert not [p for p in out_dir.rglob("*") if fnmatch.fnmatch(p.name, TEMPORARY)]  # no half-written file
+    assert not [p for p in out_dir.rglob("*") if is_temporary(p.name)]  # no half-written file
 
 
 def test_retries_transient_errors_only_and_never_a_vae_error():

@@ -37,7 +37,8 @@ from vae_core.encode import encode_images
 from vae_core.ingest import run_ingest
 from vae_core.model import ConvVAE
 from vae_core.requests import IngestRequest
-from vae_core.shards import DatasetInfo, atomic_write_bytes, open_dataset, read_shard_table, read_split_u8, resolve, table_to_u8
+from vae_core.shards import (DatasetInfo, atomic_write_bytes, open_dataset, read_shard_table, read_split_u8, resolve, table_to_u8,
+                             temporary_name)
 
 MODEL = "vae-digits"
 
@@ -240,7 +241,7 @@ def test_reusable_files_are_only_published_files_of_sibling_versions():
     assert reusable_files(fs, f"{base}/new") == {}  # nothing published at all
 
     fs.pipe_file(f"{base}/new/train/{name}", b"x")  # the output folder itself does not count
-    fs.pipe_file(f"{base}/half/test/.{name}.tmp-0123abcd", b"x")  # an unfinished write
+    fs.pipe_file(temporary_name(f"{base}/half/test/{name}"), b"x")  # an unfinished write
     fs.pipe_file(f"{base}/other/test/notes.parquet", b"x")  # not an embeddings file name
     assert reusable_files(fs, f"{base}/new") == {}
 

@@ -4,7 +4,10 @@ the re-run completes it and leaves no temporary behind."""
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -13,7 +16,8 @@ import pytest
 
 from vae_core.ingest import run_ingest
 from vae_core.requests import IngestRequest
-from vae_core.shards import MANIFEST, SPLITS, list_versions, open_dataset, read_split_u8, resolve
+from vae_core.shards import (MANIFEST, SPLITS, list_versions, open_dataset, read_split_u8, resolve,
+                             is_temporary, temporary_name)
 
 ROWS = 60
 
@@ -66,7 +70,7 @@ def _assert_complete(data_root: str) -> None:
     info = open_dataset(data_root, "toy")
     ids = [i for s in SPLITS for i in read_split_u8(info, s)[2]]
     assert sorted(ids, key=int) == [str(i) for i in range(ROWS)]
-    assert not [f for f in _files(data_root) if ".tmp-" in f]
+    assert not [f for f in _files(data_root) if is_temporary(posixpath.basename(f))]
 
 
 def test_interrupted_publish_leaves_nothing_a_reader_sees_and_a_rerun_completes(tmp_path, monkeypatch, data_root):
@@ -87,9 +91,35 @@ def test_rerun_removes_temporaries_a_killed_run_left(tmp_path, monkeypatch, data
     _interrupted_run(cfg, monkeypatch)
     fs, root = resolve(data_root)
     [vdir] = fs.ls(posixpath.join(root, "toy"), detail=False)  # the unfinished version folder
-    planted = [posixpath.join(vdir, ".manifest.json.tmp-0123abcd"),
-               posixpath.join(vdir, "train", f".part-00000.parquet.tmp-{uuid.uuid4().hex}")]
+    planted = [_dead_writers_temporary(posixpath.join(vdir, MANIFEST)),
+               _dead_writers_temporary(posixpath.join(vdir, "train", "part-00000.parquet"))]
     for p in planted:  # as a SIGKILL mid-upload leaves them: no process left to clean up
         fs.pipe_file(p, b"partial upload")
     run_ingest(cfg)
     _assert_complete(data_root)
+
+
+def _dead_writers_temporary(path: str) -> str:
+    """The temporary name a process that has since exited would have used for `path`."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return temporary_name(path).replace(f"-{os.getpid()}-", f"-{int(child.stdout)}-")
+
+
+def test_cleanup_spares_what_this_program_did_not_write_and_live_writers(tmp_path, monkeypatch, data_root):
+    """A re-run removes only its own scheme's temporaries whose writer is gone, only in the folders it writes."""
+    cfg = _request(tmp_path, data_root)
+    _interrupted_run(cfg, monkeypatch)
+    fs, root = resolve(data_root)
+    [vdir] = fs.ls(posixpath.join(root, "toy"), detail=False)
+    dead = _dead_writers_temporary(posixpath.join(vdir, "val", "part-00000.parquet"))
+    spared = [temporary_name(posixpath.join(vdir, "train", "part-00000.parquet")),  # a live writer (this process)
+              posixpath.join(vdir, "train", ".notes.tmp-0123abcd"),  # a user's file that only looks like one
+              posixpath.join(vdir, "train", "extra", _dead_writers_temporary("x.parquet").split("/")[-1]),  # below
+              posixpath.join(root, _dead_writers_temporary("toy").split("/")[-1])]  # beside the dataset
+    for p in [dead, *spared]:
+        fs.makedirs(posixpath.dirname(p), exist_ok=True)
+        fs.pipe_file(p, b"someone's bytes")
+    run_ingest(cfg)
+    fs.invalidate_cache(root)
+    assert not fs.exists(dead)
+    assert all(fs.cat_file(p) == b"someone's bytes" for p in spared)
