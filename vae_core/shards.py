@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from vae_core.requests import NAME_RULE, check_name
 
@@ -58,6 +58,10 @@ COMPRESSION = "zstd"
 TEMPORARY = re.compile(r"\A\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{32}\Z")
 # A temporary written on another host is removed only once it is this old: its writer cannot be asked.
 FOREIGN_TEMPORARY_AGE_S = 24 * 3600.0
+# A shard's path in the manifest: a plain Parquet file name directly in its split's folder. Readers join it
+# to the version folder, so anything else (absolute, '..', deeper folders) could make them read elsewhere.
+SHARD_PATH = re.compile(r"(?P<split>train|val|test)/[A-Za-z0-9][A-Za-z0-9._-]*\.parquet")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # shard checksums also name files (encode's outputs)
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -128,6 +132,26 @@ class ShardInfo(_Strict):
     bytes: int = Field(ge=1)
     sha256: str
 
+    @field_validator("path")
+    @classmethod
+    def _inside_its_split(cls, v: str) -> str:
+        if not SHARD_PATH.fullmatch(v):
+            raise ValueError(f"shard path {v!r} is not SPLIT/FILE.parquet (a plain file name in the train, val or "
+                             "test folder of the version)")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, v: str) -> str:
+        if not SHA256_HEX.fullmatch(v):
+            raise ValueError(f"shard sha256 {v!r} is not 64 lowercase hex digits")
+        return v
+
+    @property
+    def split(self) -> str:
+        """The split folder the shard lies in."""
+        return self.path.split("/", 1)[0]
+
 
 class SplitInfo(_Strict):
     rows: int = Field(ge=0)
@@ -149,11 +173,29 @@ class QuarantineEntry(_Strict):
 
 
 class DuplicateEntry(_Strict):
-    """An input item dropped because its pixels equal those of `duplicate_of`, which was kept."""
+    """An input item dropped because its pixels equal those of `duplicate_of`, which was kept.
+
+    `label` and `kept_label` are recorded only where the two disagree (label noise; None there means "no
+    label"); where they agree both keys are left out, so that such entries read as before.
+    """
 
     id: str
     source: str
     duplicate_of: str
+    label: int | None = None
+    kept_label: int | None = None
+
+    @property
+    def label_conflict(self) -> bool:
+        return self.label != self.kept_label
+
+    @model_serializer(mode="wrap")
+    def _conflict_only(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        data = handler(self)
+        if not self.label_conflict:
+            data.pop("label", None)
+            data.pop("kept_label", None)
+        return data
 
 
 class ItemCounts(_Strict):
@@ -203,10 +245,21 @@ class Manifest(_Strict):
     source: SourceDescription
     options: dict[str, Any] = Field(default_factory=dict, description="the ingest options that shaped the rows")
 
+    @field_validator("name", "version")
+    @classmethod
+    def _named_by_the_rule(cls, v: str) -> str:
+        return check_name(v, "name or version")  # both become folder names of every stage's outputs
+
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
         if unknown := set(self.splits) - set(SPLITS):
             raise ValueError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
+        for split, info in self.splits.items():
+            if strays := [sh.path for sh in info.shards if sh.split != split]:
+                raise ValueError(f"split {split!r} lists shards outside its folder: {strays}")
+        paths = [sh.path for info in self.splits.values() for sh in info.shards]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"shard paths repeat: {sorted({p for p in paths if paths.count(p) > 1})}")
         if len(self.channel_mean) != self.channels or len(self.channel_std) != self.channels:
             raise ValueError(f"channel stats must have {self.channels} entries")
         if sum(s.rows for s in self.splits.values()) != self.items.ok:
@@ -223,6 +276,11 @@ class Manifest(_Strict):
     @property
     def image_bytes(self) -> int:
         return self.height * self.width * self.channels
+
+    @property
+    def label_conflicts(self) -> int:
+        """Duplicates whose label differs from the kept copy's (see DuplicateEntry)."""
+        return sum(d.label_conflict for d in self.duplicates)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
@@ -409,8 +467,11 @@ def read_manifest(fs: fsspec.AbstractFileSystem, version_dir: str) -> Manifest:
         raise FileNotFoundError(f"no {MANIFEST} in {to_url(fs, version_dir)}: not a finished dataset version") from None
     try:
         return Manifest.model_validate_json(raw)
-    except ValueError as e:
-        raise ValueError(f"{to_url(fs, path)} is not a valid manifest: {e}") from e
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'manifest'}: {x['msg'].removeprefix('Value error, ')}"
+                             for x in e.errors())
+        raise ValueError(f"{to_url(fs, path)} is not a valid manifest ({problems}): the dataset version is damaged; "
+                         f"remove {to_url(fs, version_dir)} and ingest its source again") from None
 
 
 def list_versions(root_url: str, name: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -458,7 +519,59 @@ def open_dataset(root_url: str, name: str, version: str | None = None,
         raise FileNotFoundError(
             f"dataset {name!r} has no version {version!r} under {root_url} (versions: {have or 'none'})"
         ) from None
-    return DatasetInfo(url=to_url(fs, vdir), manifest=manifest, fs=fs, path=vdir)
+    info = DatasetInfo(url=to_url(fs, vdir), manifest=manifest, fs=fs, path=vdir)
+    if (manifest.name, manifest.version) != (name, version):
+        raise ValueError(f"{info.url}/{MANIFEST} names {manifest.name}@{manifest.version}, not the folder's "
+                         f"{name}@{version}: {_DAMAGED.format(url=info.url)}")
+    check_shard_files(info)
+    check_shard_schema(info)
+    return info
+
+
+_DAMAGED = "the dataset version is damaged; remove {url} and ingest its source again"
+
+
+def _damaged(info: DatasetInfo, shard: ShardInfo, problem: str) -> str:
+    """One line naming the shard, its dataset and what to do."""
+    return (f"dataset {info.name}@{info.version}: shard {shard.path} {problem} "
+            f"({to_url(info.fs, posixpath.join(info.path, shard.path))}); {_DAMAGED.format(url=info.url)}")
+
+
+def check_shard_files(info: DatasetInfo) -> None:
+    """Every shard of the manifest is a file of its recorded size: one listing per split folder.
+
+    FileNotFoundError naming the first missing shard, ValueError naming one of another size.
+    """
+    for split, sinfo in info.manifest.splits.items():
+        folder = posixpath.join(info.path, split)
+        info.fs.invalidate_cache(folder)
+        try:
+            sizes = {posixpath.basename(e["name"]): e.get("size") for e in info.fs.ls(folder, detail=True)
+                     if e.get("type") == "file"}
+        except FileNotFoundError:
+            sizes = {}
+        for shard in sinfo.shards:
+            size = sizes.get(posixpath.basename(shard.path), -1)
+            if size == -1:
+                raise FileNotFoundError(_damaged(info, shard, "is missing"))
+            if size is not None and size != shard.bytes:
+                raise ValueError(_damaged(info, shard, f"holds {size} bytes, the manifest {shard.bytes}"))
+
+
+def check_shard_schema(info: DatasetInfo) -> None:
+    """The first shard's Parquet schema (read from its footer only) is the shard schema of the manifest's
+    H*W*C: an edited height, width or channels that the pixels do not have fails here, before any work."""
+    shard = next((sh for s in info.manifest.splits.values() for sh in s.shards), None)
+    if shard is None:
+        return
+    with info.fs.open(posixpath.join(info.path, shard.path), "rb") as f:
+        found = pq.read_schema(f).remove_metadata()
+    want = shard_schema(info.manifest.image_bytes)
+    if not found.equals(want):
+        h, w, c = info.shape
+        got = found.field("image").type if "image" in found.names else "no image column"
+        raise ValueError(_damaged(info, shard, f"has images of {got}, the manifest's {h}x{w}x{c} needs "
+                                  f"{want.field('image').type} (schema {found.types})"))
 
 
 def _split_shards(info: DatasetInfo, split: str) -> list[ShardInfo]:
@@ -477,10 +590,12 @@ def shard_paths(info: DatasetInfo, split: str, urls: bool = False) -> list[str]:
 
 def read_shard_table(info: DatasetInfo, shard: ShardInfo, verify: bool = True) -> pa.Table:
     """One shard as an Arrow table; with verify, its SHA-256 must match the manifest."""
-    path = posixpath.join(info.path, shard.path)
-    data = info.fs.cat_file(path)
+    try:
+        data = info.fs.cat_file(posixpath.join(info.path, shard.path))
+    except FileNotFoundError:
+        raise FileNotFoundError(_damaged(info, shard, "is missing")) from None
     if verify and sha256_hex(data) != shard.sha256:
-        raise ValueError(f"{to_url(info.fs, path)}: checksum does not match the manifest (corrupt or replaced shard)")
+        raise ValueError(_damaged(info, shard, "does not match the manifest's checksum (corrupt or replaced)"))
     return pq.read_table(pa.BufferReader(data))
 
 
@@ -519,7 +634,7 @@ def read_split_u8(info: DatasetInfo, split: str, verify: bool = True) -> tuple[n
     for sh in shards:
         x, y, i = table_to_u8(read_shard_table(info, sh, verify), info.shape)
         if len(i) != sh.rows:
-            raise ValueError(f"{sh.path}: manifest says {sh.rows} rows, file has {len(i)}")
+            raise ValueError(_damaged(info, sh, f"holds {len(i)} rows, the manifest {sh.rows}"))
         images[at : at + len(i)] = x
         labels[at : at + len(i)] = y
         ids.extend(i)
