@@ -153,10 +153,12 @@ def publish(staged: StagedDataset, cfg: IngestRequest) -> IngestResult:
                 continue  # left by an earlier run that stopped before its manifest
             atomic_put_file(fs, str(staged.staging / shard.path), dest)
     m = m.model_copy(update={"created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")})
-    atomic_write_bytes(fs, posixpath.join(vdir, MANIFEST), m.to_json().encode())
+    # A concurrent run of the same input may have finished meanwhile: its manifest stays (readers may have
+    # seen its created_at), and this run reports the version as found.
+    created = atomic_write_bytes(fs, posixpath.join(vdir, MANIFEST), m.to_json().encode(), replace=False)
     for folder in written:  # the version is final: temporaries of a run killed meanwhile go too
         remove_temporaries(fs, folder)
-    return IngestResult(m.name, m.version, url, created=True, manifest=m)
+    return IngestResult(m.name, m.version, url, created=created, manifest=m if created else read_manifest(fs, vdir))
 
 
 def _already_there(fs: Any, dest: str, shard: ShardInfo) -> bool:

@@ -329,8 +329,9 @@ def is_temporary(name: str) -> bool:
     return TEMPORARY.fullmatch(name) is not None
 
 
-def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], None]) -> None:
-    """Have `write` fill a hidden temporary name beside `path`, then publish it with one move.
+def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], None], replace: bool = True) -> bool:
+    """Have `write` fill a hidden temporary name beside `path`, then publish it with one move; returns
+    whether it was published (always, unless `replace` is False and `path` exists: see `_move`).
 
     A rename locally; on object stores a server-side copy, which also appears all at once. Readers see
     either nothing or the whole file.
@@ -339,11 +340,36 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], No
     tmp = temporary_name(path)
     try:  # the write too: an interrupt halfway through it must not leave the partial temporary behind
         write(tmp)
-        fs.mv(tmp, path)
+        return _move(fs, tmp, path, replace)
     except BaseException:
         with contextlib.suppress(Exception):  # best effort: the original error is the one worth reporting
             fs.rm_file(tmp)
         raise
+
+
+def _move(fs: fsspec.AbstractFileSystem, tmp: str, path: str, replace: bool) -> bool:
+    """Move `tmp` to `path`; without `replace`, leave an existing `path` as it is (and return False).
+
+    Locally a hard link never replaces and is atomic, so of two concurrent writers exactly one wins. Object
+    stores have no such move in fsspec: the check before the copy leaves a window of one request.
+    """
+    if replace:
+        fs.mv(tmp, path)
+        return True
+    if is_local(fs):
+        try:
+            os.link(tmp, path)
+            published = True
+        except FileExistsError:
+            published = False
+        fs.rm_file(tmp)
+        return published
+    fs.invalidate_cache(posixpath.dirname(path))
+    if fs.exists(path):
+        fs.rm_file(tmp)
+        return False
+    fs.mv(tmp, path)
+    return True
 
 
 def _writer_gone(name: str, modified: float | None, now: float) -> bool:
@@ -399,9 +425,9 @@ def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     return stale
 
 
-def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` atomically."""
-    _publish(fs, path, lambda tmp: fs.pipe_file(tmp, data))
+def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, replace: bool = True) -> bool:
+    """Write `data` to `path` atomically; with replace=False an existing `path` wins (returns False)."""
+    return _publish(fs, path, lambda tmp: fs.pipe_file(tmp, data), replace)
 
 
 def atomic_put_file(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:

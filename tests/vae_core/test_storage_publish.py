@@ -4,6 +4,7 @@ the re-run completes it and leaves no temporary behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vae_core.ingest import run_ingest
+from vae_core.ingest import build, open_source_for, publish, run_ingest
 from vae_core.requests import IngestRequest
 from vae_core.shards import (MANIFEST, SPLITS, list_versions, open_dataset, read_split_u8, resolve,
                              is_temporary, temporary_name)
@@ -123,3 +124,60 @@ def test_cleanup_spares_what_this_program_did_not_write_and_live_writers(tmp_pat
     fs.invalidate_cache(root)
     assert not fs.exists(dead)
     assert all(fs.cat_file(p) == b"someone's bytes" for p in spared)
+
+
+def test_of_two_runs_publishing_at_once_the_first_manifest_stays(tmp_path, monkeypatch, data_root):
+    """A run whose upload overlaps another run of the same input that finishes first reports the version as
+    found, and the manifest readers may already have seen (its created_at) is not replaced."""
+    cfg = _request(tmp_path, data_root)
+    mine, theirs = build(open_source_for(cfg), cfg), build(open_source_for(cfg), cfg)
+    fs, _ = resolve(cfg.root())
+    real = type(fs).put_file
+    other: list = []
+
+    def put_file(self, lpath, rpath, *args, **kw):
+        if not other:  # the other run publishes all of it while this one uploads its first shard
+            other.append(None)
+            other[0] = publish(theirs, cfg)
+        return real(self, lpath, rpath, *args, **kw)
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(type(fs), "put_file", put_file)
+            result = publish(mine, cfg)
+    finally:
+        mine.cleanup()
+        theirs.cleanup()
+    assert other[0].created and not result.created
+    assert result.manifest == other[0].manifest == open_dataset(data_root, "toy").manifest
+    _assert_complete(data_root)
+
+
+def _concurrent_ingests(tmp_path: Path, source: Path, data_root: Path) -> list[subprocess.CompletedProcess]:
+    """Two `vae ingest --no-prefect --json` of one source and name, started together."""
+    args = [sys.executable, "-m", "flows.cli", "ingest", str(source), "--name", "toy", "--data-root", str(data_root),
+            "--shard-mb", "0.05", "--workers", "1", "--no-prefect", "--json"]
+    env = {**os.environ, "VAE_HOME": str(tmp_path / "home"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
+
+
+@pytest.mark.timeout(600)
+def test_two_ingests_of_one_name_at_once_both_succeed_with_one_complete_version(tmp_path):
+    """Real processes, a few times: each ends well (or, at worst, with a one-line "in use" error), one of them
+    created the version, both name it, and it is complete, with no temporary or staging folder left."""
+    source = tmp_path / "src.npz"
+    np.savez(source, images=np.random.default_rng(9).integers(0, 256, (2000, 16, 16), np.uint8))
+    for attempt in range(3):
+        data_root = tmp_path / f"ds{attempt}"
+        runs = _concurrent_ingests(tmp_path, source, data_root)
+        for r in runs:
+            assert r.returncode == 0 or (r.returncode == 1 and "in use" in r.stderr), r.stderr[-2000:]
+            assert "Traceback" not in r.stderr and "Errno" not in r.stderr, r.stderr[-2000:]
+        outs = [json.loads(r.stdout) for r in runs if r.returncode == 0]
+        assert len({o["version"] for o in outs}) == 1 and sum(o["created"] for o in outs) == 1, outs
+        info = open_dataset(str(data_root), "toy")
+        assert info.version == outs[0]["version"] and sum(info.counts.values()) == 2000
+        assert sum(len(read_split_u8(info, s)[2]) for s in SPLITS) == 2000  # every shard verified
+        assert not [f for f in _files(str(data_root)) if is_temporary(posixpath.basename(f))]
