@@ -17,17 +17,21 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from vae_core import settings
 from vae_core.config import Strict as Request, parse_overrides
 from vae_core.gate import GateMetric
+from vae_core.sources.limits import (DEFAULT_MAX_ARCHIVE_MB, DEFAULT_MAX_FILE_MB, DEFAULT_MAX_IMAGE_PIXELS,
+                                     SourceLimits)
+from vae_core.sources.remote import check_url
 
-NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# \Z, not $: `$` also matches before a final newline ("dig\n"). Use with fullmatch.
+NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 NAME_HELP = "letters, digits, '.', '_', '-', starting with a letter or digit"
 SourceFormat = Literal["auto", "folder", "idx", "npz", "parquet", "builtin"]
 Split = Literal["train", "val", "test"]
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))\Z")
 
 
 def check_name(value: str, what: str) -> str:
     """`value` if it follows the naming rule of datasets, versions and models, else ValueError."""
-    if not NAME_RULE.match(value):
+    if not NAME_RULE.fullmatch(value):
         raise ValueError(f"{what} {value!r} must use only {NAME_HELP}")
     return value
 
@@ -45,7 +49,7 @@ def parse_dataset_ref(ref: str) -> tuple[str, str | None]:
 def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
     """'models:/vae-mnist@champion' -> ('vae-mnist', 'champion', None); 'models:/vae-mnist/3' ->
     ('vae-mnist', None, 3). Anything else is a ValueError showing both forms."""
-    m = MODEL_URI.match(uri.strip())
+    m = MODEL_URI.fullmatch(uri)
     if not m:
         raise ValueError(f"model {uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION "
                          "(e.g. models:/vae-mnist@challenger, models:/vae-mnist/3)")
@@ -60,10 +64,10 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
 
 def _checked(parse):
     """A pydantic AfterValidator that runs `parse` (which raises ValueError naming the problem) and keeps
-    the text, stripped."""
+    the text as given: surrounding whitespace is an error like any other character outside the rule."""
     def check(value: str) -> str:
-        parse(value.strip())
-        return value.strip()
+        parse(value)
+        return value
 
     return AfterValidator(check)
 
@@ -105,6 +109,12 @@ class IngestRequest(Request):
                                               json_schema_extra={"cli": None})
     staging_dir: str | None = Field(None, description="local scratch folder (default: the system temp folder)",
                                     json_schema_extra={"cli": None})
+    max_file_mb: float = Field(DEFAULT_MAX_FILE_MB, gt=0, description="quarantine image files (or Parquet image "
+                               "cells) larger than this many MiB, unread")
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, gt=0, description="quarantine images whose header "
+                                  "declares more pixels (width x height) than this, undecoded")
+    max_archive_mb: float = Field(DEFAULT_MAX_ARCHIVE_MB, gt=0, description="fail on an .npz array, IDX file or "
+                                  "Parquet row group that inflates to more MiB than this, before inflating it")
 
     @field_validator("name")
     @classmethod
@@ -120,6 +130,16 @@ class IngestRequest(Request):
         return size
 
     @model_validator(mode="after")
+    def _reachable(self) -> IngestRequest:
+        """The source and data root may only use allowed protocols and hosts (`sources.remote`): a request is
+        refused before any work, whoever sent it."""
+        if not self.source.startswith("builtin:"):
+            check_url(self.source, self.source_options)
+        if self.data_root is not None:
+            check_url(self.data_root, self.data_root_options)
+        return self
+
+    @model_validator(mode="after")
     def _fractions(self) -> IngestRequest:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} "
@@ -129,6 +149,10 @@ class IngestRequest(Request):
     def root(self) -> str:
         """The datasets root this request writes under."""
         return self.data_root or settings.data_root()
+
+    def source_limits(self) -> SourceLimits:
+        """The caps on what the source may make ingestion read or allocate."""
+        return SourceLimits.from_options(self.max_file_mb, self.max_image_pixels, self.max_archive_mb)
 
 
 class TrainRequest(Request):

@@ -41,3 +41,19 @@ def reports_root() -> str:
 def embeddings_root() -> str:
     """Bulk encodings: `<embeddings_root>/<model>/<version>/<dataset>/<dataset version>/`."""
     return os.environ.get("VAE_EMBEDDINGS_ROOT", f"{vae_home().rstrip('/')}/embeddings")
+
+
+# Protocols a request may name for its source or data root: local files, the object stores and memory.
+# Anything that reaches arbitrary hosts (http, ftp, sftp, ...) or wraps other URLs (simplecache::, zip::)
+# is opt-in, because a request's URL is chosen by whoever starts a run, not by whoever runs it.
+DEFAULT_PROTOCOLS = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
+PROTOCOLS_ENV = "VAE_ALLOWED_PROTOCOLS"
+
+
+def allowed_protocols() -> tuple[str, ...]:
+    """The fsspec protocols a source or data root may use: `VAE_ALLOWED_PROTOCOLS` (comma-separated, e.g.
+    `file,s3,memory,https`) where the run executes, else `DEFAULT_PROTOCOLS`."""
+    raw = os.environ.get(PROTOCOLS_ENV)
+    if raw is None:
+        return DEFAULT_PROTOCOLS
+    return tuple(dict.fromkeys(p.strip().lower() for p in raw.split(",") if p.strip()))

@@ -243,3 +243,32 @@ def test_unchanged_input_is_recognised_without_decoding(tmp_path, monkeypatch):
     changed = run_ingest(cfg)
     assert changed.created and changed.version != first.version and sum(decoded) == 8
     assert changed.manifest.source.details["fingerprint"] != first.manifest.source.details["fingerprint"]
+
+
+def test_a_file_name_that_is_not_utf8_is_kept_under_a_lossless_id(tmp_path):
+    src = tmp_path / "src"
+    for i in range(9):
+        _save(src / f"k/{i}.png", _rgb(6, 6), "PNG")
+    odd = _rgb(6, 6)
+    raw = os.fsencode(src / "k") + b"/bad\xff.png"  # Latin-1 'ÿ', not UTF-8
+    with open(raw, "wb") as f:
+        f.write(_save(tmp_path / "odd.png", odd, "PNG"))
+    r = run_ingest(IngestRequest(name="u", source=str(src), data_root=str(tmp_path / "ds"), workers=2))
+    assert (r.manifest.items.ok, r.manifest.items.quarantined) == (10, 0)
+    info = open_dataset(str(tmp_path / "ds"), "u", r.version)
+    rows = {i: x for s in ("train", "val", "test") for x, _, ids in [read_split_u8(info, s)] for i, x in zip(ids, x)}
+    np.testing.assert_array_equal(rows["k/bad%FF.png"], odd)  # the undecodable byte, percent-encoded
+
+
+def test_a_literal_percent_name_and_an_escaped_one_do_not_collide(tmp_path):
+    src = tmp_path / "src"
+    for i in range(8):
+        _save(src / f"k/{i}.png", _rgb(6, 6), "PNG")
+    _save(src / "k/bad%FF.png", _rgb(6, 6), "PNG")
+    with open(os.fsencode(src / "k") + b"/bad\xff.png", "wb") as f:
+        f.write(_save(tmp_path / "odd.png", _rgb(6, 6), "PNG"))
+    r = run_ingest(IngestRequest(name="u", source=str(src), data_root=str(tmp_path / "ds"), workers=1,
+                                max_quarantine_fraction=0.2))
+    m = r.manifest
+    assert m.items.ok + m.items.quarantined == 10 and m.items.quarantined <= 1
+    assert all("repeats" in q.reason for q in m.quarantine)

@@ -108,3 +108,123 @@ def test_cli_reaches_s3_through_the_usual_aws_variables(s3, monkeypatch):
     assert out["path"] == f"s3://vae-bucket/cli-ds/cli/{out['version']}"
     assert out["counts"]["train"] + out["counts"]["val"] == 20 and out["shape"] == [3, 3, 1]
     assert fs.exists(f"vae-bucket/cli-ds/cli/{out['version']}/manifest.json")
+
+
+# ------------------------------------------------------------------------ protocols and addresses
+
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+import http.server  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from vae_core.sources.base import SourceError  # noqa: E402
+from vae_core.sources.detect import open_source  # noqa: E402
+
+
+@contextlib.contextmanager
+def _http_server(root: Path, redirect: dict[str, str] | None = None) -> Iterator[str]:
+    """A real http.server on 127.0.0.1 serving `root` (paths in `redirect` answer 302 to their target)."""
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            if redirect and self.path in redirect:
+                self.send_response(302)
+                self.send_header("Location", redirect[self.path])
+                self.end_headers()
+                return
+            super().do_GET()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):  # keep the test output clean
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/images/", "https://example.com/x.npz",
+                                 "simplecache::memory://x/y.npz", "ftp://127.0.0.1/x", "zip://a.png::memory://x.zip"])
+def test_protocols_outside_the_setting_are_refused_with_how_to_allow_them(url):
+    with pytest.raises(SourceError, match=r"protocol '\w+' is not allowed.*VAE_ALLOWED_PROTOCOLS"):
+        open_source(url)
+    with pytest.raises(ValueError, match=r"protocol '\w+' is not allowed.*VAE_ALLOWED_PROTOCOLS"):
+        IngestRequest(name="x", source=url)  # a deployment parameter is refused before any work
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://[fd00:ec2::254]/latest/",
+                                 "http://metadata.google.internal/computeMetadata/v1/", "http://2852039166/x",
+                                 "http://0xa9fea9fe/x", "http://[::ffff:169.254.169.254]/x", "http://[fe80::1]/x"])
+def test_link_local_and_metadata_addresses_are_refused_even_when_http_is_allowed(url, monkeypatch):
+    monkeypatch.setenv("VAE_ALLOWED_PROTOCOLS", "file,memory,http,https")
+    with pytest.raises(SourceError, match="link-local or cloud metadata address"):
+        open_source(url)
+    with pytest.raises(ValueError, match="link-local or cloud metadata address"):
+        IngestRequest(name="x", source=url)
+
+
+def test_an_endpoint_in_the_source_options_is_checked_too():
+    options = {"client_kwargs": {"endpoint_url": "http://169.254.169.254:80"}}
+    with pytest.raises(SourceError, match="169.254.169.254.*link-local or cloud metadata address"):
+        open_source("s3://bucket/images", storage_options=options)
+    with pytest.raises(ValueError, match="link-local or cloud metadata address"):
+        IngestRequest(name="x", source="s3://bucket/images", source_options=options)
+
+
+def test_an_http_folder_is_ingested_when_http_is_allowed(tmp_path, monkeypatch):
+    files = _folder(12)
+    for rel, data in files.items():
+        (tmp_path / "www" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "www" / rel).write_bytes(data)
+    monkeypatch.setenv("VAE_ALLOWED_PROTOCOLS", "file,memory,http")  # 127.0.0.1 is not link-local: allowed
+    with _http_server(tmp_path / "www") as base:
+        r = run_ingest(IngestRequest(name="web", source=f"{base}/", data_root=str(tmp_path / "ds"), workers=1,
+                                     max_quarantine_fraction=0.2))
+    m = r.manifest
+    assert m.items.seen == len(files)
+    assert (m.items.ok, m.items.duplicates, m.items.quarantined) == (12, 1, 1)
+    assert m.quarantine[0].id == "a/broken.png" and m.label_names == ["a", "b"]
+
+
+def test_an_http_redirect_to_a_metadata_address_is_refused(tmp_path, monkeypatch):
+    files = _folder(10)
+    for rel, data in files.items():
+        (tmp_path / "www" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "www" / rel).write_bytes(data)
+    monkeypatch.setenv("VAE_ALLOWED_PROTOCOLS", "file,memory,http")
+    with _http_server(tmp_path / "www", {"/a/000.png": "http://169.254.169.254/latest/meta-data/"}) as base:
+        r = run_ingest(IngestRequest(name="web", source=f"{base}/", data_root=str(tmp_path / "ds"), workers=1,
+                                     max_quarantine_fraction=0.3))
+    reasons = {q.id: q.reason for q in r.manifest.quarantine}
+    assert "link-local or cloud metadata address" in reasons["a/000.png"]
+
+
+def test_s3_without_credentials_is_a_source_error_naming_the_url(s3, monkeypatch):
+    import s3fs
+
+    fs, options = s3
+    fs.pipe_file("vae-bucket/nocred/a/0.png", _png(RNG.integers(0, 256, (4, 4), np.uint8)))
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(SourceError, match=r"s3://vae-bucket/nocred: .*credentials"):
+        open_source("s3://vae-bucket/nocred", storage_options=options)
+
+
+def test_a_missing_bucket_is_a_source_error_naming_the_url(s3):
+    _, options = s3
+    with pytest.raises(SourceError, match=r"s3://no-such-bucket-here/x: source not found"):
+        open_source("s3://no-such-bucket-here/x", storage_options=options)

@@ -352,3 +352,88 @@ def test_decode_workers_end_when_their_parent_is_gone(tmp_path):
     if alive:
         os.kill(worker, 9)
     assert not alive, "the orphaned decode worker kept running"
+
+
+# ------------------------------------------------------------------------------- labels out of range
+
+
+@pytest.mark.parametrize("value", [2**31, 2**32 + 3, 2**63 + 1])
+def test_npz_label_beyond_int32_is_named(tmp_path, value):
+    labels = np.arange(6, dtype=np.uint64 if value >= 2**63 else np.int64)
+    labels[4] = value
+    np.savez(tmp_path / "big.npz", images=RNG.integers(0, 256, (6, 4, 4), np.uint8), labels=labels)
+    with pytest.raises(SourceError, match=f"big.npz: label {value} .*2147483647"):
+        open_source(str(tmp_path / "big.npz"))
+
+
+@pytest.mark.parametrize("value", [2**31, 2**32 + 3])
+def test_parquet_label_beyond_int32_is_named_before_decoding(tmp_path, value):
+    imgs = [_png(RNG.integers(0, 256, (4, 4), np.uint8)) for _ in range(6)]
+    pq.write_table(pa.table({"image": pa.array(imgs, pa.binary()),
+                             "label": pa.array([0, 1, 2, value, 1, 0], pa.int64())}), tmp_path / "t.parquet")
+    with pytest.raises(SourceError, match=f"t.parquet: label {value} .*2147483647"):
+        open_source(str(tmp_path / "t.parquet"))
+
+
+def test_parquet_label_at_the_int32_limit_is_kept(tmp_path):
+    imgs = [_png(RNG.integers(0, 256, (4, 4), np.uint8)) for _ in range(6)]
+    pq.write_table(pa.table({"image": pa.array(imgs, pa.binary()),
+                             "label": pa.array([2**31 - 1, None, -5, 3, 1, 0], pa.int64())}), tmp_path / "t.parquet")
+    source = open_source(str(tmp_path / "t.parquet"))
+    labels = np.concatenate([b.labels for b in source.batches()])
+    assert labels.tolist() == [2**31 - 1, -1, -1, 3, 1, 0]
+
+
+def test_parquet_files_whose_label_types_differ_are_named(tmp_path):
+    img = pa.array([_png(RNG.integers(0, 256, (4, 4), np.uint8))] * 2, pa.binary())
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.table({"image": img, "label": pa.array([0, 1], pa.int64())}), tmp_path / "d/a.parquet")
+    pq.write_table(pa.table({"image": img, "label": pa.array(["cat", "dog"])}), tmp_path / "d/b.parquet")
+    with pytest.raises(SourceError, match=r"b.parquet: column 'label' is string but .*a.parquet.* int64"):
+        open_source(str(tmp_path / "d"))
+
+
+def test_npz_images_of_zero_size_are_named(tmp_path):
+    np.savez(tmp_path / "flat.npz", images=np.zeros((5, 0, 8), np.uint8))
+    with pytest.raises(SourceError, match=r"flat.npz: 'images' .*zero .*\(5, 0, 8\)"):
+        open_source(str(tmp_path / "flat.npz"))
+
+
+def test_idx_images_of_zero_size_are_named(tmp_path):
+    (tmp_path / "x-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (5, 4, 0)))
+    with pytest.raises(SourceError, match=r"x-images-idx3-ubyte: .*zero"):
+        open_source(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("name", ["dig\n", "dig\r\n", "\ndig", "dig ", "a/b", ".x", ""])
+def test_names_must_match_the_rule_in_full(name):
+    from vae_core.requests import check_name, parse_dataset_ref
+
+    with pytest.raises(ValueError, match="must use only"):
+        check_name(name, "dataset name")
+    with pytest.raises(ValueError):
+        parse_dataset_ref(f"{name}@v1")
+    with pytest.raises(ValueError):
+        IngestRequest(name=name, source="builtin:digits")
+
+
+@pytest.mark.parametrize("uri", ["models:/vae-x/1\n", "models:/vae-x@champion\n", "models:/vae\n/1",
+                                 "models:/vae-x@champ\nion", " models:/vae-x/1"])
+def test_model_uris_must_match_in_full(uri):
+    from vae_core.requests import EvaluateRequest, parse_model_uri
+
+    with pytest.raises(ValueError):
+        parse_model_uri(uri)
+    with pytest.raises(ValueError):
+        EvaluateRequest(model=uri)
+
+
+def test_idx_names_must_match_in_full(tmp_path):
+    from vae_core.sources.idx import is_idx_name
+
+    assert is_idx_name("train-images-idx3-ubyte.gz")
+    assert not is_idx_name("train-images-idx3-ubyte\n")
+    assert not is_idx_name("train-images-idx3-ubyte.gz\n")

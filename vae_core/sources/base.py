@@ -91,6 +91,18 @@ class Source:
     fingerprint: str | None = None
 
 
+LABEL_MAX = 2**31 - 1  # labels are int32 in the dataset
+
+
+def int32_labels(values: np.ndarray, where: str) -> np.ndarray:
+    """Integer labels of any width -> int32 (n,), -1 for negative ("no label"). A label above LABEL_MAX is a
+    SourceError naming it and `where`: a narrowing cast would wrap it into another class without a word."""
+    if values.size and values.max() > LABEL_MAX:
+        raise SourceError(f"{where}: label {int(values.max())} is above the largest label {LABEL_MAX} (int32); "
+                          "store class indices 0..K-1 (and their names as label_names)")
+    return np.where(values < 0, -1, values).astype(np.int32)
+
+
 def split_from_name(name: str) -> str | None:
     """'train' / 'validation' / 't10k' ... -> dataset split name, else None."""
     return SPLIT_ALIASES.get(name.lower())

@@ -10,16 +10,22 @@ Shape policy (`ShapeSpec`):
   (nothing is lost, bars are added). Both keep the aspect ratio and resample with Lanczos.
 - None for either keeps the source's value; ingestion then requires it to be uniform.
 
+Limits (`ShapeSpec.limits`): a file longer than max_file_bytes is not read past that; an image whose
+header declares more than max_image_pixels is not decoded. Either is a DecodeError naming the limit.
+
 Everything here runs in worker processes, so it imports only NumPy and PIL.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from vae_core.sources.limits import SourceLimits
 
 # Formats a folder or Parquet source may hold. PPM's plugin also reads PGM/PBM.
 FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "PPM", "TIFF", "GIF", "WEBP")
@@ -34,6 +40,7 @@ class ShapeSpec(NamedTuple):
     size: tuple[int, int] | None = None  # (H, W)
     channels: Literal[1, 3] | None = None
     fit: Literal["crop", "pad"] = "crop"
+    limits: SourceLimits = SourceLimits()
 
 
 class DecodeError(ValueError):
@@ -53,15 +60,15 @@ def decode_image(data: bytes | LocalFile | None, spec: ShapeSpec) -> np.ndarray:
     Raises DecodeError, whose message is the quarantine reason.
     """
     if isinstance(data, LocalFile):
-        try:
-            with open(data.path, "rb") as fh:
-                data = fh.read()
-        except OSError as e:
-            raise DecodeError(f"cannot read: {e.strerror or e}") from None
+        data = _read_local(data, spec.limits)
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    if problem := spec.limits.file_problem(len(data)):
+        raise DecodeError(problem)
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+            if problem := spec.limits.pixels_problem(*im.size):  # from the header, before any pixel is decoded
+                raise DecodeError(problem)
             if spec.size is not None and im.format == "JPEG":
                 _jpeg_draft(im, spec)
             im.load()  # decode now: truncation and corruption surface here, not later
@@ -71,8 +78,8 @@ def decode_image(data: bytes | LocalFile | None, spec: ShapeSpec) -> np.ndarray:
             arr = np.asarray(im, dtype=np.uint8)
     except DecodeError:
         raise
-    except Image.DecompressionBombError as e:
-        raise DecodeError(f"image too large: {e}") from None
+    except Image.DecompressionBombError as e:  # PIL's own cap, at twice Image.MAX_IMAGE_PIXELS
+        raise DecodeError(f"image too large for PIL's decompression-bomb check: {e}") from None
     except Image.UnidentifiedImageError:
         raise DecodeError(f"not an image (none of {', '.join(FORMATS)})") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as e:
@@ -83,6 +90,17 @@ def decode_image(data: bytes | LocalFile | None, spec: ShapeSpec) -> np.ndarray:
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DecodeError(f"image has zero size {arr.shape[1]}x{arr.shape[0]}")
     return arr
+
+
+def _read_local(file: LocalFile, limits: SourceLimits) -> bytes:
+    """A local file's bytes; one longer than the limit is never read whole (it may be a 2 GB sparse file)."""
+    try:
+        with open(file.path, "rb") as fh:
+            if problem := limits.file_problem(os.fstat(fh.fileno()).st_size):
+                raise DecodeError(problem)
+            return fh.read(limits.max_file_bytes + 1)  # one byte more: a file that grew since is still caught
+    except OSError as e:
+        raise DecodeError(f"cannot read: {e.strerror or e}") from None
 
 
 def decode_many(items: list[bytes | LocalFile | None], spec: ShapeSpec) -> list[np.ndarray | str]:

@@ -4,11 +4,12 @@ IDX layout: two zero bytes, a type byte (0x08 = unsigned byte), a byte with the 
 one big-endian uint32 per dimension, then the values in C order. Images are (N, H, W) or (N, H, W, C);
 labels are (N,). A folder's ``train`` files become the train split and its ``t10k`` / ``test`` files
 the test split. Ids are ``<prefix>/<index>``; labels are the digit values, named "0".."9" for MNIST.
+A file whose header declares more than max_archive_mb of values fails before anything is allocated, and
+a labels file stops inflating there.
 """
 
 from __future__ import annotations
 
-import gzip
 import posixpath
 import re
 import threading
@@ -18,16 +19,18 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 
-from vae_core.shards import resolve, to_url
+from vae_core.shards import to_url
 from vae_core.sources.base import RawBatch, Source, SourceError, split_from_name
+from vae_core.sources.limits import SourceLimits
+from vae_core.sources.remote import open_fs
 
-IDX_NAME = re.compile(r"^(?P<prefix>.+?)-(?P<kind>images|labels)[-.]idx(?P<ndim>\d)-ubyte(?P<gz>\.gz)?$")
+IDX_NAME = re.compile(r"(?P<prefix>.+?)-(?P<kind>images|labels)[-.]idx(?P<ndim>\d)-ubyte(?P<gz>\.gz)?")  # fullmatch
 BATCH = 16384
 _UBYTE = 0x08
 
 
 def is_idx_name(filename: str) -> bool:
-    return IDX_NAME.match(posixpath.basename(filename)) is not None
+    return IDX_NAME.fullmatch(posixpath.basename(filename)) is not None
 
 
 def _parse_header(data: bytes, url: str) -> tuple[tuple[int, ...], int]:
@@ -48,19 +51,39 @@ def _size_error(url: str, dims: tuple[int, ...], expected: int, got: int) -> Sou
                        f"({'truncated' if got < expected else 'trailing bytes'})")
 
 
-def read_idx(fs: fsspec.AbstractFileSystem, path: str, url: str) -> np.ndarray:
-    """One IDX file -> uint8 array of its declared shape. SourceError names `url` and the problem."""
-    data = fs.cat_file(path)
+def read_idx(fs: fsspec.AbstractFileSystem, path: str, url: str, limits: SourceLimits = SourceLimits()) -> np.ndarray:
+    """One IDX file -> uint8 array of its declared shape. SourceError names `url` and the problem, including
+    a file that is (or inflates to) more than max_archive_mb."""
     if path.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise SourceError(f"{url}: not a readable gzip file ({e})") from None
+        data = _gunzip(fs.cat_file(path), url, limits)
+    elif problem := limits.archive_problem(fs.size(path), "the file"):
+        raise SourceError(f"{url}: {problem}")
+    else:
+        data = fs.cat_file(path)
     dims, header = _parse_header(data, url)
     expected = int(np.prod(dims))
     if len(data) - header != expected:
         raise _size_error(url, dims, expected, len(data) - header)
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _gunzip(data: bytes, url: str, limits: SourceLimits) -> bytes:
+    """Inflate every gzip member of `data`, stopping one byte past max_archive_mb (then a SourceError)."""
+    out, most = bytearray(), limits.max_archive_bytes + 1
+    try:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        while data:
+            out += d.decompress(data, most - len(out))
+            if len(out) >= most:
+                raise SourceError(f"{url}: {limits.archive_problem(len(out), 'the file')}")
+            data = d.unused_data  # a further gzip member, if any
+            if data:
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    except zlib.error as e:
+        raise SourceError(f"{url}: not a readable gzip file ({e})") from None
+    if not d.eof:
+        raise SourceError(f"{url}: not a readable gzip file (truncated)")
+    return bytes(out)
 
 
 class IdxImages:
@@ -72,16 +95,18 @@ class IdxImages:
     `rows`, naming the file.
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str):
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str, limits: SourceLimits = SourceLimits()):
         self.fs, self.path, self.url = fs, path, url
         if path.endswith(".gz"):
             with fs.open(path, "rb") as f:
                 head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(f.read(1 << 16), 4 + 4 * 4)
             self.dims, self.header = _parse_header(head, url)
+            self._check_declared(limits)
             self._check_gzip_size(int(np.prod(self.dims)))
         else:
             with fs.open(path, "rb") as f:
                 self.dims, self.header = _parse_header(f.read(4 + 4 * 4), url)
+            self._check_declared(limits)
             expected = int(np.prod(self.dims))
             if fs.size(path) - self.header != expected:
                 raise _size_error(url, self.dims, expected, fs.size(path) - self.header)
@@ -92,6 +117,12 @@ class IdxImages:
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._stop = False
+
+    def _check_declared(self, limits: SourceLimits) -> None:
+        # The pixels are held whole (a gzipped file is inflated into one preallocated array): the header's
+        # shape must fit the limit before anything is allocated.
+        if problem := limits.archive_problem(int(np.prod(self.dims, dtype=object)), f"the header's shape {self.dims}"):
+            raise SourceError(f"{self.url}: {problem}")
 
     def _check_gzip_size(self, expected: int) -> None:
         # The gzip trailer holds the uncompressed size mod 2**32: a cheap check, before any inflating,
@@ -165,7 +196,7 @@ def _pairs(fs: fsspec.AbstractFileSystem, files: list[str], url: str) -> list[tu
     """Files -> [(prefix, images path, labels path or None)], sorted train first then test then others."""
     found: dict[tuple[str, str], str] = {}
     for f in files:
-        if not (m := IDX_NAME.match(posixpath.basename(f))):
+        if not (m := IDX_NAME.fullmatch(posixpath.basename(f))):
             continue
         key = (m["prefix"], m["kind"])
         if key in found:
@@ -182,9 +213,9 @@ def _pairs(fs: fsspec.AbstractFileSystem, files: list[str], url: str) -> list[tu
     return sorted(pairs, key=lambda t: (order.get(split_from_name(t[0]) or "", 3), t[0]))
 
 
-def open_idx(url: str, storage_options: dict | None = None) -> Source:
-    """A folder (or one images file) of IDX files -> Source. Headers and counts are checked here."""
-    fs, path = resolve(url, storage_options)
+def open_idx(url: str, storage_options: dict | None = None, limits: SourceLimits = SourceLimits()) -> Source:
+    """A folder (or one images file) of IDX files -> Source. Headers, sizes and counts are checked here."""
+    fs, path = open_fs(url, storage_options)
     files = sorted(fs.find(path)) if fs.isdir(path) else [path]
     pairs = _pairs(fs, files, url)
     if not pairs:
@@ -196,13 +227,16 @@ def open_idx(url: str, storage_options: dict | None = None) -> Source:
     parts: list[tuple[str, str, IdxImages, np.ndarray | None]] = []
     for prefix, img_path, lab_path in pairs:
         img_url = to_url(fs, img_path)
-        images = IdxImages(fs, img_path, img_url)
+        images = IdxImages(fs, img_path, img_url, limits)
         if len(images.dims) not in (3, 4) or (len(images.dims) == 4 and images.dims[3] not in (1, 3)):
             raise SourceError(f"{img_url}: images must be (N,H,W) or (N,H,W,1|3), header says {images.dims}")
+        if 0 in images.dims[1:3]:
+            raise SourceError(f"{img_url}: images have zero height or width (header says {images.dims}); "
+                              "each image needs at least 1x1 pixels")
         labels = None
         if lab_path is not None:
             lab_url = to_url(fs, lab_path)
-            labels = read_idx(fs, lab_path, lab_url)
+            labels = read_idx(fs, lab_path, lab_url, limits)
             if labels.ndim != 1:
                 raise SourceError(f"{lab_url}: labels must be 1-dimensional, header says {labels.shape}")
             if len(labels) != images.count:

@@ -11,6 +11,10 @@ integers are used as they are (names from Hugging Face ClassLabel metadata when 
 are mapped to the index of their sorted unique values. Splits come from a ``split`` column, else
 from the file path (``data/train-00000-of-00001.parquet`` or ``test/part-0.parquet``). Ids come from
 an ``id`` column, else ``<file>#<row>``.
+
+Every file must give the columns used the same types. Integer labels must fit int32 (checked in one pass
+over the label column before anything is decoded). Limits: a row group whose columns used inflate beyond
+max_archive_mb fails the source (checked from the footers); an image cell above max_file_mb is quarantined.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vae_core.shards import resolve, to_url
-from vae_core.sources.base import RawBatch, Source, SourceError, split_from_name
+from vae_core.shards import to_url
+from vae_core.sources.base import RawBatch, Source, SourceError, int32_labels, split_from_name
+from vae_core.sources.limits import SourceLimits
+from vae_core.sources.remote import open_fs
 
 BATCH = 512
 IMAGE_NAMES = ("image", "img", "picture", "png", "jpg", "jpeg")
@@ -101,10 +108,41 @@ def _open_files(fs: fsspec.AbstractFileSystem, files: list[str]) -> list[tuple[s
     return opened
 
 
+def _check_same_types(fs: fsspec.AbstractFileSystem, opened: list[tuple[str, pq.ParquetFile]],
+                      columns: list[str]) -> None:
+    """SourceError naming the file whose `columns` differ in type from the first file's."""
+    first, schema = opened[0][0], opened[0][1].schema_arrow
+    for f, pf in opened[1:]:
+        for c in columns:
+            if (t := pf.schema_arrow.field(c).type) != (t0 := schema.field(c).type):
+                raise SourceError(f"{to_url(fs, f)}: column '{c}' is {t} but {to_url(fs, first)} has {t0}; "
+                                  "give the column one type in every file")
+
+
+def _check_row_groups(fs: fsspec.AbstractFileSystem, opened: list[tuple[str, pq.ParquetFile]], columns: list[str],
+                      limits: SourceLimits) -> None:
+    """SourceError naming the file and row group whose `columns` inflate beyond max_archive_mb (footer sizes)."""
+    for f, pf in opened:
+        for k in range(pf.num_row_groups):
+            rg = pf.metadata.row_group(k)
+            size = sum(rg.column(j).total_uncompressed_size for j in range(rg.num_columns)
+                       if rg.column(j).path_in_schema.split(".")[0] in columns)
+            if problem := limits.archive_problem(size, f"row group {k} ({rg.num_rows} rows)"):
+                raise SourceError(f"{to_url(fs, f)}: {problem}")
+
+
+def _check_int_labels(fs: fsspec.AbstractFileSystem, opened: list[tuple[str, pq.ParquetFile]], column: str) -> None:
+    """SourceError naming a label above int32's range (one pass over the label column, nothing decoded)."""
+    for f, pf in opened:
+        for col in _readable_row_groups(pf, column):
+            if len(col) and (top := pc.max(col).as_py()) is not None:
+                int32_labels(np.array([top]), to_url(fs, f))
+
+
 def open_parquet(url: str, storage_options: dict | None = None, image_column: str | None = None,
-                 label_column: str | None = None) -> Source:
-    """Parquet file or folder URL -> Source. Schemas, columns and labels are checked here."""
-    fs, path = resolve(url, storage_options)
+                 label_column: str | None = None, limits: SourceLimits = SourceLimits()) -> Source:
+    """Parquet file or folder URL -> Source. Schemas, columns, labels and row-group sizes are checked here."""
+    fs, path = open_fs(url, storage_options)
     if not fs.exists(path):
         raise SourceError(f"{url}: not found")
     if fs.isdir(path):
@@ -125,16 +163,20 @@ def open_parquet(url: str, storage_options: dict | None = None, image_column: st
                               f"{to_url(fs, files[0])}'s {schema.names}")
     id_col = "id" if "id" in schema.names else None
     split_col = "split" if "split" in schema.names else None
+    columns = [c for c in (img_col, lab_col, id_col, split_col) if c]
+    _check_same_types(fs, opened, columns)
+    _check_row_groups(fs, opened, columns, limits)
     names, string_index = _label_names(opened, schema, lab_col)
+    if lab_col and string_index is None:
+        _check_int_labels(fs, opened, lab_col)
     rows = sum(pf.metadata.num_rows for _, pf in opened)
     if rows == 0:
         raise SourceError(f"{url}: empty source (0 rows)")
-    columns = [c for c in (img_col, lab_col, id_col, split_col) if c]
 
     def raw_batch(rb: pa.RecordBatch, rel: str, full: str, row: int) -> RawBatch:
         """A record batch of file `rel` (URL `full`) whose first row is the file's row `row`, as items."""
         n = rb.num_rows
-        encoded, errors = _image_bytes(rb.column(img_col))
+        encoded, errors = _image_bytes(rb.column(img_col), limits)
         ids = ([str(v) for v in rb.column(id_col).to_pylist()] if id_col
                else [f"{rel}#{i}" for i in range(row, row + n)])
         splits: list[str | None] | None = None
@@ -145,7 +187,7 @@ def open_parquet(url: str, storage_options: dict | None = None, image_column: st
         return RawBatch(
             ids=ids,
             sources=[f"{full}#{i}" for i in range(row, row + n)],
-            labels=_labels(rb.column(lab_col), string_index) if lab_col else np.full(n, -1, np.int32),
+            labels=_labels(rb.column(lab_col), string_index, full) if lab_col else np.full(n, -1, np.int32),
             splits=splits,
             encoded=encoded,
             errors=errors,
@@ -232,15 +274,16 @@ def _label_names(opened: list[tuple[str, pq.ParquetFile]], schema: pa.Schema,
     return names, {n: i for i, n in enumerate(names)}
 
 
-def _labels(col: pa.Array, string_index: dict[str, int] | None) -> np.ndarray:
-    """Label column batch -> int32 (n,), -1 for null or negative."""
+def _labels(col: pa.Array, string_index: dict[str, int] | None, where: str) -> np.ndarray:
+    """Label column batch (of file `where`) -> int32 (n,), -1 for null or negative."""
     if string_index is not None:
         return np.array([string_index[str(v)] if v is not None else -1 for v in col.to_pylist()], dtype=np.int32)
-    vals = col.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.where(vals < 0, -1, vals).astype(np.int32)
+    labels = int32_labels(col.fill_null(0).to_numpy(zero_copy_only=False), where)  # 0: any integer type holds it
+    labels[~col.is_valid().to_numpy(zero_copy_only=False)] = -1
+    return labels
 
 
-def _image_bytes(col: pa.Array) -> tuple[list[bytes | None], list[str | None]]:
+def _image_bytes(col: pa.Array, limits: SourceLimits) -> tuple[list[bytes | None], list[str | None]]:
     """Image column batch -> per row (bytes or None, problem or None)."""
     paths: list[Any] = [None] * len(col)
     if pa.types.is_struct(col.type):
@@ -258,5 +301,5 @@ def _image_bytes(col: pa.Array) -> tuple[list[bytes | None], list[str | None]]:
         elif len(d) == 0:
             errors.append("empty image bytes (0 bytes)")
         else:
-            errors.append(None)
+            errors.append(limits.file_problem(len(d)))
     return [d if e is None else None for d, e in zip(data, errors)], errors
