@@ -255,7 +255,8 @@ def input_fingerprint(cfg: IngestRequest, source: Source) -> str | None:
     if source.fingerprint is None:
         return None
     body = {"source": [source.kind, source.url, source.fingerprint], "format": FORMAT, "shard_mb": cfg.shard_mb,
-            "columns": [cfg.image_column, cfg.label_column], "options": row_options(cfg)}
+            "columns": [cfg.image_column, cfg.label_column], "options": row_options(cfg),
+            "limits": list(cfg.source_limits())}  # a raised limit admits items quarantined before
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

@@ -155,3 +155,12 @@ def test_a_parquet_row_group_above_max_archive_mb_fails_naming_the_limit(tmp_pat
 def test_limits_must_be_positive(field):
     with pytest.raises(ValueError, match=field):
         IngestRequest(name="t", source="builtin:digits", **{field: 0})
+
+
+def test_raising_a_limit_ingests_what_it_quarantined_before(tmp_path):
+    _folder(tmp_path / "src")
+    (tmp_path / "src/k/big.png").write_bytes(_png(RNG.integers(0, 256, (6, 6), np.uint8)) + bytes(20_000))
+    first = _ingest(tmp_path, str(tmp_path / "src"), max_file_mb=0.01)
+    assert [q.id for q in first.manifest.quarantine] == ["k/big.png"]
+    again = _ingest(tmp_path, str(tmp_path / "src"))  # the same files, a higher limit: not the same dataset
+    assert again.version != first.version and again.manifest.items.ok == 10 and not again.manifest.quarantine
