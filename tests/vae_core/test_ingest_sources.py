@@ -437,3 +437,20 @@ def test_idx_names_must_match_in_full(tmp_path):
     assert is_idx_name("train-images-idx3-ubyte.gz")
     assert not is_idx_name("train-images-idx3-ubyte\n")
     assert not is_idx_name("train-images-idx3-ubyte.gz\n")
+
+
+def test_parquet_and_idx_file_names_that_are_not_utf8_are_kept_as_percent_escapes(tmp_path):
+    import os
+
+    img = pa.array([_png(RNG.integers(0, 256, (4, 4), np.uint8)) for _ in range(10)], pa.binary())
+    (tmp_path / "pq").mkdir()
+    with open(os.fsencode(tmp_path / "pq") + b"/caf\xe9.parquet", "wb") as f:
+        pq.write_table(pa.table({"image": img}), f)
+    r, splits = _ingest(tmp_path, str(tmp_path / "pq"))
+    assert sorted(_all_rows(splits)) == [f"caf%E9.parquet#{i}" for i in range(10)]
+
+    (tmp_path / "idx").mkdir()
+    _write_idx(Path(os.fsdecode(os.fsencode(tmp_path / "idx") + b"/caf\xe9-images-idx3-ubyte")),
+               RNG.integers(0, 256, (10, 3, 3), np.uint8), gz=False)
+    r = run_ingest(IngestRequest(name="i", source=str(tmp_path / "idx"), data_root=str(tmp_path / "ds"), workers=1))
+    assert r.manifest.items.ok == 10

@@ -103,6 +103,14 @@ def int32_labels(values: np.ndarray, where: str) -> np.ndarray:
     return np.where(values < 0, -1, values).astype(np.int32)
 
 
+def printable(name: str) -> str:
+    """A file name as text that encodes: the bytes `os` could not decode (held as lone surrogates,
+    U+DC80..U+DCFF) become ``%XX``, so the name stays distinct and can be written to Parquet and JSON."""
+    if not any("\udc80" <= c <= "\udcff" for c in name):
+        return name
+    return "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in name)
+
+
 def split_from_name(name: str) -> str | None:
     """'train' / 'validation' / 't10k' ... -> dataset split name, else None."""
     return SPLIT_ALIASES.get(name.lower())

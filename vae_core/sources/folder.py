@@ -26,7 +26,7 @@ import fsspec
 import numpy as np
 
 from vae_core.shards import is_local, to_url
-from vae_core.sources.base import RawBatch, Source, SourceError, split_from_name
+from vae_core.sources.base import RawBatch, Source, SourceError, printable, split_from_name
 from vae_core.sources.decode import LocalFile
 from vae_core.sources.limits import SourceLimits
 from vae_core.sources.remote import open_fs
@@ -36,14 +36,6 @@ BATCH = 512
 
 def _relative(root: str, path: str) -> str:
     return posixpath.relpath(path, root) if root not in ("", "/") else path.lstrip("/")
-
-
-def printable(name: str) -> str:
-    """A file name as text that encodes: the bytes `os` could not decode (held as lone surrogates,
-    U+DC80..U+DCFF) become ``%XX``, so the name stays distinct and can be written to Parquet and JSON."""
-    if not any("\udc80" <= c <= "\udcff" for c in name):
-        return name
-    return "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in name)
 
 
 def _layout(rels: list[str]) -> tuple[bool, list[str]]:

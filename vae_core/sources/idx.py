@@ -20,7 +20,7 @@ import fsspec
 import numpy as np
 
 from vae_core.shards import to_url
-from vae_core.sources.base import RawBatch, Source, SourceError, split_from_name
+from vae_core.sources.base import RawBatch, Source, SourceError, printable, split_from_name
 from vae_core.sources.limits import SourceLimits
 from vae_core.sources.remote import open_fs
 
@@ -241,7 +241,7 @@ def open_idx(url: str, storage_options: dict | None = None, limits: SourceLimits
                 raise SourceError(f"{lab_url}: labels must be 1-dimensional, header says {labels.shape}")
             if len(labels) != images.count:
                 raise SourceError(f"{lab_url}: {len(labels)} labels for {images.count} images in {img_url}")
-        parts.append((prefix, img_url, images, labels))
+        parts.append((printable(prefix), printable(img_url), images, labels))
 
     max_label = max((int(p[3].max()) for p in parts if p[3] is not None and len(p[3])), default=-1)
     has_labels = all(p[3] is not None for p in parts)

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vae_core.shards import to_url
-from vae_core.sources.base import RawBatch, Source, SourceError, int32_labels, split_from_name
+from vae_core.sources.base import RawBatch, Source, SourceError, int32_labels, printable, split_from_name
 from vae_core.sources.limits import SourceLimits
 from vae_core.sources.remote import open_fs
 
@@ -197,7 +197,7 @@ def open_parquet(url: str, storage_options: dict | None = None, image_column: st
         # Row group by row group: a corrupt page behind a valid footer costs the rows of its row group
         # (quarantined, with the file and row group named), not the run.
         for f, pf in opened:
-            rel, full, row = posixpath.relpath(f, root), to_url(fs, f), 0
+            rel, full, row = printable(posixpath.relpath(f, root)), printable(to_url(fs, f)), 0
             for k in range(pf.num_row_groups):
                 try:
                     table = pf.read_row_group(k, columns=columns)
@@ -210,11 +210,17 @@ def open_parquet(url: str, storage_options: dict | None = None, image_column: st
                     row += rb.num_rows
 
     return Source(
-        kind="parquet", url=url, batches=batches, size=rows, label_names=names, ids_unique=id_col is None,
+        kind="parquet", url=url, batches=batches, size=rows, label_names=names,
+        ids_unique=id_col is None and _distinct_names(files, root),
         splits=_source_splits(opened, root, split_col),
         details={"files": len(files), "ignored_files": len(all_files) - len(files), "image_column": img_col,
                  "label_column": lab_col},
     )
+
+
+def _distinct_names(files: list[str], root: str) -> bool:
+    """Whether the files' names stay distinct once escaped (`printable`), so that `<file>#<row>` ids are unique."""
+    return len({printable(posixpath.relpath(f, root)) for f in files}) == len(files)
 
 
 def _unreadable_row_group(pf: pq.ParquetFile, k: int, first: int, rel: str, full: str, id_col: str | None,
