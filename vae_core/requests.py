@@ -232,6 +232,14 @@ class EncodeRequest(Request):
     overwrite: bool = Field(False, description="encode every shard again, even those already written")
     experiment: str = Field("encode-dataset", description="MLflow experiment of the run that records throughput")
 
+    @field_validator("out")
+    @classmethod
+    def _reachable_out(cls, v: str | None) -> str | None:
+        """The output folder follows the source rule (`sources.remote`): allowed protocols, no metadata host."""
+        if v is not None:
+            check_url(v)
+        return v
+
     @field_validator("splits", mode="before")
     @classmethod
     def _splits(cls, v: Any) -> Any:

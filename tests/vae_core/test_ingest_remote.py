@@ -228,3 +228,20 @@ def test_a_missing_bucket_is_a_source_error_naming_the_url(s3):
     _, options = s3
     with pytest.raises(SourceError, match=r"s3://no-such-bucket-here/x: source not found"):
         open_source("s3://no-such-bucket-here/x", storage_options=options)
+
+
+@pytest.mark.parametrize("field", ["data_root", "out"])
+def test_other_request_urls_follow_the_same_rule(field, monkeypatch):
+    from vae_core.requests import EncodeRequest
+
+    def build(url: str):
+        if field == "out":
+            return EncodeRequest(model="models:/m/1", dataset="d", out=url)
+        return IngestRequest(name="x", source="builtin:digits", data_root=url)
+
+    with pytest.raises(ValueError, match="protocol 'http' is not allowed"):
+        build("http://127.0.0.1:9/x")
+    monkeypatch.setenv("VAE_ALLOWED_PROTOCOLS", "file,memory,http")
+    with pytest.raises(ValueError, match="link-local or cloud metadata address"):
+        build("http://169.254.169.254/x")
+    assert build("memory://fine/x")
