@@ -24,10 +24,12 @@ split an item goes to), `vae_core.shard_writer` (shards and row hashes).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import posixpath
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +38,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from vae_core import settings
 from vae_core.builder import DatasetBuilder, input_fingerprint
 from vae_core.errors import IngestError
 from vae_core.requests import IngestRequest
 from vae_core.shards import (MANIFEST, SPLITS, Manifest, ShardInfo, atomic_put_file, atomic_write_bytes, dataset_dir,
-                             list_versions, read_manifest, remove_temporaries, resolve, sha256_hex, to_url)
+                             is_local, list_versions, read_manifest, remove_temporaries, resolve, sha256_hex,
+                             temporary_name, to_url, writer_gone)
 from vae_core.sources.base import RawBatch, Source
 from vae_core.sources.decode import ShapeSpec
 from vae_core.sources.detect import open_source
@@ -57,7 +61,7 @@ class StagedDataset:
     staging: Path
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        remove_staging(self.staging)
 
 
 @dataclass
@@ -84,21 +88,83 @@ class IngestResult:
         }
 
 
+# ------------------------------------------------------------------------------------------ staging
+
+DATA_ROOT_STAGING = ".staging"  # not a dataset name (see NAME_RULE): no reference or listing sees it
+
+
+def staging_root(cfg: IngestRequest) -> Path:
+    """The local folder that holds staging folders: `cfg.staging_dir`; else `.staging` in the data root when
+    that is local (the disk the version goes to); else `staging` in VAE_HOME when that is local; else the
+    system temp folder. Never a shared system folder by default, where a killed run's leftovers would
+    stay unnoticed: the next run in the same place removes them (`remove_stale_staging`)."""
+    if cfg.staging_dir:
+        return Path(cfg.staging_dir)
+    for url, options, folder in ((cfg.root(), cfg.data_root_options, DATA_ROOT_STAGING), (settings.vae_home(), {}, "staging")):
+        fs, path = resolve(url, options)
+        if is_local(fs):
+            return Path(path) / folder
+    return Path(tempfile.gettempdir())
+
+
+def make_staging(root: Path) -> Path:
+    """A new staging folder in `root`, named as a temporary of this process (see `shards.TEMPORARY`), so
+    that a later run can tell whether its writer is gone."""
+    for attempt in range(3):
+        root.mkdir(parents=True, exist_ok=True)
+        folder = Path(temporary_name(str(root / "vae-ingest")))
+        try:
+            folder.mkdir()
+            return folder
+        except FileNotFoundError:  # a concurrent run removed the empty root just now: make it again
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def remove_stale_staging(root: Path) -> list[Path]:
+    """Remove the staging folders in `root` whose writer is gone (a SIGKILL skips every clean-up) and
+    return them; a live run's folder and anything not named by `make_staging` stay."""
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return []
+    now = time.time()
+    stale = [p for p in entries if p.is_dir() and p.name.startswith(".vae-ingest.tmp-")
+             and writer_gone(p.name, p.stat().st_mtime, now)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def remove_staging(folder: Path) -> None:
+    """Remove a staging folder, and the data root's staging root too when that is left empty (the data root
+    then holds datasets only; a concurrent run's `make_staging` makes it again)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.parent.name == DATA_ROOT_STAGING:
+        with contextlib.suppress(OSError):  # not empty (another run stages there), or gone already
+            folder.parent.rmdir()
+
+
 # ----------------------------------------------------------------------------------------- pipeline
 
 
 def open_source_for(cfg: IngestRequest) -> Source:
     """Open and validate the source named by `cfg` (fails fast with the file and problem named)."""
-    return open_source(cfg.source, cfg.format, cfg.source_options, cfg.image_column, cfg.label_column)
+    return open_source(cfg.source, cfg.format, cfg.source_options, cfg.image_column, cfg.label_column,
+                       cfg.source_limits())
 
 
 def build(source: Source, cfg: IngestRequest, progress: bool = False) -> StagedDataset:
-    """Decode, validate, dedup, split and shard `source` into a local staging folder."""
-    staging = Path(tempfile.mkdtemp(prefix="vae-ingest-", dir=cfg.staging_dir))
+    """Decode, validate, dedup, split and shard `source` into a local staging folder (see `staging_root`),
+    after removing the staging folders that killed runs left there."""
+    root = staging_root(cfg)
+    remove_stale_staging(root)
+    staging = make_staging(root)
     builder: DatasetBuilder | None = None
     try:
         builder = DatasetBuilder(source, cfg, staging)
-        spec = ShapeSpec(cfg.image_size, cfg.channels, cfg.fit)
+        spec = ShapeSpec(cfg.image_size, cfg.channels, cfg.fit, cfg.source_limits())
         total = source.size if cfg.limit is None else min(cfg.limit, source.size or cfg.limit)
         with tqdm(total=total, desc=f"ingest {cfg.name}", unit="img", disable=not progress, smoothing=0.1) as bar:
             for batch, decoded in decode_stream(_limited(source.batches(), cfg.limit, source.size), spec, cfg.workers):
@@ -110,7 +176,7 @@ def build(source: Source, cfg: IngestRequest, progress: bool = False) -> StagedD
     except BaseException:
         if builder is not None:
             builder.writer.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging)
         raise
 
 

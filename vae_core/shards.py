@@ -372,8 +372,8 @@ def _move(fs: fsspec.AbstractFileSystem, tmp: str, path: str, replace: bool) -> 
     return True
 
 
-def _writer_gone(name: str, modified: float | None, now: float) -> bool:
-    """Whether the process that wrote temporary `name` can no longer finish it.
+def writer_gone(name: str, modified: float | None, now: float) -> bool:
+    """Whether the process that wrote temporary `name` (see TEMPORARY) can no longer finish it.
 
     On this host: its pid is not alive (a pid reused since only keeps the file, the safe mistake). On
     another host: the file is older than FOREIGN_TEMPORARY_AGE_S (unknown age: never).
@@ -418,7 +418,7 @@ def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
         return []
     now = time.time()
     stale = [e["name"] for e in entries if e.get("type") == "file"
-             and _writer_gone(posixpath.basename(e["name"]), _modified(e), now)]
+             and writer_gone(posixpath.basename(e["name"]), _modified(e), now)]
     for p in stale:
         with contextlib.suppress(FileNotFoundError):  # a concurrent cleanup got there first
             fs.rm_file(p)

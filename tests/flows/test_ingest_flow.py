@@ -6,8 +6,15 @@ the other flow tests); tests/conftest.py points PREFECT_HOME at a throwaway fold
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +134,56 @@ def test_flow_removes_its_staging_folder_when_publishing_never_starts(tmp_path, 
     with pytest.raises(RuntimeError, match="went away"):
         flows.ingest.ingest_dataset(req)
     assert not list((tmp_path / "scratch").iterdir())
+
+
+def _slow_folder(root: Path, n: int = 700, distinct: int = 16) -> Path:
+    """`n` large smooth PNGs, `distinct` of them different: written in seconds, decoded in many more. The
+    first 512 (one decode batch) are staged as shards long before the rest are decoded."""
+    y, x = np.mgrid[0:1024, 0:1024]
+    blobs = []
+    for i in range(distinct):
+        buf = io.BytesIO()
+        Image.fromarray(np.stack([(x * (i + 1)) % 256, (y * (i + 2)) % 256, (x + y) % 256], -1).astype(np.uint8)
+                        ).save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    root.mkdir()
+    for i in range(n):
+        (root / f"{i:04d}.png").write_bytes(blobs[i % distinct])
+    return root
+
+
+def _staging_folders(data: Path) -> list[Path]:
+    return [p for p in (data / ".staging").glob(".vae-ingest.tmp-*") if p.is_dir()]
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_ingest_s_staging_is_under_the_data_root_and_the_next_run_removes_it(tmp_path):
+    """SIGKILL skips every clean-up: the staging folder it leaves is in the data root (not the system temp
+    folder, where nothing would find it), and the next ingest there removes it, sparing a live run's."""
+    data, scratch = tmp_path / "data", tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "VAE_HOME": str(tmp_path / "vae"), "TMPDIR": str(scratch), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cli = [sys.executable, "-m", "flows.cli", "ingest"]
+    slow = [*cli, str(_slow_folder(tmp_path / "src")), "--name", "slow", "--data-root", str(data), "--workers", "1",
+            "--image-size", "16,16", "--shard-mb", "0.005", "--no-prefect"]
+    proc = subprocess.Popen(slow, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not [p for p in _staging_folders(data) if list(p.rglob("*.parquet"))]:  # shards are being staged
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    [left] = _staging_folders(data)
+    assert not list(scratch.iterdir())
+    from vae_core.ingest import make_staging
+
+    live = make_staging(data / ".staging")  # a concurrent run's, in this (live) process
+
+    r = subprocess.run([*cli, "builtin:digits", "--name", "digits", "--data-root", str(data), "--no-prefect"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not left.exists() and _staging_folders(data) == [live]
+    live.rmdir()
