@@ -108,8 +108,9 @@ def test_an_npz_above_max_archive_mb_fails_naming_the_limit(tmp_path):
         _ingest(tmp_path, str(tmp_path / "zeros.npz"), max_archive_mb=1)
 
 
-def test_an_npz_declaring_a_huge_array_fails_by_default_before_allocating(tmp_path):
-    header = {"descr": "|u1", "fortran_order": False, "shape": (100_000, 1000, 1000)}  # 93 GiB declared
+@pytest.mark.parametrize("shape", [(100_000, 1000, 1000), (1700, 1000, 1000)])  # 93 GiB, 1.6 GiB declared
+def test_an_npz_declaring_a_huge_array_fails_by_default_before_allocating(tmp_path, shape):
+    header = {"descr": "|u1", "fortran_order": False, "shape": shape}
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, header)
     with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as z:

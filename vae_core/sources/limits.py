@@ -14,7 +14,7 @@ from typing import NamedTuple
 MiB = 2**20
 DEFAULT_MAX_FILE_MB = 256.0  # a larger image file is a scan or a mistake, not a training image
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192  # 64 megapixels: 192 MiB as RGB while it is decoded
-DEFAULT_MAX_ARCHIVE_MB = 2048.0  # an .npz or IDX file is inflated whole into memory: ImageNet 64x64 parts fit
+DEFAULT_MAX_ARCHIVE_MB = 1024.0  # an .npz or IDX file is inflated whole into memory (MNIST: 55 MB)
 
 
 class SourceLimits(NamedTuple):
