@@ -53,6 +53,9 @@ def ingest(req: IngestRequest, prefect: bool, as_json: bool, debug: bool) -> Non
     counts = ", ".join(f"{k} {v:,}" for k, v in out["counts"].items())
     typer.echo(f"{h}x{w}x{c} images: {counts}; {out['duplicates']:,} duplicates, {out['quarantined']:,} quarantined "
                f"of {out['seen']:,} seen")
+    if out["label_conflicts"]:
+        typer.echo(f"{out['label_conflicts']:,} duplicates disagree with the kept copy on their label: see the "
+                   "duplicates in manifest.json")
 
 
 @request_command(app, TrainRequest, extra={"as_json": AS_JSON})

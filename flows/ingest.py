@@ -63,6 +63,9 @@ def ingest_dataset(request: IngestRequest, progress: bool = False) -> dict[str, 
     logger = get_run_logger()
     logger.info("%s %s@%s at %s: %s", "created" if result.created else "found existing", result.name,
                 result.version, result.url, result.manifest.counts)
+    if conflicts := result.manifest.label_conflicts:
+        logger.warning("%d duplicate images disagree with the copy kept on their label (label noise): see the "
+                       "duplicates in %s/manifest.json", conflicts, result.url)
     create_markdown_artifact(markdown=summary_markdown(result), key=artifact_key(result.name),
                              description=f"dataset {result.name} version {result.version}")
     return result.summary()

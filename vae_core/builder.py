@@ -2,7 +2,8 @@
 every item.
 
 `DatasetBuilder` takes the decoded batches in source order, checks that shapes agree, drops exact
-pixel duplicates (the first in source order is kept), assigns splits (`vae_core.splits`) and hands
+pixel duplicates (the first in source order is kept; where a duplicate's label differs from the kept
+copy's, the manifest's duplicate list records both), assigns splits (`vae_core.splits`) and hands
 the rows to one `SplitWriter` per split (`vae_core.shard_writer`). Each item ends as exactly one of
 ok, duplicate or quarantined. The version is the hash of the rows and of the options that shaped
 them, so it is known only once everything was seen.
@@ -18,11 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from vae_core.errors import IngestError
 from vae_core.shard_writer import Gather, SplitWriter
 from vae_core.shards import (FORMAT, SPLITS, DuplicateEntry, ItemCounts, Manifest, QuarantineEntry,
-                             SourceDescription)
+                             SourceDescription, SplitInfo)
 from vae_core.sources.base import RawBatch, Source
 from vae_core.sources.parallel import Decoded
 from vae_core.splits import assign_splits
@@ -150,8 +154,9 @@ class DatasetBuilder:
             kept = [k for k in range(n) if firsts[k] is ids[k]]
             for k in range(n):
                 if firsts[k] is not ids[k]:
-                    self.tally.duplicates.append(
-                        DuplicateEntry(id=ids[k], source=batch.sources[ok[k]], duplicate_of=firsts[k]))
+                    label = int(batch.labels[ok[k]])  # the kept copy's label is looked up once, in `finish`
+                    self.tally.duplicates.append(DuplicateEntry(id=ids[k], source=batch.sources[ok[k]],
+                                                                duplicate_of=firsts[k], label=label if label >= 0 else None))
         if not kept:
             return
         if len(kept) == len(batch):  # the common case: every item decoded and new, so no gathering
@@ -201,11 +206,27 @@ class DatasetBuilder:
             name=self.cfg.name, version="pending", created_at="", height=h, width=w, channels=c,
             splits=split_infos, label_names=names, channel_mean=mean, channel_std=std,
             items=ItemCounts(seen=t.seen, ok=ok, duplicates=len(t.duplicates), quarantined=len(t.quarantine)),
-            quarantine=t.quarantine, duplicates=t.duplicates,
+            quarantine=t.quarantine, duplicates=self._with_kept_labels(split_infos),
             source=SourceDescription(kind=self.source.kind, url=self.source.url, details=details),
             options=options,
         )
         return m.model_copy(update={"version": content_version(m, {s: w.content_hash() for s, w in self.splits.items()})})
+
+    def _with_kept_labels(self, split_infos: dict[str, SplitInfo]) -> list[DuplicateEntry]:
+        """The duplicates, each with the kept copy's label beside its own, so that duplicates that disagree
+        on their label (label noise) show in the manifest. The kept labels are read back from the staged
+        shards' id and label columns: nothing extra is held per row while the rows stream past."""
+        duplicates = self.tally.duplicates
+        if not duplicates or (self.tally.max_label < 0 and all(d.label is None for d in duplicates)):
+            return duplicates  # no labels anywhere: every pair agrees
+        wanted = pa.array(sorted({d.duplicate_of for d in duplicates}), pa.string())
+        kept: dict[str, int | None] = {}
+        for info in split_infos.values():
+            for shard in info.shards:
+                table = pq.read_table(self.staging / shard.path, columns=["id", "label"])
+                table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
+                kept.update(zip(table.column("id").to_pylist(), table.column("label").to_pylist()))
+        return [d.model_copy(update={"kept_label": kept[d.duplicate_of]}) for d in duplicates]
 
     def _check_quarantine(self, ok: int) -> None:
         t = self.tally

@@ -84,6 +84,7 @@ class IngestResult:
             "shape": [self.manifest.height, self.manifest.width, self.manifest.channels],
             "seen": items.seen,
             "duplicates": items.duplicates,
+            "label_conflicts": self.manifest.label_conflicts,
             "quarantined": items.quarantined,
         }
 
@@ -287,7 +288,8 @@ def summary_markdown(result: IngestResult) -> str:
         "",
         f"Channel mean / std (pixel/255, train): {stats}",
         "",
-        f"Items: {i.seen:,} seen = {i.ok:,} ok + {i.duplicates:,} duplicates + {i.quarantined:,} quarantined",
+        f"Items: {i.seen:,} seen = {i.ok:,} ok + {i.duplicates:,} duplicates + {i.quarantined:,} quarantined"
+        + (f"; {m.label_conflicts:,} duplicates disagree with the kept copy's label" if m.label_conflicts else ""),
     ]
     if m.quarantine:
         lines += ["", "| quarantined | reason |", "|---|---|"]
@@ -299,4 +301,23 @@ def summary_markdown(result: IngestResult) -> str:
         lines += [f"| `{d.id}` | `{d.duplicate_of}` |" for d in m.duplicates[:20]]
         if len(m.duplicates) > 20:
             lines.append(f"| ... | {len(m.duplicates) - 20} more in manifest.json |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _label_conflict_lines(m)) + "\n"
+
+
+def _label_conflict_lines(m: Manifest) -> list[str]:
+    """Markdown lines listing the duplicates whose label differs from the kept copy's (none: no lines)."""
+    conflicts = [d for d in m.duplicates if d.label_conflict]
+    if not conflicts:
+        return []
+    names = m.label_names or []
+
+    def label(y: int | None) -> str:
+        return "none" if y is None else f"{y} ({names[y]})" if 0 <= y < len(names) else str(y)
+
+    lines = ["", f"{len(conflicts):,} duplicates disagree with the kept copy on their label (label noise; "
+             "only the kept copy's label is in the dataset):", "",
+             "| duplicate | its label | kept | kept label |", "|---|---|---|---|"]
+    lines += [f"| `{d.id}` | {label(d.label)} | `{d.duplicate_of}` | {label(d.kept_label)} |" for d in conflicts[:20]]
+    if len(conflicts) > 20:
+        lines.append(f"| ... | | | {len(conflicts) - 20} more in manifest.json |")
+    return lines

@@ -187,3 +187,17 @@ def test_a_killed_ingest_s_staging_is_under_the_data_root_and_the_next_run_remov
     assert r.returncode == 0, r.stderr[-2000:]
     assert not left.exists() and _staging_folders(data) == [live]
     live.rmdir()
+
+
+def test_duplicates_under_another_label_are_counted_by_the_command_and_the_flow(tmp_path):
+    from flows.ingest import ingest_dataset
+    from vae_core.requests import IngestRequest
+
+    _folder(tmp_path / "src", n=6)
+    (tmp_path / "src" / "c0" / "notes.txt").unlink()
+    (tmp_path / "src" / "c1" / "copy.png").write_bytes((tmp_path / "src" / "c0" / "0.png").read_bytes())
+    args = ["ingest", str(tmp_path / "src"), "--name", "noisy", "--data-root", str(tmp_path / "a"), "--no-prefect"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and "1 duplicates disagree with the kept copy on their label" in r.stdout, r.output
+    out = ingest_dataset(IngestRequest(source=str(tmp_path / "src"), name="noisy", data_root=str(tmp_path / "b")))
+    assert (out["duplicates"], out["label_conflicts"]) == (1, 1)

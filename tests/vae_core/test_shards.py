@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import uuid
 from pathlib import Path
@@ -10,10 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from vae_core.requests import IngestRequest, parse_dataset_ref
-from vae_core.ingest import run_ingest
+from vae_core.ingest import run_ingest, summary_markdown
 from vae_core.shards import (
+    MANIFEST,
     DatasetInfo,
     ItemCounts,
     Manifest,
@@ -178,3 +182,46 @@ def test_manifest_rejects_inconsistent_counts(two_versions):
     body["items"]["seen"] += 1
     with pytest.raises(ValueError, match="splits hold"):
         Manifest.model_validate(body)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_duplicates_that_disagree_on_their_label_are_reported(tmp_path):
+    """A folder whose class folders hold the same picture twice: the copy dropped under another class is
+    label noise, listed with both labels in the manifest and counted in the summary and the report."""
+    rng = np.random.default_rng(2)
+    a, b, c = (_png(rng.integers(0, 256, (6, 6, 3), np.uint8)) for _ in range(3))
+    files = {"cat/1.png": a, "cat/2.png": b, "cat/3.png": c, "dog/4.png": a, "dog/5.png": c,
+             "cat/6.png": b}  # 4 and 5 disagree with the kept 1 and 3; 6 agrees with the kept 2
+    for name, data in files.items():
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / name).write_bytes(data)
+    result = run_ingest(IngestRequest(name="pets", source=str(tmp_path / "src"), data_root=str(tmp_path / "ds"),
+                                      workers=1))
+    m = result.manifest
+    assert m.label_names == ["cat", "dog"] and m.items.duplicates == 3 and m.label_conflicts == 2
+    pairs = {d.id.rsplit("/", 1)[-1]: (d.duplicate_of.rsplit("/", 1)[-1], d.label, d.kept_label, d.label_conflict)
+             for d in m.duplicates}
+    assert pairs == {"4.png": ("1.png", 1, 0, True), "5.png": ("3.png", 1, 0, True), "6.png": ("2.png", 0, 0, False)}
+    written = json.loads(Path(result.url, MANIFEST).read_text())["duplicates"]
+    assert sorted(sorted(d) for d in written) == [["duplicate_of", "id", "kept_label", "label", "source"]] * 2 + [
+        ["duplicate_of", "id", "source"]]  # an agreeing pair reads as before: versions stay as they were
+    assert open_dataset(str(tmp_path / "ds"), "pets").manifest.label_conflicts == 2  # read back
+    assert result.summary()["label_conflicts"] == 2
+    report = summary_markdown(result)
+    assert "2 duplicates disagree with the kept copy on their label" in report
+    assert re.search(r"\| `[^`]*dog/4\.png` \| 1 \(dog\) \| `[^`]*cat/1\.png` \| 0 \(cat\) \|", report)
+
+
+def test_unlabelled_duplicates_record_no_labels(tmp_path):
+    images = np.random.default_rng(4).integers(0, 256, (5, 4, 4), np.uint8)
+    images[3] = images[0]
+    result = run_ingest(IngestRequest(name="plain", source=_npz(tmp_path / "p.npz", images),
+                                      data_root=str(tmp_path / "ds"), workers=1))
+    [d] = result.manifest.duplicates
+    assert (d.label, d.kept_label, result.manifest.label_conflicts) == (None, None, 0)
+    assert "label" not in json.loads(result.manifest.to_json())["duplicates"][0]
