@@ -11,8 +11,8 @@ networks. So, before anything is opened:
   redirects included.
 
 Loopback and private addresses are not refused: S3-compatible stores run there (MinIO, moto). The check
-resolves names when it runs; a name whose records change between the check and a connection is caught
-for HTTP (each request is checked as it is sent) but not for the object stores' own clients.
+resolves names when it runs, and the client resolves them again to connect: a name whose records change
+in between (DNS rebinding) is not caught. For HTTP the gap is narrowed to the moment before each request.
 """
 
 from __future__ import annotations
