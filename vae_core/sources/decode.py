@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -66,7 +67,7 @@ def decode_image(data: bytes | LocalFile | None, spec: ShapeSpec) -> np.ndarray:
     if problem := spec.limits.file_problem(len(data)):
         raise DecodeError(problem)
     try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+        with _open_image(data) as im:
             if problem := spec.limits.pixels_problem(*im.size):  # from the header, before any pixel is decoded
                 raise DecodeError(problem)
             if spec.size is not None and im.format == "JPEG":
@@ -90,6 +91,14 @@ def decode_image(data: bytes | LocalFile | None, spec: ShapeSpec) -> np.ndarray:
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DecodeError(f"image has zero size {arr.shape[1]}x{arr.shape[0]}")
     return arr
+
+
+def _open_image(data: bytes) -> Image.Image:
+    """PIL's lazy open (the header only). Its decompression-bomb warning is silenced: the pixel limit is
+    checked right after, and PIL's own error (at twice its limit) still stands."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data), formats=FORMATS)
 
 
 def _read_local(file: LocalFile, limits: SourceLimits) -> bytes:
