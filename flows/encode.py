@@ -1,16 +1,20 @@
 """The `encode-dataset` flow: a registered model version and a dataset version in; the latent of every image
 out, as one Parquet file per input shard plus a manifest.
 
-    plan (pin the model, download it once, check shapes, sort shards into done / reuse / encode)
-      ->  reuse (copy encodings of identical shards from another dataset version: no model work)
-      ->  encode (Ray Data reads the shards, an actor pool runs the encoder, the driver publishes each
-          shard's file when all its rows are back)  ->  manifest, MLflow run, Prefect artifact
+    plan (check the output location, pin the model, download it once, check shapes, sort shards into
+          done / reuse / encode)
+      ->  reuse (copy encodings of identical shards by the same model from another dataset version)
+      ->  encode (Ray Data reads the shards, verifying each against the manifest's checksum; an actor pool
+          runs the encoder; the driver publishes each shard's file when all its rows are back)
+      ->  manifest, MLflow run, Prefect artifact
 
-Exactly once: an output file is named by its input shard's SHA-256 and the model version and appears
-atomically, only when it holds every row of its shard, each once (checked against the shard's ids). A
-re-run skips published files, so a job killed halfway and run again encodes only what is missing, and a
-new dataset version encodes only the shards it does not share with one already encoded by this model
-version. `overwrite` encodes everything again. The file layout and the read API are `vae_core.embeddings`.
+Exactly once: an output file is named by its input shard's SHA-256 and the model's identity (name, version
+and weights digest) and appears atomically, only when it holds every row of its shard, each once (checked
+against the shard's ids). A re-run skips published files, so a job killed halfway and run again encodes
+only what is missing, and a new dataset version encodes only the shards it does not share with one
+already encoded by the same model. Two runs of one request into one folder both succeed: each file and
+the manifest are replaced whole. `overwrite` encodes everything again. The file layout and the read API
+are `vae_core.embeddings`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import posixpath
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,13 +38,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import registry, tracking
-from flows.ray_cluster import data_context, ray_session, read_shards
+from flows.ray_cluster import ShardMismatchError, data_context, ray_session, read_shards
 from flows.registry import PinnedModel
 from vae_core import embeddings
 from vae_core.errors import EncodeError
 from vae_core.requests import EncodeRequest
 from vae_core.settings import data_root, embeddings_root
 from vae_core.shards import DatasetInfo, ShardInfo, arrow_filesystem, open_dataset, remove_temporaries, resolve, to_url
+
+log = logging.getLogger(__name__)
 
 State = Literal["done", "reuse", "encode"]
 
@@ -52,7 +58,7 @@ class ShardJob:
     split: str
     shard: ShardInfo
     source: str  # the shard's path on the dataset's filesystem
-    name: str  # "<split>/<sha256>-v<model version>.parquet", relative to the output folder
+    name: str  # "<split>/<sha256>-v<model version>-<model key>.parquet", relative to the output folder
     state: State
     reuse_from: str | None = None  # path of an identical shard's encoding under another dataset version
 
@@ -62,6 +68,7 @@ class Plan:
     """Everything decided before any image is encoded."""
 
     model: PinnedModel
+    identity: embeddings.ModelIdentity  # the model exactly: what output files are keyed by
     info: DatasetInfo
     out: str  # output folder path on `fs`
     fs: Any = field(repr=False)
@@ -79,10 +86,13 @@ class Plan:
 
 @task(name="plan-encoding", cache_policy=NO_CACHE)
 def plan_task(req: EncodeRequest) -> tuple[Plan, bytes]:
-    """Pin the model and download it once; check it fits the dataset; decide each shard's fate."""
+    """Check the output location; pin the model and download it once; check it fits the dataset; decide
+    each shard's fate. Returns the plan and the model's serialised weights."""
     from vae_core.weights import model_to_bytes
 
     t0 = time.perf_counter()
+    if req.out:
+        check_output(req.out)  # before the registry, the download or Ray: nothing is touched yet
     pinned = registry.pin_model(req.model)
     info = open_dataset(data_root(), *req.dataset_ref())
     model = registry.load_pinned(pinned)
@@ -94,27 +104,39 @@ def plan_task(req: EncodeRequest) -> tuple[Plan, bytes]:
     if not any(info.counts.get(s) for s in req.splits):
         have = ", ".join(f"{s} {n:,}" for s, n in info.counts.items())
         raise EncodeError(f"splits {', '.join(req.splits)} of {info.name}@{info.version} are empty ({have})")
+    weights = model_to_bytes(model)
+    identity = embeddings.ModelIdentity.of(pinned.name, pinned.version, weights)
     out_url = req.out or embeddings.default_dir(embeddings_root(), pinned.name, pinned.version, info.name, info.version)
+    if not req.out:
+        check_output(out_url)  # VAE_EMBEDDINGS_ROOT may point into the data root
     fs, out = resolve(out_url)
-    if fs.exists(out):
-        remove_temporaries(fs, out)  # a killed run's half-written files
-    reusable = {} if req.overwrite else embeddings.reusable_files(fs, out)
-    jobs = [_job(req, info, pinned, fs, out, reusable, split, shard)
+    for folder in [out, *(posixpath.join(out, s) for s in req.splits)]:  # the folders this run writes, no deeper
+        remove_temporaries(fs, folder)  # a killed run's half-written files (a live run's stay)
+    reusable = {} if req.overwrite else embeddings.reusable_files(fs, out, identity)
+    jobs = [_job(req, info, identity, fs, out, reusable, split, shard)
             for split in req.splits if (s := info.manifest.splits.get(split)) for shard in s.shards]
-    return Plan(model=pinned, info=info, out=out, fs=fs, latent_dim=model.latent_dim, jobs=jobs,
-                plan_s=time.perf_counter() - t0), model_to_bytes(model)
+    return Plan(model=pinned, identity=identity, info=info, out=out, fs=fs, latent_dim=model.latent_dim, jobs=jobs,
+                plan_s=time.perf_counter() - t0), weights
 
 
-def _job(req: EncodeRequest, info: DatasetInfo, pinned: PinnedModel, fs: Any, out: str, reusable: dict[str, str],
-         split: str, shard: ShardInfo) -> ShardJob:
-    file = embeddings.file_name(shard.sha256, pinned.version)
-    name = f"{split}/{file}"
+def check_output(url: str) -> None:
+    """EncodeError unless `url` is an output folder whose writes cannot reach a dataset (see
+    `embeddings.check_output_location`)."""
+    try:
+        embeddings.check_output_location(url, data_root())
+    except ValueError as e:
+        raise EncodeError(str(e)) from None
+
+
+def _job(req: EncodeRequest, info: DatasetInfo, identity: embeddings.ModelIdentity, fs: Any, out: str,
+         reusable: dict[str, str], split: str, shard: ShardInfo) -> ShardJob:
+    name = f"{split}/{embeddings.file_name(shard.sha256, identity)}"
     job = ShardJob(split=split, shard=shard, source=posixpath.join(info.path, shard.path), name=name, state="encode")
     if req.overwrite:
         return job
     if _published(fs, posixpath.join(out, name), shard.rows):
         job.state = "done"
-    elif (found := reusable.get(file)) is not None and _published(fs, found, shard.rows):
+    elif (found := reusable.get(shard.sha256)) is not None and _reusable(fs, found, identity, shard.rows):
         job.state, job.reuse_from = "reuse", found
     return job
 
@@ -128,15 +150,32 @@ def _published(fs: Any, path: str, rows: int) -> bool:
         return False
 
 
+def _reusable(fs: Any, path: str, identity: embeddings.ModelIdentity, rows: int) -> bool:
+    """Whether another folder's file at `path` holds `rows` rows, all of the model `identity` names (its
+    manifest said so; its rows must agree). Anything else is encoded again, not copied."""
+    try:
+        with fs.open(path, "rb") as f:
+            stamps = pq.read_table(f, columns=["model_name", "model_version"])
+        embeddings.check_rows(stamps, identity, rows, to_url(fs, path))
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("not reusing %s (encoding its shard instead): %s", to_url(fs, path), e)
+        return False
+    return True
+
+
 @task(name="reuse-encodings", cache_policy=NO_CACHE)
 def reuse_task(plan: Plan) -> int:
-    """Copy encodings of identical shards from other dataset versions, restamped; returns rows copied."""
+    """Copy encodings of identical shards by the same model from other dataset versions, restamped;
+    returns rows copied."""
     rows = 0
     for job in (j for j in plan.jobs if j.state == "reuse"):
         with plan.fs.open(job.reuse_from, "rb") as f:
             table = pq.read_table(f)
-        restamped = embeddings.restamp(table, job.split, plan.info.version)
-        embeddings.write_file(plan.fs, posixpath.join(plan.out, job.name), restamped)
+        try:  # checked again: the file may have changed since the plan looked at it
+            embeddings.check_rows(table, plan.identity, job.shard.rows, to_url(plan.fs, job.reuse_from))
+        except ValueError as e:
+            raise EncodeError(f"{e}: it changed while this run copied it; run again") from None
+        _write(plan, job.name, embeddings.restamp(table, job.split, plan.info.version))
         rows += table.num_rows
     return rows
 
@@ -182,9 +221,8 @@ def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) 
             _quiet("ray.data", progress):
         ray_s = time.perf_counter() - t0
         cpus, threads = _scaling(req, resources)
-        by_path = {_norm(j.source): j for j in todo}
-        ds = read_shards([j.source for j in todo], arrow_filesystem(plan.info.fs), ["id", "image", "label"],
-                         include_paths=True)
+        ds = read_shards([j.source for j in todo], [j.shard for j in todo], arrow_filesystem(plan.info.fs),
+                         ["id", "image", "label"], include_paths=True)
         latents = ds.map_batches(
             ShardEncoder, batch_size=req.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"weights": weights, "threads": threads,
@@ -192,31 +230,69 @@ def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) 
             compute=ray.data.ActorPoolStrategy(size=req.workers), num_cpus=cpus,
             num_gpus=req.gpus_per_worker or None)
         total = sum(j.shard.rows for j in todo)
-        pending: dict[str, list[pa.Table]] = defaultdict(list)
-        got: dict[str, int] = defaultdict(int)
-        first, first_rows = None, 0  # when the first latents came back: what follows is the steady state
+        first: list[float] = []  # when the first latents came back: what follows is the steady state
+        first_rows = 0
         with tqdm(total=total, desc=f"encode {plan.info.name}@{plan.info.version}", unit="img",
                   disable=not progress) as bar:
-            for batch in latents.iter_batches(batch_size=None, batch_format="pyarrow"):
-                if first is None:
-                    first, first_rows = time.perf_counter(), batch.num_rows
-                for path, part in _by_source(batch):
-                    job = by_path[path]
-                    pending[path].append(part)
-                    got[path] += part.num_rows
-                    if got[path] == job.shard.rows:
-                        _publish(plan, job, pa.concat_tables(pending.pop(path)))
+            def arrived(batch: pa.Table) -> None:
+                nonlocal first_rows
+                if not first:
+                    first.append(time.perf_counter())
+                    first_rows = batch.num_rows
                 bar.update(batch.num_rows)
+
+            with _shard_errors():
+                publish_batches(plan, todo, latents.iter_batches(batch_size=None, batch_format="pyarrow"), arrived)
         end = time.perf_counter()
         elapsed = end - t0 - ray_s
-    missing = [j.name for j in todo if got[_norm(j.source)] != j.shard.rows]
+    steady = (total - first_rows) / (end - first[0]) if first and end > first[0] else 0.0
+    return {"rows_encoded": float(total), "images_per_s": total / max(elapsed, 1e-9), "encode_s": elapsed,
+            "steady_images_per_s": steady, "startup/ray_s": ray_s,
+            "startup/first_latents_s": (first[0] - t0 - ray_s) if first else 0.0}
+
+
+@contextlib.contextmanager
+def _shard_errors() -> Iterator[None]:
+    """A shard that failed its checksum in a Ray read task ends the run with an EncodeError naming it
+    (Ray wraps the reader's error, with its traceback, in its own)."""
+    try:
+        yield
+    except Exception as e:
+        seen, cause = set(), e
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, ShardMismatchError) and cause.args:
+                raise EncodeError(str(cause.args[0])) from None
+            seen.add(id(cause))
+            cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
+        raise
+
+
+def publish_batches(plan: Plan, todo: list[ShardJob], batches: Iterable[pa.Table],
+                    arrived: Callable[[pa.Table], None] = lambda batch: None) -> None:
+    """Collect latent batches (rows of any shards of `todo`, in any order) by their ``path`` column and
+    publish each shard's file once all its rows are there; then fail if any shard came back incomplete.
+
+    `arrived` sees every batch as it comes (progress, timing). Nothing of an incomplete shard is written.
+    """
+    by_path = {j.source: j for j in todo}
+    pending: dict[str, list[pa.Table]] = defaultdict(list)
+    got: dict[str, int] = defaultdict(int)
+    for batch in batches:
+        arrived(batch)
+        for path, part in _by_source(batch):
+            job = by_path.get(path)
+            if job is None:
+                raise RuntimeError(f"latents came back for {path}, which this run did not read")
+            got[path] += part.num_rows
+            if got[path] > job.shard.rows:
+                raise RuntimeError(f"{job.name}: {got[path]} rows came back for a shard of {job.shard.rows}")
+            pending[path].append(part)
+            if got[path] == job.shard.rows:
+                _publish(plan, job, pa.concat_tables(pending.pop(path)))
+    missing = [j.name for j in todo if got[j.source] != j.shard.rows]
     if missing:
         raise RuntimeError(f"{len(missing)} shards came back incomplete, first {missing[0]}; nothing of them was "
                            "published: run again")
-    steady = (total - first_rows) / (end - first) if first is not None and end > first else 0.0
-    return {"rows_encoded": float(total), "images_per_s": total / max(elapsed, 1e-9), "encode_s": elapsed,
-            "steady_images_per_s": steady, "startup/ray_s": ray_s,
-            "startup/first_latents_s": (first - t0 - ray_s) if first is not None else 0.0}
 
 
 @contextlib.contextmanager
@@ -233,32 +309,52 @@ def _quiet(logger: str, quiet: bool) -> Iterator[None]:
         log.setLevel(level)
 
 
-def _norm(path: str) -> str:
-    return path.split("://", 1)[-1].lstrip("/")
-
-
-def _by_source(batch: pa.Table):
-    """(normalised source path, rows of the batch from that shard) for each shard in the batch."""
+def _by_source(batch: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+    """(source path, rows of the batch from that shard) for each shard in the batch."""
     paths = batch.column("path")
     for path in pc.unique(paths).to_pylist():
-        yield _norm(path), batch.filter(pc.equal(paths, path))
+        yield path, batch.filter(pc.equal(paths, path))
 
 
 def _publish(plan: Plan, job: ShardJob, rows: pa.Table) -> None:
-    """Write one shard's encodings, in the shard's row order, after checking every id is there once."""
+    """Write one shard's encodings, in the shard's row order, after checking every id is there once.
+
+    `rows`: the shard's latents in any order, columns id, label, mean and logvar (others are ignored).
+    """
     with plan.info.fs.open(job.source, "rb") as f:
         order = pq.read_table(f, columns=["id"]).column("id").to_pylist()
-    ids = rows.column("id").to_pylist()
-    position = {id_: i for i, id_ in enumerate(order)}
-    if len(ids) != len(order) or len(set(ids)) != len(ids) or any(i not in position for i in ids):
-        raise RuntimeError(f"{job.name}: the encoded rows are not the shard's ids, each once")
-    rows = rows.take(np.argsort([position[i] for i in ids], kind="stable"))
+    rows = _in_order(rows, order, job.name)
     labels = rows.column("label").fill_null(-1).to_numpy().astype(np.int32)
     mean = _matrix(rows.column("mean"), plan.latent_dim)
     logvar = _matrix(rows.column("logvar"), plan.latent_dim)
     table = embeddings.build_table(rows.column("id").to_pylist(), job.split, labels, mean, logvar, plan.model.name,
                                    plan.model.version, plan.info.version)
-    embeddings.write_file(plan.fs, posixpath.join(plan.out, job.name), table)
+    _write(plan, job.name, table)
+
+
+def _in_order(rows: pa.Table, order: list[str], name: str) -> pa.Table:
+    """`rows` sorted into the shard's id order `order`; RuntimeError naming output `name` unless they hold
+    every id of the shard exactly once."""
+    ids = rows.column("id").to_pylist()
+    position = {id_: i for i, id_ in enumerate(order)}
+    if len(ids) != len(order) or len(set(ids)) != len(ids) or any(i not in position for i in ids):
+        raise RuntimeError(f"{name}: the encoded rows are not the shard's ids, each once")
+    return rows.take(np.argsort([position[i] for i in ids], kind="stable"))
+
+
+def _write(plan: Plan, name: str, table: pa.Table) -> None:
+    """Publish `table` as the output folder's file `name`, atomically; a failed write names the file."""
+    path = posixpath.join(plan.out, name)
+    try:
+        embeddings.write_file(plan.fs, path, table)
+    except OSError as e:
+        raise EncodeError(_write_error(to_url(plan.fs, path), e)) from None
+
+
+def _write_error(url: str, e: OSError) -> str:
+    """One line for a failed write of `url`: what the system said, and what to do."""
+    return (f"cannot write {url}: {e.strerror or e}: free space there (or fix its permissions) or choose "
+            "another --out, then run again; what is already written is kept")
 
 
 def _matrix(column: pa.ChunkedArray, width: int) -> np.ndarray:
@@ -274,8 +370,7 @@ def _manifest(plan: Plan, req: EncodeRequest, images_per_s: float | None) -> Any
     splits: dict[str, list] = {s: [] for s in req.splits}
     try:  # splits encoded by an earlier run into this folder stay listed
         before = embeddings.read_manifest(plan.url, storage_options=plan.fs.storage_options)
-        if (before.model_name, before.model_version, before.dataset_version) == (
-                plan.model.name, plan.model.version, plan.info.version):
+        if (before.identity, before.dataset_version) == (plan.identity, plan.info.version):
             splits = {**{s: f for s, f in before.splits.items() if s not in splits}, **splits}
     except ValueError:
         pass
@@ -285,6 +380,7 @@ def _manifest(plan: Plan, req: EncodeRequest, images_per_s: float | None) -> Any
                                                           source_sha256=job.shard.sha256, reused_from=reused))
     return embeddings.EmbeddingManifest(
         model_name=plan.model.name, model_version=plan.model.version, model_uri=plan.model.uri,
+        weights_sha256=plan.identity.weights_sha256,
         dataset=plan.info.name, dataset_version=plan.info.version, latent_dim=plan.latent_dim, splits=splits,
         counts={s: sum(f.rows for f in files) for s, files in splits.items()}, images_per_s=images_per_s,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -319,7 +415,10 @@ def encode_dataset(request: EncodeRequest, progress: bool = False) -> dict[str, 
     reused = reuse_task(plan)
     stats = encode_task(plan, weights, request, progress)
     manifest = _manifest(plan, request, stats.get("images_per_s"))
-    embeddings.write_manifest(plan.fs, plan.out, manifest)
+    try:
+        embeddings.write_manifest(plan.fs, plan.out, manifest)
+    except OSError as e:
+        raise EncodeError(_write_error(posixpath.join(plan.url, "manifest.json"), e)) from None
     run_id = record_task(plan, request, stats, reused)
     out = {
         "output": plan.url,

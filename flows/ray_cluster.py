@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vae_core.errors import VAEError
+from vae_core.shards import ShardInfo, sha256_hex
 
 
 # Ray starts its workers at niceness 15, below every ordinary process: a training or encoding worker
@@ -69,15 +76,70 @@ def data_context(**settings: Any) -> Iterator[None]:
             setattr(ctx, k, v)
 
 
-def read_shards(paths: list[str], filesystem: Any, columns: list[str], **options: Any):
-    """A Ray Dataset of Parquet shards (`ray.data.read_parquet` with `options`) through Ray Data's first
-    Parquet reader, whose footers the driver reads once when the dataset is made.
+class ShardMismatchError(VAEError, ValueError):
+    """A shard's bytes are not the ones its dataset manifest lists: replaced, truncated or corrupt."""
 
-    The second reader (Ray 2.60's default) reads them again every time the dataset runs, on a pool of up to
-    32 new actor processes: once per epoch for a streamed training split. On a 2-core machine that left the
-    training worker one core of two (streamed pipeline/bare 0.56, against 0.81 through this reader).
+
+def read_shards(paths: list[str], shards: list[ShardInfo], filesystem: Any, columns: list[str],
+                include_paths: bool = False):
+    """A Ray Dataset of the Parquet shards at `paths` (`columns`, plus `path` with `include_paths`), each
+    verified against its manifest entry in `shards` before any of its rows are read.
+
+    One read task per shard reads the file's bytes once, checks their size and SHA-256 against the
+    manifest (`ShardMismatchError` naming the file otherwise), then parses the Parquet from those bytes
+    and yields it row group by row group. The row counts come from the manifest, so neither the driver
+    nor a pool of actors reads a footer first (Ray 2.60's second Parquet reader read them again every
+    time a dataset ran: once per epoch for a streamed training split).
     """
     import ray.data
 
-    with data_context(use_datasource_v2=False):
-        return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, **options)
+    if len(paths) != len(shards):
+        raise ValueError(f"{len(paths)} shard paths but {len(shards)} manifest entries")
+    return ray.data.read_datasource(_verified_shards_class()(paths, shards, filesystem, columns, include_paths))
+
+
+def _read_verified(path: str, shard: ShardInfo, filesystem: Any, columns: list[str],
+                   include_paths: bool) -> Iterator[pa.Table]:
+    """The rows of one shard, row group by row group, after its bytes matched the manifest's size and
+    SHA-256 (runs inside a Ray read task)."""
+    with filesystem.open_input_file(path) as f:
+        data = f.read_buffer()
+    if data.size != shard.bytes or sha256_hex(memoryview(data)) != shard.sha256:
+        raise ShardMismatchError(
+            f"{path}: {data.size:,} bytes that do not match the manifest's size ({shard.bytes:,}) and SHA-256 "
+            "(a replaced or corrupt shard): ingest the source again, or restore the file")
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    for i in range(parquet.num_row_groups):
+        table = parquet.read_row_group(i, columns=columns)
+        if include_paths:
+            table = table.append_column("path", pa.repeat(pa.scalar(path, pa.string()), table.num_rows))
+        yield table
+
+
+@functools.cache
+def _verified_shards_class() -> type:
+    """The Ray Data datasource of `read_shards` (made on first use: importing Ray Data takes seconds)."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class VerifiedShards(Datasource):
+        def __init__(self, paths: list[str], shards: list[ShardInfo], filesystem: Any, columns: list[str],
+                     include_paths: bool) -> None:
+            super().__init__()
+            self.parts = list(zip(paths, shards))
+            self.filesystem, self.columns, self.include_paths = filesystem, columns, include_paths
+
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(shard.bytes for _, shard in self.parts)
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[Any]:
+            # One task per shard whatever `parallelism` says: a shard is the unit that is verified.
+            return [ReadTask(functools.partial(_read_verified, path, shard, self.filesystem, self.columns,
+                                               self.include_paths),
+                             BlockMetadata(num_rows=shard.rows, size_bytes=shard.bytes, input_files=[path],
+                                           exec_stats=None),
+                             per_task_row_limit=per_task_row_limit)
+                    for path, shard in self.parts]
+
+    return VerifiedShards

@@ -143,7 +143,8 @@ def worker_error(err: BaseException) -> BaseException:
 
 def stream_split(info: DatasetInfo, split: str):
     """A Ray Dataset of one split's `image` column, read from the shards the manifest lists."""
-    ds = read_shards(shard_paths(info, split), arrow_filesystem(info.fs), ["image"])
+    # Every shard is checked against the manifest's size and SHA-256 as it is read.
+    ds = read_shards(shard_paths(info, split), info.manifest.splits[split].shards, arrow_filesystem(info.fs), ["image"])
     # A fresh block order every epoch; workers add a local shuffle buffer on top.
     return ds.randomize_block_order() if split == "train" else ds
 

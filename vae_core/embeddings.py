@@ -3,14 +3,16 @@
 Layout (any fsspec URL as the root)::
 
     <root>/<model name>/<model version>/<dataset>/<dataset version>/manifest.json
-    <root>/<model name>/<model version>/<dataset>/<dataset version>/<split>/<shard sha256>-v<model version>.parquet
+    <root>/<model name>/<model version>/<dataset>/<dataset version>/<split>/<file_name(shard sha256, model)>
 
 One row per image (see `embedding_schema`): ``id``, ``split``, ``label`` (null where the dataset has
 none), the posterior ``mean`` and ``logvar`` as fixed_size_list<float32>[L], and the model and dataset
-version that produced them. A file is named after the checksum of the input shard and the model version,
-so a shard whose bytes did not change between two dataset versions keeps its encoding: `reusable_files`
-finds it and `restamp` only rewrites the split and dataset version. ``manifest.json`` is written last;
-readers go through it (`read_embeddings`), never through a folder listing.
+version that produced them. A file is named after the checksum of the input shard and the model that
+encoded it (`ModelIdentity`: registered name, version and the SHA-256 of its weights), so a shard whose
+bytes did not change between two dataset versions keeps its encoding: `reusable_files` finds it through
+the manifests of sibling folders encoded by the same model, and `restamp` only rewrites the split and
+dataset version. ``manifest.json`` is written last; readers go through it (`read_embeddings`), never
+through a folder listing. `check_output_location` keeps an output folder away from the datasets.
 
     table = read_embeddings("s3://b/embeddings/vae-mnist/3/mnist/3f2a", splits=["test"])
     ids, mean, logvar = latents(table)                 # list[str], float32 (N, L), float32 (N, L)
@@ -19,24 +21,28 @@ readers go through it (`read_embeddings`), never through a folder listing.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import posixpath
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
 from vae_core.config import Strict
 from vae_core.requests import NAME_RULE, check_name
-from vae_core.shards import (COMPRESSION, MANIFEST, SPLITS, DatasetInfo, atomic_write_bytes,
-                             images_u8, is_temporary, read_shard_table, resolve, to_url)
+from vae_core.shards import (COMPRESSION, FORMAT as DATASET_FORMAT, MANIFEST, SPLITS, DatasetInfo,
+                             atomic_write_bytes, images_u8, is_local, read_shard_table, resolve, sha256_hex, to_url)
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-FILE_NAME = re.compile(r"^[0-9a-f]{64}-v[1-9][0-9]*\.parquet$")  # what `file_name` returns
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -135,10 +141,49 @@ def restamp(table: pa.Table, split: str, dataset_version: str) -> pa.Table:
 # ------------------------------------------------------------------------------------------- files
 
 
-def file_name(shard_sha256: str, model_version: int) -> str:
-    """Name of the embeddings file of the input shard with checksum `shard_sha256`, encoded by `model_version`."""
+@dataclass(frozen=True)
+class ModelIdentity:
+    """One model exactly: its registered name and version and the SHA-256 of its weights' bytes.
+
+    Name and version alone can alias two models (a registry re-created from scratch numbers from 1 again,
+    and two registries may share an output root), so every key built from a model holds the digest too.
+    """
+
+    name: str
+    version: int
+    weights_sha256: str
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "model name")
+        _check_version(self.version)
+        if not SHA256.match(self.weights_sha256):
+            raise ValueError(f"weights digest {self.weights_sha256!r} is not a lowercase hex SHA-256")
+
+    @classmethod
+    def of(cls, name: str, version: int, weights: bytes) -> "ModelIdentity":
+        """The identity of the model whose serialised weights are `weights`."""
+        return cls(name, int(version), sha256_hex(weights))
+
+    @property
+    def key(self) -> str:
+        """16 hex digits of SHA-256 over name, version and weights digest: the model's part of a file name."""
+        text = f"{self.name}\n{self.version}\n{self.weights_sha256}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version} (weights sha256 {self.weights_sha256[:12]})"
+
+
+def file_name(shard_sha256: str, model: ModelIdentity) -> str:
+    """Name of the embeddings file of the input shard with checksum `shard_sha256`, encoded by `model`:
+    ``<shard sha256>-v<model version>-<model key>.parquet``."""
     if not SHA256.match(shard_sha256):
         raise ValueError(f"shard checksum {shard_sha256!r} is not a lowercase hex SHA-256")
+    return f"{shard_sha256}-v{model.version}-{model.key}.parquet"
+
+
+def _legacy_file_name(shard_sha256: str, model_version: int) -> str:
+    """Format 1's name, keyed by the model version only: still read, never reused or written."""
     return f"{shard_sha256}-v{_check_version(model_version)}.parquet"
 
 
@@ -168,26 +213,121 @@ def write_file(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> Non
     atomic_write_bytes(fs, path, parquet_bytes(table))
 
 
-def reusable_files(fs: fsspec.AbstractFileSystem, out_path: str) -> dict[str, str]:
-    """{file name: path} of every published embeddings file in the sibling dataset-version folders of
-    `out_path` (``<out_path>/../<version>/<split>/<name>``), listed once.
+def reusable_files(fs: fsspec.AbstractFileSystem, out_path: str, model: ModelIdentity) -> dict[str, str]:
+    """{input shard sha256: path of its encoding} from the sibling folders of `out_path` whose manifest
+    says they were encoded by exactly `model` (name, version and weights digest).
 
-    `out_path` is a path on `fs` (as `resolve` gives it). A file's name fixes the shard bytes and the model
-    version, so its latents serve any dataset version holding that shard, whatever the split.
-    Temporaries of unfinished writes, names not like `file_name(...)` and `out_path` itself are left out;
-    where several versions hold a name, the first in sorted order wins.
+    `out_path` is a path on `fs` (as `resolve` gives it). Only files a finished sibling's manifest lists
+    count: a folder without a manifest (an unfinished run), of another model or of a manifest format that
+    recorded no weights digest offers nothing. The caller still checks a file's rows (`check_rows`) before
+    copying it. Where several siblings hold a shard, the first folder in sorted order wins.
     """
     out_path = out_path.rstrip("/")
     parent = posixpath.dirname(out_path)
     fs.invalidate_cache(parent)  # object stores cache listings; another run may have published since
     found: dict[str, str] = {}
-    for path in sorted(fs.glob(posixpath.join(parent, "*", "*", "*.parquet"))):
-        name = posixpath.basename(path)
-        version_dir = posixpath.dirname(posixpath.dirname(path))
-        if (version_dir != out_path and FILE_NAME.match(name) and NAME_RULE.fullmatch(posixpath.basename(version_dir))
-                and not is_temporary(name)):
-            found.setdefault(name, path)
+    for path in sorted(fs.glob(posixpath.join(parent, "*", MANIFEST))):
+        folder = posixpath.dirname(path)
+        if folder == out_path or not NAME_RULE.fullmatch(posixpath.basename(folder)):
+            continue
+        try:
+            manifest = EmbeddingManifest.model_validate_json(fs.cat_file(path))
+        except (ValueError, OSError):
+            continue  # not an embeddings folder (or unreadable): nothing to reuse from it
+        if manifest.identity != model:
+            continue
+        for files in manifest.splits.values():
+            for f in files:
+                found.setdefault(f.source_sha256, posixpath.join(folder, f.path))
     return found
+
+
+def check_rows(table: pa.Table, model: ModelIdentity, rows: int, where: str) -> None:
+    """ValueError naming `where` unless `table` has `rows` rows, every one stamped with `model`'s name and
+    version (the columns `model_name` and `model_version` are enough; others may be left out)."""
+    if table.num_rows != rows:
+        raise ValueError(f"{where}: {table.num_rows} rows, its input shard has {rows}")
+    names = pc.unique(table.column("model_name")).to_pylist()
+    versions = pc.unique(table.column("model_version")).to_pylist()
+    if names != [model.name] or versions != [model.version]:
+        raise ValueError(f"{where}: rows of model {names} version {versions}, not {model.name} v{model.version}")
+
+
+# ------------------------------------------------------------------------------------- output location
+
+
+def check_output_location(out_url: str, data_root_url: str) -> None:
+    """Refuse an output folder whose writes could reach a dataset, before any work (ValueError naming both).
+
+    Refused: the data root itself, any folder inside it or above it (compared as real paths for local
+    files: `file://`, relative paths, `..` and symlinks all resolve first); a folder inside (or equal to)
+    any dataset version folder, wherever it is (one holding a dataset manifest); and a folder whose
+    ``manifest.json`` is not an embeddings manifest, which a run would replace.
+    """
+    fs, out = resolve(out_url)
+    root_fs, root = resolve(data_root_url)
+    real_out, real_root = _real_path(fs, out), _real_path(root_fs, root)
+    if _protocol(fs) == _protocol(root_fs) and (how := _overlap(real_out, real_root)):
+        raise ValueError(f"output {out_url} ({real_out}) {how} the data root {data_root_url} ({real_root}): "
+                         "encoding there could overwrite datasets; choose an --out outside the data root")
+    folder = out
+    while True:
+        if _is_dataset_folder(fs, folder):
+            where = "is" if folder == out else "is inside"
+            raise ValueError(f"output {out_url} {where} the dataset folder {to_url(fs, folder)} (data root "
+                             f"{data_root_url}): encoding there would overwrite its files; choose another --out")
+        parent = posixpath.dirname(folder)
+        if parent == folder or not parent:
+            break
+        folder = parent
+    _check_own_manifest(fs, out, out_url)
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    return "file" if is_local(fs) else (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0])
+
+
+def _real_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A local path with symlinks and '..' resolved (existing or not); any other store's path normalised."""
+    if is_local(fs):
+        return os.path.realpath(path)
+    return posixpath.normpath(posixpath.join("/", path))
+
+
+def _overlap(out: str, root: str) -> str | None:
+    """How output path `out` overlaps `root` ("is", "is inside", "contains"), or None."""
+    if out == root:
+        return "is"
+    if out.startswith(root.rstrip("/") + "/"):
+        return "is inside"
+    if root.startswith(out.rstrip("/") + "/"):
+        return "contains"
+    return None
+
+
+def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    """The JSON in file `path`, or None where there is no such file or it is not JSON."""
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+        return None
+
+
+def _is_dataset_folder(fs: fsspec.AbstractFileSystem, folder: str) -> bool:
+    manifest = _read_json(fs, posixpath.join(folder, MANIFEST))
+    return isinstance(manifest, dict) and manifest.get("format") == DATASET_FORMAT
+
+
+def _check_own_manifest(fs: fsspec.AbstractFileSystem, out: str, out_url: str) -> None:
+    """An existing ``manifest.json`` at the output must be an embeddings manifest (a run replaces it)."""
+    path = posixpath.join(out, MANIFEST)
+    if not fs.isfile(path):
+        return
+    try:
+        EmbeddingManifest.model_validate_json(fs.cat_file(path))
+    except ValueError:
+        raise ValueError(f"output {out_url} holds a {MANIFEST} that is not an embeddings manifest: encoding "
+                         "there would replace it; choose an empty folder or one this command wrote") from None
 
 
 # -------------------------------------------------------------------------------------------- manifest
@@ -219,10 +359,12 @@ class EmbeddingFile(Strict):
 class EmbeddingManifest(Strict):
     """Contents of ``manifest.json`` of one embeddings folder; counts are rows per split."""
 
-    format: Literal[1] = 1
+    format: Literal[1, 2] = 2
     model_name: str
     model_version: int = Field(ge=1)
     model_uri: str
+    weights_sha256: str | None = Field(None, description="SHA-256 of the model's serialised weights (format 2 "
+                                       "on; format 1 recorded none)")
     dataset: str
     dataset_version: str
     latent_dim: int = Field(ge=1)
@@ -234,6 +376,11 @@ class EmbeddingManifest(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "EmbeddingManifest":
         check_name(self.model_name, "model name")
+        if (self.format >= 2) != (self.weights_sha256 is not None):
+            need = "need" if self.format >= 2 else "have no"
+            raise ValueError(f"format {self.format} manifests {need} weights_sha256")
+        if self.weights_sha256 is not None and not SHA256.match(self.weights_sha256):
+            raise ValueError(f"weights_sha256 {self.weights_sha256!r} is not a lowercase hex SHA-256")
         check_name(self.dataset, "dataset name")
         check_name(self.dataset_version, "dataset version")
         if unknown := (set(self.splits) | set(self.counts)) - set(SPLITS):
@@ -245,10 +392,22 @@ class EmbeddingManifest(Strict):
             if stray := [f.path for f in files if posixpath.dirname(f.path) != split]:
                 raise ValueError(f"split {split!r} lists files outside its folder: {stray[:5]}")
             # The name is the contract that lets a later dataset version find and reuse the file.
-            if misnamed := [f.path for f in files
-                            if posixpath.basename(f.path) != file_name(f.source_sha256, self.model_version)]:
-                raise ValueError(f"files not named <source_sha256>-v{self.model_version}.parquet: {misnamed[:5]}")
+            if misnamed := [f.path for f in files if posixpath.basename(f.path) != self.file_name(f.source_sha256)]:
+                example = self.file_name("0" * 64).replace("0" * 64, "<source_sha256>")
+                raise ValueError(f"files not named {example}: {misnamed[:5]}")
         return self
+
+    @property
+    def identity(self) -> ModelIdentity | None:
+        """The model that wrote these files exactly; None for format 1, which recorded no weights digest."""
+        if self.weights_sha256 is None:
+            return None
+        return ModelIdentity(self.model_name, self.model_version, self.weights_sha256)
+
+    def file_name(self, source_sha256: str) -> str:
+        """The name this manifest's model gives the encoding of input shard `source_sha256`."""
+        identity = self.identity
+        return file_name(source_sha256, identity) if identity else _legacy_file_name(source_sha256, self.model_version)
 
     @field_validator("created_at")
     @classmethod

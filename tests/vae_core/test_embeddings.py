@@ -20,7 +20,10 @@ from vae_core import load_config
 from vae_core.embeddings import (
     EmbeddingFile,
     EmbeddingManifest,
+    ModelIdentity,
     build_table,
+    check_output_location,
+    check_rows,
     default_dir,
     embedding_schema,
     file_name,
@@ -41,6 +44,10 @@ from vae_core.shards import (DatasetInfo, atomic_write_bytes, open_dataset, read
                              temporary_name)
 
 MODEL = "vae-digits"
+
+
+def identity(version: int = 1, weights: bytes = b"weights", name: str = MODEL) -> ModelIdentity:
+    return ModelIdentity.of(name, version, weights)
 
 
 @dataclass
@@ -76,15 +83,18 @@ def digits(tmp_path_factory) -> tuple[DatasetInfo, list[Encoded]]:
     return info, encoded
 
 
-def publish(fs, out: str, encoded: list[Encoded], dataset_version: str, model_version: int = 1) -> EmbeddingManifest:
+def publish(fs, out: str, encoded: list[Encoded], dataset_version: str, model_version: int = 1,
+            weights: bytes = b"weights") -> EmbeddingManifest:
     """Write one file per shard and then the manifest, as the encode flow does."""
+    model = identity(model_version, weights)
     splits: dict[str, list[EmbeddingFile]] = {}
     for e in encoded:
-        rel = posixpath.join(e.split, file_name(e.sha256, model_version))
+        rel = posixpath.join(e.split, file_name(e.sha256, model))
         write_file(fs, posixpath.join(out, rel), e.table(dataset_version, model_version))
         splits.setdefault(e.split, []).append(EmbeddingFile(path=rel, rows=len(e.ids), source_sha256=e.sha256))
     manifest = EmbeddingManifest(
-        model_name=MODEL, model_version=model_version, model_uri=f"models:/{MODEL}/{model_version}", dataset="digits",
+        model_name=MODEL, model_version=model_version, model_uri=f"models:/{MODEL}/{model_version}",
+        weights_sha256=model.weights_sha256, dataset="digits",
         dataset_version=dataset_version, latent_dim=encoded[0].mean.shape[1], splits=splits,
         counts={s: sum(f.rows for f in files) for s, files in splits.items()}, images_per_s=1000.0,
     )
@@ -117,7 +127,7 @@ def test_a_shard_file_reads_with_pyarrow_and_pandas(digits, tmp_path):
     labels[[1, 4]] = -1  # digits are all labelled; a source without labels gives -1
     table = build_table(e.ids, e.split, labels, e.mean, e.logvar, MODEL, 3, info.version)
     fs, root = resolve(str(tmp_path))
-    path = posixpath.join(root, e.split, file_name(e.sha256, 3))
+    path = posixpath.join(root, e.split, file_name(e.sha256, identity(3)))
     write_file(fs, path, table)
 
     back = pq.read_table(path)
@@ -153,11 +163,14 @@ def test_build_table_refuses_mismatches_and_non_finite_latents(digits):
 
 def test_file_name_and_default_dir():
     sha = "ab" * 32
-    assert file_name(sha, 4) == f"{sha}-v4.parquet"
+    model = identity(4)
+    assert file_name(sha, model) == f"{sha}-v4-{model.key}.parquet" and len(model.key) == 16
+    # Name, version and weights are each part of the key: a re-created registry cannot alias two models.
+    assert len({model.key, identity(4, b"other weights").key, identity(5).key, identity(4, name="vae-x").key}) == 4
     with pytest.raises(ValueError, match="'xyz'"):
-        file_name("xyz", 1)
+        file_name("xyz", model)
     with pytest.raises(ValueError, match="0"):
-        file_name(sha, 0)
+        identity(0)
     assert default_dir("s3://b/emb/", "vae-mnist", 3, "mnist", "3f2a") == "s3://b/emb/vae-mnist/3/mnist/3f2a"
     with pytest.raises(ValueError, match=r"'\.\./x'"):
         default_dir("/r", "vae-mnist", 3, "../x", "3f2a")
@@ -234,22 +247,75 @@ def test_join_images_follows_the_table_order(digits, published):
         join_images(elsewhere, info)
 
 
-def test_reusable_files_are_only_published_files_of_sibling_versions():
-    fs, root = resolve("memory://reuse-test")
-    name = file_name("cd" * 32, 2)
-    base = f"{root}/{MODEL}/2/digits"
-    assert reusable_files(fs, f"{base}/new") == {}  # nothing published at all
+def test_reusable_files_are_the_files_of_siblings_by_the_same_model(digits, tmp_path):
+    info, encoded = digits
+    fs, root = resolve(str(tmp_path))
+    base = f"{root}/{MODEL}/1/digits"
+    model = identity(1)
+    assert reusable_files(fs, f"{base}/new", model) == {}  # nothing published at all
 
-    fs.pipe_file(f"{base}/new/train/{name}", b"x")  # the output folder itself does not count
-    fs.pipe_file(temporary_name(f"{base}/half/test/{name}"), b"x")  # an unfinished write
-    fs.pipe_file(f"{base}/other/test/notes.parquet", b"x")  # not an embeddings file name
-    assert reusable_files(fs, f"{base}/new") == {}
+    old = publish(fs, f"{base}/old", encoded[:2], "old")
+    publish(fs, f"{base}/retrained", encoded[:3], "retrained", weights=b"new weights")  # same name and version
+    publish(fs, f"{base}/new", encoded[3:4], "new")  # the output folder itself does not count
+    unfinished = posixpath.join(base, "half", encoded[4].split, file_name(encoded[4].sha256, model))
+    write_file(fs, unfinished, encoded[4].table("half"))  # no manifest: a run that did not finish
+    fs.makedirs(f"{base}/notes")
+    fs.pipe_file(f"{base}/notes/manifest.json", b'{"not": "embeddings"}')  # some other folder's manifest
+    found = reusable_files(fs, f"{base}/new/", model)
+    assert found == {f.source_sha256: f"{base}/old/{f.path}" for files in old.splits.values() for f in files}
+    assert reusable_files(fs, f"{base}/new", identity(1, b"new weights")).keys() == {e.sha256 for e in encoded[:3]}
 
-    other_model = file_name("cd" * 32, 1)  # the same shard under another model version: another name
-    atomic_write_bytes(fs, f"{base}/other/test/{other_model}", b"x")
-    atomic_write_bytes(fs, f"{base}/old/val/{name}", b"x")
-    found = reusable_files(fs, f"{base}/new/")
-    assert found == {name: f"{base}/old/val/{name}", other_model: f"{base}/other/test/{other_model}"}
+
+def test_check_rows_names_a_file_of_another_model(digits):
+    e = digits[1][0]
+    table = e.table("v1")
+    check_rows(table, identity(1), len(e.ids), "f.parquet")
+    with pytest.raises(ValueError, match=rf"f.parquet: rows of model \['{MODEL}'\] version \[1\], not vae-b v1"):
+        check_rows(table, identity(1, name="vae-b"), len(e.ids), "f.parquet")
+    with pytest.raises(ValueError, match="f.parquet: .* rows, its input shard has"):
+        check_rows(table.slice(1), identity(1), len(e.ids), "f.parquet")
+
+
+def test_a_format_1_manifest_still_reads(digits, tmp_path):
+    info, encoded = digits
+    fs, out = resolve(str(tmp_path / "old"))
+    e = encoded[0]
+    rel = f"{e.split}/{e.sha256}-v1.parquet"
+    write_file(fs, posixpath.join(out, rel), e.table(info.version))
+    manifest = EmbeddingManifest(format=1, model_name=MODEL, model_version=1, model_uri=f"models:/{MODEL}/1",
+                                 dataset="digits", dataset_version=info.version, latent_dim=e.mean.shape[1],
+                                 splits={e.split: [EmbeddingFile(path=rel, rows=len(e.ids), source_sha256=e.sha256)]},
+                                 counts={e.split: len(e.ids)})
+    write_manifest(fs, out, manifest)
+    assert read_embeddings(str(tmp_path / "old")).num_rows == len(e.ids)
+    assert manifest.identity is None  # nothing to reuse it by
+    with pytest.raises(ValueError, match="format 2 manifests need weights_sha256"):
+        EmbeddingManifest.model_validate({**manifest.model_dump(), "format": 2})
+
+
+def test_an_output_location_that_could_reach_a_dataset_is_refused(digits, tmp_path):
+    info = digits[0]
+    root = posixpath.dirname(posixpath.dirname(info.path))  # the data root the fixture ingested into
+    check_output_location(str(tmp_path / "embeddings"), root)  # elsewhere: fine
+    for out, how in [(info.path, "is inside"), (root, "is"), (posixpath.dirname(root), "contains"),
+                     (f"file://{info.path}/../..", "is"), (f"{root}/digits/../new", "is inside")]:
+        with pytest.raises(ValueError, match=f"output .* {how} the data root {root}"):
+            check_output_location(out, root)
+    link = tmp_path / "link"
+    link.symlink_to(info.path)
+    with pytest.raises(ValueError, match=f"output {link}/x .*is inside the data root {root}"):
+        check_output_location(f"{link}/x", root)
+    # A dataset folder anywhere, whatever the data root in force says.
+    with pytest.raises(ValueError, match=f"output {info.path}/train is inside the dataset folder {info.path}"):
+        check_output_location(f"{info.path}/train", str(tmp_path / "another-root"))
+    # A manifest.json at the output that this command did not write would be replaced.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "manifest.json").write_text('{"my": "notes"}')
+    with pytest.raises(ValueError, match="holds a manifest.json that is not an embeddings manifest"):
+        check_output_location(str(tmp_path / "mine"), root)
+    check_output_location("memory://emb/x", "memory://datasets")
+    with pytest.raises(ValueError, match="is inside the data root"):
+        check_output_location("memory://datasets/digits", "memory://datasets")
 
 
 def test_restamp_changes_only_the_stamps(digits):
