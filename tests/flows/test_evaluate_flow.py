@@ -203,3 +203,15 @@ def test_cli_prints_metrics_and_decision_as_json(home, register):
 
     bad = CliRunner().invoke(app, ["evaluate", "--model", "vae-mnist"])
     assert bad.exit_code == 1 and "models:/NAME@ALIAS or models:/NAME/VERSION" in bad.output
+
+
+def test_a_shard_deleted_from_the_dataset_is_named_with_what_to_do(home, register):
+    from vae_core.ingest import run_ingest
+    from vae_core.requests import IngestRequest
+
+    dataset = run_ingest(IngestRequest(source="builtin:digits", name="digits-damaged"))
+    version = register(epochs=0, name="vae-digits-damaged", preset="digits", dataset="digits-damaged")
+    (Path(dataset.url) / "test" / "part-00000.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^dataset digits-damaged@{dataset.version}: shard test/part-00000"
+                                                r"\.parquet is missing \(.*\); the dataset version is damaged; remove "):
+        _evaluate(model=f"models:/vae-digits-damaged/{version}", promote=False)
