@@ -97,14 +97,14 @@ def test_ctrl_c_stops_ingest_within_seconds_leaving_nothing_behind(tmp_path, slo
     scratch.mkdir()
     args = ["ingest", str(slow_source), "--name", "x", "--data-root", str(data), "--workers", "2", "--image-size",
             "16,16", mode]
-    # Its staging folder appears as decoding starts (after Prefect's server is up, in Prefect mode).
+    # Its staging folder (in the data root) appears as decoding starts (after Prefect's server is up, in Prefect mode).
     code, took = _interrupt(args, {**_env(tmp_path), "TMPDIR": str(scratch)}, tmp_path / "stderr",
-                            lambda: any(scratch.glob("vae-ingest-*")))
+                            lambda: any((data / ".staging").glob(".vae-ingest.tmp-*")))
     stderr = (tmp_path / "stderr").read_text()
     assert code == 130 and took < 15, (code, took, stderr[-3000:])
     assert "interrupted" in stderr.splitlines() and "Traceback" not in stderr, stderr[-3000:]
     assert not list(data.rglob("manifest.json")) and not list(data.rglob(".*.tmp-*")), list(data.rglob("*"))
-    assert not list(scratch.iterdir()), list(scratch.iterdir())  # the staging folder is gone
+    assert not list(scratch.iterdir()) and not (data / ".staging").exists(), list(data.rglob("*"))  # staging is gone
 
 
 @pytest.mark.slow
