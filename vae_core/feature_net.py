@@ -19,11 +19,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from vae_core.requests import check_name
 from vae_core.settings import feature_net_root
 from vae_core.shards import atomic_write_bytes, resolve
 
 FILE_NAME = "feature_net.safetensors"
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 class FeatureNet(nn.Module):
@@ -158,9 +158,8 @@ def feature_net_url(dataset: str, version: str, root: str | None = None) -> str:
 
     Raises ValueError for a dataset name or version that is unsafe as a path component.
     """
-    for name in (dataset, version):
-        if not _SAFE_NAME.match(name) or name in (".", ".."):
-            raise ValueError(f"unsafe dataset name or version for a cache path: {name!r}")
+    check_name(dataset, "dataset name")  # the one naming rule: no '/', '..', or trailing newline
+    check_name(version, "dataset version")
     return f"{(root or feature_net_root()).rstrip('/')}/{dataset}/{version}/{FILE_NAME}"
 
 

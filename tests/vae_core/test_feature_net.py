@@ -15,6 +15,7 @@ from vae_core.feature_net import (
     FeatureNet,
     FrechetScorer,
     accuracy,
+    feature_net_url,
     load_or_train_feature_net,
     train_feature_net,
 )
@@ -141,6 +142,11 @@ def test_errors_name_the_problem(net, digits, digits_u8, vae_home):
     scorer.add_real(digits_u8[1:10])
     with pytest.raises(ValueError, match="got 10 real and 1 fake"):
         scorer.distance([digits_u8[:1]])
+    for bad in ("..", "a/b", "digits\n", ".hidden"):  # a cache path never leaves its root, nor hides a newline
+        with pytest.raises(ValueError, match="must use only"):
+            feature_net_url(bad, "v3", "/cache")
+        with pytest.raises(ValueError, match="must use only"):
+            feature_net_url("digits", bad, "/cache")
 
 
 def test_training_is_seeded_and_leaves_the_global_rng_alone(digits):
