@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,20 +36,35 @@ def job_runtime_env() -> dict[str, dict[str, str]]:
     return {"env_vars": {"RAY_worker_niceness": "0", **{k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}}}
 
 
+class RayUnreachableError(ConnectionError):
+    """RAY_ADDRESS names a cluster where nothing answers; the message names the address and what to do."""
+
+
 @contextlib.contextmanager
 def ray_session() -> Iterator[dict[str, float]]:
-    """Join $RAY_ADDRESS (or an already initialised Ray), else start a local Ray and shut it down after."""
+    """Join $RAY_ADDRESS (or an already initialised Ray), else start a new local Ray and shut it down after.
+
+    Yields `ray.cluster_resources()`. Without RAY_ADDRESS the local Ray is a new one, whatever address an
+    earlier `ray start` left in Ray's temp folder (a plain `ray.init()` would join it, and retry a dead one
+    for minutes). The caller's SIGTERM handler stays in force (see `_keep_sigterm`).
+
+    Raises:
+        RayUnreachableError: within seconds, when nothing answers at RAY_ADDRESS.
+    """
     import ray
 
     started = False
     env_before = dict(os.environ)
+    sigterm_before = signal.getsignal(signal.SIGTERM)
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, runtime_env=job_runtime_env())
-        else:
-            # A local Ray listens on loopback only; a cluster is joined through RAY_ADDRESS instead.
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     _node_ip_address="127.0.0.1", runtime_env=job_runtime_env())
+        with _keep_sigterm(sigterm_before):
+            if address := os.environ.get("RAY_ADDRESS"):
+                _check_answers(address)
+                ray.init(address=address, log_to_driver=False, runtime_env=job_runtime_env())
+            else:
+                # A local Ray listens on loopback only; a cluster is joined through RAY_ADDRESS instead.
+                ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+                         _node_ip_address="127.0.0.1", runtime_env=job_runtime_env())
         started = True
     try:
         yield ray.cluster_resources()
@@ -58,6 +76,38 @@ def ray_session() -> Iterator[dict[str, float]]:
             for key in set(os.environ) - set(env_before):
                 del os.environ[key]
             os.environ.update(env_before)
+            if sigterm_before is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm_before)  # Ray's handler, if it stayed, goes with Ray
+
+
+@contextlib.contextmanager
+def _keep_sigterm(handler: Any) -> Iterator[None]:
+    """Put the caller's Python SIGTERM handler (the `vae` command's) back after `ray.init` replaced it.
+
+    Ray's driver handler kills the local Ray's processes under the running job and exits 1, and the driver's
+    core worker then aborts on its vanished raylet (exit 134, a stack dump); the command's handler ends the
+    job as Ctrl-C does, and `ray.shutdown` then stops Ray. Without a Python handler Ray's stays: a process
+    that has no cleanup of its own still has Ray's.
+    """
+    try:
+        yield
+    finally:
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _check_answers(address: str, timeout: float = 5.0) -> None:
+    """Connect to RAY_ADDRESS's host:port (`host:port` or `ray://host:port`) within `timeout` s, or raise
+    RayUnreachableError: Ray itself retries an absent GCS for minutes. Other forms go to Ray as they are."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RayUnreachableError(
+            f"RAY_ADDRESS={address}: nothing answers there ({e.strerror or e}); start the cluster (`vae stack up` "
+            "prints its exports) or unset RAY_ADDRESS to run on a new local Ray") from None
 
 
 @contextlib.contextmanager
