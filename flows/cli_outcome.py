@@ -145,8 +145,25 @@ class _Interrupts:
                 stream.flush()
 
     def exit(self) -> None:
+        """Exit 130 now, taking this process's children along (`os._exit` skips the atexit hooks that stop
+        them: Prefect's temporary server would outlive a command that was sent SIGTERM alone)."""
         self.tell()
+        _end_children()
         os._exit(130)
+
+
+def _end_children(wait: float = 2.0) -> None:
+    """SIGTERM every process this one started, directly or not (Prefect's temporary server, a local Ray's
+    GCS, raylet, agents and workers), SIGKILL those still alive after `wait` seconds."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    for child in psutil.wait_procs(children, timeout=wait)[1]:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 @functools.cache

@@ -1,0 +1,67 @@
+"""SIGTERM (`kill PID`, a service manager stopping the command) ends `vae train` as Ctrl-C does: exit 130
+within seconds, after cleanup, with the line `interrupted` and no stack dump, Ray's processes gone with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _eventually(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _group(pgid: int) -> list[str]:
+    """Command lines of the live processes of process group `pgid` (Linux /proc; zombies aside)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # it ended while we looked
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_stops_training_with_exit_130_after_cleanup(tmp_path):
+    """SIGTERM to the command's process alone (as `kill PID` sends it), while Ray Train runs."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "RAY_ADDRESS")}
+    env.update(VAE_HOME=str(tmp_path / "vae"), MLFLOW_DISABLE_TELEMETRY="true")
+    subprocess.run([sys.executable, "-m", "flows.cli", "ingest", "builtin:digits", "--name", "digits", "--no-prefect"],
+                   env=env, check=True, capture_output=True)
+    checkpoints = tmp_path / "vae" / "checkpoints"
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "--dataset", "digits", "--preset",
+                                 "digits", "--epochs", "200"], env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    try:
+        assert _eventually(lambda: proc.poll() is not None or any(checkpoints.glob("*/checkpoint_*")), 400)
+        time.sleep(1)
+        assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - start
+        stderr = (tmp_path / "stderr").read_text()
+        assert code == 130 and took < 15, (code, took, stderr[-3000:])
+        assert "interrupted" in stderr.splitlines(), stderr[-3000:]
+        assert "Traceback" not in stderr and "SIGABRT" not in stderr and "Stack trace" not in stderr, stderr[-3000:]
+        assert _eventually(lambda: not _group(proc.pid), 15), _group(proc.pid)
+    finally:
+        if _group(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
