@@ -121,3 +121,15 @@ def test_a_shard_of_another_size_or_other_bytes_is_named(dataset):
     path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # same size, one bit off
     with pytest.raises(ValueError, match=r"shard test/part-00000\.parquet does not match the manifest's checksum"):
         read_split_u8(open_dataset(root, "toy"), "test")
+
+
+def test_an_unreadable_manifest_is_one_line_naming_it_and_what_to_do(dataset):
+    root, vdir = dataset
+    text = (vdir / MANIFEST).read_text()
+    for broken in (text[: len(text) // 2], text.replace('"rows"', '"row_count"', 1)):
+        (vdir / MANIFEST).write_text(broken)
+        with pytest.raises(ValueError) as caught:
+            open_dataset(root, "toy", vdir.name)
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith(f"{vdir / MANIFEST} is not a valid manifest (")
+        assert message.endswith(f"the dataset version is damaged; remove {vdir} and ingest its source again")
