@@ -27,6 +27,7 @@ NAME_HELP = "letters, digits, '.', '_', '-', starting with a letter or digit"
 SourceFormat = Literal["auto", "folder", "idx", "npz", "parquet", "builtin"]
 Split = Literal["train", "val", "test"]
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))\Z")
+MAX_MODEL_VERSION = 2**31 - 1  # MLflow's SQL stores keep versions in an INTEGER column (32-bit in PostgreSQL)
 
 
 def check_name(value: str, what: str) -> str:
@@ -58,6 +59,9 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
         return m["name"], check_name(m["alias"], "alias"), None
     if not m["version"].isdigit() or int(m["version"]) < 1:
         raise ValueError(f"model version {m['version']!r} in {uri!r} is not a positive whole number")
+    if int(m["version"]) > MAX_MODEL_VERSION:  # the store would fail on it with an internal error, not "not found"
+        raise ValueError(f"model version {m['version']} in {uri!r} is beyond any registry's versions (at most "
+                         f"{MAX_MODEL_VERSION}): name one the model has, or an alias (models:/{m['name']}@champion)")
     return m["name"], None, int(m["version"])
 
 

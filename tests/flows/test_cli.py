@@ -84,6 +84,8 @@ def test_a_bad_request_is_one_line_before_anything_starts():
         (["train", "--dataset", "mnist", "--set", "train.lr=abc"], "train.lr='abc': Input should be a valid number"),
         (["train", "--dataset", "mnist", "--set", "model.laten_dim=4"], "did you mean latent_dim? model keys: "),
         (["train", "--dataset", "mnist", "--preset", "nope"], "no config preset 'nope'; shipped presets: digits"),
+        (["encode", "--model", "models:/x/99999999999999999999", "--dataset", "mnist"],
+         "model version 99999999999999999999 in 'models:/x/99999999999999999999' is beyond any registry's versions"),
     ]
     for args, message in cases:
         r = runner.invoke(app, args)

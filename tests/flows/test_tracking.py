@@ -206,6 +206,24 @@ def test_register_creates_versions_and_moves_challenger(store, model):
     assert client.get_run(run_id).info.status == "RUNNING"
 
 
+def test_a_version_beyond_what_a_registry_holds_is_one_clear_error(store, model):
+    """The registry's store answers such a version with an internal error (SQLite: "Python int too large"),
+    and a server with a 500 that reads as "try again": it is refused before the registry is asked."""
+    from pydantic import ValidationError
+
+    from vae_core.requests import EncodeRequest
+
+    registry.log_and_register_model(_start("exp-huge"), model, "vae-huge", "v123")
+    for version in ("99999999999999999999", str(2**63), str(2**31)):
+        uri = f"models:/vae-huge/{version}"
+        with pytest.raises(ValueError, match=f"model version {version} in '{uri}' is beyond any registry's "
+                           r"versions \(at most 2147483647\)"):
+            registry.pin_model(uri)
+        with pytest.raises(ValidationError, match=f"model version {version} in"):
+            EncodeRequest(model=uri, dataset="digits")
+    assert registry.pin_model(f"models:/vae-huge/{1}").version == 1
+
+
 def test_pyfunc_predict_accepts_dataset_shapes_and_rejects_others(model, images):
     wrapped = VAEPyfunc()
     wrapped.model = model
