@@ -42,9 +42,9 @@ from vae_core import settings
 from vae_core.builder import DatasetBuilder, input_fingerprint
 from vae_core.errors import IngestError
 from vae_core.requests import IngestRequest
-from vae_core.shards import (MANIFEST, SPLITS, Manifest, ShardInfo, atomic_put_file, atomic_write_bytes, dataset_dir,
-                             is_local, list_versions, read_manifest, remove_temporaries, resolve, sha256_hex,
-                             temporary_name, to_url, writer_gone)
+from vae_core.shards import MANIFEST, SPLITS, Manifest, ShardInfo, dataset_dir, list_versions, read_manifest, sha256_hex
+from vae_core.storage import (atomic_put_file, atomic_write_bytes, is_local, remove_temporaries, resolve, temporary_name,
+                              to_url, writer_gone)
 from vae_core.sources.base import RawBatch, Source
 from vae_core.sources.decode import ShapeSpec
 from vae_core.sources.detect import open_source

@@ -26,15 +26,10 @@ Reader API (what training and encoding build on)::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import posixpath
 import re
-import socket
-import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,22 +37,19 @@ from typing import Any, Literal
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from vae_core.requests import NAME_RULE, check_name
+# Re-exported: the stages import the storage helpers with the reader API.
+from vae_core.storage import (FOREIGN_TEMPORARY_AGE_S, TEMPORARY, arrow_filesystem, atomic_put_file,  # noqa: F401
+                              atomic_write_bytes, is_local, is_temporary, remove_temporaries, resolve,
+                              temporary_name, to_url, writer_gone)
 
 FORMAT = "vae-shards/1"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST = "manifest.json"
 COMPRESSION = "zstd"
-# The hidden names `_publish` writes to before the move: `.<final name>.tmp-<host key>-<pid>-<random>`.
-# The writer's host and process are part of the name, so that a clean-up can tell a temporary whose
-# writer is gone (removable) from one another process is still writing (never touched).
-TEMPORARY = re.compile(r"\A\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{32}\Z")
-# A temporary written on another host is removed only once it is this old: its writer cannot be asked.
-FOREIGN_TEMPORARY_AGE_S = 24 * 3600.0
 # A shard's path in the manifest: a plain Parquet file name directly in its split's folder. Readers join it
 # to the version folder, so anything else (absolute, '..', deeper folders) could make them read elsewhere.
 SHARD_PATH = re.compile(r"(?P<split>train|val|test)/[A-Za-z0-9][A-Za-z0-9._-]*\.parquet")
@@ -284,155 +276,6 @@ class Manifest(_Strict):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
-
-
-# ----------------------------------------------------------------------------------------- filesystems
-
-
-def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """URL (local path, file://, memory://, s3://, ...) -> (filesystem, path without protocol)."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs, path.rstrip("/") or path
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
-
-
-def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
-    """pyarrow's view of an fsspec filesystem: its native one for local files (faster), a wrapper otherwise.
-
-    The wrapper pickles with its fsspec filesystem, so credentials and endpoints reach remote readers.
-    """
-    return pafs.LocalFileSystem() if is_local(fs) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
-def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """Inverse of `resolve`: a URL that names `path` on `fs` (local paths stay plain paths)."""
-    return path if is_local(fs) else fs.unstrip_protocol(path)
-
-
-def _host_key() -> str:
-    """8 hex digits naming this host in temporary names (a host name may hold '.' or '-')."""
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def temporary_name(path: str) -> str:
-    """The hidden name beside `path` that this process writes before publishing `path` (see TEMPORARY)."""
-    parent, base = posixpath.split(path)
-    return posixpath.join(parent, f".{base}.tmp-{_host_key()}-{os.getpid()}-{uuid.uuid4().hex}")
-
-
-def is_temporary(name: str) -> bool:
-    """Whether the file name `name` (no folder) is one of `_publish`'s temporaries."""
-    return TEMPORARY.fullmatch(name) is not None
-
-
-def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], None], replace: bool = True) -> bool:
-    """Have `write` fill a hidden temporary name beside `path`, then publish it with one move; returns
-    whether it was published (always, unless `replace` is False and `path` exists: see `_move`).
-
-    A rename locally; on object stores a server-side copy, which also appears all at once. Readers see
-    either nothing or the whole file.
-    """
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = temporary_name(path)
-    try:  # the write too: an interrupt halfway through it must not leave the partial temporary behind
-        write(tmp)
-        return _move(fs, tmp, path, replace)
-    except BaseException:
-        with contextlib.suppress(Exception):  # best effort: the original error is the one worth reporting
-            fs.rm_file(tmp)
-        raise
-
-
-def _move(fs: fsspec.AbstractFileSystem, tmp: str, path: str, replace: bool) -> bool:
-    """Move `tmp` to `path`; without `replace`, leave an existing `path` as it is (and return False).
-
-    Locally a hard link never replaces and is atomic, so of two concurrent writers exactly one wins. Object
-    stores have no such move in fsspec: the check before the copy leaves a window of one request.
-    """
-    if replace:
-        fs.mv(tmp, path)
-        return True
-    if is_local(fs):
-        try:
-            os.link(tmp, path)
-            published = True
-        except FileExistsError:
-            published = False
-        fs.rm_file(tmp)
-        return published
-    fs.invalidate_cache(posixpath.dirname(path))
-    if fs.exists(path):
-        fs.rm_file(tmp)
-        return False
-    fs.mv(tmp, path)
-    return True
-
-
-def writer_gone(name: str, modified: float | None, now: float) -> bool:
-    """Whether the process that wrote temporary `name` (see TEMPORARY) can no longer finish it.
-
-    On this host: its pid is not alive (a pid reused since only keeps the file, the safe mistake). On
-    another host: the file is older than FOREIGN_TEMPORARY_AGE_S (unknown age: never).
-    """
-    m = TEMPORARY.fullmatch(name)
-    if m is None:
-        return False
-    if m["host"] != _host_key():
-        return modified is not None and now - modified > FOREIGN_TEMPORARY_AGE_S
-    try:
-        os.kill(int(m["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):
-        return False  # alive but not ours to signal / not a pid: leave it
-    return False
-
-
-def _modified(entry: dict[str, Any]) -> float | None:
-    """Modification time (epoch seconds) of an `fs.ls(detail=True)` entry, where the store gives one."""
-    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = entry.get(key)
-        if isinstance(value, (int, float)):
-            return float(value)
-        if hasattr(value, "timestamp"):
-            return float(value.timestamp())
-    return None
-
-
-def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
-    """Delete the temporaries in `folder` (not below it) whose writer is gone, and return their paths.
-
-    `_publish` removes its own temporary when it fails, but a killed process (SIGKILL, power loss) cannot.
-    Only names of `_publish`'s own scheme are candidates, only directly in a folder the caller writes,
-    and never one a live process may still be writing (a concurrent run of the same stage): nothing a
-    user or another run put there is touched.
-    """
-    fs.invalidate_cache(folder)  # object stores cache listings; another process may have written since
-    try:
-        entries = fs.ls(folder, detail=True)
-    except FileNotFoundError:
-        return []
-    now = time.time()
-    stale = [e["name"] for e in entries if e.get("type") == "file"
-             and writer_gone(posixpath.basename(e["name"]), _modified(e), now)]
-    for p in stale:
-        with contextlib.suppress(FileNotFoundError):  # a concurrent cleanup got there first
-            fs.rm_file(p)
-    return stale
-
-
-def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, replace: bool = True) -> bool:
-    """Write `data` to `path` atomically; with replace=False an existing `path` wins (returns False)."""
-    return _publish(fs, path, lambda tmp: fs.pipe_file(tmp, data), replace)
-
-
-def atomic_put_file(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:
-    """Upload a local file to `path` atomically."""
-    _publish(fs, path, lambda tmp: fs.put_file(local_path, tmp))
 
 
 # -------------------------------------------------------------------------------------------- reading
