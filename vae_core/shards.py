@@ -433,8 +433,11 @@ def check_shard_schema(info: DatasetInfo) -> None:
     shard = next((sh for s in info.manifest.splits.values() for sh in s.shards), None)
     if shard is None:
         return
-    with info.fs.open(posixpath.join(info.path, shard.path), "rb") as f:
-        found = pq.read_schema(f).remove_metadata()
+    try:
+        with info.fs.open(posixpath.join(info.path, shard.path), "rb") as f:
+            found = pq.read_schema(f).remove_metadata()
+    except pa.ArrowInvalid as e:  # not Parquet at all (a storage error stays what it is)
+        raise ValueError(_damaged(info, shard, f"is not a Parquet file ({e})")) from None
     want = shard_schema(info.manifest.image_bytes)
     if not found.equals(want):
         h, w, c = info.shape

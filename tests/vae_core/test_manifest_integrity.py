@@ -121,6 +121,10 @@ def test_a_shard_of_another_size_or_other_bytes_is_named(dataset):
     path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # same size, one bit off
     with pytest.raises(ValueError, match=r"shard test/part-00000\.parquet does not match the manifest's checksum"):
         read_split_u8(open_dataset(root, "toy"), "test")
+    first = vdir / "train" / "part-00000.parquet"  # the shard whose footer open_dataset reads
+    first.write_bytes(bytes(first.stat().st_size))  # same size, not Parquet
+    with pytest.raises(ValueError, match=r"shard train/part-00000\.parquet is not a Parquet file"):
+        open_dataset(root, "toy")
 
 
 def test_an_unreadable_manifest_is_one_line_naming_it_and_what_to_do(dataset):
