@@ -111,7 +111,8 @@ class IngestRequest(Request):
                                            json_schema_extra={"cli": None})
     data_root_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for data_root",
                                               json_schema_extra={"cli": None})
-    staging_dir: str | None = Field(None, description="local scratch folder (default: the system temp folder)",
+    staging_dir: str | None = Field(None, description="local scratch folder (default: .staging in a local data root, "
+                                    "else staging in a local VAE_HOME, else the system temp folder)",
                                     json_schema_extra={"cli": None})
     max_file_mb: float = Field(DEFAULT_MAX_FILE_MB, gt=0, description="quarantine image files (or Parquet image "
                                "cells) larger than this many MiB, unread")
