@@ -82,10 +82,13 @@ def test_another_models_latents_are_never_reused(home, tmp_path):
     assert read_manifest(b["output"]).weights_sha256 != read_manifest(a["output"]).weights_sha256
     again = _encode(splits=["test"], out=str(tmp_path / "x" / "a2"))
     assert again["rows_reused"] == info.counts["test"] and again["rows_encoded"] == 0
-    # The same model into the folder of another: its files are not taken as done.
+    # Another model into the folder of the first: A's files there are not taken as done (B's own, in the
+    # sibling folder, are reused).
     over = _encode(model="models:/vae-b/1", splits=["test"], out=a["output"])
-    assert over["rows_encoded"] == info.counts["test"] and over["rows_already_there"] == 0
-    assert set(read_embeddings(a["output"]).column("model_name").to_pylist()) == {"vae-b"}
+    assert over["rows_already_there"] == 0 and over["rows_reused"] == info.counts["test"]
+    table = read_embeddings(a["output"])
+    assert set(table.column("model_name").to_pylist()) == {"vae-b"}
+    np.testing.assert_allclose(latents(table)[1], expected["mean"], rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- output location
@@ -125,8 +128,10 @@ def test_two_concurrent_runs_into_one_folder_both_succeed_and_spare_other_files(
     (out / "notes.txt").write_text("mine")
     live = Path(temporary_name(str(out / "test" / "x.parquet")))  # a live process's (this one's) write
     live.write_bytes(b"half")
-    below = out / "test" / "sub" / Path(temporary_name(str(out / "x"))).name.replace(f"-{os.getpid()}-", "-999999999-")
-    below.write_bytes(b"not in a folder encode writes")
+    dead = Path(temporary_name(str(out / "test" / "y.parquet")).replace(f"-{os.getpid()}-", "-999999999-"))
+    dead.write_bytes(b"a killed run's")  # its writer is gone: removed
+    below = out / "test" / "sub" / dead.name
+    below.write_bytes(b"not in a folder encode writes")  # never looked at
     cmd = _vae("encode", "--model", "models:/vae-a/1", "--dataset", "mnist", "--splits", "test", "--out", str(out),
                "--json")
     procs = [subprocess.Popen(cmd, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -137,7 +142,7 @@ def test_two_concurrent_runs_into_one_folder_both_succeed_and_spare_other_files(
     table = read_embeddings(str(out))
     assert sorted(table.column("id").to_pylist()) == sorted(set(table.column("id").to_pylist()))
     assert table.num_rows == info.counts["test"]
-    assert (out / "notes.txt").read_text() == "mine" and live.exists() and below.exists()
+    assert (out / "notes.txt").read_text() == "mine" and live.exists() and below.exists() and not dead.exists()
     assert [json.loads(o.splitlines()[-1])["output"] for o, _ in results] == [str(out)] * 2
 
 
