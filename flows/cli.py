@@ -132,12 +132,17 @@ app.add_typer(stack_app, name="stack", help="Start, check or stop the local stac
 
 @stack_app.command("up")
 def stack_up(
-    prefect_port: Annotated[int, typer.Option(min=1, max=65535, help="Prefect server port (API and UI).")] = 4200,
-    mlflow_port: Annotated[int, typer.Option(min=1, max=65535, help="MLflow tracking server port.")] = 5000,
-    ray_port: Annotated[int, typer.Option(min=1, max=65535, help="Ray head port (RAY_ADDRESS).")] = 6379,
-    ray_dashboard_port: Annotated[int, typer.Option(min=1, max=65535, help="Ray dashboard port, used only when "
-                                                    "Ray's dashboard packages are installed.")] = 8265,
-    pool: Annotated[str, typer.Option(help="Process work pool the worker polls (created if missing).")] = "vae-local",
+    prefect_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Prefect server port (API and UI; "
+                                                        "default 4200).")] = None,
+    mlflow_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="MLflow tracking server port "
+                                                       "(default 5000).")] = None,
+    ray_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Ray head port, RAY_ADDRESS "
+                                                    "(default 6379).")] = None,
+    ray_dashboard_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Ray dashboard port, used only "
+                                                              "when Ray's dashboard packages are installed (default "
+                                                              "8265).")] = None,
+    pool: Annotated[Optional[str], typer.Option(help="Process work pool the worker polls, created if missing "
+                                                "(default vae-local).")] = None,
     ray_cpus: Annotated[Optional[int], typer.Option(min=1, help="CPUs the Ray head offers (default: all).")] = None,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for every service to be healthy.")] = 180.0,
     env: Annotated[bool, typer.Option("--env", help="Print only the export lines: no progress or summary.")] = False,
@@ -145,7 +150,7 @@ def stack_up(
     debug: DEBUG[0] = False,
 ) -> None:
     """Start the stack, or find it running: progress and UI URLs on stderr, `export` lines on stdout, so that
-    `eval "$(vae stack up)"` points this shell at it."""
+    `eval "$(vae stack up)"` points this shell at it. Options left out are the running stack's, else the defaults."""
     with outcome(debug):
         from flows.stack import up
 

@@ -26,6 +26,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flows import stack_services as services
 from flows.stack_services import HOST
@@ -34,6 +37,11 @@ from vae_core.settings import vae_home
 
 ORDER = ("prefect", "mlflow", "ray", "worker")
 RAY_GRACE_S = 3.0  # seconds Ray's processes get between SIGTERM and SIGKILL
+# What `up` takes; an option left out is the running stack's, else this default.
+DEFAULTS: dict[str, int | str | None] = {"prefect_port": 4200, "mlflow_port": 5000, "ray_port": 6379,
+                                         "ray_dashboard_port": 8265, "pool": "vae-local", "ray_cpus": None}
+_LABELS = {"prefect_port": "prefect port", "mlflow_port": "mlflow port", "ray_port": "ray port",
+           "ray_dashboard_port": "ray dashboard port", "pool": "pool", "ray_cpus": "ray CPUs"}
 _POOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -92,28 +100,35 @@ class Stack:
         return out + [f"note: {note}" for note in self.notes]
 
 
-def up(prefect_port: int = 4200, mlflow_port: int = 5000, ray_port: int = 6379, pool: str = "vae-local",
-       ray_cpus: int | None = None, ray_dashboard_port: int = 8265, timeout: float = 180.0,
-       say: Callable[[str], None] | None = None) -> Stack:
+def up(prefect_port: int | None = None, mlflow_port: int | None = None, ray_port: int | None = None,
+       pool: str | None = None, ray_cpus: int | None = None, ray_dashboard_port: int | None = None,
+       timeout: float = 180.0, say: Callable[[str], None] | None = None) -> Stack:
     """Start the stack under the current $VAE_HOME and wait until every service answers its health check.
+    An option left None is the running stack's, else its value in `DEFAULTS`.
 
     When the recorded stack is running and healthy, nothing starts and it is returned (`started` empty); a
     state file whose processes have all ended is replaced. Every port is checked before anything starts. If a
     service fails or `timeout` s pass, what this call started is stopped. `say` gets progress lines.
 
     Raises:
-        StackError: a port is taken, the recorded stack is running but unhealthy, a service did not come up.
+        StackError: a port is taken, the recorded stack is running but unhealthy or with other ports, pool or
+            CPUs than asked, a service did not come up.
     """
     say = say or (lambda _line: None)
     home = _home()
-    if not _POOL.fullmatch(pool):
-        raise StackError(f"work pool name {pool!r} must use only letters, digits, '.', '_', '-'")
+    asked = {key: value for key, value in {"prefect_port": prefect_port, "mlflow_port": mlflow_port,
+             "ray_port": ray_port, "ray_dashboard_port": ray_dashboard_port, "pool": pool,
+             "ray_cpus": ray_cpus}.items() if value is not None}
+    settings = {**DEFAULTS, **asked}
+    if not _POOL.fullmatch(settings["pool"]):
+        raise StackError(f"work pool name {settings['pool']!r} must use only letters, digits, '.', '_', '-'")
     if ray_cpus is not None and ray_cpus < 1:
         raise StackError(f"ray_cpus must be at least 1, got {ray_cpus}")
     with _locked(home):
         if (record := _read(home)) is not None:
             current = _inspect(home, record)
             if current.healthy:
+                _check_same(home, record, asked)
                 current.notes.append("already up: nothing started")
                 return current
             if running := [s.name for s in current.services.values() if s.alive]:
@@ -122,7 +137,7 @@ def up(prefect_port: int = 4200, mlflow_port: int = 5000, ray_port: int = 6379, 
                                  f"({unwell}); `vae stack down` stops it, then `vae stack up`")
             _forget(home, record)
             say(f"replaced a stale {_state(home)} (its processes had ended)")
-        record, plan = _plan(home, prefect_port, mlflow_port, ray_port, pool, ray_cpus, ray_dashboard_port)
+        record, plan = _plan(home, settings)
         deadline = time.monotonic() + timeout
         try:
             for name in services.SERVERS:
@@ -184,13 +199,55 @@ def _state(home: Path) -> Path:
     return home / "stack" / "stack.json"
 
 
+class _Service(BaseModel):
+    """A service in the state file: its root process (pid and start time: a reused pid is not it), port, URL,
+    log, command line, and the descendants recorded once it was healthy ([pid, start time] each)."""
+
+    model_config = ConfigDict(extra="forbid")
+    pid: int
+    create_time: float
+    port: int | None
+    url: str
+    log: str
+    cmd: list[str] = []
+    descendants: list[tuple[int, float]] = []
+
+
+class _Record(BaseModel):
+    """The state file, `stack.json`, as `up` writes it."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = 1
+    home: str = ""
+    started_at: str = ""
+    cwd: str = ""
+    pool: str = ""
+    worker_name: str = ""
+    ray_temp_dir: str = ""
+    env: dict[str, str] = {}
+    notes: list[str] = []
+    ports: dict[str, int] = {}  # every port in use, by service ("ray dashboard" too when it runs)
+    settings: dict[str, int | str | None] = {}  # what `up` was given, DEFAULTS filled in
+    services: dict[Literal["prefect", "mlflow", "ray", "worker"], _Service]
+
+
 def _read(home: Path) -> dict | None:
+    """The state file's record, checked against `_Record`; None when there is none."""
+    path = _state(home)
     try:
-        return json.loads(_state(home).read_text())
+        text = path.read_text()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
-        raise StackError(f"cannot read {_state(home)} ({e}); remove it once the processes it names are stopped")
+    except OSError as e:
+        raise StackError(f"cannot read {path} ({e}); remove it once the processes it names are stopped") from None
+    try:
+        return _Record.model_validate_json(text).model_dump()
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        problem = f"{where}: {first['msg']}" if where else first["msg"]
+        raise StackError(f"{path} is not a state file that `vae stack up` wrote ({problem}); stop the processes it "
+                         "names if any still run, remove it, then `vae stack up`") from None
 
 
 def _write(home: Path, record: dict) -> None:
@@ -236,10 +293,11 @@ def _locked(home: Path) -> Iterator[None]:
 # --- starting, checking, stopping ----------------------------------------------------------------
 
 
-def _plan(home: Path, prefect_port: int, mlflow_port: int, ray_port: int, pool: str, ray_cpus: int | None,
-          ray_dashboard_port: int) -> tuple[dict, dict[str, dict]]:
+def _plan(home: Path, settings: dict) -> tuple[dict, dict[str, dict]]:
     """The state record (nothing started yet) and each service's plan (command, environment, port, URL), once
-    every port is known free."""
+    every port is known free. `settings` holds every key of `DEFAULTS`."""
+    prefect_port, mlflow_port, ray_port = settings["prefect_port"], settings["mlflow_port"], settings["ray_port"]
+    pool, ray_cpus, ray_dashboard_port = settings["pool"], settings["ray_cpus"], settings["ray_dashboard_port"]
     missing = services.dashboard_missing()
     ports = {"prefect": prefect_port, "mlflow": mlflow_port, "ray": ray_port}
     if missing is None:
@@ -267,9 +325,27 @@ def _plan(home: Path, prefect_port: int, mlflow_port: int, ray_port: int, pool: 
                    "url": urls[name]} for name, (cmd, cmd_env) in specs.items()}
     record = {"version": 1, "home": str(home), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cwd": os.getcwd(),
               "pool": pool, "worker_name": worker_name, "ray_temp_dir": str(services.ray_temp_dir(home)), "env": env,
+              "ports": ports, "settings": settings,
               "notes": [] if missing is None else [f"Ray dashboard off: it needs ray[default] ({missing} is missing)"],
               "services": {}}
     return record, plan
+
+
+def _check_same(home: Path, record: dict, asked: dict) -> None:
+    """Raise StackError when `asked` names ports, a pool or CPUs other than the running stack's: `up` would
+    otherwise print exports for ports nobody asked for."""
+    running = {**{f"{name}_port": s["port"] for name, s in record["services"].items() if s["port"]},
+               "pool": record["pool"], **record["settings"]}  # state files without settings name fewer
+    differ = {key: value for key, value in asked.items() if key in running and running[key] != value}
+    if not differ:
+        return
+    what = ", ".join(f"{_LABELS[key]} {'all' if running[key] is None else running[key]} (asked {value})" for key, value in differ.items())
+    ports = record["ports"] or {name: s["port"] for name, s in record["services"].items() if s["port"]}
+    flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in asked.items())
+    raise StackError(f"a stack is already up under VAE_HOME={home} with {what}; in use: "
+                     f"{', '.join(f'{name} {port}' for name, port in ports.items())}. Use it as it is (`vae stack "
+                     f"up` without those options), or restart it on others: `vae stack down`, then `vae stack up "
+                     f"{flags}`")
 
 
 def _start(home: Path, record: dict, name: str, plan: dict, say: Callable) -> None:

@@ -44,6 +44,13 @@ def mlflow_store(home: Path) -> str:
     return f"sqlite:///{home / 'mlflow.db'}"  # four slashes: an absolute path
 
 
+def mlflow_artifacts(home: Path) -> str:
+    """`file://<home>/mlartifacts`: the root under which `flows.tracking` keeps artifacts when no tracking URI is
+    set. The stack's server records locations under it that clients write and read directly, so a model
+    registered through the server loads from the same store once the server is gone."""
+    return (home / "mlartifacts").as_uri()
+
+
 def ray_temp_dir(home: Path) -> Path:
     """`<home>/stack/ray` when short enough for Ray's unix sockets, else a folder under the system temp
     folder named after `home`."""
@@ -94,8 +101,9 @@ def commands(home: Path, ports: dict[str, int], pool: str, worker_name: str, ray
         "prefect": ([tool("prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"])],
                     _environ(quiet)),
         "mlflow": ([tool("mlflow"), "server", "--host", HOST, "--port", str(ports["mlflow"]),
-                    "--backend-store-uri", mlflow_store(home), "--artifacts-destination", str(home / "mlartifacts"),
-                    "--serve-artifacts", "--workers", "1"],
+                    "--backend-store-uri", mlflow_store(home), "--default-artifact-root", mlflow_artifacts(home),
+                    # Served artifacts get `mlflow-artifacts:` URIs that only this server resolves.
+                    "--no-serve-artifacts", "--workers", "1"],
                    # Its job runner (GenAI scorers: eight more processes) is not needed for training runs.
                    _environ({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                              "PYTHONUNBUFFERED": "1"})),

@@ -19,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from typer.testing import CliRunner
@@ -181,7 +182,7 @@ def test_a_run_logged_through_the_server_lands_in_the_vae_home_store(started, ho
 
 def test_up_again_starts_nothing(started, home):
     before = json.loads((home / "stack" / "stack.json").read_text())["services"]
-    result = runner.invoke(app, ["stack", "up", *port_flags(free_ports(4)), "--json"])
+    result = runner.invoke(app, ["stack", "up", *port_flags(started["ports"]), "--json"])
     assert result.exit_code == 0, result.output
     again = json.loads(result.stdout)
     assert again["started"] == [] and "already up: nothing started" in again["notes"]
@@ -189,6 +190,52 @@ def test_up_again_starts_nothing(started, home):
     assert again["env"] == started["env"]
     quiet = runner.invoke(app, ["stack", "up", "--env"])
     assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == started["stdout"]
+
+
+def test_up_with_other_ports_while_up_names_the_ports_in_use(started, home):
+    ports, other = started["ports"], free_ports(6)[-1]
+    state = (home / "stack" / "stack.json").read_text()
+    result = runner.invoke(app, ["stack", "up", "--mlflow-port", str(other), "--ray-port", str(ports[2])])
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip()
+    assert line.startswith(f"error: a stack is already up under VAE_HOME={home} with mlflow port {ports[1]} "
+                           f"(asked {other}); in use: prefect {ports[0]}, mlflow {ports[1]}, ray {ports[2]}"), line
+    assert line.endswith("or restart it on others: `vae stack down`, then `vae stack up "
+                         f"--mlflow-port {other} --ray-port {ports[2]}`"), line
+    assert "\n" not in line and (home / "stack" / "stack.json").read_text() == state
+
+
+@pytest.fixture(scope="module")
+def registered(started, home, register_model):
+    """A digits model trained for one epoch and registered through the stack's MLflow server as
+    `vae-digits@champion`; the dataset is under the module's VAE_HOME."""
+    from flows import registry, tracking
+    from vae_core.ingest import run_ingest
+    from vae_core.requests import IngestRequest
+
+    run_ingest(IngestRequest(source="builtin:digits", name="digits", data_root=str(home / "datasets")))
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = started["env"]["MLFLOW_TRACKING_URI"]
+    try:
+        version = register_model(epochs=1, name="vae-digits", preset="digits", dataset="digits")
+        registry.set_alias("vae-digits", "champion", version)
+        client = tracking.client()
+        mv = client.get_model_version("vae-digits", str(version))
+        found = {"version": version, "run_artifacts": client.get_run(mv.run_id).info.artifact_uri,
+                 "model_artifacts": client.get_model_version_download_uri("vae-digits", str(version))}
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+    return found
+
+
+def test_a_model_registered_through_the_server_is_stored_by_path(registered, home):
+    """The server records artifact locations that the commands open themselves (under $VAE_HOME/mlartifacts),
+    not `mlflow-artifacts:` URIs that only the server resolves."""
+    root = (home.resolve() / "mlartifacts").as_uri() + "/"
+    assert registered["run_artifacts"].startswith(root) and registered["model_artifacts"].startswith(root), registered
 
 
 def test_down_stops_every_process_it_started(started, home):
@@ -206,6 +253,79 @@ def test_down_stops_every_process_it_started(started, home):
     assert not state.exists()
     assert runner.invoke(app, ["stack", "status"]).exit_code == 1
     assert runner.invoke(app, ["stack", "down"]).stdout.strip() == "nothing was running"
+
+
+def test_a_model_registered_through_the_stack_is_used_after_down(registered, home):
+    """Once `down` ran: `mlflow.pyfunc.load_model` on VAE_HOME's store, then `vae evaluate` and `vae encode` as a
+    user runs them, with no MLFLOW_TRACKING_URI."""
+    import mlflow
+
+    from flows import tracking
+    from vae_core.embeddings import read_embeddings
+    from vae_core.shards import open_dataset, read_split_u8
+
+    assert not (home / "stack" / "stack.json").exists()  # the stack is down (the test before stopped it)
+    test_images = read_split_u8(open_dataset(str(home / "datasets"), "digits"), "test")[0]
+    tracking.configure()  # the store under VAE_HOME, as the commands use it without a server
+    try:
+        latents = mlflow.pyfunc.load_model("models:/vae-digits@champion").predict(test_images[:16])
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    assert latents["mean"].shape[0] == 16 and np.isfinite(latents["mean"]).all()
+
+    env = clean_env(VAE_HOME=str(home))
+    for args in (["evaluate", "--iw-samples", "5", "--limit", "50", "--map-points", "10", "--no-promote"],
+                 ["encode", "--splits", "test"]):
+        out = subprocess.run([VAE, *args, "--model", "models:/vae-digits@champion", "--dataset", "digits", "--json"],
+                             capture_output=True, text=True, env=env, cwd=home.parent, timeout=280)
+        assert out.returncode == 0, out.stderr[-3000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["model_uri"] == f"models:/vae-digits/{registered['version']}", result
+    assert result["rows"] == {"test": len(test_images)}
+    assert read_embeddings(result["output"]).num_rows == len(test_images)
+
+
+def test_a_malformed_state_file_is_one_error_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAE_HOME", str(tmp_path / ".vae"))
+    state = tmp_path / ".vae" / "stack" / "stack.json"
+    state.parent.mkdir(parents=True)
+    for record, problem in (({"services": {"prefect": {"port": 1}}}, "services.prefect.pid: Field required"),
+                            ({"services": []}, "services: Input should be an object"),
+                            ([], "Input should be an object"),
+                            ({"services": {"ray": {"pid": "x", "create_time": 1.0, "port": 1, "url": "u", "log": "l"}}},
+                             "services.ray.pid: Input should be a valid integer")):
+        state.write_text(json.dumps(record))
+        for command in (["stack", "status"], ["stack", "down"], ["stack", "up"]):
+            result = runner.invoke(app, command)
+            assert result.exit_code == 1, (command, result.output)
+            line = result.stderr.strip()
+            assert line.startswith(f"error: {state} is not a state file that `vae stack up` wrote ({problem}"), line
+            assert line.endswith("stop the processes it names if any still run, remove it, then `vae stack up`"), line
+            assert "\n" not in line and state.exists()
+
+
+def test_down_spares_a_live_process_that_reused_a_recorded_pid(tmp_path, monkeypatch):
+    """PIDs wrap: by the time `down` runs, a pid recorded for a service (a root, or a descendant recorded at
+    start-up) may be another program's. It is not signalled, nor is its process group swept."""
+    monkeypatch.setenv("VAE_HOME", str(tmp_path / ".vae"))
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)  # its own process group
+    try:
+        created = psutil.Process(bystander.pid).create_time()
+        service = {"pid": bystander.pid, "create_time": created - 60, "port": 1, "url": "http://127.0.0.1:1",
+                   "log": "x", "cmd": ["prefect", "server", "start"], "descendants": []}
+        ray = {**service, "pid": 999_999_999, "descendants": [[bystander.pid, created - 30]]}
+        state = tmp_path / ".vae" / "stack" / "stack.json"
+        state.parent.mkdir(parents=True)
+        state.write_text(json.dumps({"services": {"prefect": service, "ray": ray}}))
+        result = runner.invoke(app, ["stack", "down", "--timeout", "1"])
+        assert result.exit_code == 0, result.output
+        time.sleep(0.5)
+        assert bystander.poll() is None and not state.exists()
+        assert result.stdout.strip() == "nothing was running"
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_a_taken_port_is_one_error_line_and_nothing_starts(tmp_path, monkeypatch):
