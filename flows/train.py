@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -168,7 +169,7 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from flows.train_worker import FailureRecorder, train_loop_per_worker
+    from flows.train_worker import FailureRecorder, checkpoint_staging, train_loop_per_worker
 
     t0 = time.perf_counter()
     with ray_session() as resources:
@@ -203,6 +204,11 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
                 result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors: raise the typed one a worker raised
             raise worker_error(e) from e
+        finally:
+            # The workers are gone, however the run ended (Ctrl-C's SystemExit included), and one killed while
+            # it staged a checkpoint left the folder behind: this node's goes now, before Ray's slow shutdown
+            # (a remote node's goes when the next rank 0 stages there).
+            shutil.rmtree(checkpoint_staging(run_id), ignore_errors=True)
         if result.error is not None:
             raise worker_error(result.error) from result.error
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

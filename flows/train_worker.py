@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -157,15 +158,26 @@ class _EpochLogger:
             self.run.log_image(image, f"{kind}/epoch_{epoch:04d}.png")
 
 
-def _report(fit: Fit, epoch: int, metrics: dict[str, float]) -> None:
+def checkpoint_staging(run_id: str) -> str:
+    """The folder in this node's temp dir where rank 0 stages run `run_id`'s checkpoints before Ray Train
+    uploads them. One per run, named by it, so that whoever outlives a killed worker can remove it: Ray
+    runs the training function in a thread of its worker process, which a Ctrl-C or Ray's shutdown ends
+    without unwinding that thread (its `finally` blocks never run)."""
+    return os.path.join(tempfile.gettempdir(), f"vae-ckpt-{run_id}")
+
+
+def _report(fit: Fit, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
     """Hand the epoch's metrics (and, from rank 0, its checkpoint) to Ray Train."""
-    ckpt_dir = tempfile.mkdtemp(prefix="vae-ckpt-") if fit.rank == 0 else None
-    if ckpt_dir:
-        fit.save(ckpt_dir, metrics)
-    ray.train.report({**metrics, "epoch": epoch},
-                     checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
-    if ckpt_dir:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # report() has uploaded it (synchronously)
+    if fit.rank != 0:
+        ray.train.report({**metrics, "epoch": epoch}, checkpoint=None)
+        return
+    staging = checkpoint_staging(run_id)
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed predecessor of this rank left
+    try:
+        fit.save(staging, metrics)
+        ray.train.report({**metrics, "epoch": epoch}, checkpoint=ray.train.Checkpoint.from_directory(staging))
+    finally:  # report() has uploaded it (synchronously), or failed
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class FailureRecorder(ray.train.UserCallback):
@@ -255,7 +267,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         metrics.update({"elapsed_s": fit.state.elapsed_s, "planned_epochs": last})
         if not all(math.isfinite(v) for v in metrics.values()):
             raise NonFiniteLossError(f"non-finite metrics at epoch {epoch}: {metrics}")
-        _report(fit, epoch, metrics)
+        _report(fit, spec.run_id, epoch, metrics)
         if logger is not None:
             logger.on_epoch(epoch, metrics)
             if epoch % tcfg.image_every == 0 or epoch == last:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,8 +60,9 @@ def _survivors(pgid: int) -> list[str]:
     return found
 
 
-def _interrupt(args: list[str], env: dict[str, str], stderr: Path, working, wait_s: float = 300) -> tuple[int, float]:
-    """Start `vae ARGS` in its own session, wait until `working()` (then a second more), signal its whole
+def _interrupt(args: list[str], env: dict[str, str], stderr: Path, working, wait_s: float = 300,
+               settle_s: float = 1.0) -> tuple[int, float]:
+    """Start `vae ARGS` in its own session, wait until `working()` (then `settle_s` more), signal its whole
     process group as a terminal's Ctrl-C does; returns (exit code, seconds it took to exit). Every process
     of the group must be gone soon after (Prefect's server, Ray's, decode workers)."""
     with open(stderr, "w") as err:
@@ -69,7 +72,7 @@ def _interrupt(args: list[str], env: dict[str, str], stderr: Path, working, wait
         _eventually(lambda: proc.poll() is not None or working(), wait_s)
         # The pause lets a decode pool start: a worker forked in the very instant of the signal misses it,
         # and its pool never learns of it (a race of concurrent.futures that vae_core.sources.parallel inherits).
-        time.sleep(1)
+        time.sleep(settle_s)
         assert proc.poll() is None, stderr.read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGINT)
         start = time.monotonic()
@@ -107,17 +110,60 @@ def test_ctrl_c_stops_ingest_within_seconds_leaving_nothing_behind(tmp_path, slo
     assert not list(scratch.iterdir()) and not (data / ".staging").exists(), list(data.rglob("*"))  # staging is gone
 
 
+def _train_worker_pids(home: Path) -> list[int]:
+    """The Ray Train workers of a command whose VAE_HOME is `home`: Ray names its actor processes after their
+    class (`ray::RayTrainWorker...`)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker") and \
+                    f"VAE_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:  # it ended while we looked
+            continue
+    return pids
+
+
+def _kill_workers_while_staging(home: Path, scratch: Path) -> bool:
+    """SIGKILL the command's Ray Train workers at a moment a checkpoint is staged in `scratch`; True once done.
+
+    Ray's shutdown ends a worker that is writing or uploading when the interrupt comes without unwinding it
+    (the training function runs in one of its threads): this does the same at a known moment, so whatever
+    the worker staged can only be removed by the command itself. The workers are frozen (SIGSTOP) first, so
+    that the check and the kill see the same moment."""
+    if not any(scratch.glob("vae-ckpt-*")) or not (pids := _train_worker_pids(home)):
+        return False
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    staged = any(scratch.glob("vae-ckpt-*"))
+    for pid in pids:  # or, when the upload finished in between, let them go on to the next checkpoint
+        os.kill(pid, signal.SIGKILL if staged else signal.SIGCONT)
+    return staged
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ctrl_c_stops_training_within_seconds(tmp_path):
+def test_ctrl_c_stops_training_within_seconds_leaving_no_checkpoint_temporaries(tmp_path):
     """Ray Train replaces the SIGINT handler with its own (which aborts the run, then exits 0): the command
-    still ends with 130 in seconds, and Ray's processes and Prefect's server with it."""
+    still ends with 130 in seconds, and Ray's processes and Prefect's server with it. The workers stage each
+    checkpoint in a `vae-ckpt-*` folder of the temp dir: the signal comes while one is there, its worker
+    killed mid-checkpoint, and the folder must be gone once the command has ended."""
     env = _env(tmp_path)
     subprocess.run([sys.executable, "-m", "flows.cli", "ingest", "builtin:digits", "--name", "digits",
                     "--no-prefect"], env=env, check=True, capture_output=True)
     checkpoints = tmp_path / "vae" / "checkpoints"
-    code, took = _interrupt(["train", "--dataset", "digits", "--preset", "digits", "--epochs", "200"], env,
-                            tmp_path / "stderr", lambda: any(checkpoints.glob("*/checkpoint_*")))
-    stderr = (tmp_path / "stderr").read_text()
-    assert code == 130 and took < 15, (code, took, stderr[-3000:])
-    assert "interrupted" in stderr.splitlines() and "Traceback" not in stderr, stderr[-3000:]
+    # A short path: Ray puts its session's Unix sockets below TMPDIR, and those paths are limited to 107 bytes.
+    scratch = Path(tempfile.mkdtemp(prefix="vae-t-", dir="/tmp"))
+    try:
+        # No restarts: a new worker group would stage checkpoints of its own while the command winds down.
+        code, took = _interrupt(["train", "--dataset", "digits", "--preset", "digits", "--epochs", "200",
+                                 "--max-failures", "0"],
+                                {**env, "TMPDIR": str(scratch)}, tmp_path / "stderr",
+                                lambda: any(checkpoints.glob("*/checkpoint_*"))
+                                and _kill_workers_while_staging(tmp_path / "vae", scratch), settle_s=0)
+        stderr = (tmp_path / "stderr").read_text()
+        assert code == 130 and took < 15, (code, took, stderr[-3000:])
+        assert "interrupted" in stderr.splitlines() and "Traceback" not in stderr, stderr[-3000:]
+        assert not list(scratch.glob("vae-ckpt-*")), list(scratch.glob("vae-ckpt-*/*"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
