@@ -42,6 +42,7 @@ from flows.ray_cluster import ShardMismatchError, data_context, ray_session, rea
 from flows.registry import PinnedModel
 from vae_core import embeddings
 from vae_core.errors import EncodeError
+from vae_core.output_location import check_output_location
 from vae_core.requests import EncodeRequest
 from vae_core.settings import data_root, embeddings_root
 from vae_core.shards import DatasetInfo, ShardInfo, arrow_filesystem, open_dataset, remove_temporaries, resolve, to_url
@@ -121,9 +122,9 @@ def plan_task(req: EncodeRequest) -> tuple[Plan, bytes]:
 
 def check_output(url: str) -> None:
     """EncodeError unless `url` is an output folder whose writes cannot reach a dataset (see
-    `embeddings.check_output_location`)."""
+    `vae_core.output_location`)."""
     try:
-        embeddings.check_output_location(url, data_root())
+        check_output_location(url, data_root())
     except ValueError as e:
         raise EncodeError(str(e)) from None
 

@@ -22,7 +22,6 @@ from vae_core.embeddings import (
     EmbeddingManifest,
     ModelIdentity,
     build_table,
-    check_output_location,
     check_rows,
     default_dir,
     embedding_schema,
@@ -39,6 +38,7 @@ from vae_core.embeddings import (
 from vae_core.encode import encode_images
 from vae_core.ingest import run_ingest
 from vae_core.model import ConvVAE
+from vae_core.output_location import check_output_location
 from vae_core.requests import IngestRequest
 from vae_core.shards import (DatasetInfo, atomic_write_bytes, open_dataset, read_shard_table, read_split_u8, resolve, table_to_u8,
                              temporary_name)
