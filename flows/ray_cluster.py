@@ -46,18 +46,19 @@ def ray_session() -> Iterator[dict[str, float]]:
 
     Yields `ray.cluster_resources()`. Without RAY_ADDRESS the local Ray is a new one, whatever address an
     earlier `ray start` left in Ray's temp folder (a plain `ray.init()` would join it, and retry a dead one
-    for minutes). The caller's SIGTERM handler stays in force (see `_keep_sigterm`).
+    for minutes). The caller's SIGTERM handler stays in force, and what it raises reaches the caller even
+    from inside Ray's blocking calls (`_SigtermBridge`).
 
     Raises:
         RayUnreachableError: within seconds, when nothing answers at RAY_ADDRESS.
     """
     import ray
 
-    started = False
+    started, bridge = False, None
     env_before = dict(os.environ)
     sigterm_before = signal.getsignal(signal.SIGTERM)
     if not ray.is_initialized():
-        with _keep_sigterm(sigterm_before):
+        try:
             if address := os.environ.get("RAY_ADDRESS"):
                 _check_answers(address)
                 ray.init(address=address, log_to_driver=False, runtime_env=job_runtime_env())
@@ -65,9 +66,15 @@ def ray_session() -> Iterator[dict[str, float]]:
                 # A local Ray listens on loopback only; a cluster is joined through RAY_ADDRESS instead.
                 ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                          _node_ip_address="127.0.0.1", runtime_env=job_runtime_env())
+        finally:
+            bridge = _SigtermBridge.install(sigterm_before)
         started = True
     try:
         yield ray.cluster_resources()
+    except KeyboardInterrupt:
+        if bridge is not None and bridge.raised is not None:
+            raise bridge.raised from None  # what the caller's handler raised, now that Ray let it through
+        raise
     finally:
         if started:
             ray.shutdown()
@@ -77,23 +84,42 @@ def ray_session() -> Iterator[dict[str, float]]:
                 del os.environ[key]
             os.environ.update(env_before)
             if sigterm_before is not None and threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, sigterm_before)  # Ray's handler, if it stayed, goes with Ray
+                signal.signal(signal.SIGTERM, sigterm_before)  # the bridge, or Ray's handler, goes with Ray
 
 
-@contextlib.contextmanager
-def _keep_sigterm(handler: Any) -> Iterator[None]:
-    """Put the caller's Python SIGTERM handler (the `vae` command's) back after `ray.init` replaced it.
+class _SigtermBridge:
+    """The caller's SIGTERM handler (the `vae` command's, Prefect's flow engine's), in force again after
+    `ray.init`, its exception carried through Ray's blocking calls.
 
-    Ray's driver handler kills the local Ray's processes under the running job and exits 1, and the driver's
-    core worker then aborts on its vanished raylet (exit 134, a stack dump); the command's handler ends the
-    job as Ctrl-C does, and `ray.shutdown` then stops Ray. Without a Python handler Ray's stays: a process
-    that has no cleanup of its own still has Ray's.
+    `ray.init` installs Ray's own handler, which kills the local Ray's processes under the running job and
+    exits 1; the driver's core worker then aborts on its vanished raylet (exit 134, a stack dump). And while
+    `ray.get` waits, an exception raised by a signal handler is dropped unless it is KeyboardInterrupt
+    (Prefect's TerminationSignal came out as a SystemError once the call returned, minutes later). So the
+    caller's handler is called from here, what it raises travels through Ray as KeyboardInterrupt, and
+    `ray_session` raises the original again once it is out of Ray.
     """
-    try:
-        yield
-    finally:
-        if callable(handler) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, handler)
+
+    def __init__(self, handler: Any) -> None:
+        self.handler, self.raised = handler, None
+
+    @classmethod
+    def install(cls, handler: Any) -> _SigtermBridge | None:
+        """Install a bridge to `handler` when it is a Python handler (else Ray's stays: a process without a
+        cleanup of its own still has Ray's); signal handlers belong to the main thread only."""
+        if not callable(handler) or threading.current_thread() is not threading.main_thread():
+            return None
+        bridge = cls(handler)
+        signal.signal(signal.SIGTERM, bridge)
+        return bridge
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        try:
+            self.handler(signum, frame)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:
+            self.raised = e
+            raise KeyboardInterrupt from e
 
 
 def _check_answers(address: str, timeout: float = 5.0) -> None:

@@ -4,9 +4,11 @@ within seconds, after cleanup, with the line `interrupted` and no stack dump, Ra
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,9 +40,12 @@ def _group(pgid: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigterm_stops_training_with_exit_130_after_cleanup(tmp_path):
-    """SIGTERM to the command's process alone (as `kill PID` sends it), while Ray Train runs."""
+    """SIGTERM to the command's process alone (as `kill PID` sends it), while Ray Train runs: the command
+    unwinds as on Ctrl-C, and nothing of its process group is left."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "RAY_ADDRESS")}
-    env.update(VAE_HOME=str(tmp_path / "vae"), MLFLOW_DISABLE_TELEMETRY="true")
+    # A short temp folder of its own: Ray's session sockets live below it (107-byte limit on their paths).
+    scratch = Path(tempfile.mkdtemp(prefix="vae-s-", dir="/tmp"))
+    env.update(VAE_HOME=str(tmp_path / "vae"), MLFLOW_DISABLE_TELEMETRY="true", TMPDIR=str(scratch))
     subprocess.run([sys.executable, "-m", "flows.cli", "ingest", "builtin:digits", "--name", "digits", "--no-prefect"],
                    env=env, check=True, capture_output=True)
     checkpoints = tmp_path / "vae" / "checkpoints"
@@ -61,7 +66,9 @@ def test_sigterm_stops_training_with_exit_130_after_cleanup(tmp_path):
         assert "interrupted" in stderr.splitlines(), stderr[-3000:]
         assert "Traceback" not in stderr and "SIGABRT" not in stderr and "Stack trace" not in stderr, stderr[-3000:]
         assert _eventually(lambda: not _group(proc.pid), 15), _group(proc.pid)
+        print(f"SIGTERM to exit: {took:.1f} s")
     finally:
         if _group(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
