@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from vae_core.config import VAEConfig
-from vae_core.errors import NonFiniteLossError
-from vae_core.fit import MODEL, Fit, weights_file
+from vae_core.errors import NonFiniteLossError, TrainError
+from vae_core.fit import MODEL, Fit, weights_digest, weights_file
 from vae_core.shards import DatasetInfo, images_u8, open_dataset, read_split_u8
 from vae_core.train import TrainState, iterate_batches
 
@@ -107,6 +107,42 @@ def _all_reduce_sum(values: list[float], world: int, device: torch.device) -> li
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def close_epoch(fit: Fit, images: float, train_s: float, wall_s: float, world: int,
+                device: torch.device) -> tuple[int, float, float]:
+    """Count an epoch against the time budget and plan the run's last epoch, the same on every rank.
+
+    Each rank measured its own epoch (`wall_s`, of which `train_s` training); the sums over ranks are
+    all-reduced and every rank adds the mean wall time to `elapsed_s`, so all plan from one clock: ranks that
+    planned from their own could disagree on the last epoch, and the one going on would wait forever in DDP's
+    next all-reduce. Returns (last epoch, images over all ranks, their images/s)."""
+    images, seconds, wall = _all_reduce_sum([images, train_s, wall_s], world, device)
+    fit.state.elapsed_s += wall / world
+    return fit.plan(), images, images / (seconds / world)
+
+
+def rank_digests(fit: Fit, world: int) -> list[str]:
+    """The digest of every rank's VAE parameters (`weights_digest`), in rank order; the same list on every rank."""
+    digest = weights_digest(fit.model)
+    if world == 1:
+        return [digest]
+    digests: list[str | None] = [None] * world
+    dist.all_gather_object(digests, digest)
+    return [str(d) for d in digests]
+
+
+def check_in_step(digests: list[str], epoch: int) -> None:
+    """Raise a TrainError, naming the epoch, when the ranks' digests differ.
+
+    DDP keeps the ranks' weights bit-identical (the same averaged gradients into the same optimizer); ranks
+    whose weights differ each trained on its own part of the data alone, and the checkpoint would hold only
+    rank 0's. Every rank raises (they share the list), so none waits for the others."""
+    if len(set(digests)) > 1:
+        shown = ", ".join(d[:16] for d in digests)
+        raise TrainError(f"the workers' weights differ after epoch {epoch} (digests by rank: {shown}): their "
+                         "gradients were not averaged, so each trained on its own part of the data; "
+                         "rerun with workers=1")
 
 
 def _validate(fit: Fit, val: SplitSource | None, world: int) -> dict[str, float]:
@@ -256,12 +292,13 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         m = fit.train_epoch(batches, forward, on_step=logger.on_step if logger else None)
         train_s = time.perf_counter() - started
         validation = _validate(fit, val, world)
-        # Summed over ranks: every rank then plans the same last epoch from the same mean epoch time.
-        images, seconds, wall = _all_reduce_sum([m["images"], train_s, time.perf_counter() - started], world, device)
-        fit.state.elapsed_s += wall / world
-        last = fit.plan()
+        last, images, rate = close_epoch(fit, m["images"], train_s, time.perf_counter() - started, world, device)
+        digests = rank_digests(fit, world)
+        if logger is not None:  # recorded before the check: a run that failed it shows which rank differed
+            logger.run.set_tags({"ray.rank_weights": ",".join(d[:16] for d in digests)})
+        check_in_step(digests, epoch)
         metrics = {k: v for k, v in m.items() if k not in ("images", "images_per_s")}  # every loss term
-        metrics["images_per_s"] = images / (seconds / world)
+        metrics["images_per_s"] = rate
         metrics["images"] = images
         metrics.update(validation)
         metrics.update({"elapsed_s": fit.state.elapsed_s, "planned_epochs": last})

@@ -16,6 +16,7 @@ after a restart draws exactly the same noise, on a CPU or a GPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -85,6 +86,18 @@ def planned_epochs(cfg: TrainConfig, done: int, elapsed_s: float) -> int:
     per_epoch = elapsed_s / done
     left = cfg.time_budget_minutes * 60 - elapsed_s
     return max(done, min(cfg.epochs, done + int(left // per_epoch)))
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters (names, dtypes, shapes and bytes, in registration order), whatever
+    their device and memory format: equal digests mean bit-identical weights. Buffers are left out: DDP
+    ranks each keep their own BatchNorm statistics."""
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def weights_file(name: str) -> str:

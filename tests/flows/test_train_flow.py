@@ -60,12 +60,16 @@ def _progress_epochs(printed: str) -> list[int]:
                                            r"(\d+ min )?\d+ s left$", printed, re.M)]
 
 
+def _registered_file(out: dict) -> Path:
+    folder = mlflow.artifacts.download_artifacts(f"models:/{out['model_name']}/{out['model_version']}")
+    [weights] = Path(folder).rglob("*.safetensors")
+    return weights
+
+
 def _registered_weights(out: dict) -> dict:
     from safetensors.torch import load_file
 
-    folder = mlflow.artifacts.download_artifacts(f"models:/{out['model_name']}/{out['model_version']}")
-    [weights] = Path(folder).rglob("*.safetensors")
-    return load_file(weights)
+    return load_file(_registered_file(out))
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +93,13 @@ def test_two_workers_train_track_register_and_pull(home, uninterrupted):
     assert run.data.tags["dataset_version"] == out["dataset_version"]
     ranks = run.data.tags["ray.worker_nodes"].split(",")  # one local node holds both ranks
     assert len(ranks) == 2 and ranks[0] == ranks[1] and run.data.tags["ray.nodes"] == "1"
+    # The ranks trained different halves of the data in step (DDP): after the last epoch each held bit-identical
+    # weights, those registered. Without DDP each would have followed its own half and rank 0's would be kept.
+    from vae_core.fit import weights_digest
+    from vae_core.weights import load_model
+
+    digests = run.data.tags["ray.rank_weights"].split(",")
+    assert digests == [weights_digest(load_model(str(_registered_file(out))))[:16]] * 2, digests
     assert _epoch_steps(out["run_id"]) == [1, 2, 3]
     losses = [m.value for m in sorted(client.get_metric_history(out["run_id"], "epoch/loss"), key=lambda m: m.step)]
     assert losses[-1] < losses[0], losses
@@ -213,7 +224,9 @@ def test_killed_worker_is_replaced_and_every_epoch_logged_once(home, uninterrupt
 def test_a_time_budget_ends_both_ranks_at_the_same_epoch(home):
     """train.time_budget_minutes: after the first epoch the budget is spent, so the run ends there with a
     final picture and a registered model, epochs being only an upper bound. Both ranks plan the end from
-    the same all-reduced time: had they disagreed, one would wait forever in DDP's next all-reduce."""
+    the same all-reduced time, checked with ranks whose clocks differ in
+    tests/vae_core/test_ddp.py::test_ranks_with_different_clocks_plan_the_same_last_epoch (here every rank
+    would stop after one epoch whatever it planned from)."""
     from flows.train import train_vae
     from vae_core.requests import TrainRequest
 

@@ -4,6 +4,7 @@ processes on 127.0.0.1, each training on its own half of the data."""
 from __future__ import annotations
 
 from datetime import timedelta
+import copy
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vae_core import load_config
-from vae_core.fit import Fit, steps_per_epoch
+from vae_core.fit import Fit, steps_per_epoch, weights_digest
 from vae_core.train import iterate_batches
 from tests.ports import free_port
 
@@ -121,3 +122,52 @@ def test_a_vae_gan_trains_in_step_on_every_rank(tmp_path: Path):
         assert all(torch.equal(w0[k], w1[k]) for k in w0), f"the ranks' {name} weights diverged"
         assert not all(torch.equal(w0[k], v) for k, v in alone.modules[name].state_dict().items()), \
             f"the {name} ended where one half alone leads: the other rank's gradients were not used"
+
+
+# Two ranks, one epoch done: rank 1's clock says its epoch took five times rank 0's (a slower node, or one that
+# waited). Budget 60 s: the mean (30 s) leaves room for one more epoch; rank 0's own clock (10 s) would plan
+# five more, rank 1's (50 s) none.
+WALL_S = (10.0, 50.0)
+BUDGET = ["train.time_budget_minutes=1", "train.epochs=10"]
+
+
+def _budget_rank(rank: int, port: int, outs: list[str]) -> None:
+    """One rank closing its first epoch as the Ray worker does, with its own measured times."""
+    from flows.train_worker import close_epoch
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        fit = _fit(rank, tuple(BUDGET))
+        fit.state.epoch = 1
+        last, images, rate = close_epoch(fit, images=64.0, train_s=0.8 * WALL_S[rank], wall_s=WALL_S[rank],
+                                         world=2, device=torch.device("cpu"))
+        horizon = fit.schedulers["model"].lr_lambdas[0].epochs  # the cosine runs down to the planned epoch
+        torch.save({"last": last, "images": images, "rate": rate, "elapsed": fit.state.elapsed_s,
+                    "horizon": horizon}, outs[rank])
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_clocks_plan_the_same_last_epoch(tmp_path: Path):
+    """Every rank counts the mean of the ranks' epoch times against the budget, so all stop at the same epoch
+    (one going on alone would wait forever in DDP's next all-reduce)."""
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    mp.spawn(_budget_rank, args=(free_port(), outs), nprocs=2, join=True)
+    ranks = [torch.load(o, weights_only=True) for o in outs]
+    mean = sum(WALL_S) / 2
+    for r in ranks:
+        assert r["elapsed"] == mean and r["last"] == r["horizon"] == 2, ranks
+        assert r["images"] == 128 and abs(r["rate"] - 128 / (0.8 * mean)) < 1e-9, ranks
+
+
+def test_the_weights_digest_tells_one_ulp_apart_whatever_the_layout():
+    """What the Ray worker compares across ranks after every epoch (`ray.rank_weights`)."""
+    model = _fit(0).model
+    other = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert weights_digest(other) == weights_digest(model)
+    with torch.no_grad():
+        weight = other.last_layer.view(-1)
+        weight[0] = torch.nextafter(weight[0], torch.tensor(1.0))
+    assert weights_digest(other) != weights_digest(model)
