@@ -339,7 +339,8 @@ def _check_same(home: Path, record: dict, asked: dict) -> None:
     differ = {key: value for key, value in asked.items() if key in running and running[key] != value}
     if not differ:
         return
-    what = ", ".join(f"{_LABELS[key]} {'all' if running[key] is None else running[key]} (asked {value})" for key, value in differ.items())
+    what = ", ".join(f"{_LABELS[key]} {'all' if running[key] is None else running[key]} (asked {value})"
+                     for key, value in differ.items())
     ports = record["ports"] or {name: s["port"] for name, s in record["services"].items() if s["port"]}
     flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in asked.items())
     raise StackError(f"a stack is already up under VAE_HOME={home} with {what}; in use: "
