@@ -261,8 +261,8 @@ def _shard_errors() -> Iterator[None]:
     except Exception as e:
         seen, cause = set(), e
         while cause is not None and id(cause) not in seen:
-            if isinstance(cause, ShardMismatchError) and cause.args:
-                raise EncodeError(str(cause.args[0])) from None
+            if type(cause) is ShardMismatchError:  # the error itself, not Ray's subclass that wraps it
+                raise EncodeError(str(cause)) from None
             seen.add(id(cause))
             cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
         raise

@@ -155,6 +155,14 @@ def data_context(**settings: Any) -> Iterator[None]:
 class ShardMismatchError(VAEError, ValueError):
     """A shard's bytes are not the ones its dataset manifest lists: replaced, truncated or corrupt."""
 
+    def __str__(self) -> str:
+        # Only the first line: Ray Data appends advice on retrying to a read task's error, and no retry
+        # changes a file's bytes.
+        return str(self.args[0]).split("\n", 1)[0] if self.args else ""
+
+
+_WHAT_TO_DO = "restore the file, or remove the dataset version and ingest its source again"
+
 
 def read_shards(paths: list[str], shards: list[ShardInfo], filesystem: Any, columns: list[str],
                 include_paths: bool = False):
@@ -180,10 +188,12 @@ def _read_verified(path: str, shard: ShardInfo, filesystem: Any, columns: list[s
     SHA-256 (runs inside a Ray read task)."""
     with filesystem.open_input_file(path) as f:
         data = f.read_buffer()
-    if data.size != shard.bytes or sha256_hex(memoryview(data)) != shard.sha256:
-        raise ShardMismatchError(
-            f"{path}: {data.size:,} bytes that do not match the manifest's size ({shard.bytes:,}) and SHA-256 "
-            "(a replaced or corrupt shard): ingest the source again, or restore the file")
+    if data.size != shard.bytes:
+        raise ShardMismatchError(f"{path}: {data.size:,} bytes do not match the manifest's {shard.bytes:,} "
+                                 f"(a replaced or truncated shard): {_WHAT_TO_DO}")
+    if sha256_hex(memoryview(data)) != shard.sha256:
+        raise ShardMismatchError(f"{path}: its SHA-256 does not match the manifest's (a replaced or corrupt "
+                                 f"shard): {_WHAT_TO_DO}")
     parquet = pq.ParquetFile(pa.BufferReader(data))
     for i in range(parquet.num_row_groups):
         table = parquet.read_row_group(i, columns=columns)

@@ -135,6 +135,9 @@ def worker_error(err: BaseException) -> BaseException:
     A library error on any rank wins over the others' collateral errors.
     """
     found = [getattr(e, "_base_exc", e) for e in (getattr(err, "worker_failures", None) or {}).values()]
+    # An error of a Ray Data read task (a shard failing its checksum) reaches the worker inside Ray's
+    # RayTaskError, whose text is a traceback; the error itself is its `cause`.
+    found = [c if isinstance(c := getattr(e, "cause", None), VAEError) else e for e in found]
     if typed := [e for e in found if isinstance(e, VAEError)]:
         return typed[0]
     cause = (found or [err])[0]
