@@ -218,6 +218,11 @@ def embeddings_gap(champion: PinnedModel, dataset: str, version: str, counts: di
                                                                                    version):
         return out, f"{out} holds embeddings of {manifest.model_name} v{manifest.model_version} on " \
                     f"{manifest.dataset}@{manifest.dataset_version}, not the {what}"
+    # Name and version alone can alias two models (a re-created registry numbers from 1 again): the
+    # embeddings count only when they were written by these very weights.
+    if manifest.identity != (identity := _identity(champion)):
+        return out, f"{out} holds embeddings of {manifest.identity or 'a model whose weights were not recorded'}, " \
+                    f"not of {identity}"
     short = [f"{s} {manifest.counts.get(s, 0):,} of {counts.get(s, 0):,} rows" for s in req.splits
              if manifest.counts.get(s, 0) != counts.get(s, 0)]
     if short:
@@ -228,6 +233,13 @@ def embeddings_gap(champion: PinnedModel, dataset: str, version: str, counts: di
     if missing:
         return out, f"{what} incomplete: {len(missing)} file(s) listed in the manifest are missing, first {missing[0]}"
     return out, None
+
+
+def _identity(champion: PinnedModel) -> embeddings.ModelIdentity:
+    """The champion exactly (name, version, weights digest), as encode-dataset keys its files."""
+    from vae_core.weights import model_to_bytes
+
+    return embeddings.ModelIdentity.of(champion.name, champion.version, model_to_bytes(registry.load_pinned(champion)))
 
 
 def _decision_note(version: int, decision: dict[str, Any] | None) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -37,10 +36,9 @@ from pydantic import Field, field_validator, model_validator
 
 from vae_core.config import Strict
 from vae_core.requests import NAME_RULE, check_name
-from vae_core.shards import (COMPRESSION, MANIFEST, SPLITS, DatasetInfo, atomic_write_bytes, images_u8,
+from vae_core.shards import (COMPRESSION, MANIFEST, SHA256_HEX, SPLITS, DatasetInfo, atomic_write_bytes, images_u8,
                              read_shard_table, resolve, sha256_hex, to_url)
 
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -154,7 +152,7 @@ class ModelIdentity:
     def __post_init__(self) -> None:
         check_name(self.name, "model name")
         _check_version(self.version)
-        if not SHA256.match(self.weights_sha256):
+        if not SHA256_HEX.fullmatch(self.weights_sha256):
             raise ValueError(f"weights digest {self.weights_sha256!r} is not a lowercase hex SHA-256")
 
     @classmethod
@@ -175,7 +173,7 @@ class ModelIdentity:
 def file_name(shard_sha256: str, model: ModelIdentity) -> str:
     """Name of the embeddings file of the input shard with checksum `shard_sha256`, encoded by `model`:
     ``<shard sha256>-v<model version>-<model key>.parquet``."""
-    if not SHA256.match(shard_sha256):
+    if not SHA256_HEX.fullmatch(shard_sha256):
         raise ValueError(f"shard checksum {shard_sha256!r} is not a lowercase hex SHA-256")
     return f"{shard_sha256}-v{model.version}-{model.key}.parquet"
 
@@ -272,7 +270,7 @@ class EmbeddingFile(Strict):
     @field_validator("source_sha256")
     @classmethod
     def _sha256(cls, v: str) -> str:
-        if not SHA256.match(v):
+        if not SHA256_HEX.fullmatch(v):
             raise ValueError(f"source_sha256 {v!r} is not a lowercase hex SHA-256")
         return v
 
@@ -300,7 +298,7 @@ class EmbeddingManifest(Strict):
         if (self.format >= 2) != (self.weights_sha256 is not None):
             need = "need" if self.format >= 2 else "have no"
             raise ValueError(f"format {self.format} manifests {need} weights_sha256")
-        if self.weights_sha256 is not None and not SHA256.match(self.weights_sha256):
+        if self.weights_sha256 is not None and not SHA256_HEX.fullmatch(self.weights_sha256):
             raise ValueError(f"weights_sha256 {self.weights_sha256!r} is not a lowercase hex SHA-256")
         check_name(self.dataset, "dataset name")
         check_name(self.dataset_version, "dataset version")

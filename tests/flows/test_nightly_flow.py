@@ -157,6 +157,41 @@ def test_same_source_runs_nothing_after_ingest(home, first):
 
 
 @pytest.mark.slow
+def test_embeddings_under_the_champions_name_by_other_weights_are_a_gap(home, first):
+    """Name and version alone can alias two models: complete embeddings whose manifest does not record the
+    champion's weights digest (here: written before digests were recorded) are not the champion's."""
+    import os
+
+    from flows.nightly import embeddings_gap
+    from flows.registry import pin_model
+    from vae_core.embeddings import read_manifest
+
+    champion, version = pin_model("models:/vae-mnist@champion"), first["dataset"]["version"]
+    args = (champion, "mnist", version, _dataset(version).counts,
+            _request().encode_request(champion.uri, f"mnist@{version}"))
+    out, gap = embeddings_gap(*args)
+    assert gap is None
+    manifest_path = Path(out) / "manifest.json"
+    before = manifest_path.read_text()
+    manifest = read_manifest(out)
+    legacy = {s: [f.model_copy(update={"path": f"{s}/{f.source_sha256}-v{champion.version}.parquet"}) for f in files]
+              for s, files in manifest.splits.items()}
+    links = [(Path(out) / f.path, Path(out) / g.path) for s in legacy for f, g in zip(manifest.splits[s], legacy[s])]
+    try:
+        for src, dst in links:  # the same complete files, under the names a digest-less manifest gives them
+            os.link(src, dst)
+        manifest_path.write_text(manifest.model_copy(update={"format": 1, "weights_sha256": None,
+                                                             "splits": legacy}).to_json())
+        assert read_manifest(out).identity is None  # a valid manifest, every file there
+        _, gap = embeddings_gap(*args)
+        assert gap is not None and "a model whose weights were not recorded, not of vae-mnist v1" in gap
+    finally:
+        manifest_path.write_text(before)
+        for _, dst in links:
+            dst.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
 def test_a_stage_that_meets_a_transient_error_is_run_again(home, first, monkeypatch):
     from prefect import flow
 

@@ -167,8 +167,9 @@ def test_file_name_and_default_dir():
     assert file_name(sha, model) == f"{sha}-v4-{model.key}.parquet" and len(model.key) == 16
     # Name, version and weights are each part of the key: a re-created registry cannot alias two models.
     assert len({model.key, identity(4, b"other weights").key, identity(5).key, identity(4, name="vae-x").key}) == 4
-    with pytest.raises(ValueError, match="'xyz'"):
-        file_name("xyz", model)
+    for bad in ("xyz", sha + "\n", sha.upper()):  # a checksum names a file: nothing but 64 lowercase hex digits
+        with pytest.raises(ValueError, match="is not a lowercase hex SHA-256"):
+            file_name(bad, model)
     with pytest.raises(ValueError, match="0"):
         identity(0)
     assert default_dir("s3://b/emb/", "vae-mnist", 3, "mnist", "3f2a") == "s3://b/emb/vae-mnist/3/mnist/3f2a"
