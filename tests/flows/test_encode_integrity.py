@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from tests.processes import eventually, survivors
+
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
@@ -270,19 +272,6 @@ def test_a_full_disk_names_the_file_and_what_to_do(plan, monkeypatch):
 # ---------------------------------------------------------------------------------------------- Ctrl-C
 
 
-def _group_alive(pgid: int) -> list[str]:
-    """Live (not zombie) processes of process group `pgid`."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(stat.parent.name)
-    return alive
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ctrl_c_stops_encode_within_seconds_leaving_nothing_behind(home, tmp_path):
@@ -299,12 +288,9 @@ def test_ctrl_c_stops_encode_within_seconds_leaving_nothing_behind(home, tmp_pat
         start = time.monotonic()
         code = proc.wait(timeout=60)
         took = time.monotonic() - start
-        deadline = time.monotonic() + 10
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _group_alive(proc.pid)
+        assert eventually(lambda: not survivors(proc.pid), 10, every=0.1), survivors(proc.pid)
     finally:
-        if _group_alive(proc.pid):
+        if survivors(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     stderr = (tmp_path / "stderr").read_text()

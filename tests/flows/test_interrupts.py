@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.processes import eventually, survivors
+
 
 @pytest.fixture(scope="module")
 def slow_source(tmp_path_factory) -> Path:
@@ -37,29 +39,6 @@ def slow_source(tmp_path_factory) -> Path:
     return root
 
 
-def _eventually(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _survivors(pgid: int) -> list[str]:
-    """Live processes of process group `pgid` (Linux /proc), zombies aside: an orphan's exit status waits for
-    PID 1, which in a container may never collect it."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # it ended while we looked
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-    return found
-
-
 def _interrupt(args: list[str], env: dict[str, str], stderr: Path, working, wait_s: float = 300,
                settle_s: float = 1.0) -> tuple[int, float]:
     """Start `vae ARGS` in its own session, wait until `working()` (then `settle_s` more), signal its whole
@@ -69,7 +48,7 @@ def _interrupt(args: list[str], env: dict[str, str], stderr: Path, working, wait
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
     try:
-        _eventually(lambda: proc.poll() is not None or working(), wait_s)
+        eventually(lambda: proc.poll() is not None or working(), wait_s)
         # The pause lets a decode pool start: a worker forked in the very instant of the signal misses it,
         # and its pool never learns of it (a race of concurrent.futures that vae_core.sources.parallel inherits).
         time.sleep(settle_s)
@@ -78,9 +57,9 @@ def _interrupt(args: list[str], env: dict[str, str], stderr: Path, working, wait
         start = time.monotonic()
         code = proc.wait(timeout=60)
         took = time.monotonic() - start
-        assert _eventually(lambda: not _survivors(proc.pid), 10), _survivors(proc.pid)
+        assert eventually(lambda: not survivors(proc.pid), 10), survivors(proc.pid)
     finally:
-        if _survivors(proc.pid):
+        if survivors(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return code, took

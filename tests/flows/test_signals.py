@@ -14,27 +14,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _eventually(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def _group(pgid: int) -> list[str]:
-    """Command lines of the live processes of process group `pgid` (Linux /proc; zombies aside)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-        except OSError:  # it ended while we looked
-            continue
-    return found
+from tests.processes import eventually, survivors
 
 
 @pytest.mark.slow
@@ -54,7 +34,7 @@ def test_sigterm_stops_training_with_exit_130_after_cleanup(tmp_path):
                                  "digits", "--epochs", "200"], env=env, stdout=subprocess.DEVNULL, stderr=err,
                                 start_new_session=True)
     try:
-        assert _eventually(lambda: proc.poll() is not None or any(checkpoints.glob("*/checkpoint_*")), 400)
+        assert eventually(lambda: proc.poll() is not None or any(checkpoints.glob("*/checkpoint_*")), 400)
         time.sleep(1)
         assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
         proc.send_signal(signal.SIGTERM)
@@ -65,10 +45,10 @@ def test_sigterm_stops_training_with_exit_130_after_cleanup(tmp_path):
         assert code == 130 and took < 15, (code, took, stderr[-3000:])
         assert "interrupted" in stderr.splitlines(), stderr[-3000:]
         assert "Traceback" not in stderr and "SIGABRT" not in stderr and "Stack trace" not in stderr, stderr[-3000:]
-        assert _eventually(lambda: not _group(proc.pid), 15), _group(proc.pid)
+        assert eventually(lambda: not survivors(proc.pid), 15), survivors(proc.pid)
         print(f"SIGTERM to exit: {took:.1f} s")
     finally:
-        if _group(proc.pid):
+        if survivors(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         shutil.rmtree(scratch, ignore_errors=True)
