@@ -30,6 +30,7 @@ from fsspec.core import split_protocol
 
 from vae_core import settings
 from vae_core.sources.base import SourceError
+from vae_core.storage import resolve
 
 LOCAL = ("file", "local")
 HTTP = ("http", "https")
@@ -70,9 +71,7 @@ def check_url(url: str, options: dict[str, Any] | None = None) -> None:
 
 
 def open_fs(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """`shards.resolve` for a source: `check_url` first, and HTTP requests checked as they are sent."""
-    from vae_core.shards import resolve  # here: shards imports requests, which imports this module
-
+    """`storage.resolve` for a source: `check_url` first, and HTTP requests checked as they are sent."""
     check_url(url, options)
     return resolve(url, _guard_http(url, dict(options or {})))
 
