@@ -6,7 +6,7 @@ In a throwaway VAE_HOME it ingests MNIST once per size (`--limit`, spread over t
 an untrained `mnist`-preset model (the weights do not change the work) and runs the `encode-dataset` flow
 on every split, as `vae encode` does. For each size it prints:
 
-- bare: `vae_core.encode.encode_images` on the same images held in memory, same model, batch and threads;
+- bare: `vae_core.model.encode.encode_images` on the same images held in memory, same model, batch and threads;
 - pipeline: rows / encode seconds (Ray Data read, actor pool, driver publishing files, after Ray is up);
 - steady: rows after the first latents came back / seconds since then (actor start-up excluded; with few
   blocks, as at 10,000 images, it is rough: rows already encoded when the first block arrives count);
@@ -32,7 +32,7 @@ MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 def bare_images_per_s(model, images: np.ndarray, batch: int, threads: int) -> float:
-    from vae_core.encode import encode_images
+    from vae_core.model.encode import encode_images
 
     torch.set_num_threads(threads)
     encode_images(model, images[:batch], batch_size=batch)  # warm-up
@@ -52,14 +52,15 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-    from flows import registry, tracking
-    from flows.cli_prefect import load_flow
+    from flows.tracking import registry
+    from flows.tracking import runs as tracking
+    from flows.cli.prefect import load_flow
     from vae_core import load_config
-    from vae_core.ingest import run_ingest
-    from vae_core.model import ConvVAE
+    from vae_core.data.ingest import run_ingest
+    from vae_core.model.vae import ConvVAE
     from vae_core.requests import EncodeRequest, IngestRequest
     from vae_core.settings import data_root
-    from vae_core.shards import open_dataset, read_split_u8
+    from vae_core.data.shards import open_dataset, read_split_u8
 
     t0 = time.perf_counter()
     def flow():

@@ -3,7 +3,7 @@ on a GPU, where its actors encode in bf16.
 
     .venv/bin/python bench/encode_precision.py [--model models:/vae-mnist@champion] [--images 5000]
 
-Encodes MNIST test images with `vae_core.encode.encode_images` in float32 and again under bf16 autocast
+Encodes MNIST test images with `vae_core.model.encode.encode_images` in float32 and again under bf16 autocast
 (on the GPU when there is one, else the CPU's bf16 autocast, which rounds the same way but accumulates in
 another order) and prints the largest, mean and 99th-percentile absolute differences of the means and
 log-variances, beside the typical size of a mean and the largest difference relative to each dimension's
@@ -28,8 +28,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=5000)
     args = p.parse_args()
 
-    from flows import registry
-    from vae_core.encode import encode_images
+    from flows.tracking import registry
+    from vae_core.model.encode import encode_images
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = registry.load_pinned(registry.pin_model(args.model)).to(device)

@@ -6,7 +6,7 @@ For each K it times, on the same images and model (the `mnist` preset's architec
 not change the work):
 
 - bare: `iwae_log_likelihood` over the images in batches, nothing else: the cost no evaluation avoids;
-- pipeline: `vae_core.scores.score_split`, the pass `evaluate-vae` runs (ELBO, IWAE, reconstructions,
+- pipeline: `vae_core.evaluation.scores.score_split`, the pass `evaluate-vae` runs (ELBO, IWAE, reconstructions,
   PSNR, SSIM, latents, per-batch seeded noise).
 
 It prints seconds, images/s, pipeline/bare, and the time for 10,000 images. Work is K x images decoder
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from vae_core import load_config
-from vae_core.iwae import iwae_log_likelihood
-from vae_core.model import ConvVAE
-from vae_core.scores import _DECODES_PER_CHUNK, score_split
+from vae_core.model.iwae import iwae_log_likelihood
+from vae_core.model.vae import ConvVAE
+from vae_core.evaluation.scores import _DECODES_PER_CHUNK, score_split
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
 

@@ -77,10 +77,10 @@ def open_or_ingest(dataset_arg: str | None) -> Any:
     """The DatasetInfo to train on: MNIST ingested now, or the named one; a missing one exits 2."""
     from vae_core.requests import parse_dataset_ref
     from vae_core.settings import data_root
-    from vae_core.shards import open_dataset
+    from vae_core.data.shards import open_dataset
 
     if dataset_arg is None:
-        from vae_core.ingest import run_ingest
+        from vae_core.data.ingest import run_ingest
         from vae_core.requests import IngestRequest
 
         result = run_ingest(IngestRequest(source=str(MNIST), name="mnist", data_root=data_root()))
@@ -102,7 +102,7 @@ SAME_NETWORKS = {"model.top_latent_dim": 0}
 
 def variant_config(preset: str, variant: str, info: Any, overrides: dict[str, Any] | None = None) -> Any:
     """What train-vae builds for this variant: preset + objective + the dataset's image shape."""
-    from vae_core.config import load_config
+    from vae_core.model.config import load_config
 
     h, w, c = info.shape
     return load_config(preset, {**SAME_NETWORKS, **(overrides or {})}, variant).with_image_shape(h, w, c)
@@ -110,8 +110,8 @@ def variant_config(preset: str, variant: str, info: Any, overrides: dict[str, An
 
 def probe_rate(cfg: Any, train_x: torch.Tensor, perceptual_url: str | None) -> float:
     """Training images/s in this process over PROBE_BATCHES batches, after a warm-up batch (allocations)."""
-    from vae_core.fit import Fit, steps_per_epoch
-    from vae_core.train import iterate_batches
+    from vae_core.training.fit import Fit, steps_per_epoch
+    from vae_core.training.loop import iterate_batches
 
     bs = cfg.train.batch_size
     fit = Fit.create(cfg, steps_per_epoch(len(train_x), bs), perceptual_weights=perceptual_url)
@@ -139,7 +139,7 @@ def plan(variants: list[str], preset: str, info: Any, minutes: float, perceptual
     """Probe every variant (and VAE-GAN with its discriminator on) in interleaved rounds and keep each one's
     best rate: on a shared machine other jobs only ever slow a probe down, and interleaving spreads a
     burst of them over all variants instead of one."""
-    from vae_core.shards import read_split_u8
+    from vae_core.data.shards import read_split_u8
 
     train_x = torch.from_numpy(read_split_u8(info, "train")[0])
     rows = len(train_x)
@@ -236,7 +236,7 @@ def own_measurements(uri: str, images: np.ndarray, labels: np.ndarray, scorer: A
     """Midpoint Fréchet distance and the 2-D PCA of the latent means, on the registered model's weights."""
     from sklearn.decomposition import PCA
 
-    from flows import registry
+    from flows.tracking import registry
 
     model = registry.load_pinned(registry.pin_model(uri)).eval()
     means = latent_means(model, images)
@@ -250,8 +250,8 @@ def own_measurements(uri: str, images: np.ndarray, labels: np.ndarray, scorer: A
 def real_scorer(info: Any, images: np.ndarray) -> Any | None:
     """A Fréchet scorer on the dataset's cached classifier (the one evaluate-vae used), holding `images`;
     None on a dataset without labels."""
-    from vae_core.feature_net import FrechetScorer, load_or_train_feature_net
-    from vae_core.shards import read_split_u8
+    from vae_core.model.feature_net import FrechetScorer, load_or_train_feature_net
+    from vae_core.data.shards import read_split_u8
 
     try:
         net, _ = load_or_train_feature_net(info.name, info.version, read_split_u8(info, "train")[:2],
@@ -511,9 +511,9 @@ def main() -> int:
     if args.render:
         return render(Path(args.render))
     home = setup_home(args.home, args.dataset)
-    from flows import tracking
-    from vae_core.feature_net import feature_net_url
-    from vae_core.shards import read_split_u8
+    from flows.tracking import runs as tracking
+    from vae_core.model.feature_net import feature_net_url
+    from vae_core.data.shards import read_split_u8
 
     tracking.configure()
     info = open_or_ingest(args.dataset)

@@ -42,7 +42,7 @@ MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 def ingest_mnist(home: Path, limit: int | None) -> str:
     """Ingest MNIST into `home`; returns the dataset reference to train on."""
-    from vae_core.ingest import run_ingest
+    from vae_core.data.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     result = run_ingest(IngestRequest(source=str(MNIST), name="mnist", limit=limit, data_root=str(home / "datasets")))
@@ -51,8 +51,8 @@ def ingest_mnist(home: Path, limit: int | None) -> str:
 
 def bare_loop(train_x: torch.Tensor, preset: str, overrides: list[str], epochs: int) -> float:
     from vae_core import load_config
-    from vae_core.fit import Fit, steps_per_epoch
-    from vae_core.train import iterate_batches
+    from vae_core.training.fit import Fit, steps_per_epoch
+    from vae_core.training.loop import iterate_batches
 
     cfg = load_config(preset, overrides)
     fit = Fit.create(cfg, steps_per_epoch(len(train_x), cfg.train.batch_size))
@@ -89,9 +89,9 @@ def pipeline(dataset: str, preset: str, overrides: list[str], epochs: int, worke
 def quality(minutes: float, iw_samples: int, home: Path, dataset: str, preset: str, overrides: list[str],
             device: str = "cpu", test_images: int | None = None) -> None:
     from vae_core import load_config
-    from vae_core.fit import Fit, steps_per_epoch
-    from vae_core.shards import open_dataset, read_split_u8
-    from vae_core.train import iterate_batches
+    from vae_core.training.fit import Fit, steps_per_epoch
+    from vae_core.data.shards import open_dataset, read_split_u8
+    from vae_core.training.loop import iterate_batches
 
     name, version = dataset.split("@")
     info = open_dataset(str(home / "datasets"), name, version)
@@ -144,7 +144,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="vae-bench-"))
     os.environ["VAE_HOME"] = str(home)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from flows import tracking
+    from flows.tracking import runs as tracking
 
     tracking.configure()
     if args.quality_minutes:
@@ -153,7 +153,7 @@ def main() -> None:
         return
 
     dataset = ingest_mnist(home, args.images)
-    from vae_core.shards import open_dataset, read_split_u8
+    from vae_core.data.shards import open_dataset, read_split_u8
 
     name, version = dataset.split("@")
     train_np, _, _ = read_split_u8(open_dataset(str(home / "datasets"), name, version), "train")

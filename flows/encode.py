@@ -14,7 +14,7 @@ against the shard's ids). A re-run skips published files, so a job killed halfwa
 only what is missing, and a new dataset version encodes only the shards it does not share with one
 already encoded by the same model. Two runs of one request into one folder both succeed: each file and
 the manifest are replaced whole. `overwrite` encodes everything again. The file layout and the read API
-are `vae_core.embeddings`.
+are `vae_core.data.embeddings`.
 """
 
 from __future__ import annotations
@@ -37,15 +37,16 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows import registry, tracking
-from flows.ray_cluster import ShardMismatchError, data_context, ray_session, read_shards
-from flows.registry import PinnedModel
-from vae_core import embeddings
+from flows.tracking import registry
+from flows.tracking import runs as tracking
+from flows.distributed.cluster import ShardMismatchError, data_context, ray_session, read_shards
+from flows.tracking.registry import PinnedModel
+from vae_core.data import embeddings
 from vae_core.errors import EncodeError
-from vae_core.output_location import check_output_location
+from vae_core.data.output_location import check_output_location
 from vae_core.requests import EncodeRequest
 from vae_core.settings import data_root, embeddings_root
-from vae_core.shards import DatasetInfo, ShardInfo, arrow_filesystem, open_dataset, remove_temporaries, resolve, to_url
+from vae_core.data.shards import DatasetInfo, ShardInfo, arrow_filesystem, open_dataset, remove_temporaries, resolve, to_url
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Plan:
 def plan_task(req: EncodeRequest) -> tuple[Plan, bytes]:
     """Check the output location; pin the model and download it once; check it fits the dataset; decide
     each shard's fate. Returns the plan and the model's serialised weights."""
-    from vae_core.weights import model_to_bytes
+    from vae_core.model.weights import model_to_bytes
 
     t0 = time.perf_counter()
     if req.out:
@@ -122,7 +123,7 @@ def plan_task(req: EncodeRequest) -> tuple[Plan, bytes]:
 
 def check_output(url: str) -> None:
     """EncodeError unless `url` is an output folder whose writes cannot reach a dataset (see
-    `vae_core.output_location`)."""
+    `vae_core.data.output_location`)."""
     try:
         check_output_location(url, data_root())
     except ValueError as e:
@@ -208,7 +209,7 @@ def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) 
     import ray.data
     from tqdm.auto import tqdm
 
-    from flows.encode_worker import ShardEncoder
+    from flows.distributed.encode_worker import ShardEncoder
 
     todo = [j for j in plan.jobs if j.state == "encode"]
     if not todo:

@@ -23,13 +23,14 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows import registry, tracking
-from flows.evaluate_outputs import log_evaluation, summary_markdown, write_report
-from flows.registry import PinnedModel
+from flows.tracking import registry
+from flows.tracking import runs as tracking
+from flows.tracking.evaluation import log_evaluation, summary_markdown, write_report
+from flows.tracking.registry import PinnedModel
 from vae_core.errors import EvaluateError
 from vae_core.requests import EvaluateRequest, parse_dataset_ref
 from vae_core.settings import data_root
-from vae_core.shards import DatasetInfo, open_dataset, read_split_u8
+from vae_core.data.shards import DatasetInfo, open_dataset, read_split_u8
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -74,7 +75,7 @@ LIKELIHOOD_METRICS = ("nll", "bits_per_dim", "neg_elbo")  # bounds of log p(x): 
 def load_task(req: EvaluateRequest, target: Target) -> tuple[dict[str, Any], Any]:
     """Both models (shapes checked against the dataset) and the images: the split, and the reference split
     that latent probes and the feature classifier fit on (train; val when train itself is scored)."""
-    from vae_core.evaluate import EvalData
+    from vae_core.evaluation.evaluate import EvalData
 
     models = {CHALLENGER: registry.load_pinned(target.model)}
     if target.champion and target.champion.version != target.model.version:
@@ -110,8 +111,8 @@ def feature_task(target: Target, data: Any, req: EvaluateRequest, progress: bool
 
     import torch
 
-    from vae_core.feature_net import FrechetScorer, load_or_train_feature_net
-    from vae_core.scores import devices_for
+    from vae_core.model.feature_net import FrechetScorer, load_or_train_feature_net
+    from vae_core.evaluation.scores import devices_for
 
     if data.train_images is None:
         return None, {"skipped": "no labelled reference split to train the feature classifier on"}
@@ -137,8 +138,8 @@ def feature_task(target: Target, data: Any, req: EvaluateRequest, progress: bool
 def score_task(model: Any, data: Any, req: EvaluateRequest, scorer: Any, label: str, progress: bool) -> Any:
     from tqdm.auto import tqdm
 
-    from vae_core.evaluate import evaluate_model
-    from vae_core.scores import devices_for
+    from vae_core.evaluation.evaluate import evaluate_model
+    from vae_core.evaluation.scores import devices_for
 
     devices = devices_for(req.gpus)
     with tqdm(total=len(data.images), desc=f"score {label} (K={req.iw_samples})", unit="img",
@@ -151,7 +152,7 @@ def score_task(model: Any, data: Any, req: EvaluateRequest, scorer: Any, label: 
 def report_task(req: EvaluateRequest, target: Target, model: Any, data: Any, evaluation: Any,
                 facts: dict[str, str]) -> dict[str, str]:
     """Pictures and the HTML report, written under $VAE_HOME/reports and logged to the training run."""
-    from vae_core.evaluate import draw_pictures
+    from vae_core.evaluation.evaluate import draw_pictures
 
     pictures = draw_pictures(model, data, evaluation, seed=req.seed, map_points=req.map_points)
     return write_report(target.model, req, facts, evaluation, pictures)
@@ -161,7 +162,7 @@ def report_task(req: EvaluateRequest, target: Target, model: Any, data: Any, eva
 def gate_task(req: EvaluateRequest, target: Target, mine: dict[str, float],
               theirs: dict[str, float] | None) -> Any:
     """Decide, record the decision on the version, then (only then) move `champion`."""
-    from vae_core.gate import HIGHER_IS_BETTER, decide, metric_key
+    from vae_core.evaluation.gate import HIGHER_IS_BETTER, decide, metric_key
 
     key = metric_key(req.metric, req.iw_samples)
     if key not in mine:
@@ -189,7 +190,7 @@ def evaluate_vae(request: EvaluateRequest, progress: bool = False) -> dict[str, 
     Returns what `vae evaluate --json` prints: the pinned model, dataset, metrics (`<split>/<name>`), notes,
     the feature classifier's accuracy, the champion's metrics, the decision and where the report is.
     """
-    from vae_core.scores import devices_for
+    from vae_core.evaluation.scores import devices_for
 
     devices_for(request.gpus)  # more GPUs than the machine has: fail before anything loads
     tracking.configure()

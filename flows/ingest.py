@@ -2,7 +2,7 @@
 
     open-source (validate, fail fast)  ->  build-shards (decode, dedup, split, stage)  ->  publish-version
 
-Each task is a thin call into `vae_core.ingest`; the flow adds orchestration (retries belong to the
+Each task is a thin call into `vae_core.data.ingest`; the flow adds orchestration (retries belong to the
 deployment), logging and a Markdown artifact with counts per split, shape, channel stats and the
 quarantine. A re-run on the same input finds the existing version and writes nothing.
 """
@@ -17,9 +17,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from vae_core.requests import IngestRequest
-from vae_core.ingest import (IngestResult, StagedDataset, build, find_unchanged, open_source_for, publish,
+from vae_core.data.ingest import (IngestResult, StagedDataset, build, find_unchanged, open_source_for, publish,
                              summary_markdown)
-from vae_core.sources.base import Source
+from vae_core.data.sources.base import Source
 
 
 # Tasks pass in-memory objects (an open source, a staging folder) to the next one: caching them by

@@ -58,18 +58,19 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows import registry, tracking
+from flows.tracking import registry
+from flows.tracking import runs as tracking
 from flows.retries import call_with_retries
 from flows.encode import encode_dataset
 from flows.evaluate import evaluate_vae
 from flows.ingest import ingest_dataset
-from flows.registry import PinnedModel
+from flows.tracking.registry import PinnedModel
 from flows.train import train_vae
-from vae_core import embeddings
+from vae_core.data import embeddings
 from vae_core.errors import ModelNotFoundError
 from vae_core.requests import EncodeRequest, NightlyRequest
 from vae_core.settings import data_root, embeddings_root
-from vae_core.shards import resolve
+from vae_core.data.shards import resolve
 
 T = TypeVar("T")
 STAGES = ("ingest", "train", "evaluate", "encode")
@@ -237,7 +238,7 @@ def embeddings_gap(champion: PinnedModel, dataset: str, version: str, counts: di
 
 def _identity(champion: PinnedModel) -> embeddings.ModelIdentity:
     """The champion exactly (name, version, weights digest), as encode-dataset keys its files."""
-    from vae_core.weights import model_to_bytes
+    from vae_core.model.weights import model_to_bytes
 
     return embeddings.ModelIdentity.of(champion.name, champion.version, model_to_bytes(registry.load_pinned(champion)))
 

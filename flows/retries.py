@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import httpx
 
-from flows import registry
+from flows.tracking import registry
 from vae_core.errors import VAEError
 
 T = TypeVar("T")

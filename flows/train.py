@@ -4,8 +4,8 @@
 
 Everything that can be wrong with the request (unknown dataset, empty split, an image size the
 architecture cannot take) fails in `prepare`, before Ray starts; the request itself was validated
-before Prefect started. Ray lives here and in `flows.train_worker`; MLflow in `flows.tracking` and
-`flows.registry`; the training setup in `vae_core.fit`.
+before Prefect started. Ray lives here and in `flows.distributed.train_worker`; MLflow in `flows.tracking.runs` and
+`flows.tracking.registry`; the training setup in `vae_core.training.fit`.
 
 Data: a split whose pixels fit `memory_budget_mb` is held by each worker as one uint8 tensor; a
 larger one streams from its Parquet shards through Ray Data (`streaming_split`, one disjoint, equally
@@ -25,19 +25,21 @@ from typing import TYPE_CHECKING, Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows import registry, tracking
-from flows.ray_cluster import ray_session, read_shards
-from flows.train_progress import Progress
+from flows.tracking import registry
+from flows.tracking import runs as tracking
+from flows.distributed.cluster import ray_session, read_shards
+from flows.tracking.progress import Progress
 from vae_core.settings import checkpoint_root, data_root
-from vae_core import VAEConfig, load_config
+from vae_core import VAEConfig
+from vae_core import load_config
 from vae_core.errors import TrainError, VAEError
-from vae_core.fit import steps_per_epoch
+from vae_core.training.fit import steps_per_epoch
 from vae_core.requests import TrainRequest
-from vae_core.shards import (DatasetInfo, arrow_filesystem, is_local, open_dataset, read_split_u8, resolve,
+from vae_core.data.shards import (DatasetInfo, arrow_filesystem, is_local, open_dataset, read_split_u8, resolve,
                              shard_paths)
 
 if TYPE_CHECKING:
-    from flows.train_worker import DataPlan, WorkerSpec
+    from flows.distributed.train_worker import DataPlan, WorkerSpec
 
 
 def resolve_config(req: TrainRequest, info: DatasetInfo) -> VAEConfig:
@@ -61,7 +63,7 @@ def perceptual_weights(cfg: VAEConfig, info: DatasetInfo) -> str | None:
     the dataset version's feature classifier (the one evaluate-vae scores with; trained and cached here
     when missing), which then goes into the config (so the run's parameters name it and every worker
     reads the same file). None when the objective has no perceptual term or names its own file."""
-    from vae_core.perceptual import check_perceptual_weights
+    from vae_core.training.perceptual import check_perceptual_weights
 
     pcfg = cfg.objective.perceptual
     if pcfg.weight == 0:
@@ -69,7 +71,7 @@ def perceptual_weights(cfg: VAEConfig, info: DatasetInfo) -> str | None:
     if pcfg.weights is not None or pcfg.network != "classifier":
         check_perceptual_weights(pcfg)
         return None
-    from vae_core.feature_net import load_or_train_feature_net
+    from vae_core.model.feature_net import load_or_train_feature_net
 
     def test() -> tuple | None:  # read only if the classifier is not cached yet
         return read_split_u8(info, "test")[:2] if info.counts.get("test") else None
@@ -118,7 +120,7 @@ def _scaling(req: TrainRequest, resources: dict[str, float], streaming: bool) ->
 
 def _worker_spec(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str, threads: int,
                  plan: DataPlan) -> WorkerSpec:
-    from flows.train_worker import WorkerSpec
+    from flows.distributed.train_worker import WorkerSpec
 
     return WorkerSpec(config=cfg, run_id=run_id, data_root=data_root(), dataset=info.name, version=info.version,
                       data=plan, steps_per_epoch=steps_per_epoch(info.counts["train"], cfg.train.batch_size,
@@ -172,7 +174,7 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from flows.train_worker import FailureRecorder, checkpoint_staging, train_loop_per_worker
+    from flows.distributed.train_worker import FailureRecorder, checkpoint_staging, train_loop_per_worker
 
     t0 = time.perf_counter()
     with ray_session() as resources:
@@ -240,8 +242,8 @@ fit_task = task(name="fit")(fit)
 
 @task(name="register-model")
 def register_task(run_id: str, checkpoint: Any, model_name: str, dataset_version: str) -> tuple[int, float]:
-    from flows.train_worker import WEIGHTS
-    from vae_core.weights import load_model
+    from flows.distributed.train_worker import WEIGHTS
+    from vae_core.model.weights import load_model
 
     t0 = time.perf_counter()
     with checkpoint.as_directory() as d:

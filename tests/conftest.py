@@ -1,5 +1,5 @@
 """Shared fixtures. Every test runs with MLflow telemetry off; nothing here needs Prefect, Ray or MLflow,
-so the library's tests run on a machine that has only torch (tests/vae_core/test_devices.py on a GPU)."""
+so the library's tests run on a machine that has only torch (tests/vae_core/training/test_devices.py on a GPU)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def digits_u8():
     """Real handwritten digits (scikit-learn's, shipped offline): uint8 (1797, 1, 8, 8)."""
     import torch
 
-    from vae_core.sources.digits import load_digits_u8
+    from vae_core.data.sources.digits import load_digits_u8
 
     images, _ = load_digits_u8()
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()

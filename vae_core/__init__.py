@@ -6,8 +6,8 @@ below load on first use, so `import vae_core.requests` (the command line's optio
 
 from importlib import import_module
 
-_EXPORTS = {"ConvVAE": "model", "Posterior": "model", "ModelConfig": "config", "TrainConfig": "config",
-            "VAEConfig": "config", "load_config": "config"}
+_EXPORTS = {"ConvVAE": "model.vae", "Posterior": "model.vae", "ModelConfig": "model.config",
+            "TrainConfig": "model.config", "VAEConfig": "model.config", "load_config": "model.config"}
 __all__ = sorted(_EXPORTS)
 
 

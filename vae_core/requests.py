@@ -15,11 +15,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from vae_core import settings
-from vae_core.config import Strict as Request, parse_overrides
-from vae_core.gate import GateMetric
-from vae_core.sources.limits import (DEFAULT_MAX_ARCHIVE_MB, DEFAULT_MAX_FILE_MB, DEFAULT_MAX_IMAGE_PIXELS,
+from vae_core.model.config import Strict as Request, parse_overrides
+from vae_core.evaluation.gate import GateMetric
+from vae_core.data.sources.limits import (DEFAULT_MAX_ARCHIVE_MB, DEFAULT_MAX_FILE_MB, DEFAULT_MAX_IMAGE_PIXELS,
                                      SourceLimits)
-from vae_core.sources.remote import check_url
+from vae_core.data.sources.remote import check_url
 
 # \Z, not $: `$` also matches before a final newline ("dig\n"). Use with fullmatch.
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")

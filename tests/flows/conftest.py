@@ -41,7 +41,7 @@ def _mnist_home(root: Path, limit: int, **ingest: object) -> Iterator[Path]:
     """VAE_HOME = `root` holding `limit` real MNIST images spread over train, val and test (dataset
     `mnist`, `ingest` options such as shard_mb passed on), with MLflow's store under it; the environment
     is restored after."""
-    from vae_core.ingest import run_ingest
+    from vae_core.data.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     old = {k: os.environ.get(k) for k in ("VAE_HOME", "MLFLOW_TRACKING_URI")}
@@ -76,12 +76,13 @@ def _register(epochs: int = 0, name: str = "vae-mnist", preset: str = "mnist", d
     The `mnist` preset is shrunk (SMALL) and fitted to the dataset's image shape; others are used as they are."""
     import torch
 
-    from flows import registry, tracking
+    from flows.tracking import registry
+    from flows.tracking import runs as tracking
     from vae_core import load_config
-    from vae_core.fit import Fit, steps_per_epoch
+    from vae_core.training.fit import Fit, steps_per_epoch
     from vae_core.settings import data_root
-    from vae_core.shards import open_dataset, read_split_u8
-    from vae_core.train import iterate_batches
+    from vae_core.data.shards import open_dataset, read_split_u8
+    from vae_core.training.loop import iterate_batches
 
     info = open_dataset(data_root(), dataset)
     cfg = load_config(preset, SMALL if preset == "mnist" else {}, objective)

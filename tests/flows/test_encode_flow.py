@@ -44,7 +44,7 @@ def _encode(**request):
 
 def _dataset(name: str = "mnist"):
     from vae_core.settings import data_root
-    from vae_core.shards import open_dataset
+    from vae_core.data.shards import open_dataset
 
     return open_dataset(data_root(), name)
 
@@ -54,8 +54,8 @@ def _files(out: str) -> dict[str, float]:
 
 
 def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
-    from vae_core.embeddings import latents, read_embeddings
-    from vae_core.shards import read_split_u8
+    from vae_core.data.embeddings import latents, read_embeddings
+    from vae_core.data.shards import read_split_u8
 
     out = _encode()
     info = _dataset()
@@ -107,11 +107,11 @@ def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
 
 
 def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
-    from vae_core.embeddings import read_embeddings
-    from vae_core.shards import read_split_u8
+    from vae_core.data.embeddings import read_embeddings
+    from vae_core.data.shards import read_split_u8
 
     out_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "flows.cli", "encode", "--model", "models:/vae-mnist/1", "--dataset", "mnist",
+    cmd = [sys.executable, "-m", "flows.cli.app", "encode", "--model", "models:/vae-mnist/1", "--dataset", "mnist",
            "--out", str(out_dir), "--batch-size", "8", "--json"]
     info = _dataset()
     total_files = sum(len(s.shards) for s in info.manifest.splits.values())
@@ -140,8 +140,8 @@ def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
 
 
 def test_a_new_dataset_version_encodes_only_the_shards_it_does_not_share(home, tmp_path):
-    from vae_core.embeddings import read_embeddings
-    from vae_core.ingest import run_ingest
+    from vae_core.data.embeddings import read_embeddings
+    from vae_core.data.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     with gzip.open(MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
@@ -171,7 +171,7 @@ def test_shape_mismatch_fails_before_any_work(home, register_model):
 
 
 def test_output_on_s3(home, s3, monkeypatch):
-    from vae_core.embeddings import read_embeddings
+    from vae_core.data.embeddings import read_embeddings
 
     fs, options = s3
     monkeypatch.setenv("AWS_ENDPOINT_URL", options["client_kwargs"]["endpoint_url"])

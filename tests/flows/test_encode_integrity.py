@@ -47,7 +47,7 @@ def _encode(**request):
 
 def _dataset():
     from vae_core.settings import data_root
-    from vae_core.shards import open_dataset
+    from vae_core.data.shards import open_dataset
 
     return open_dataset(data_root(), "mnist")
 
@@ -59,15 +59,15 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def _vae(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", *args]
+    return [sys.executable, "-m", "flows.cli.app", *args]
 
 
 # ------------------------------------------------------------------------------------- model identity
 
 
 def test_another_models_latents_are_never_reused(home, tmp_path):
-    from vae_core.embeddings import latents, read_embeddings, read_manifest
-    from vae_core.shards import read_split_u8
+    from vae_core.data.embeddings import latents, read_embeddings, read_manifest
+    from vae_core.data.shards import read_split_u8
 
     info = _dataset()
     a = _encode(splits=["test"], out=str(tmp_path / "x" / "a"))
@@ -122,8 +122,8 @@ def test_an_output_location_that_could_reach_a_dataset_is_refused_before_any_wor
 
 @pytest.mark.timeout(900)
 def test_two_concurrent_runs_into_one_folder_both_succeed_and_spare_other_files(home, tmp_path):
-    from vae_core.embeddings import read_embeddings
-    from vae_core.shards import temporary_name
+    from vae_core.data.embeddings import read_embeddings
+    from vae_core.data.shards import temporary_name
 
     out = tmp_path / "together"
     (out / "test" / "sub").mkdir(parents=True)
@@ -154,9 +154,9 @@ def test_two_concurrent_runs_into_one_folder_both_succeed_and_spare_other_files(
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """scikit-learn's digits in shards of ~330 images."""
-    from vae_core.ingest import run_ingest
+    from vae_core.data.ingest import run_ingest
     from vae_core.requests import IngestRequest
-    from vae_core.shards import open_dataset
+    from vae_core.data.shards import open_dataset
 
     root = str(tmp_path_factory.mktemp("digits"))
     run_ingest(IngestRequest(source="builtin:digits", name="digits", data_root=root, shard_mb=0.02, workers=1))
@@ -168,9 +168,9 @@ def plan(digits, tmp_path):
     """A plan for the first two train shards of the digits into `tmp_path/out`, with no model behind it: the
     publishing step needs none (the latents below are made up)."""
     from flows.encode import Plan, ShardJob
-    from flows.registry import PinnedModel
-    from vae_core.embeddings import ModelIdentity, file_name
-    from vae_core.shards import resolve
+    from flows.tracking.registry import PinnedModel
+    from vae_core.data.embeddings import ModelIdentity, file_name
+    from vae_core.data.shards import resolve
 
     info = digits
     identity = ModelIdentity.of("vae-a", 1, b"weights")
@@ -209,7 +209,7 @@ def _leftovers(plan) -> list[Path]:
 
 def test_shuffled_rows_of_several_shards_are_published_in_shard_order(plan):
     from flows.encode import publish_batches
-    from vae_core.embeddings import latents
+    from vae_core.data.embeddings import latents
 
     rows = pa.concat_tables([_latents(j) for j in plan.jobs])
     shuffled = rows.take(np.random.default_rng(0).permutation(rows.num_rows))

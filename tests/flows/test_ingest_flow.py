@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
-from vae_core.shards import open_dataset, read_split_u8
+from flows.cli.app import app
+from vae_core.data.shards import open_dataset, read_split_u8
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -90,7 +90,7 @@ def test_flow_through_the_cli_writes_dataset_and_artifact(tmp_path):
 def test_flow_fails_fast_on_a_bad_source(tmp_path):
     from flows.ingest import ingest_dataset
     from vae_core.requests import IngestRequest
-    from vae_core.sources.base import SourceError
+    from vae_core.data.sources.base import SourceError
 
     (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x09\x03" + bytes(12))
     with pytest.raises(SourceError, match="wrong IDX magic"):
@@ -101,7 +101,7 @@ def test_flow_fails_fast_on_a_bad_source(tmp_path):
 
 
 def test_flow_rerun_on_unchanged_input_decodes_nothing(tmp_path, monkeypatch):
-    import vae_core.ingest
+    import vae_core.data.ingest
     from flows.ingest import ingest_dataset
     from vae_core.requests import IngestRequest
 
@@ -113,7 +113,7 @@ def test_flow_rerun_on_unchanged_input_decodes_nothing(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("the unchanged input was decoded again")
 
-    monkeypatch.setattr(vae_core.ingest, "decode_stream", no_decoding)
+    monkeypatch.setattr(vae_core.data.ingest, "decode_stream", no_decoding)
     again = ingest_dataset(req)
     assert (again["version"], again["created"]) == (first["version"], False)
 
@@ -163,7 +163,7 @@ def test_a_killed_ingest_s_staging_is_under_the_data_root_and_the_next_run_remov
     data, scratch = tmp_path / "data", tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "VAE_HOME": str(tmp_path / "vae"), "TMPDIR": str(scratch), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    cli = [sys.executable, "-m", "flows.cli", "ingest"]
+    cli = [sys.executable, "-m", "flows.cli.app", "ingest"]
     slow = [*cli, str(_slow_folder(tmp_path / "src")), "--name", "slow", "--data-root", str(data), "--workers", "1",
             "--image-size", "16,16", "--shard-mb", "0.005", "--no-prefect"]
     proc = subprocess.Popen(slow, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -178,7 +178,7 @@ def test_a_killed_ingest_s_staging_is_under_the_data_root_and_the_next_run_remov
         proc.wait()
     [left] = _staging_folders(data)
     assert not list(scratch.iterdir())
-    from vae_core.ingest import make_staging
+    from vae_core.data.ingest import make_staging
 
     live = make_staging(data / ".staging")  # a concurrent run's, in this (live) process
 

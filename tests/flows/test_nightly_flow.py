@@ -37,7 +37,7 @@ def _request(limit: int = FIRST, **options):
 def home(tmp_path_factory):
     """A fresh VAE_HOME (datasets, MLflow store, embeddings) for the whole module, and one local Ray that
     train and encode join instead of each starting their own."""
-    from flows.ray_cluster import ray_session
+    from flows.distributed.cluster import ray_session
 
     root = tmp_path_factory.mktemp("nightly_home")
     with pytest.MonkeyPatch.context() as mp:
@@ -50,7 +50,7 @@ def home(tmp_path_factory):
 
 
 def _client():
-    from flows import tracking
+    from flows.tracking import runs as tracking
 
     return tracking.client()
 
@@ -77,7 +77,7 @@ def _files(home: Path) -> dict[str, int]:
 
 def _dataset(version: str | None = None):
     from vae_core.settings import data_root
-    from vae_core.shards import open_dataset
+    from vae_core.data.shards import open_dataset
 
     return open_dataset(data_root(), "mnist", version)
 
@@ -105,7 +105,7 @@ def first(home):
 def test_first_run_ingests_trains_promotes_and_encodes(home, first):
     from prefect.client.orchestration import get_client
 
-    from vae_core.embeddings import read_embeddings
+    from vae_core.data.embeddings import read_embeddings
 
     out = first
     version = out["dataset"]["version"]
@@ -163,8 +163,8 @@ def test_embeddings_under_the_champions_name_by_other_weights_are_a_gap(home, fi
     import os
 
     from flows.nightly import embeddings_gap
-    from flows.registry import pin_model
-    from vae_core.embeddings import read_manifest
+    from flows.tracking.registry import pin_model
+    from vae_core.data.embeddings import read_manifest
 
     champion, version = pin_model("models:/vae-mnist@champion"), first["dataset"]["version"]
     args = (champion, "mnist", version, _dataset(version).counts,
@@ -215,7 +215,7 @@ def test_a_stage_that_meets_a_transient_error_is_run_again(home, first, monkeypa
 @pytest.mark.slow
 def test_changed_source_trains_evaluates_and_encodes_with_the_champion(home, first):
     from flows.nightly import nightly_retrain
-    from vae_core.embeddings import read_embeddings
+    from vae_core.data.embeddings import read_embeddings
 
     out = nightly_retrain(_request(CHANGED))
     version = out["dataset"]["version"]
@@ -247,7 +247,7 @@ def test_changed_source_trains_evaluates_and_encodes_with_the_champion(home, fir
 @pytest.mark.slow
 def test_a_failed_stage_leaves_champion_and_embeddings_as_they_were(home):
     from flows.nightly import StageError, nightly_retrain
-    from vae_core.shards import is_temporary
+    from vae_core.data.shards import is_temporary
 
     champion, versions, files = _champion(), _versions(), _files(home)
     # Train fails at run time (an override the model config does not have): no version, no alias move.
@@ -323,7 +323,7 @@ def test_retries_transient_errors_only_and_never_a_vae_error():
 
 def test_train_rule():
     from flows.nightly import TrainPlan, plan_training
-    from flows.registry import PinnedModel
+    from flows.tracking.registry import PinnedModel
 
     def champion(version: int, trained_on: str) -> PinnedModel:
         return PinnedModel(name="vae-mnist", version=version, run_id="r", dataset_name="mnist",
@@ -375,7 +375,7 @@ def test_this_jobs_ray_workers_run_at_ordinary_priority_with_fixed_allocator_thr
 
     import ray
 
-    from flows.ray_cluster import ALLOCATOR_ENV
+    from flows.distributed.cluster import ALLOCATOR_ENV
 
     @ray.remote(num_cpus=0.1)
     def worker() -> tuple[int, dict[str, str]]:

@@ -27,7 +27,7 @@ TWO_WORKERS = {"dataset": "mnist", "overrides": SMALL, "epochs": 3, "workers": 2
 def home(tmp_path_factory, mnist_home):
     """A VAE_HOME holding 2,400 real MNIST images (train + val carve, test), shared by this module."""
     with mnist_home(tmp_path_factory.mktemp("train_home"), limit=2400) as root:
-        from flows import tracking
+        from flows.tracking import runs as tracking
 
         tracking.configure()
         yield root
@@ -95,8 +95,8 @@ def test_two_workers_train_track_register_and_pull(home, uninterrupted):
     assert len(ranks) == 2 and ranks[0] == ranks[1] and run.data.tags["ray.nodes"] == "1"
     # The ranks trained different halves of the data in step (DDP): after the last epoch each held bit-identical
     # weights, those registered. Without DDP each would have followed its own half and rank 0's would be kept.
-    from vae_core.fit import weights_digest
-    from vae_core.weights import load_model
+    from vae_core.training.fit import weights_digest
+    from vae_core.model.weights import load_model
 
     digests = run.data.tags["ray.rank_weights"].split(",")
     assert digests == [weights_digest(load_model(str(_registered_file(out))))[:16]] * 2, digests
@@ -225,7 +225,7 @@ def test_a_time_budget_ends_both_ranks_at_the_same_epoch(home):
     """train.time_budget_minutes: after the first epoch the budget is spent, so the run ends there with a
     final picture and a registered model, epochs being only an upper bound. Both ranks plan the end from
     the same all-reduced time, checked with ranks whose clocks differ in
-    tests/vae_core/test_ddp.py::test_ranks_with_different_clocks_plan_the_same_last_epoch (here every rank
+    tests/vae_core/training/test_ddp.py::test_ranks_with_different_clocks_plan_the_same_last_epoch (here every rank
     would stop after one epoch whatever it planned from)."""
     from flows.train import train_vae
     from vae_core.requests import TrainRequest
@@ -261,7 +261,7 @@ def test_a_perceptual_vae_gan_trains_on_ray_and_logs_every_term(home):
     """Both extra terms at once, through Ray Train: the perceptual loss's classifier is resolved (trained and
     cached) before the run and named in its parameters; the discriminator's terms are logged from its start."""
     from flows.train import train_vae
-    from vae_core.feature_net import feature_net_url
+    from vae_core.model.feature_net import feature_net_url
     from vae_core.requests import TrainRequest
 
     gan = ["objective.adversarial.weight=0.5", "objective.adversarial.feature_weight=1",
@@ -332,7 +332,7 @@ def test_vae_train_joins_an_existing_cluster_through_ray_address(home, ray_clust
 
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PREFECT_API_URL": PREFECT_API_URL.value(),
            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-    args = [sys.executable, "-m", "flows.cli", "train", "--dataset", "mnist", "--epochs", "1", "--max-failures", "0",
+    args = [sys.executable, "-m", "flows.cli.app", "train", "--dataset", "mnist", "--epochs", "1", "--max-failures", "0",
             "--json"] + [a for o in SMALL for a in ("--set", o)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -354,7 +354,7 @@ def test_vae_train_joins_an_existing_cluster_through_ray_address(home, ray_clust
 def test_splits_over_the_memory_budget_stream_through_ray_data(home):
     from flows.train import train_vae
     from vae_core.requests import TrainRequest
-    from vae_core.shards import open_dataset
+    from vae_core.data.shards import open_dataset
 
     # ~1,900 training and ~190 validation images of 784 bytes: ~1.4 and ~0.14 MiB, both over 0.1 MiB.
     out = train_vae(TrainRequest(dataset="mnist", overrides=SMALL + ["train.image_every=2"], epochs=2, workers=2,
@@ -382,7 +382,7 @@ def test_dataset_streamed_from_s3_and_checkpoints_written_to_s3(home, s3, monkey
 
     from flows.train import train_vae
     from vae_core.requests import TrainRequest
-    from vae_core.ingest import run_ingest
+    from vae_core.data.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     fs, options = s3
@@ -407,7 +407,7 @@ def test_data_plan_and_cpu_reservation_leave_ray_data_a_whole_cpu(home):
     from flows.train import _scaling, plan_data
     from vae_core.errors import TrainError
     from vae_core.requests import TrainRequest
-    from vae_core.shards import open_dataset
+    from vae_core.data.shards import open_dataset
 
     info = open_dataset(str(home / "datasets"), "mnist")
     assert plan_data(info, 4096) == {"train": "memory", "val": "memory"}

@@ -610,7 +610,7 @@ def test_rayjobs_run_the_vae_command():
     assert encode[:2] == ["vae", "encode"]
     assert encode[encode.index("--model") + 1] == "models:/vae-mnist@champion"
     assert encode[encode.index("--dataset") + 1] == "mnist"
-    from flows.cli import app  # the options exist on the real command line
+    from flows.cli.app import app  # the options exist on the real command line
     from typer.testing import CliRunner
 
     for argv in (train, encode):
@@ -809,8 +809,8 @@ def test_every_environment_name_is_one_something_reads(compose_model):
     import botocore.credentials
     import prefect.settings
 
-    project = _names_read(ROOT / "vae_core" / "settings.py") | _names_read(ROOT / "flows" / "tracking.py")
-    project |= {n for p in (ROOT / "flows").glob("*.py") for n in _names_read(p) if n == "RAY_ADDRESS"}
+    project = _names_read(ROOT / "vae_core" / "settings.py") | _names_read(ROOT / "flows" / "tracking" / "runs.py")
+    project |= {n for p in (ROOT / "flows").rglob("*.py") for n in _names_read(p) if n == "RAY_ADDRESS"}
     assert {"VAE_HOME", "VAE_DATA_ROOT", "VAE_CHECKPOINT_ROOT", "VAE_EMBEDDINGS_ROOT", "VAE_REPORTS_ROOT",
             "MLFLOW_TRACKING_URI", "RAY_ADDRESS"} <= project
     boto = Path(botocore.configprovider.__file__).read_text()

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vae_core.ingest import build, open_source_for, publish, run_ingest
+from vae_core.data.ingest import build, open_source_for, publish, run_ingest
 from vae_core.requests import IngestRequest
-from vae_core.shards import (MANIFEST, SPLITS, list_versions, open_dataset, read_split_u8, resolve,
+from vae_core.data.shards import (MANIFEST, SPLITS, list_versions, open_dataset, read_split_u8, resolve,
                              is_temporary, temporary_name)
 
 ROWS = 60
@@ -155,7 +155,7 @@ def test_of_two_runs_publishing_at_once_the_first_manifest_stays(tmp_path, monke
 
 def _concurrent_ingests(tmp_path: Path, source: Path, data_root: Path) -> list[subprocess.CompletedProcess]:
     """Two `vae ingest --no-prefect --json` of one source and name, started together."""
-    args = [sys.executable, "-m", "flows.cli", "ingest", str(source), "--name", "toy", "--data-root", str(data_root),
+    args = [sys.executable, "-m", "flows.cli.app", "ingest", str(source), "--name", "toy", "--data-root", str(data_root),
             "--shard-mb", "0.05", "--workers", "1", "--no-prefect", "--json"]
     env = {**os.environ, "VAE_HOME": str(tmp_path / "home"), "MLFLOW_DISABLE_TELEMETRY": "true"}
     procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

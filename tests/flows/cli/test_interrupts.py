@@ -1,0 +1,148 @@
+"""Ctrl-C ends a `vae` command within seconds with exit code 130 and leaves nothing half-written.
+
+A terminal's Ctrl-C signals the whole foreground process group: the command, its decode workers and, in
+Prefect mode, Prefect's temporary server. The tests do the same to a command started in its own session.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.processes import eventually, survivors
+
+
+@pytest.fixture(scope="module")
+def slow_source(tmp_path_factory) -> Path:
+    """1,000 large, smooth PNGs (16 MB in all): written in a second, decoded in well over 10 s by two workers."""
+    root = tmp_path_factory.mktemp("slow-source")
+    y, x = np.mgrid[0:1024, 0:1024]
+    blobs = []
+    for i in range(8):
+        buf = io.BytesIO()
+        Image.fromarray(np.stack([(x * (i + 1)) % 256, (y * (i + 2)) % 256, (x + y) % 256], -1).astype(np.uint8)
+                        ).save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    for i in range(1000):
+        (root / f"{i:04d}.png").write_bytes(blobs[i % 8])
+    return root
+
+
+def _interrupt(args: list[str], env: dict[str, str], stderr: Path, working, wait_s: float = 300,
+               settle_s: float = 1.0) -> tuple[int, float]:
+    """Start `vae ARGS` in its own session, wait until `working()` (then `settle_s` more), signal its whole
+    process group as a terminal's Ctrl-C does; returns (exit code, seconds it took to exit). Every process
+    of the group must be gone soon after (Prefect's server, Ray's, decode workers)."""
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli.app", *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+    try:
+        eventually(lambda: proc.poll() is not None or working(), wait_s)
+        # The pause lets a decode pool start: a worker forked in the very instant of the signal misses it,
+        # and its pool never learns of it (a race of concurrent.futures that vae_core.data.sources.parallel inherits).
+        time.sleep(settle_s)
+        assert proc.poll() is None, stderr.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        start = time.monotonic()
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - start
+        assert eventually(lambda: not survivors(proc.pid), 10), survivors(proc.pid)
+    finally:
+        if survivors(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return code, took
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    """No PREFECT_API_URL, so Prefect mode starts its temporary server, as on a user's machine."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    return {**env, "VAE_HOME": str(tmp_path / "vae"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["--prefect", "--no-prefect"])
+def test_ctrl_c_stops_ingest_within_seconds_leaving_nothing_behind(tmp_path, slow_source, mode):
+    scratch, data = tmp_path / "tmp", tmp_path / "data"
+    scratch.mkdir()
+    args = ["ingest", str(slow_source), "--name", "x", "--data-root", str(data), "--workers", "2", "--image-size",
+            "16,16", mode]
+    # Its staging folder (in the data root) appears as decoding starts (after Prefect's server is up, in Prefect mode).
+    code, took = _interrupt(args, {**_env(tmp_path), "TMPDIR": str(scratch)}, tmp_path / "stderr",
+                            lambda: any((data / ".staging").glob(".vae-ingest.tmp-*")))
+    stderr = (tmp_path / "stderr").read_text()
+    assert code == 130 and took < 15, (code, took, stderr[-3000:])
+    assert "interrupted" in stderr.splitlines() and "Traceback" not in stderr, stderr[-3000:]
+    assert not list(data.rglob("manifest.json")) and not list(data.rglob(".*.tmp-*")), list(data.rglob("*"))
+    assert not list(scratch.iterdir()) and not (data / ".staging").exists(), list(data.rglob("*"))  # staging is gone
+
+
+def _train_worker_pids(home: Path) -> list[int]:
+    """The Ray Train workers of a command whose VAE_HOME is `home`: Ray names its actor processes after their
+    class (`ray::RayTrainWorker...`)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker") and \
+                    f"VAE_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:  # it ended while we looked
+            continue
+    return pids
+
+
+def _kill_workers_while_staging(home: Path, scratch: Path) -> bool:
+    """SIGKILL the command's Ray Train workers at a moment a checkpoint is staged in `scratch`; True once done.
+
+    Ray's shutdown ends a worker that is writing or uploading when the interrupt comes without unwinding it
+    (the training function runs in one of its threads): this does the same at a known moment, so whatever
+    the worker staged can only be removed by the command itself. The workers are frozen (SIGSTOP) first, so
+    that the check and the kill see the same moment."""
+    if not any(scratch.glob("vae-ckpt-*")) or not (pids := _train_worker_pids(home)):
+        return False
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    staged = any(scratch.glob("vae-ckpt-*"))
+    for pid in pids:  # or, when the upload finished in between, let them go on to the next checkpoint
+        os.kill(pid, signal.SIGKILL if staged else signal.SIGCONT)
+    return staged
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ctrl_c_stops_training_within_seconds_leaving_no_checkpoint_temporaries(tmp_path):
+    """Ray Train replaces the SIGINT handler with its own (which aborts the run, then exits 0): the command
+    still ends with 130 in seconds, and Ray's processes and Prefect's server with it. The workers stage each
+    checkpoint in a `vae-ckpt-*` folder of the temp dir: the signal comes while one is there, its worker
+    killed mid-checkpoint, and the folder must be gone once the command has ended."""
+    env = _env(tmp_path)
+    subprocess.run([sys.executable, "-m", "flows.cli.app", "ingest", "builtin:digits", "--name", "digits",
+                    "--no-prefect"], env=env, check=True, capture_output=True)
+    checkpoints = tmp_path / "vae" / "checkpoints"
+    # A short path: Ray puts its session's Unix sockets below TMPDIR, and those paths are limited to 107 bytes.
+    scratch = Path(tempfile.mkdtemp(prefix="vae-t-", dir="/tmp"))
+    try:
+        # No restarts: a new worker group would stage checkpoints of its own while the command winds down.
+        code, took = _interrupt(["train", "--dataset", "digits", "--preset", "digits", "--epochs", "200",
+                                 "--max-failures", "0"],
+                                {**env, "TMPDIR": str(scratch)}, tmp_path / "stderr",
+                                lambda: any(checkpoints.glob("*/checkpoint_*"))
+                                and _kill_workers_while_staging(tmp_path / "vae", scratch), settle_s=0)
+        stderr = (tmp_path / "stderr").read_text()
+        assert code == 130 and took < 15, (code, took, stderr[-3000:])
+        assert "interrupted" in stderr.splitlines() and "Traceback" not in stderr, stderr[-3000:]
+        assert not list(scratch.glob("vae-ckpt-*")), list(scratch.glob("vae-ckpt-*/*"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,5 @@
+"""The training wing: the setup and its epoch loop (`fit`), one step and one pass (`loop`), the objectives
+(KL, reconstruction, adversarial, perceptual) and device metrics.
+
+Rule: it imports the top-level modules, `model` and `data`; never `evaluation`.
+"""
