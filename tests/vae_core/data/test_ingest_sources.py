@@ -7,6 +7,7 @@ import io
 import json
 import re
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,7 @@ from vae_core.data.shards import open_dataset, read_split_u8
 from vae_core.data.sources.base import SourceError
 from vae_core.data.sources.decode import ShapeSpec, conform_pixels, decode_image, to_grey
 from vae_core.data.sources.detect import detect_format, open_source
+from vae_core.data.sources.formats import BY_NAME, REGISTRY
 
 RNG = np.random.default_rng(3)
 
@@ -225,10 +227,30 @@ def test_builtin_digits(tmp_path):
 
 def test_unknown_file_kind_and_missing_source(tmp_path):
     (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(SourceError, match="data.csv: cannot tell the format"):
+    with pytest.raises(SourceError, match=re.escape("data.csv: cannot tell the format of this file (expected .npz, "
+                                                    ".parquet or an IDX file; a folder of images is given as the folder)")):
         open_source(str(tmp_path / "data.csv"))
+    with pytest.raises(SourceError, match=re.escape("unknown format 'csv'; formats are auto, folder, idx, npz, parquet, "
+                                                    "builtin")):
+        open_source(str(tmp_path / "data.csv"), "csv")
     with pytest.raises(SourceError, match="source not found"):
         open_source(str(tmp_path / "nothing-here"))
+
+
+def test_every_registered_format_is_a_request_choice_detected_and_opened_from_its_declaration(tmp_path):
+    """The registry is the one list of formats: the request's choices, detection and opening follow it."""
+    assert get_args(IngestRequest.model_fields["format"].annotation) == ("auto", *(f.name for f in REGISTRY))
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").write_bytes(_png(RNG.integers(0, 256, (4, 4), np.uint8)))
+    _write_idx(tmp_path / "train-images-idx3-ubyte", RNG.integers(0, 256, (3, 4, 4), np.uint8), gz=False)
+    np.savez(tmp_path / "x.npz", images=RNG.integers(0, 256, (3, 4, 4), np.uint8))
+    pq.write_table(_hf_table(3)[0], tmp_path / "t.PQ")  # a suffix is matched whatever its case
+    samples = {"folder": tmp_path / "pics", "idx": tmp_path / "train-images-idx3-ubyte", "npz": tmp_path / "x.npz",
+               "parquet": tmp_path / "t.PQ", "builtin": "builtin:digits"}
+    assert set(samples) == set(BY_NAME)
+    for name, url in samples.items():
+        assert detect_format(str(url)) == name
+        assert open_source(str(url)).kind == name == open_source(str(url), name).kind
 
 
 def test_all_items_bad_fails_with_examples(tmp_path):
@@ -410,7 +432,7 @@ def test_idx_images_of_zero_size_are_named(tmp_path):
 
 @pytest.mark.parametrize("name", ["dig\n", "dig\r\n", "\ndig", "dig ", "a/b", ".x", ""])
 def test_names_must_match_the_rule_in_full(name):
-    from vae_core.requests import check_name, parse_dataset_ref
+    from vae_core.names import check_name, parse_dataset_ref
 
     with pytest.raises(ValueError, match="must use only"):
         check_name(name, "dataset name")
@@ -423,7 +445,8 @@ def test_names_must_match_the_rule_in_full(name):
 @pytest.mark.parametrize("uri", ["models:/vae-x/1\n", "models:/vae-x@champion\n", "models:/vae\n/1",
                                  "models:/vae-x@champ\nion", " models:/vae-x/1"])
 def test_model_uris_must_match_in_full(uri):
-    from vae_core.requests import EvaluateRequest, parse_model_uri
+    from vae_core.names import parse_model_uri
+    from vae_core.requests import EvaluateRequest
 
     with pytest.raises(ValueError):
         parse_model_uri(uri)

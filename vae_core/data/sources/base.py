@@ -3,15 +3,20 @@
 A source is read in batches so that memory stays bounded however large it is. Items come either
 already decoded (IDX, NumPy, built-ins: `RawBatch.pixels`) or as encoded file bytes that ingestion
 decodes in worker processes (folders, Parquet: `RawBatch.encoded`).
+
+Each source module declares its `Format` (name, how detection recognises it, how it opens); the
+registry in `vae_core.data.sources.formats` lists them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from vae_core.data.sources.limits import SourceLimits
 
 # Names a source may use for its own splits, mapped to the dataset's split names.
 SPLIT_ALIASES: dict[str, str] = {
@@ -89,6 +94,42 @@ class Source:
     ids_unique: bool = True
     details: dict[str, Any] = field(default_factory=dict)
     fingerprint: str | None = None
+
+
+class SourceOptions(NamedTuple):
+    """What opening a source takes besides its URL (every opener gets all of it and reads what it needs)."""
+
+    storage_options: dict | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    limits: SourceLimits = SourceLimits()
+
+
+@dataclass(frozen=True)
+class Format:
+    """One source format as detection and opening see it.
+
+    name: the request's `format` value and `Source.kind`.
+    open: (url, options) -> an opened, validated Source.
+    prefix: a URL starting with it is this format, without looking at any storage (``builtin:``); such a
+    source lists no files, so its URL is its fingerprint.
+    suffixes: a single file whose lower-cased name ends with one of them is this format.
+    file_name: a single file whose lower-cased name it accepts is this format (when no suffix decides);
+    file_hint: what the error for an unknown file calls such a file.
+    folder: a folder whose files (recursive, hidden ones left out) it accepts is this format.
+    any_folder: a folder that no format's `folder` accepts is this format.
+    reads_siblings: a single file is read with the files beside it (its fingerprint lists them too).
+    """
+
+    name: str
+    open: Callable[[str, SourceOptions], Source]
+    prefix: str | None = None
+    suffixes: tuple[str, ...] = ()
+    file_name: Callable[[str], bool] | None = None
+    file_hint: str = ""
+    folder: Callable[[list[str]], bool] | None = None
+    any_folder: bool = False
+    reads_siblings: bool = False
 
 
 LABEL_MAX = 2**31 - 1  # labels are int32 in the dataset

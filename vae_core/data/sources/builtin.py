@@ -10,14 +10,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from vae_core.data.sources.base import RawBatch, Source, SourceError
+from vae_core.data.sources.base import Format, RawBatch, Source, SourceError, SourceOptions
 from vae_core.data.sources.digits import load_digits_u8
 
 BUILTINS = ("digits",)
 
 
-def open_builtin(url: str) -> Source:
-    """'builtin:NAME' -> Source."""
+def open_builtin(url: str, options: SourceOptions = SourceOptions()) -> Source:
+    """'builtin:NAME' -> Source (it reads no storage, so `options` do not apply)."""
     name = url.split(":", 1)[1] if ":" in url else url
     if name != "digits":
         raise SourceError(f"unknown built-in source {url!r}; built-ins are: {', '.join('builtin:' + b for b in BUILTINS)}")
@@ -30,3 +30,6 @@ def open_builtin(url: str) -> Source:
 
     return Source(kind="builtin", url=url, batches=batches, size=len(images), label_names=[str(i) for i in range(10)],
                   details={"name": "digits"})
+
+
+FORMAT = Format("builtin", open_builtin, prefix="builtin:")

@@ -1,6 +1,7 @@
 """Which kind of source a URL is, opening it, and a fingerprint of what it reads.
 
-Detection (unless a format is named): ``builtin:NAME``; a path ending in ``.npz``; a path ending in
+Detection (unless a format is named) follows the formats' declarations (`formats.REGISTRY`), which give:
+``builtin:NAME``; a path ending in ``.npz``; a path ending in
 ``.parquet`` / ``.pq``; an IDX file or a folder holding IDX files (``*-images-idx3-ubyte[.gz]``);
 a folder whose files are all Parquet; otherwise a folder tree of images.
 """
@@ -10,51 +11,44 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from typing import Any, get_args
+from typing import Any
 
-from vae_core.requests import SourceFormat as Format
-from vae_core.data.sources.base import Source, SourceError
-from vae_core.data.sources.builtin import open_builtin
-from vae_core.data.sources.folder import open_folder
-from vae_core.data.sources.idx import is_idx_name, open_idx
-from vae_core.data.sources.npz import open_npz
+from vae_core.data.sources.base import Format, Source, SourceError, SourceOptions
+from vae_core.data.sources.formats import BY_NAME, FORMATS, REGISTRY, SourceFormat
 from vae_core.data.sources.limits import SourceLimits
-from vae_core.data.sources.parquet import open_parquet
 from vae_core.data.sources.remote import open_fs, storage_errors, storage_hint
 
-FORMATS: tuple[str, ...] = get_args(Format)
 # What a filesystem's listing may say about a file's version, most telling first (object stores' ETags,
 # local and other filesystems' modification or creation times).
 _STAMPS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created")
 
 
 def detect_format(url: str, storage_options: dict | None = None) -> str:
-    """URL -> one of folder, idx, npz, parquet, builtin. SourceError when it does not exist."""
-    if url.startswith("builtin:"):
-        return "builtin"
+    """URL -> the name of its format (see `formats.REGISTRY`). SourceError when it does not exist."""
+    if by_prefix := next((f for f in REGISTRY if f.prefix and url.startswith(f.prefix)), None):
+        return by_prefix.name
     fs, path = open_fs(url, storage_options)
     if not fs.exists(path):
         raise SourceError(f"{url}: source not found")
     if not fs.isdir(path):
-        name = posixpath.basename(path).lower()
-        if name.endswith(".npz"):
-            return "npz"
-        if name.endswith((".parquet", ".pq")):
-            return "parquet"
-        if is_idx_name(name):
-            return "idx"
-        raise SourceError(f"{url}: cannot tell the format of this file (expected .npz, .parquet or an IDX file; "
-                          "a folder of images is given as the folder)")
+        return _file_format(url, posixpath.basename(path).lower())
     files = [f for f in fs.find(path) if not posixpath.basename(f).startswith(".")]
-    if any(is_idx_name(f) for f in files):
-        return "idx"
-    if files and all(f.endswith((".parquet", ".pq")) or posixpath.basename(f).lower().startswith("readme")
-                     for f in files) and any(f.endswith((".parquet", ".pq")) for f in files):
-        return "parquet"
-    return "folder"
+    claimed = next((f for f in REGISTRY if f.folder and f.folder(files)), None)
+    return (claimed or next(f for f in REGISTRY if f.any_folder)).name
 
 
-def open_source(url: str, format: Format = "auto", storage_options: dict | None = None,
+def _file_format(url: str, name: str) -> str:
+    """A single file's lower-cased `name` -> its format's name: by suffix, else by name; else SourceError."""
+    fmt = (next((f for f in REGISTRY if name.endswith(f.suffixes)), None)
+           or next((f for f in REGISTRY if f.file_name and f.file_name(name)), None))
+    if fmt is not None:
+        return fmt.name
+    hints = [f.suffixes[0] for f in REGISTRY if f.suffixes] + [f.file_hint for f in REGISTRY if f.file_name]
+    raise SourceError(f"{url}: cannot tell the format of this file (expected {', '.join(hints[:-1])} or "
+                      f"{hints[-1]}; a folder of images is given as the folder)")
+
+
+def open_source(url: str, format: SourceFormat = "auto", storage_options: dict | None = None,
                 image_column: str | None = None, label_column: str | None = None,
                 limits: SourceLimits = SourceLimits()) -> Source:
     """URL (and optional format) -> an opened, validated Source; SourceError names what is wrong, including
@@ -72,18 +66,12 @@ def open_source(url: str, format: Format = "auto", storage_options: dict | None 
                           f"{storage_hint(e)}") from None
 
 
-def _open(url: str, format: Format, storage_options: dict | None, image_column: str | None,
+def _open(url: str, format: SourceFormat, storage_options: dict | None, image_column: str | None,
           label_column: str | None, limits: SourceLimits) -> Source:
-    kind = detect_format(url, storage_options) if format == "auto" else format
+    fmt = BY_NAME[detect_format(url, storage_options) if format == "auto" else format]
     # Taken before anything is read: a file that changes while it is being read then differs next time.
-    fingerprint = source_fingerprint(url, kind, storage_options)
-    if kind == "builtin":
-        source = open_builtin(url)
-    elif kind == "parquet":
-        source = open_parquet(url, storage_options, image_column=image_column, label_column=label_column,
-                              limits=limits)
-    else:
-        source = {"folder": open_folder, "idx": open_idx, "npz": open_npz}[kind](url, storage_options, limits)
+    fingerprint = _fingerprint(url, fmt, storage_options)
+    source = fmt.open(url, SourceOptions(storage_options, image_column, label_column, limits))
     source.fingerprint = fingerprint
     return source
 
@@ -93,11 +81,15 @@ def source_fingerprint(url: str, kind: str, storage_options: dict | None = None)
     may read: the files below a folder, one file, or the files beside a single IDX file (its labels file
     sits there). Listed, never read, so it costs a directory listing. A built-in source is its name.
     None when some file has no stamp or the listing fails (the opener then names the problem)."""
-    if kind == "builtin":
+    return _fingerprint(url, BY_NAME[kind], storage_options)
+
+
+def _fingerprint(url: str, fmt: Format, storage_options: dict | None) -> str | None:
+    if fmt.prefix:  # recognised by its URL alone: no files to list
         return url
     fs, path = open_fs(url, storage_options)
     try:
-        root = posixpath.dirname(path) if kind == "idx" and not fs.isdir(path) else path
+        root = posixpath.dirname(path) if fmt.reads_siblings and not fs.isdir(path) else path
         fs.invalidate_cache(root)  # object stores cache listings; a changed file must be seen
         infos: dict[str, Any] = fs.find(root, detail=True) if fs.isdir(root) else {path: fs.info(path)}
     except storage_errors():

@@ -25,11 +25,11 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 
-from vae_core.data.shards import is_local, to_url
-from vae_core.data.sources.base import RawBatch, Source, SourceError, printable, split_from_name
+from vae_core.data.sources.base import Format, RawBatch, Source, SourceError, SourceOptions, printable, split_from_name
 from vae_core.data.sources.decode import LocalFile
 from vae_core.data.sources.limits import SourceLimits
 from vae_core.data.sources.remote import open_fs
+from vae_core.storage import is_local, to_url
 
 BATCH = 512
 
@@ -48,9 +48,9 @@ def _layout(rels: list[str]) -> tuple[bool, list[str]]:
     return by_split, classes
 
 
-def open_folder(url: str, storage_options: dict | None = None, limits: SourceLimits = SourceLimits()) -> Source:
+def open_folder(url: str, options: SourceOptions = SourceOptions()) -> Source:
     """Folder URL -> Source over every file below it, in sorted path order."""
-    fs, root = open_fs(url, storage_options)
+    fs, root = open_fs(url, options.storage_options)
     if not fs.isdir(root):
         raise SourceError(f"{url}: not a folder")
     sizes = _list_files(fs, root)
@@ -70,7 +70,7 @@ def open_folder(url: str, storage_options: dict | None = None, limits: SourceLim
         for start in range(0, len(files), BATCH):
             paths = files[start : start + BATCH]
             batch_rels = rels[start : start + BATCH]
-            encoded, errors = _read(fs, paths, sizes, limits)
+            encoded, errors = _read(fs, paths, sizes, options.limits)
             yield RawBatch(
                 ids=batch_rels,
                 sources=[printable(to_url(fs, p)) for p in paths],
@@ -86,6 +86,10 @@ def open_folder(url: str, storage_options: dict | None = None, limits: SourceLim
         ids_unique=len(set(rels)) == len(rels),  # an escaped name may equal a real one
         details={"files": len(files), "classes": len(classes), "split_folders": by_split},
     )
+
+
+# A folder tree of images: any folder that no other format claims.
+FORMAT = Format("folder", open_folder, any_folder=True)
 
 
 def _read(fs: fsspec.AbstractFileSystem, paths: list[str], sizes: dict[str, int | None],

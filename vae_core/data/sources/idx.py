@@ -19,10 +19,10 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 
-from vae_core.data.shards import to_url
-from vae_core.data.sources.base import RawBatch, Source, SourceError, printable, split_from_name
+from vae_core.data.sources.base import Format, RawBatch, Source, SourceError, SourceOptions, printable, split_from_name
 from vae_core.data.sources.limits import SourceLimits
 from vae_core.data.sources.remote import open_fs
+from vae_core.storage import to_url
 
 IDX_NAME = re.compile(r"(?P<prefix>.+?)-(?P<kind>images|labels)[-.]idx(?P<ndim>\d)-ubyte(?P<gz>\.gz)?")  # fullmatch
 BATCH = 16384
@@ -31,6 +31,11 @@ _UBYTE = 0x08
 
 def is_idx_name(filename: str) -> bool:
     return IDX_NAME.fullmatch(posixpath.basename(filename)) is not None
+
+
+def holds_idx(files: list[str]) -> bool:
+    """Whether a folder is an IDX source: some file in it is named like an IDX file."""
+    return any(is_idx_name(f) for f in files)
 
 
 def _parse_header(data: bytes, url: str) -> tuple[tuple[int, ...], int]:
@@ -213,9 +218,10 @@ def _pairs(fs: fsspec.AbstractFileSystem, files: list[str], url: str) -> list[tu
     return sorted(pairs, key=lambda t: (order.get(split_from_name(t[0]) or "", 3), t[0]))
 
 
-def open_idx(url: str, storage_options: dict | None = None, limits: SourceLimits = SourceLimits()) -> Source:
+def open_idx(url: str, options: SourceOptions = SourceOptions()) -> Source:
     """A folder (or one images file) of IDX files -> Source. Headers, sizes and counts are checked here."""
-    fs, path = open_fs(url, storage_options)
+    fs, path = open_fs(url, options.storage_options)
+    limits = options.limits
     files = sorted(fs.find(path)) if fs.isdir(path) else [path]
     pairs = _pairs(fs, files, url)
     if not pairs:
@@ -274,3 +280,8 @@ def open_idx(url: str, storage_options: dict | None = None, limits: SourceLimits
         splits=tuple(sorted({s for p in parts if (s := split_from_name(p[0]))})),
         details={"files": {p[0]: {"images": p[1], "count": p[2].count} for p in parts}},
     )
+
+
+# A single images file is read with its labels file, which sits beside it.
+FORMAT = Format("idx", open_idx, file_name=is_idx_name, file_hint="an IDX file", folder=holds_idx,
+                reads_siblings=True)

@@ -16,10 +16,10 @@ from typing import IO
 
 import numpy as np
 
-from vae_core.data.shards import to_url
-from vae_core.data.sources.base import RawBatch, Source, SourceError, int32_labels
+from vae_core.data.sources.base import Format, RawBatch, Source, SourceError, SourceOptions, int32_labels
 from vae_core.data.sources.limits import SourceLimits
 from vae_core.data.sources.remote import open_fs
+from vae_core.storage import to_url
 
 BATCH = 16384
 
@@ -71,9 +71,9 @@ def _check_declared(f: IO[bytes], url: str, limits: SourceLimits) -> None:
         raise SourceError(f"{url}: {problem}")
 
 
-def open_npz(url: str, storage_options: dict | None = None, limits: SourceLimits = SourceLimits()) -> Source:
+def open_npz(url: str, options: SourceOptions = SourceOptions()) -> Source:
     """.npz URL -> Source; sizes (from the headers), shapes, dtypes and counts are checked here."""
-    fs, path = open_fs(url, storage_options)
+    fs, path = open_fs(url, options.storage_options)
     try:
         with fs.open(path, "rb") as f:
             magic = f.read(4)
@@ -83,7 +83,7 @@ def open_npz(url: str, storage_options: dict | None = None, limits: SourceLimits
         raise SourceError(f"{url}: not a readable .npz archive (not a zip file)")
     try:
         with fs.open(path, "rb") as f:
-            _check_declared(f, url, limits)
+            _check_declared(f, url, options.limits)
         with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except SourceError:
@@ -126,3 +126,6 @@ def open_npz(url: str, storage_options: dict | None = None, limits: SourceLimits
 
     return Source(kind="npz", url=url, batches=batches, size=n, label_names=names, ids_unique="ids" not in arrays,
                   details={"arrays": sorted(arrays)})
+
+
+FORMAT = Format("npz", open_npz, suffixes=(".npz",))

@@ -31,12 +31,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vae_core.data.shards import to_url
-from vae_core.data.sources.base import RawBatch, Source, SourceError, int32_labels, printable, split_from_name
+from vae_core.data.sources.base import (Format, RawBatch, Source, SourceError, SourceOptions, int32_labels, printable,
+                                        split_from_name)
 from vae_core.data.sources.limits import SourceLimits
 from vae_core.data.sources.remote import open_fs
+from vae_core.storage import to_url
 
 BATCH = 512
+SUFFIXES = (".parquet", ".pq")
 IMAGE_NAMES = ("image", "img", "picture", "png", "jpg", "jpeg")
 LABEL_NAMES = ("label", "labels", "class", "target")
 
@@ -139,15 +141,15 @@ def _check_int_labels(fs: fsspec.AbstractFileSystem, opened: list[tuple[str, pq.
                 int32_labels(np.array([top]), to_url(fs, f))
 
 
-def open_parquet(url: str, storage_options: dict | None = None, image_column: str | None = None,
-                 label_column: str | None = None, limits: SourceLimits = SourceLimits()) -> Source:
+def open_parquet(url: str, options: SourceOptions = SourceOptions()) -> Source:
     """Parquet file or folder URL -> Source. Schemas, columns, labels and row-group sizes are checked here."""
-    fs, path = open_fs(url, storage_options)
+    fs, path = open_fs(url, options.storage_options)
+    limits = options.limits
     if not fs.exists(path):
         raise SourceError(f"{url}: not found")
     if fs.isdir(path):
         all_files = sorted(fs.find(path))
-        files = [f for f in all_files if f.endswith((".parquet", ".pq"))]
+        files = [f for f in all_files if f.endswith(SUFFIXES)]
         root = path
     else:
         all_files, files, root = [path], [path], posixpath.dirname(path)
@@ -155,8 +157,8 @@ def open_parquet(url: str, storage_options: dict | None = None, image_column: st
         raise SourceError(f"{url}: empty source (no .parquet files)")
     opened = _open_files(fs, files)
     schema = opened[0][1].schema_arrow
-    img_col = _pick_image_column(schema, image_column, to_url(fs, files[0]))
-    lab_col = _pick_label_column(schema, label_column, to_url(fs, files[0]))
+    img_col = _pick_image_column(schema, options.image_column, to_url(fs, files[0]))
+    lab_col = _pick_label_column(schema, options.label_column, to_url(fs, files[0]))
     for f, pf in opened[1:]:
         if pf.schema_arrow.names != schema.names:
             raise SourceError(f"{to_url(fs, f)}: columns {pf.schema_arrow.names} differ from "
@@ -216,6 +218,16 @@ def open_parquet(url: str, storage_options: dict | None = None, image_column: st
         details={"files": len(files), "ignored_files": len(all_files) - len(files), "image_column": img_col,
                  "label_column": lab_col},
     )
+
+
+def is_parquet_folder(files: list[str]) -> bool:
+    """Whether a folder's files are a Parquet source: all of them Parquet or a README (a dataset card beside
+    the data, as on the Hugging Face Hub), and at least one Parquet."""
+    parquet = [f.endswith(SUFFIXES) for f in files]
+    return any(parquet) and all(p or posixpath.basename(f).lower().startswith("readme") for p, f in zip(parquet, files))
+
+
+FORMAT = Format("parquet", open_parquet, suffixes=SUFFIXES, folder=is_parquet_folder)
 
 
 def _distinct_names(files: list[str], root: str) -> bool:
