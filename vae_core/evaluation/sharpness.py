@@ -33,6 +33,23 @@ def laplacian_variance(images: torch.Tensor) -> torch.Tensor:
     return response.flatten(1).var(dim=1, correction=0)
 
 
+class _RunningMean:
+    """The mean of per-image values added batch by batch: a float64 sum and a count on the CPU, exact
+    enough over millions of images and independent of the device the values come from."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, values: torch.Tensor) -> None:
+        """Add per-image values, (B,)."""
+        self.total += float(values.double().sum())
+        self.count += len(values)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count
+
+
 class SharpnessMeter:
     """Sharpness of image sets relative to one real image set, streamed in batches on any device.
 
@@ -41,36 +58,30 @@ class SharpnessMeter:
     """
 
     def __init__(self) -> None:
-        # Running sums in float64 on the CPU: exact enough over millions of images, device-independent.
-        self._real_sum, self._real_count = 0.0, 0
-        self._sum, self._count = 0.0, 0
+        self._real, self._measured = _RunningMean(), _RunningMean()
 
     def add_real(self, images: torch.Tensor) -> None:
         """Add a batch of real images, (B, C, H, W) uint8 or floats in [0, 1]."""
-        v = laplacian_variance(images)
-        self._real_sum += float(v.double().sum())
-        self._real_count += len(v)
+        self._real.add(laplacian_variance(images))
 
     def reset(self) -> None:
         """Forget the measured images (the real ones stay)."""
-        self._sum, self._count = 0.0, 0
+        self._measured = _RunningMean()
 
     def update(self, images: torch.Tensor) -> None:
         """Measure a batch of images, (B, C, H, W) uint8 or floats in [0, 1]."""
-        v = laplacian_variance(images)
-        self._sum += float(v.double().sum())
-        self._count += len(v)
+        self._measured.add(laplacian_variance(images))
 
     def compute(self) -> float:
         """Mean Laplacian variance of the images measured since `reset`, over the real images' mean."""
-        if self._real_count == 0 or self._count == 0:
-            raise ValueError(f"sharpness needs real and measured images, got {self._real_count} real "
-                             f"and {self._count} measured")
-        real = self._real_sum / self._real_count
+        if self._real.count == 0 or self._measured.count == 0:
+            raise ValueError(f"sharpness needs real and measured images, got {self._real.count} real "
+                             f"and {self._measured.count} measured")
+        real = self._real.mean
         if real <= 0.0:
-            raise ValueError(f"the {self._real_count} real images have no edges at all (Laplacian variance 0, "
+            raise ValueError(f"the {self._real.count} real images have no edges at all (Laplacian variance 0, "
                              "e.g. constant images): sharpness relative to them is undefined")
-        return (self._sum / self._count) / real
+        return self._measured.mean / real
 
     def relative(self, batches: Iterable[torch.Tensor]) -> float:
         """Sharpness of the images in `batches` (each (B, C, H, W)) relative to the real ones: 1.0 is
