@@ -1,8 +1,9 @@
 """The function every Ray Train worker runs: load the data, train with DDP, checkpoint, log from rank 0;
 and the callback Ray Train's controller runs, which records worker failures in the run.
 
-The training setup itself is `vae_core.training.fit.Fit`; this module adds what Ray brings: the rank's data,
-DDP, checkpoints reported to Ray Train, and rank 0's MLflow logging.
+The training setup and its epoch loop are `vae_core.training.fit.Fit` (`Fit.run`); this module opens the
+rank's data, wraps the model in DDP and fills the loop's hooks with what Ray brings: the ranks' process
+group, checkpoints reported to Ray Train, and rank 0's MLflow logging (`flows.tracking.progress.EpochLog`).
 
 Resumption contract: a checkpoint is the `Fit` bundle (modules, optimizers, schedulers, epochs and
 steps done) and the metrics of its epoch. A restarted worker group continues from the next epoch;
@@ -14,26 +15,27 @@ a point of the metric `resumed_from_epoch`: what `vae train` shows while it runs
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from vae_core.model.config import VAEConfig
-from vae_core.errors import NonFiniteLossError, TrainError
-from vae_core.training.fit import MODEL, Fit, weights_digest, weights_file
+from vae_core.training.fit import MODEL, Fit, weights_file
 from vae_core.data.shards import DatasetInfo, images_u8, open_dataset, read_split_u8
-from vae_core.training.loop import TrainState, iterate_batches
+from vae_core.training.hooks import Hooks, Ranks
+from vae_core.training.loop import iterate_batches
+
+if TYPE_CHECKING:
+    from flows.tracking.progress import EpochLog
 
 WEIGHTS = weights_file(MODEL)  # what registration loads from the final checkpoint
 PREVIEW = 32  # images in the reconstruction grids
@@ -100,100 +102,6 @@ class SplitSource:
             yield x.permute(0, 3, 1, 2)
 
 
-def _all_reduce_sum(values: list[float], world: int, device: torch.device) -> list[float]:
-    """Sums over ranks; the tensor lives on the training device (NCCL reduces CUDA tensors only)."""
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def close_epoch(fit: Fit, images: float, train_s: float, wall_s: float, world: int,
-                device: torch.device) -> tuple[int, float, float]:
-    """Count an epoch against the time budget and plan the run's last epoch, the same on every rank.
-
-    Each rank measured its own epoch (`wall_s`, of which `train_s` training); the sums over ranks are
-    all-reduced and every rank adds the mean wall time to `elapsed_s`, so all plan from one clock: ranks that
-    planned from their own could disagree on the last epoch, and the one going on would wait forever in DDP's
-    next all-reduce. Returns (last epoch, images over all ranks, their images/s)."""
-    images, seconds, wall = _all_reduce_sum([images, train_s, wall_s], world, device)
-    fit.state.elapsed_s += wall / world
-    return fit.plan(), images, images / (seconds / world)
-
-
-def rank_digests(fit: Fit, world: int) -> list[str]:
-    """The digest of every rank's VAE parameters (`weights_digest`), in rank order; the same list on every rank."""
-    digest = weights_digest(fit.model)
-    if world == 1:
-        return [digest]
-    digests: list[str | None] = [None] * world
-    dist.all_gather_object(digests, digest)
-    return [str(d) for d in digests]
-
-
-def check_in_step(digests: list[str], epoch: int) -> None:
-    """Raise a TrainError, naming the epoch, when the ranks' digests differ.
-
-    DDP keeps the ranks' weights bit-identical (the same averaged gradients into the same optimizer); ranks
-    whose weights differ each trained on its own part of the data alone, and the checkpoint would hold only
-    rank 0's. Every rank raises (they share the list), so none waits for the others."""
-    if len(set(digests)) > 1:
-        shown = ", ".join(d[:16] for d in digests)
-        raise TrainError(f"the workers' weights differ after epoch {epoch} (digests by rank: {shown}): their "
-                         "gradients were not averaged, so each trained on its own part of the data; "
-                         "rerun with workers=1")
-
-
-def _validate(fit: Fit, val: SplitSource | None, world: int) -> dict[str, float]:
-    """Validation -ELBO over the whole split, each rank scoring a disjoint slice, combined exactly."""
-    if val is None:
-        return {}
-    m = fit.evaluate(val.batches(fit.config.train.batch_size, fit.rank, world, shuffle_seed=None, drop_last=False))
-    keys = [k for k in ("loss", "recon", "kl", "nll", "bits_per_dim") if k in m]
-    sums = _all_reduce_sum([m[k] * m["images"] for k in keys] + [m["images"]], world, fit.device)
-    n = max(sums[-1], 1.0)
-    return {f"val_{k}": v / n for k, v in zip(keys, sums[:-1])}
-
-
-class _EpochLogger:
-    """Rank 0's MLflow writer that never logs a step or an epoch twice (resumed runs re-run an epoch)."""
-
-    def __init__(self, run_id: str, log_every: int, images_per_step: int):
-        from flows.tracking.runs import RunLogger
-
-        self.run = RunLogger(run_id)
-        self.log_every = log_every
-        self.images_per_step = images_per_step  # over all ranks
-        self.last_step = self.run.last_step("train/loss")
-        self.last_epoch = self.run.last_step("epoch/loss")
-        self._mark: tuple[int, float] | None = None  # (step, time) of the last logged step in this epoch
-
-    def on_step(self, metrics: dict[str, float], state: TrainState) -> None:
-        if state.step % self.log_every:
-            return
-        out = {f"train/{k}": v for k, v in metrics.items()}
-        now = time.perf_counter()
-        if self._mark is not None:  # throughput over the steps since the last log
-            out["train/images_per_s"] = (state.step - self._mark[0]) * self.images_per_step / (now - self._mark[1])
-        self._mark = (state.step, now)
-        if state.step > self.last_step:
-            self.run.log_metrics(out, step=state.step)
-            self.last_step = state.step
-
-    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._mark = None  # validation and checkpointing are not training throughput
-        if epoch > self.last_epoch:
-            self.run.log_metrics({f"epoch/{k}": v for k, v in metrics.items()}, step=epoch)
-            self.last_epoch = epoch
-
-    def pictures(self, fit: Fit, preview: torch.Tensor | None, epoch: int) -> None:
-        """Samples, reconstructions of uint8 previews (P, H, W, C) and an interpolation, as artifacts."""
-        originals = preview.permute(0, 3, 1, 2) if preview is not None else None
-        for kind, image in fit.previews(originals).items():
-            self.run.log_image(image, f"{kind}/epoch_{epoch:04d}.png")
-
-
 def checkpoint_staging(run_id: str) -> str:
     """The folder in this node's temp dir where rank 0 stages run `run_id`'s checkpoints before Ray Train
     uploads them. One per run, named by it, so that whoever outlives a killed worker can remove it: Ray
@@ -241,28 +149,27 @@ class FailureRecorder(ray.train.UserCallback):
             logging.getLogger(__name__).warning("could not record worker failure %d", self.failures, exc_info=True)
 
 
-def _worker_nodes(world: int) -> list[str]:
-    """The Ray node id of every rank, in rank order (the same list on every rank): where the group was placed."""
-    node = ray.get_runtime_context().get_node_id()
-    if world == 1:
-        return [node]
-    nodes: list[str | None] = [None] * world
-    dist.all_gather_object(nodes, node)
-    return [str(n) for n in nodes]
+def _hooks(fit: Fit, spec: WorkerSpec, ranks: Ranks, log: EpochLog | None,
+           preview: Callable[[], torch.Tensor | None]) -> Hooks:
+    """Ray Train's report (with rank 0's checkpoint) on every rank; rank 0 alone logs into the MLflow run."""
+    report = partial(_report, fit, spec.run_id)
+    if log is None:
+        return Hooks(ranks=ranks, report=report)
+    return Hooks(ranks=ranks, report=report, on_step=log.on_step, on_epoch=log.on_epoch,
+                 on_rank_weights=log.rank_weights, pictures=lambda epoch: log.pictures(fit, preview(), epoch))
 
 
-def train_loop_per_worker(spec: WorkerSpec) -> None:
-    """Ray Train entry point."""
-    tcfg = spec.config.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(spec.threads_per_worker)
+def _epoch_log(run_id: str, log_every: int, images_per_step: int) -> EpochLog:
+    """Rank 0's MLflow writer; imported here, so the other ranks never load MLflow."""
+    from flows.tracking.progress import EpochLog
 
-    info = open_dataset(spec.data_root, spec.dataset, spec.version)
-    train = SplitSource.open(info, "train", spec.data["train"], device, tcfg.device_data_mb)
-    val = SplitSource.open(info, "val", spec.data["val"], device, tcfg.device_data_mb) if "val" in spec.data else None
+    return EpochLog(run_id, log_every, images_per_step)
 
+
+def _fit(spec: WorkerSpec, device: torch.device, rank: int,
+         world: int) -> tuple[Fit, torch.nn.Module, dict[str, float]]:
+    """(this rank's fit, the module its batches go through: DDP's wrapper when there are ranks to average
+    over, the metrics of the checkpoint it resumed from, {} when it starts afresh)."""
     fit = Fit.create(spec.config, spec.steps_per_epoch, device, rank)
     forward: torch.nn.Module = fit.model
     if world > 1:
@@ -273,39 +180,35 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as d:
             last_metrics = fit.restore(d)
+    return fit, forward, last_metrics
 
-    nodes = _worker_nodes(world)
-    logger = _EpochLogger(spec.run_id, tcfg.log_every, tcfg.batch_size * world) if rank == 0 else None
-    if logger is not None:  # which node each rank ran on: what a multi-node run is checked by
-        logger.run.set_tags({"ray.worker_nodes": ",".join(nodes), "ray.nodes": str(len(set(nodes)))})
-    if logger is not None and last_metrics:
-        logger.on_epoch(fit.state.epoch, last_metrics)  # the crash may have come between checkpoint and log
-        logger.run.log_metrics({"resumed_from_epoch": fit.state.epoch}, step=fit.state.step)
 
-    last = fit.plan()  # train.epochs, or what fits train.time_budget_minutes (re-planned every epoch)
-    while fit.state.epoch < last:
-        epoch = fit.state.epoch + 1
-        started = time.perf_counter()
+def train_loop_per_worker(spec: WorkerSpec) -> None:
+    """Ray Train entry point: this rank's data and model, then `Fit.run` with Ray's hooks."""
+    tcfg = spec.config.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(spec.threads_per_worker)
+
+    info = open_dataset(spec.data_root, spec.dataset, spec.version)
+    train = SplitSource.open(info, "train", spec.data["train"], device, tcfg.device_data_mb)
+    val = SplitSource.open(info, "val", spec.data["val"], device, tcfg.device_data_mb) if "val" in spec.data else None
+    fit, forward, last_metrics = _fit(spec, device, rank, world)
+
+    ranks = Ranks(world, device)
+    nodes = ranks.gather(ray.get_runtime_context().get_node_id())  # where the group was placed
+    log = _epoch_log(spec.run_id, tcfg.log_every, tcfg.batch_size * world) if rank == 0 else None
+    if log is not None:  # which node each rank ran on: what a multi-node run is checked by
+        log.run.set_tags({"ray.worker_nodes": ",".join(nodes), "ray.nodes": str(len(set(nodes)))})
+        if last_metrics:
+            log.resumed(fit.state.epoch, fit.state.step, last_metrics)
+
+    bs = tcfg.batch_size
+    fit.run(
         # In memory: the same permutation on every rank (same seed), each rank taking its own slice of it.
-        batches = train.batches(tcfg.batch_size, rank, world, shuffle_seed=fit.order(epoch).initial_seed(),
-                                drop_last=world > 1)
-        m = fit.train_epoch(batches, forward, on_step=logger.on_step if logger else None)
-        train_s = time.perf_counter() - started
-        validation = _validate(fit, val, world)
-        last, images, rate = close_epoch(fit, m["images"], train_s, time.perf_counter() - started, world, device)
-        digests = rank_digests(fit, world)
-        if logger is not None:  # recorded before the check: a run that failed it shows which rank differed
-            logger.run.set_tags({"ray.rank_weights": ",".join(d[:16] for d in digests)})
-        check_in_step(digests, epoch)
-        metrics = {k: v for k, v in m.items() if k not in ("images", "images_per_s")}  # every loss term
-        metrics["images_per_s"] = rate
-        metrics["images"] = images
-        metrics.update(validation)
-        metrics.update({"elapsed_s": fit.state.elapsed_s, "planned_epochs": last})
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise NonFiniteLossError(f"non-finite metrics at epoch {epoch}: {metrics}")
-        _report(fit, spec.run_id, epoch, metrics)
-        if logger is not None:
-            logger.on_epoch(epoch, metrics)
-            if epoch % tcfg.image_every == 0 or epoch == last:
-                logger.pictures(fit, (val or train).preview, epoch)
+        lambda epoch: train.batches(bs, rank, world, shuffle_seed=fit.order(epoch).initial_seed(), drop_last=world > 1),
+        (lambda: val.batches(bs, rank, world, shuffle_seed=None, drop_last=False)) if val is not None else None,
+        _hooks(fit, spec, ranks, log, lambda: (val or train).preview),
+        forward,
+    )

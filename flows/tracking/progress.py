@@ -1,4 +1,6 @@
-"""`vae train`'s progress: a line on stderr per finished epoch, worker failure and resumption.
+"""`vae train`'s progress, both ends: rank 0 writes every step and epoch into the MLflow run (`EpochLog`,
+never the same one twice), and the driver reads them back as a line on stderr per finished epoch, worker
+failure and resumption (`Progress`).
 
 Neither the workers' nor Ray's output reaches the driver (log_to_driver=False keeps Ray's own chatter
 out), but rank 0 logs every epoch to the MLflow run and Ray's controller tags every failure there
@@ -10,9 +12,67 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flows.tracking import runs as tracking
+
+if TYPE_CHECKING:
+    import torch
+
+    from vae_core.training.fit import Fit
+    from vae_core.training.loop import TrainState
+
+
+class EpochLog:
+    """Rank 0's writer of a training run: steps as `train/*`, epochs as `epoch/*`, pictures as artifacts.
+
+    It never logs a step or an epoch twice: a resumed run re-runs the epoch its predecessor died in.
+    """
+
+    def __init__(self, run_id: str, log_every: int, images_per_step: int):
+        self.run = tracking.RunLogger(run_id)
+        self.log_every = log_every
+        self.images_per_step = images_per_step  # over all ranks
+        self.last_step = self.run.last_step("train/loss")
+        self.last_epoch = self.run.last_step("epoch/loss")
+        self._mark: tuple[int, float] | None = None  # (step, time) of the last logged step in this epoch
+
+    def on_step(self, metrics: dict[str, float], state: TrainState) -> None:
+        """The means since the last logged step, with the images/s over all ranks since then."""
+        if state.step % self.log_every:
+            return
+        out = {f"train/{k}": v for k, v in metrics.items()}
+        now = time.perf_counter()
+        if self._mark is not None:  # throughput over the steps since the last log
+            out["train/images_per_s"] = (state.step - self._mark[0]) * self.images_per_step / (now - self._mark[1])
+        self._mark = (state.step, now)
+        if state.step > self.last_step:
+            self.run.log_metrics(out, step=state.step)
+            self.last_step = state.step
+
+    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """An epoch's metrics, unless the run has them already."""
+        self._mark = None  # validation and checkpointing are not training throughput
+        if epoch > self.last_epoch:
+            self.run.log_metrics({f"epoch/{k}": v for k, v in metrics.items()}, step=epoch)
+            self.last_epoch = epoch
+
+    def rank_weights(self, digests: list[str]) -> None:
+        """Every rank's weights digest after an epoch, as the tag `ray.rank_weights`; recorded before the ranks
+        are compared, so a run that failed the check shows which rank differed."""
+        self.run.set_tags({"ray.rank_weights": ",".join(d[:16] for d in digests)})
+
+    def resumed(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        """A worker group starting again from the checkpoint of `epoch`: that epoch's metrics (the crash may
+        have come between checkpoint and log) and a point of `resumed_from_epoch`."""
+        self.on_epoch(epoch, metrics)
+        self.run.log_metrics({"resumed_from_epoch": epoch}, step=step)
+
+    def pictures(self, fit: Fit, preview: torch.Tensor | None, epoch: int) -> None:
+        """Samples, reconstructions of uint8 previews (P, H, W, C) and an interpolation, as artifacts."""
+        originals = preview.permute(0, 3, 1, 2) if preview is not None else None
+        for kind, image in fit.previews(originals).items():
+            self.run.log_image(image, f"{kind}/epoch_{epoch:04d}.png")
 
 
 class Progress:

@@ -1,9 +1,8 @@
-"""The training setup, written once: what the Ray worker, `vae demo` and the benchmarks all build.
+"""The training setup and its one epoch loop, written once: what the Ray worker, `vae demo` and the benchmarks
+all build and run.
 
     fit = Fit.create(config, steps_per_epoch(rows, config.train.batch_size), device)
-    while fit.state.epoch < fit.plan():   # train.epochs, or as many as fit train.time_budget_minutes
-        metrics = fit.train_epoch(iterate_batches(images, batch, generator=fit.order(fit.state.epoch + 1)))
-        fit.state.elapsed_s += epoch_seconds   # what the budget counts
+    fit.run(lambda epoch: iterate_batches(images, batch, generator=fit.order(epoch)))   # every epoch planned
     fit.save(directory, metrics)          # every module, optimizer and scheduler, plus counters
     metrics = fit.restore(directory)      # the same bundle back, on the fit's device
 
@@ -12,6 +11,13 @@ is adversarial (its own optimizer, saved and restored beside the VAE's), plus th
 turns them into losses: one trainer for every variant. Random
 numbers are a function of (seed, epoch, rank) and live on the device they feed, so an epoch re-run
 after a restart draws exactly the same noise, on a CPU or a GPU.
+
+`Fit.run` is the epoch loop of every runner: train, validate, count the epoch against the time budget and
+re-plan the last one, check that the ranks hold the same weights and that every metric is finite, then hand
+the epoch to the runner's hooks (`vae_core.training.hooks`: Ray Train's report and checkpoint, MLflow).
+Whatever acts on every epoch goes into `Fit._epoch`, once, for every runner: early stopping (a stop
+beside the budget's re-planning), an EMA of the weights (validated and saved in place of the raw ones; its
+per-step update goes into `loop.step`), a new epoch metric.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -27,11 +34,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from vae_core.errors import NonFiniteLossError, TrainError
 from vae_core.model.config import TrainConfig, VAEConfig
 from vae_core.model.discriminator import PatchDiscriminator
 from vae_core.model.vae import ConvVAE
 from vae_core.training.objectives import Objective
 from vae_core.model.pictures import previews
+from vae_core.training.hooks import Hooks, Ranks
 from vae_core.training.loop import TrainState, evaluate, train_epoch
 from vae_core.model.weights import load_model, save_model
 
@@ -103,6 +112,19 @@ def weights_digest(module: torch.nn.Module) -> str:
 def weights_file(name: str) -> str:
     """File name of module `name` inside a checkpoint directory."""
     return f"{name}.safetensors"
+
+
+def check_in_step(digests: list[str], epoch: int) -> None:
+    """Raise a TrainError, naming the epoch, when the ranks' weight digests (`weights_digest`) differ.
+
+    DDP keeps the ranks' weights bit-identical (the same averaged gradients into the same optimizer); ranks
+    whose weights differ each trained on its own part of the data alone, and the checkpoint would hold only
+    rank 0's. Every rank raises (they share the list), so none waits for the others."""
+    if len(set(digests)) > 1:
+        shown = ", ".join(d[:16] for d in digests)
+        raise TrainError(f"the workers' weights differ after epoch {epoch} (digests by rank: {shown}): their "
+                         "gradients were not averaged, so each trained on its own part of the data; "
+                         "rerun with workers=1")
 
 
 @dataclass
@@ -199,6 +221,75 @@ class Fit:
         """Samples, reconstructions and an interpolation of uint8 originals (P, C, H, W)."""
         gen = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
         return previews(self.model, originals_u8, gen)
+
+    # --- the epoch loop -----------------------------------------------------------------------
+
+    def run(self, train: Callable[[int], Iterable[torch.Tensor]],
+            val: Callable[[], Iterable[torch.Tensor]] | None = None, hooks: Hooks = Hooks(),
+            forward: torch.nn.Module | None = None) -> dict[str, float]:
+        """Train from the epoch after `state.epoch` to the last one planned (`plan`, re-planned after every
+        epoch); returns the last epoch's metrics ({} when no epoch was left).
+
+        train(epoch): that epoch's uint8 batches (B, C, H, W), this rank's part of them; val(): the validation
+        split's, this rank's disjoint slice. `forward` is the DDP wrapper when there is one.
+
+        Raises:
+            NonFiniteLossError: a loss or gradient, or any epoch metric, is NaN or infinite.
+            TrainError: the ranks' weights differ after an epoch.
+        """
+        metrics: dict[str, float] = {}
+        last = self.plan()  # train.epochs, or what fits train.time_budget_minutes
+        while self.state.epoch < last:
+            metrics, last = self._epoch(train, val, hooks, forward)
+        return metrics
+
+    def _epoch(self, train: Callable[[int], Iterable[torch.Tensor]],
+               val: Callable[[], Iterable[torch.Tensor]] | None, hooks: Hooks,
+               forward: torch.nn.Module | None) -> tuple[dict[str, float], int]:
+        """One epoch of `run`, checked and handed to the hooks; returns (its metrics, the last epoch planned)."""
+        epoch = self.state.epoch + 1
+        started = time.perf_counter()
+        m = self.train_epoch(train(epoch), forward, hooks.on_step)
+        train_s = time.perf_counter() - started
+        validation = self.validate(val(), hooks.ranks) if val is not None else {}
+        last, images, rate = self.close_epoch(m["images"], train_s, time.perf_counter() - started, hooks.ranks)
+        digests = hooks.ranks.gather(weights_digest(self.model))
+        hooks.on_rank_weights(digests)
+        check_in_step(digests, epoch)
+        metrics = {k: v for k, v in m.items() if k not in ("images", "images_per_s")}  # every loss term
+        metrics["images_per_s"] = rate
+        metrics["images"] = images
+        metrics.update(validation)
+        metrics.update({"elapsed_s": self.state.elapsed_s, "planned_epochs": last})
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise NonFiniteLossError(f"non-finite metrics at epoch {epoch}: {metrics}")
+        hooks.report(epoch, metrics)
+        hooks.on_epoch(epoch, metrics)
+        if epoch % self.config.train.image_every == 0 or epoch == last:
+            hooks.pictures(epoch)
+        return metrics, last
+
+    def validate(self, batches: Iterable[torch.Tensor], ranks: Ranks = Ranks()) -> dict[str, float]:
+        """Validation -ELBO terms (`val_loss`, `val_recon`, `val_kl`; `val_nll` and `val_bits_per_dim` with
+        IWAE) over the whole split: each rank scores its own disjoint slice of uint8 `batches` and the
+        image-weighted sums are added over ranks, so the means are exactly the whole split's."""
+        m = self.evaluate(batches)
+        keys = [k for k in ("loss", "recon", "kl", "nll", "bits_per_dim") if k in m]
+        sums = ranks.sum([m[k] * m["images"] for k in keys] + [m["images"]])
+        n = max(sums[-1], 1.0)
+        return {f"val_{k}": v / n for k, v in zip(keys, sums[:-1])}
+
+    def close_epoch(self, images: float, train_s: float, wall_s: float,
+                    ranks: Ranks = Ranks()) -> tuple[int, float, float]:
+        """Count an epoch against the time budget and plan the run's last epoch, the same on every rank.
+
+        Each rank measured its own epoch (`wall_s`, of which `train_s` training); the sums over ranks are
+        added and every rank adds the mean wall time to `elapsed_s`, so all plan from one clock: ranks that
+        planned from their own could disagree on the last epoch, and the one going on would wait forever in
+        DDP's next all-reduce. Returns (last epoch, images over all ranks, their images/s)."""
+        images, seconds, wall = ranks.sum([images, train_s, wall_s])
+        self.state.elapsed_s += wall / ranks.world
+        return self.plan(), images, images / (seconds / ranks.world)
 
     # --- the checkpoint bundle ----------------------------------------------------------------
 

@@ -3,8 +3,10 @@ processes on 127.0.0.1, each training on its own half of the data."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import contextlib
 import copy
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ import torch.multiprocessing as mp
 
 from vae_core import load_config
 from vae_core.training.fit import Fit, steps_per_epoch, weights_digest
+from vae_core.training.hooks import Ranks
 from vae_core.training.loop import iterate_batches
 from tests.ports import free_port
 
@@ -41,36 +44,56 @@ def _fit(rank: int, extra: tuple[str, ...] = ()) -> Fit:
     return Fit.create(cfg, steps_per_epoch(TRAIN, cfg.train.batch_size, 2), "cpu", rank)
 
 
-def _rank(rank: int, port: int, outs: list[str]) -> None:
-    """One DDP rank: an epoch on its half, then validation on its half combined as the Ray worker's
-    `_validate` combines it (sums weighted by images, all-reduced in float64)."""
+def _half_alone(extra: tuple[str, ...] = ()) -> Fit:
+    """One epoch in a single process on rank 0's half only: where each rank would end if the other's
+    gradients were not averaged in."""
+    train, _ = _data()
+    alone = _fit(0, extra)
+    alone.train_epoch(iterate_batches(train[: TRAIN // 2], 16, generator=alone.order(1)))
+    return alone
+
+
+def _spawn(rank_fn: Callable[[int, int, list[str]], None], tmp_path: Path) -> list[dict]:
+    """Run `rank_fn(rank, port, outs)` on two processes; returns what each rank saved to its `outs` file."""
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    mp.spawn(rank_fn, args=(free_port(), outs), nprocs=2, join=True)
+    return [torch.load(o, weights_only=True) for o in outs]
+
+
+@contextlib.contextmanager
+def _group(rank: int, port: int) -> Iterator[None]:
+    """A two-rank gloo process group on 127.0.0.1 for the block. Both ranks tear it down together: a rank that
+    leaves while the other's pair threads still talk to it aborts the other ("terminate called without an
+    active exception")."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank(rank: int, port: int, outs: list[str]) -> None:
+    """One DDP rank: an epoch on its half, then validation on its half combined as the epoch loop combines it
+    (`Fit.validate`: sums weighted by images, all-reduced in float64)."""
+    with _group(rank, port):
         train, val = _data()
         fit = _fit(rank)
         ddp = torch.nn.parallel.DistributedDataParallel(fit.model)
         fit.train_epoch(iterate_batches(train, 16, generator=fit.order(1), rank=rank, world_size=2, drop_last=True),
                         forward=ddp)
-        m = fit.evaluate(iterate_batches(val, 16, shuffle=False, rank=rank, world_size=2), iw_samples=0)
-        sums = torch.tensor([m["kl"] * m["images"], m["images"]], dtype=torch.float64)
-        dist.all_reduce(sums)
+        mine = fit.evaluate(iterate_batches(val, 16, shuffle=False, rank=rank, world_size=2), iw_samples=0)
+        combined = fit.validate(iterate_batches(val, 16, shuffle=False, rank=rank, world_size=2),
+                                Ranks(2, torch.device("cpu")))
         whole = fit.evaluate(iterate_batches(val, 16, shuffle=False), iw_samples=0)  # this rank alone, every image
-        torch.save({"weights": fit.model.state_dict(), "combined": sums.tolist(), "whole": whole}, outs[rank])
-        dist.barrier()  # tear down together (see _gan_rank)
-    finally:
-        dist.destroy_process_group()
+        torch.save({"weights": fit.model.state_dict(), "images": mine["images"], "combined": combined,
+                    "whole": whole}, outs[rank])
 
 
 def test_ranks_on_different_data_end_with_the_same_weights_and_validate_the_whole_split(tmp_path: Path):
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    mp.spawn(_rank, args=(free_port(), outs), nprocs=2, join=True)
-    ranks = [torch.load(o, weights_only=True) for o in outs]
-
-    # A single process on rank 0's half only: what each rank would end with if gradients were not averaged.
-    train, _ = _data()
-    alone = _fit(0)
-    alone.train_epoch(iterate_batches(train[: TRAIN // 2], 16, generator=alone.order(1)))
+    ranks = _spawn(_rank, tmp_path)
+    alone = _half_alone()
 
     w0, w1 = ranks[0]["weights"], ranks[1]["weights"]
     assert w0.keys() == w1.keys() == alone.model.state_dict().keys()
@@ -81,42 +104,31 @@ def test_ranks_on_different_data_end_with_the_same_weights_and_validate_the_whol
     # Validation: the combined KL over the two halves is the whole split's, scored by one process with the
     # same weights. Each rank's batches are the whole split's batches (contiguous halves, whole batches),
     # so every batch's KL is bit for bit the same: only the float64 sums are added in another order.
+    assert sum(r["images"] for r in ranks) == VAL
     for r in ranks:
-        kl_sum, images = r["combined"]
-        assert images == VAL == r["whole"]["images"]
-        assert abs(kl_sum / images - r["whole"]["kl"]) <= 1e-12 * abs(r["whole"]["kl"]), (kl_sum / images, r["whole"])
-
+        assert r["whole"]["images"] == VAL
+        combined, whole = r["combined"]["val_kl"], r["whole"]["kl"]
+        assert abs(combined - whole) <= 1e-12 * abs(whole), (r["combined"], r["whole"])
 
 
 def _gan_rank(rank: int, port: int, outs: list[str]) -> None:
     """One DDP rank of a VAE-GAN: the VAE wrapped in DDP as the Ray worker wraps it, the discriminator not."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    try:
+    with _group(rank, port):
         train, _ = _data()
         fit = _fit(rank, tuple(GAN))
         ddp = torch.nn.parallel.DistributedDataParallel(fit.model)
         m = fit.train_epoch(iterate_batches(train, 16, generator=fit.order(1), rank=rank, world_size=2,
                                             drop_last=True), forward=ddp)
         torch.save({name: module.state_dict() for name, module in fit.modules.items()} | {"metrics": m}, outs[rank])
-        # Both ranks tear gloo down together: a rank that leaves while the other's pair threads still
-        # talk to it aborts the other ("terminate called without an active exception").
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_vae_gan_trains_in_step_on_every_rank(tmp_path: Path):
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    mp.spawn(_gan_rank, args=(free_port(), outs), nprocs=2, join=True)
-    ranks = [torch.load(o, weights_only=True) for o in outs]
+    ranks = _spawn(_gan_rank, tmp_path)
     assert "adaptive_weight" in ranks[0]["metrics"] and "disc_loss" in ranks[0]["metrics"]
     # One adaptive weight for the whole batch: from the gradients averaged over ranks, so equal on both.
     assert ranks[0]["metrics"]["adaptive_weight"] == ranks[1]["metrics"]["adaptive_weight"]
 
-    train, _ = _data()
-    alone = _fit(0, tuple(GAN))
-    alone.train_epoch(iterate_batches(train[: TRAIN // 2], 16, generator=alone.order(1)))
+    alone = _half_alone(tuple(GAN))
     for name in ("model", "discriminator"):
         w0, w1 = ranks[0][name], ranks[1][name]
         assert all(torch.equal(w0[k], w1[k]) for k in w0), f"the ranks' {name} weights diverged"
@@ -132,30 +144,21 @@ BUDGET = ["train.time_budget_minutes=1", "train.epochs=10"]
 
 
 def _budget_rank(rank: int, port: int, outs: list[str]) -> None:
-    """One rank closing its first epoch as the Ray worker does, with its own measured times."""
-    from flows.distributed.train_worker import close_epoch
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    try:
+    """One rank closing its first epoch as the epoch loop does, with its own measured times."""
+    with _group(rank, port):
         fit = _fit(rank, tuple(BUDGET))
         fit.state.epoch = 1
-        last, images, rate = close_epoch(fit, images=64.0, train_s=0.8 * WALL_S[rank], wall_s=WALL_S[rank],
-                                         world=2, device=torch.device("cpu"))
+        last, images, rate = fit.close_epoch(images=64.0, train_s=0.8 * WALL_S[rank], wall_s=WALL_S[rank],
+                                             ranks=Ranks(2, torch.device("cpu")))
         horizon = fit.schedulers["model"].lr_lambdas[0].epochs  # the cosine runs down to the planned epoch
         torch.save({"last": last, "images": images, "rate": rate, "elapsed": fit.state.elapsed_s,
                     "horizon": horizon}, outs[rank])
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ranks_with_different_clocks_plan_the_same_last_epoch(tmp_path: Path):
     """Every rank counts the mean of the ranks' epoch times against the budget, so all stop at the same epoch
     (one going on alone would wait forever in DDP's next all-reduce)."""
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    mp.spawn(_budget_rank, args=(free_port(), outs), nprocs=2, join=True)
-    ranks = [torch.load(o, weights_only=True) for o in outs]
+    ranks = _spawn(_budget_rank, tmp_path)
     mean = sum(WALL_S) / 2
     for r in ranks:
         assert r["elapsed"] == mean and r["last"] == r["horizon"] == 2, ranks
