@@ -9,7 +9,7 @@
 
 Throughput: MNIST (from ../shared/data/mnist) is ingested once; then, with the same model, batch and
 torch threads:
-  - bare:      `train_epoch` on an in-memory uint8 tensor, no Ray, no MLflow, no Prefect;
+  - bare:      `Fit.run` (the workers' epoch loop) on an in-memory uint8 tensor, no Ray, no MLflow, no Prefect;
   - pipeline:  the `train-vae` flow's training (Ray Train + DDP + checkpoints + MLflow) with 1 worker,
                then 2 workers, both holding the split in memory, then 1 worker streaming it through Ray
                Data; steady-state images/s is the mean over epochs after the first, as the workers
@@ -50,16 +50,18 @@ def ingest_mnist(home: Path, limit: int | None) -> str:
 
 
 def bare_loop(train_x: torch.Tensor, preset: str, overrides: list[str], epochs: int) -> float:
+    """Steady-state images/s of `Fit.run` in this process (the workers' epoch loop, without Ray's hooks): the
+    mean over epochs after the first, each epoch's rate measured as the workers measure theirs."""
     from vae_core import load_config
     from vae_core.training.fit import Fit, steps_per_epoch
+    from vae_core.training.hooks import Hooks
     from vae_core.training.loop import iterate_batches
 
-    cfg = load_config(preset, overrides)
+    cfg = load_config(preset, [*overrides, f"train.epochs={epochs}"])
     fit = Fit.create(cfg, steps_per_epoch(len(train_x), cfg.train.batch_size))
-    rates = []
-    for epoch in range(1, epochs + 1):
-        m = fit.train_epoch(iterate_batches(train_x, cfg.train.batch_size, generator=fit.order(epoch)))
-        rates.append(m["images_per_s"])
+    rates: list[float] = []
+    fit.run(lambda epoch: iterate_batches(train_x, cfg.train.batch_size, generator=fit.order(epoch)),
+            hooks=Hooks(on_epoch=lambda epoch, m: rates.append(m["images_per_s"])))
     return sum(rates[1:]) / len(rates[1:]) if len(rates) > 1 else rates[0]
 
 
@@ -91,6 +93,7 @@ def quality(minutes: float, iw_samples: int, home: Path, dataset: str, preset: s
     from vae_core import load_config
     from vae_core.training.fit import Fit, steps_per_epoch
     from vae_core.data.shards import open_dataset, read_split_u8
+    from vae_core.training.hooks import Hooks
     from vae_core.training.loop import iterate_batches
 
     name, version = dataset.split("@")
@@ -103,13 +106,14 @@ def quality(minutes: float, iw_samples: int, home: Path, dataset: str, preset: s
     cfg = load_config(preset, [f"train.time_budget_minutes={minutes}", "train.epochs=100000", *overrides])
     bs = cfg.train.batch_size
     fit = Fit.create(cfg, steps_per_epoch(len(train_x), bs), device)
-    curve = []
-    while fit.state.epoch < fit.plan():
-        started = time.perf_counter()
-        m = fit.train_epoch(iterate_batches(train_x, bs, generator=fit.order(fit.state.epoch + 1)))
-        fit.state.elapsed_s += time.perf_counter() - started
-        curve.append((fit.state.epoch, fit.state.elapsed_s, -m["elbo"]))
-        print(f"epoch {curve[-1][0]:3d}  {curve[-1][1]:7.1f}s  train -ELBO {curve[-1][2]:.2f}", flush=True)
+    curve: list[tuple[int, float, float]] = []
+
+    def learning_curve(epoch: int, m: dict[str, float]) -> None:
+        curve.append((epoch, m["elapsed_s"], -m["elbo"]))
+        print(f"epoch {epoch:3d}  {m['elapsed_s']:7.1f}s  train -ELBO {-m['elbo']:.2f}", flush=True)
+
+    fit.run(lambda epoch: iterate_batches(train_x, bs, generator=fit.order(epoch)),
+            hooks=Hooks(on_epoch=learning_curve))
     t_eval = time.perf_counter()
     test = fit.evaluate(iterate_batches(test_x, 100, shuffle=False), iw_samples=iw_samples)
     print(json.dumps({

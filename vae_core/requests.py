@@ -10,74 +10,47 @@ stage adds its request here, and its command and flow follow from it.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, create_model, field_validator, model_validator
 
 from vae_core import settings
-from vae_core.model.config import Strict as Request, parse_overrides
+from vae_core.names import NAME_HELP, DatasetName, DatasetRef, ModelName, ModelURI, parse_dataset_ref
+from vae_core.model.config import Strict as Request, list_objectives, parse_overrides
 from vae_core.evaluation.gate import GateMetric
 from vae_core.data.sources.limits import (DEFAULT_MAX_ARCHIVE_MB, DEFAULT_MAX_FILE_MB, DEFAULT_MAX_IMAGE_PIXELS,
                                      SourceLimits)
+from vae_core.data.sources.formats import SourceFormat
 from vae_core.data.sources.remote import check_url
 
-# \Z, not $: `$` also matches before a final newline ("dig\n"). Use with fullmatch.
-NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
-NAME_HELP = "letters, digits, '.', '_', '-', starting with a letter or digit"
-SourceFormat = Literal["auto", "folder", "idx", "npz", "parquet", "builtin"]
 Split = Literal["train", "val", "test"]
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))\Z")
-MAX_MODEL_VERSION = 2**31 - 1  # MLflow's SQL stores keep versions in an INTEGER column (32-bit in PostgreSQL)
+R = TypeVar("R", bound=Request)
 
 
-def check_name(value: str, what: str) -> str:
-    """`value` if it follows the naming rule of datasets, versions and models, else ValueError."""
-    if not NAME_RULE.fullmatch(value):
-        raise ValueError(f"{what} {value!r} must use only {NAME_HELP}")
-    return value
+def _split_list(v: Any) -> Any:
+    """'test,val' or ['test', 'val,train'] -> each split once, in the order given."""
+    items = v.split(",") if isinstance(v, str) else v
+    if isinstance(items, (list, tuple)):
+        items = [s.strip() for item in items for s in str(item).split(",") if s.strip()]
+        if not items:
+            raise ValueError("splits must name at least one of train, val, test")
+        return list(dict.fromkeys(items))
+    return items
 
 
-def parse_dataset_ref(ref: str) -> tuple[str, str | None]:
-    """'mnist' -> ('mnist', None); 'mnist@3f2a' -> ('mnist', '3f2a'); a name or version that could
-    leave the data root ('../x', 'a/b') is a ValueError."""
-    name, at, version = ref.partition("@")
-    check_name(name, "dataset name")
-    if at:
-        check_name(version, "dataset version")
-    return name, version or None
+def _reachable(url: str) -> str:
+    """`url` if it follows the source rule (`sources.remote`): allowed protocols, no metadata host."""
+    check_url(url)
+    return url
 
 
-def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
-    """'models:/vae-mnist@champion' -> ('vae-mnist', 'champion', None); 'models:/vae-mnist/3' ->
-    ('vae-mnist', None, 3). Anything else is a ValueError showing both forms."""
-    m = MODEL_URI.fullmatch(uri)
-    if not m:
-        raise ValueError(f"model {uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION "
-                         "(e.g. models:/vae-mnist@challenger, models:/vae-mnist/3)")
-    check_name(m["name"], "model name")
-    if m["alias"]:
-        return m["name"], check_name(m["alias"], "alias"), None
-    if not m["version"].isdigit() or int(m["version"]) < 1:
-        raise ValueError(f"model version {m['version']!r} in {uri!r} is not a positive whole number")
-    if int(m["version"]) > MAX_MODEL_VERSION:  # the store would fail on it with an internal error, not "not found"
-        raise ValueError(f"model version {m['version']} in {uri!r} is beyond any registry's versions (at most "
-                         f"{MAX_MODEL_VERSION}): name one the model has, or an alias (models:/{m['name']}@champion)")
-    return m["name"], None, int(m["version"])
+# Field types that carry their parsing and checks, so the nightly's stage options derived from a request's
+# fields keep them.
+Splits = Annotated[list[Split], BeforeValidator(_split_list)]
+Overrides = Annotated[dict[str, Any], BeforeValidator(lambda v: parse_overrides(v) if isinstance(v, (list, tuple))
+                                                      else v)]  # key=value items from the command line
+ReachableURL = Annotated[str, AfterValidator(_reachable)]
 
-
-
-def _checked(parse):
-    """A pydantic AfterValidator that runs `parse` (which raises ValueError naming the problem) and keeps
-    the text as given: surrounding whitespace is an error like any other character outside the rule."""
-    def check(value: str) -> str:
-        parse(value)
-        return value
-
-    return AfterValidator(check)
-
-
-DatasetRef = Annotated[str, _checked(parse_dataset_ref)]  # NAME or NAME@VERSION
-ModelURI = Annotated[str, _checked(parse_model_uri)]  # models:/NAME@ALIAS or models:/NAME/VERSION
 
 def parse_image_size(text: str) -> tuple[int, int]:
     """'28,28' / '28x28' / '28' -> (H, W)."""
@@ -92,7 +65,7 @@ class IngestRequest(Request):
 
     source: str = Field(description="image folder (any fsspec URL), MNIST IDX folder, .npz, .parquet file or "
                         "folder, or builtin:digits", json_schema_extra={"cli": "argument"})
-    name: str = Field(description=f"dataset name: {NAME_HELP}")
+    name: DatasetName = Field(description=f"dataset name: {NAME_HELP}")
     data_root: str | None = Field(None, description="datasets root URL (default $VAE_DATA_ROOT or $VAE_HOME/datasets)")
     format: SourceFormat = Field("auto", description="source format")
     image_size: tuple[int, int] | None = Field(None, description="H,W to resize to (default: keep the source's)")
@@ -120,11 +93,6 @@ class IngestRequest(Request):
                                   "declares more pixels (width x height) than this, undecoded")
     max_archive_mb: float = Field(DEFAULT_MAX_ARCHIVE_MB, gt=0, description="fail on an .npz array, IDX file or "
                                   "Parquet row group that inflates to more MiB than this, before inflating it")
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, v: str) -> str:
-        return check_name(v, "dataset name")
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -166,30 +134,20 @@ class TrainRequest(Request):
     dataset: DatasetRef = Field(description="NAME or NAME@VERSION of an ingested dataset (latest version by default)")
     preset: str = Field("mnist", description="model and training preset shipped with vae_core, or a YAML path",
                         json_schema_extra={"cli": ["--preset", "--config"]})
-    objective: str | None = Field(None, description="objective preset laid over the preset: ae, recon-only, "
-                                  "kl-only, elbo, vae-gan, perceptual (default: the preset's own, the ELBO)")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="config overrides key=value, e.g. "
+    objective: str | None = Field(None, description="objective preset laid over the preset: "
+                                  f"{', '.join(list_objectives())} (default: the preset's own, the ELBO)")
+    overrides: Overrides = Field(default_factory=dict, description="config overrides key=value, e.g. "
                                       "train.lr=3e-4 (repeatable)", json_schema_extra={"cli": ["--set"]})
     epochs: int | None = Field(None, ge=1, description="epochs (overrides the preset)")
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     cpus_per_worker: float | None = Field(None, gt=0, description="CPUs reserved per worker, fractional allowed "
                                           "(default: 90% of the cluster's CPUs, shared)")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; above 0 trains on GPUs with NCCL")
-    model_name: str | None = Field(None, description="registered model name (default vae-<dataset name>)")
+    model_name: ModelName | None = Field(None, description="registered model name (default vae-<dataset name>)")
     experiment: str = Field("train-vae", description="MLflow experiment of the run")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
     memory_budget_mb: float = Field(4096, gt=0, description="MiB of pixels a worker holds per split; "
                                     "a larger split streams through Ray Data")
-
-    @field_validator("model_name")
-    @classmethod
-    def _model_name(cls, v: str | None) -> str | None:
-        return v if v is None else check_name(v, "model name")
-
-    @field_validator("overrides", mode="before")
-    @classmethod
-    def _overrides(cls, v: Any) -> Any:
-        return parse_overrides(v) if isinstance(v, (list, tuple)) else v
 
     def dataset_ref(self) -> tuple[str, str | None]:
         """(name, version or None) of the dataset."""
@@ -225,9 +183,9 @@ class EncodeRequest(Request):
 
     model: ModelURI = Field(description="registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
     dataset: DatasetRef = Field(description="NAME or NAME@VERSION of an ingested dataset (latest version by default)")
-    splits: list[Split] = Field(default_factory=lambda: ["train", "val", "test"],
+    splits: Splits = Field(default_factory=lambda: ["train", "val", "test"],
                                 description="splits to encode (repeatable, or comma-separated)")
-    out: str | None = Field(None, description="output folder URL (default $VAE_HOME/embeddings/<model>/<version>/"
+    out: ReachableURL | None = Field(None, description="output folder URL (default $VAE_HOME/embeddings/<model>/<version>/"
                             "<dataset>/<dataset version>)")
     batch_size: int = Field(1024, ge=1, description="images per encoder call")
     workers: int = Field(1, ge=1, description="encoder actors (Ray Data actor pool)")
@@ -237,43 +195,43 @@ class EncodeRequest(Request):
     overwrite: bool = Field(False, description="encode every shard again, even those already written")
     experiment: str = Field("encode-dataset", description="MLflow experiment of the run that records throughput")
 
-    @field_validator("out")
-    @classmethod
-    def _reachable_out(cls, v: str | None) -> str | None:
-        """The output folder follows the source rule (`sources.remote`): allowed protocols, no metadata host."""
-        if v is not None:
-            check_url(v)
-        return v
-
-    @field_validator("splits", mode="before")
-    @classmethod
-    def _splits(cls, v: Any) -> Any:
-        items = v.split(",") if isinstance(v, str) else v
-        if isinstance(items, (list, tuple)):
-            items = [s.strip() for item in items for s in str(item).split(",") if s.strip()]
-            if not items:
-                raise ValueError("splits must name at least one of train, val, test")
-            return list(dict.fromkeys(items))  # each once, in the order given
-        return items
-
     def dataset_ref(self) -> tuple[str, str | None]:
         return parse_dataset_ref(self.dataset)
 
 
-def _stage_options(stage: type[Request], options: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
-    """`options` for `stage` checked by building the stage's request with `fixed` (the fields the nightly
-    flow fills in, which `options` may not set); returns them as JSON values, e.g. overrides given as a
-    list of key=value come back as a dict. A bad option is a ValueError naming it."""
-    if taken := sorted(set(options) & set(fixed)):
-        raise ValueError(f"{', '.join(taken)} cannot be set here: the nightly flow sets "
-                         f"{'them' if len(taken) > 1 else 'it'} for each run")
-    try:
-        built = stage(**options, **fixed)
-    except ValueError as e:  # pydantic's ValidationError is one: name the option, not the placeholders
-        errors = getattr(e, "errors", lambda: [])()
-        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc'])) or stage.__name__}: {err['msg']}"
-                                   for err in errors) or str(e)) from None
-    return built.model_dump(mode="json", exclude_unset=True, exclude=set(fixed))
+class StageOptions(Request):
+    """A stage's options in the nightly request: the fields of the stage's request less `fixed`, the ones the
+    nightly flow fills in for each run (types, defaults and checks come with the fields; the stage's own
+    request, built for each run, checks what spans several fields)."""
+
+    fixed: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_fixed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (taken := sorted(set(data) & set(cls.fixed))):
+            raise ValueError(f"{', '.join(taken)} cannot be set here: the nightly flow sets "
+                             f"{'them' if len(taken) > 1 else 'it'} for each run")
+        return data
+
+    def request(self, stage: type[R], **fixed: Any) -> R:
+        """The stage's request: these options (those set only: the request's defaults apply) plus `fixed`."""
+        return stage(**self.model_dump(exclude_unset=True), **fixed)
+
+
+def stage_options(stage: type[Request], fixed: tuple[str, ...]) -> type[StageOptions]:
+    """The options model of `stage` (e.g. TrainRequest -> TrainOptions): a new field of the request is an option
+    with no second declaration."""
+    fields = {name: (f.annotation, f) for name, f in stage.model_fields.items() if name not in fixed}
+    options = create_model(stage.__name__.removesuffix("Request") + "Options", __base__=StageOptions,
+                           __doc__=f"{stage.__name__} less {', '.join(fixed)}.", **fields)
+    options.fixed = fixed
+    return options
+
+
+TrainOptions = stage_options(TrainRequest, ("dataset",))
+EvaluateOptions = stage_options(EvaluateRequest, ("model", "dataset", "promote"))
+EncodeOptions = stage_options(EncodeRequest, ("model", "dataset"))
 
 
 class NightlyRequest(Request):
@@ -281,48 +239,32 @@ class NightlyRequest(Request):
     new dataset version, evaluate it through the champion gate, and encode the dataset with the champion.
 
     The train, evaluate and encode options are the fields of those stages' requests less the ones the flow
-    fills in (the dataset version it ingested, the model version it trained, the champion it pinned);
-    each is checked when this request is built, by building the stage's request.
+    fills in (the dataset version it ingested, the model version it trained, the champion it pinned):
+    `TrainOptions`, `EvaluateOptions`, `EncodeOptions`.
     """
 
     ingest: IngestRequest = Field(description="the ingest-dataset request: the source, the dataset name, ...")
-    train: dict[str, Any] = Field(default_factory=dict, description="train-vae options: TrainRequest fields "
-                                  "except dataset (e.g. preset, overrides, epochs, workers, model_name)")
-    evaluate: dict[str, Any] = Field(default_factory=dict, description="evaluate-vae options: EvaluateRequest "
-                                     "fields except model, dataset and promote (e.g. split, iw_samples, metric, "
-                                     "margin)")
-    encode: dict[str, Any] = Field(default_factory=dict, description="encode-dataset options: EncodeRequest "
-                                   "fields except model and dataset (e.g. splits, out, batch_size, workers)")
+    train: TrainOptions = Field(default_factory=TrainOptions, description="train-vae options: TrainRequest fields "
+                                "except dataset (e.g. preset, overrides, epochs, workers, model_name)")
+    evaluate: EvaluateOptions = Field(default_factory=EvaluateOptions, description="evaluate-vae options: "
+                                      "EvaluateRequest fields except model, dataset and promote (e.g. split, "
+                                      "iw_samples, metric, margin)")
+    encode: EncodeOptions = Field(default_factory=EncodeOptions, description="encode-dataset options: EncodeRequest "
+                                  "fields except model and dataset (e.g. splits, out, batch_size, workers)")
     retrain: Literal["on-change", "always"] = Field("on-change", description="on-change: train only when no model "
                                                     "was trained on the dataset version yet; always: every run")
     retries: int = Field(2, ge=0, description="retries of a stage that failed on a transient error (connection, "
                          "I/O, a 5xx from MLflow); errors in the data, the model or the request are never retried")
     retry_delay_s: float = Field(30.0, ge=0, description="seconds before the first retry, doubling after each")
 
-    @field_validator("train")
-    @classmethod
-    def _train(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _stage_options(TrainRequest, v, {"dataset": "dataset"})
-
-    @field_validator("evaluate")
-    @classmethod
-    def _evaluate(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _stage_options(EvaluateRequest, v, {"model": "models:/model/1", "dataset": "dataset",
-                                                   "promote": True})
-
-    @field_validator("encode")
-    @classmethod
-    def _encode(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _stage_options(EncodeRequest, v, {"model": "models:/model/1", "dataset": "dataset"})
-
     def train_request(self, dataset: str) -> TrainRequest:
         """The train-vae request for `dataset` (NAME@VERSION)."""
-        return TrainRequest(**self.train, dataset=dataset)
+        return self.train.request(TrainRequest, dataset=dataset)
 
     def evaluate_request(self, model: str, dataset: str) -> EvaluateRequest:
         """The evaluate-vae request for `model` (models:/NAME/VERSION) on `dataset`, with the champion gate."""
-        return EvaluateRequest(**self.evaluate, model=model, dataset=dataset, promote=True)
+        return self.evaluate.request(EvaluateRequest, model=model, dataset=dataset, promote=True)
 
     def encode_request(self, model: str, dataset: str) -> EncodeRequest:
         """The encode-dataset request for `dataset` with `model` (the champion, pinned: models:/NAME/VERSION)."""
-        return EncodeRequest(**self.encode, model=model, dataset=dataset)
+        return self.encode.request(EncodeRequest, model=model, dataset=dataset)

@@ -18,6 +18,11 @@ The discriminator takes its own step after the VAE's, on the same images and the
 outputs, with its own optimizer; while the VAE steps its parameters do not require gradients, and
 while it steps nothing reaches the VAE. Its gradients are averaged over ranks by hand, not by a DDP
 wrapper: it runs in both steps, and DDP expects one forward per backward.
+
+The named objectives (`--objective ae`, `vae-gan`, ...) are settings of these terms, one YAML layer each in
+`vae_core/presets/objectives/`: that file is an objective's one declaration. `model.config.list_objectives`
+reads the folder for `TrainRequest.objective`'s help and `load_config`'s errors (not this module, which
+would pull torch into the requests' import).
 """
 
 from __future__ import annotations

@@ -55,6 +55,26 @@ def test_objective_errors_name_the_problem():
         load_config("digits", ["objective.adversarial.wieght=1"])
 
 
+def test_the_train_request_offers_the_shipped_objectives_and_a_new_one_is_its_file_alone(tmp_path, monkeypatch):
+    """`--objective`'s help is derived from the objective presets as shipped, and a new objective is one YAML
+    file: the list (and so the help of a process started with it) and `load_config` both find it."""
+    import vae_core.model.config as config
+    from vae_core.requests import TrainRequest
+
+    description = TrainRequest.model_fields["objective"].description
+    assert description.split(": ", 1)[1].split(" (")[0] == ", ".join(list_objectives())
+    assert {"ae", "elbo", "vae-gan", "perceptual"} <= set(list_objectives())
+
+    shipped = Path(str(config.CONFIG_DIR))
+    (tmp_path / "objectives").mkdir()
+    for p in [*shipped.glob("*.yaml"), *(shipped / "objectives").glob("*.yaml")]:
+        (tmp_path / p.relative_to(shipped)).write_bytes(p.read_bytes())
+    (tmp_path / "objectives" / "beta-4.yaml").write_text("train:\n  beta: 4.0\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    assert list_objectives() == sorted([*(p.stem for p in (shipped / "objectives").glob("*.yaml")), "beta-4"])
+    assert load_config("digits", objective="beta-4").train.beta == 4.0
+
+
 def test_the_autoencoder_has_a_point_posterior_and_no_kl(digits_u8):
     fit = _fit(objective="ae")
     x = fit.model.prepare_eval(digits_u8[:16])
