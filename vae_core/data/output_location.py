@@ -13,7 +13,8 @@ from typing import Any
 import fsspec
 
 from vae_core.data.embeddings import EmbeddingManifest
-from vae_core.data.shards import FORMAT as DATASET_FORMAT, MANIFEST, is_local, resolve, to_url
+from vae_core.data.shards import FORMAT as DATASET_FORMAT, MANIFEST
+from vae_core.storage import is_local, resolve, to_url
 
 
 def check_output_location(out_url: str, data_root_url: str) -> None:

@@ -11,7 +11,7 @@ from safetensors.torch import save as st_save
 
 from vae_core.model.config import ModelConfig
 from vae_core.model.vae import ConvVAE
-from vae_core.data.shards import atomic_write_bytes, resolve
+from vae_core.storage import atomic_write_bytes, resolve
 
 _CONFIG_KEY = "vae_model_config"
 

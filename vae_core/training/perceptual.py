@@ -18,7 +18,7 @@ from torch import nn
 from vae_core.model.config import PerceptualConfig
 from vae_core.errors import ConfigError
 from vae_core.model.feature_net import load_feature_net
-from vae_core.data.shards import resolve
+from vae_core.storage import resolve
 from vae_core.model.tv import import_torchvision
 
 # classifier: the outputs of its three conv ReLUs; vgg16: relu1_2, relu2_2, relu3_3 as in DFC-VAE and LPIPS.

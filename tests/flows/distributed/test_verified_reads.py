@@ -69,7 +69,8 @@ def home(tmp_path_factory, mnist_home, register_model):
 
 def test_ray_data_reads_verify_every_shard(home):
     from flows.distributed.cluster import ShardMismatchError, ray_session, read_shards
-    from vae_core.data.shards import arrow_filesystem, shard_paths
+    from vae_core.data.shards import shard_paths
+    from vae_core.storage import arrow_filesystem
 
     _, info, tampered = home
     paths, shards = shard_paths(info, "train"), info.manifest.splits["train"].shards

@@ -40,8 +40,8 @@ from vae_core.data.ingest import run_ingest
 from vae_core.model.vae import ConvVAE
 from vae_core.data.output_location import check_output_location
 from vae_core.requests import IngestRequest
-from vae_core.data.shards import (DatasetInfo, atomic_write_bytes, open_dataset, read_shard_table, read_split_u8, resolve, table_to_u8,
-                             temporary_name)
+from vae_core.data.shards import DatasetInfo, open_dataset, read_shard_table, read_split_u8, table_to_u8
+from vae_core.storage import atomic_write_bytes, resolve, temporary_name
 
 MODEL = "vae-digits"
 

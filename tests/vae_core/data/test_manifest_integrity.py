@@ -63,7 +63,7 @@ def test_shards_must_lie_in_their_own_split_folder_once_each(dataset):
         open_dataset(root, "toy")
     with pytest.raises(ValueError, match="shard path 'x.parquet'"):
         ShardInfo(path="x.parquet", rows=1, bytes=1, sha256="0" * 64)
-    with pytest.raises(ValueError, match="shard sha256 '../x' is not 64 lowercase hex digits"):
+    with pytest.raises(ValueError, match="shard sha256 '../x' is not a lowercase hex SHA-256"):
         ShardInfo(path="train/x.parquet", rows=1, bytes=1, sha256="../x")
 
 
