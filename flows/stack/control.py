@@ -4,7 +4,8 @@ pool, an MLflow tracking server over the project's own SQLite store, and a Ray h
 Everything is under `$VAE_HOME/stack/`: `stack.json` (what `up` started: PIDs, ports, command lines),
 `logs/<service>.log`, `prefect/` (the server's PREFECT_HOME). `up` starts nothing while the recorded stack
 answers its health checks; `down` stops exactly what `up` recorded. The services and their processes are
-`flows.stack.services`; the guide is docs/stack.md.
+`flows.stack.services`, the state file and the stack as `status` shows it `flows.stack.state`; the guide is
+docs/stack.md.
 
     stack = up(prefect_port=4200, mlflow_port=5000, ray_port=6379)
     os.environ.update(stack.env)     # PREFECT_API_URL, MLFLOW_TRACKING_URI, RAY_ADDRESS, VAE_HOME, ...
@@ -13,27 +14,17 @@ answers its health checks; `down` stops exactly what `up` recorded. The services
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
 import re
 import secrets
-import shlex
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flows.stack import services
 from flows.stack.services import HOST
-from vae_core.errors import VAEError
-from vae_core.settings import vae_home
+from flows.stack import state
+from flows.stack.state import Service, Stack, StackError
 
 ORDER = ("prefect", "mlflow", "ray", "worker")
 RAY_GRACE_S = 3.0  # seconds Ray's processes get between SIGTERM and SIGKILL
@@ -43,61 +34,6 @@ DEFAULTS: dict[str, int | str | None] = {"prefect_port": 4200, "mlflow_port": 50
 _LABELS = {"prefect_port": "prefect port", "mlflow_port": "mlflow port", "ray_port": "ray port",
            "ray_dashboard_port": "ray dashboard port", "pool": "pool", "ray_cpus": "ray CPUs"}
 _POOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class StackError(VAEError, RuntimeError):
-    """The stack cannot be started, inspected or stopped as asked; the message names the service and why."""
-
-
-@dataclass
-class Service:
-    """One service of a stack as it is now."""
-
-    name: str
-    pid: int
-    port: int | None  # None for the worker, which listens on nothing
-    url: str
-    log: str
-    alive: bool = False
-    healthy: bool = False
-    detail: str = ""  # why it is not healthy; for Ray, the head's CPUs
-
-    def to_json(self) -> dict:
-        return {"pid": self.pid, "port": self.port, "url": self.url, "alive": self.alive, "healthy": self.healthy,
-                "detail": self.detail, "log": self.log}
-
-
-@dataclass
-class Stack:
-    """A stack under one VAE_HOME: its services, the environment that points programs at it, its state file."""
-
-    home: str
-    state: str
-    services: dict[str, Service] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-    started: list[str] = field(default_factory=list)  # what this `up` started; empty when it was already up
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def healthy(self) -> bool:
-        return bool(self.services) and all(s.healthy for s in self.services.values())
-
-    def exports(self) -> str:
-        """`export KEY=value` lines for a POSIX shell (`eval "$(vae stack up)"`)."""
-        return "\n".join(f"export {key}={shlex.quote(value)}" for key, value in self.env.items())
-
-    def to_json(self) -> dict:
-        return {"services": {name: s.to_json() for name, s in self.services.items()}, "env": self.env,
-                "state": self.state, "healthy": self.healthy, "started": self.started, "notes": self.notes}
-
-    def describe(self) -> list[str]:
-        """One line per service (name, pid, health, where), then the notes."""
-        out = []
-        for s in self.services.values():
-            where = s.url + (f" ({s.detail})" if s.healthy and s.detail else "")
-            state = "healthy" if s.healthy else f"UNHEALTHY: {s.detail}" if s.alive else "not running"
-            out.append(f"{s.name:<8} pid {s.pid:<8} {state:<11} {where}")
-        return out + [f"note: {note}" for note in self.notes]
 
 
 def up(prefect_port: int | None = None, mlflow_port: int | None = None, ray_port: int | None = None,
@@ -115,7 +51,7 @@ def up(prefect_port: int | None = None, mlflow_port: int | None = None, ray_port
             CPUs than asked, a service did not come up.
     """
     say = say or (lambda _line: None)
-    home = _home()
+    home = state.stack_home()
     asked = {key: value for key, value in {"prefect_port": prefect_port, "mlflow_port": mlflow_port,
              "ray_port": ray_port, "ray_dashboard_port": ray_dashboard_port, "pool": pool,
              "ray_cpus": ray_cpus}.items() if value is not None}
@@ -124,8 +60,8 @@ def up(prefect_port: int | None = None, mlflow_port: int | None = None, ray_port
         raise StackError(f"work pool name {settings['pool']!r} must use only letters, digits, '.', '_', '-'")
     if ray_cpus is not None and ray_cpus < 1:
         raise StackError(f"ray_cpus must be at least 1, got {ray_cpus}")
-    with _locked(home):
-        if (record := _read(home)) is not None:
+    with state.locked(home):
+        if (record := state.read(home)) is not None:
             current = _inspect(home, record)
             if current.healthy:
                 _check_same(home, record, asked)
@@ -133,10 +69,10 @@ def up(prefect_port: int | None = None, mlflow_port: int | None = None, ray_port
                 return current
             if running := [s.name for s in current.services.values() if s.alive]:
                 unwell = "; ".join(f"{s.name}: {s.detail}" for s in current.services.values() if not s.healthy)
-                raise StackError(f"the stack in {_state(home)} is running ({', '.join(running)}) but not healthy "
-                                 f"({unwell}); `vae stack down` stops it, then `vae stack up`")
-            _forget(home, record)
-            say(f"replaced a stale {_state(home)} (its processes had ended)")
+                raise StackError(f"the stack in {state.state_path(home)} is running ({', '.join(running)}) but not "
+                                 f"healthy ({unwell}); `vae stack down` stops it, then `vae stack up`")
+            state.forget(home, record)
+            say(f"replaced a stale {state.state_path(home)} (its processes had ended)")
         record, plan = _plan(home, settings)
         deadline = time.monotonic() + timeout
         try:
@@ -147,10 +83,10 @@ def up(prefect_port: int | None = None, mlflow_port: int | None = None, ray_port
             _wait(record, ["mlflow", "ray", "worker"], deadline, timeout, say)
             for svc in record["services"].values():
                 svc["descendants"] = services.descendants(svc["pid"], svc["create_time"])
-            _write(home, record)
+            state.write(home, record)
         except BaseException:  # a failed service, a timeout, Ctrl-C: stop what this call started
             _stop(record, timeout=2.5)  # within the 5 s an interrupted command has (flows.cli.outcome)
-            _forget(home, record)
+            state.forget(home, record)
             raise
     stack = _inspect(home, record)
     stack.started = list(ORDER)
@@ -165,129 +101,23 @@ def down(timeout: float = 20.0) -> list[str]:
     Raises:
         StackError: a process survived SIGKILL (the state file is kept, so `down` can be run again).
     """
-    home = _home()
-    with _locked(home):
-        if (record := _read(home)) is None:
+    home = state.stack_home()
+    with state.locked(home):
+        if (record := state.read(home)) is None:
             return []
         stopped, left = _stop(record, timeout)
         if left:
-            raise StackError(f"could not stop pids {', '.join(str(p.pid) for p in left)}; {_state(home)} is kept")
-        _forget(home, record)
+            pids = ", ".join(str(p.pid) for p in left)
+            raise StackError(f"could not stop pids {pids}; {state.state_path(home)} is kept")
+        state.forget(home, record)
     return stopped
 
 
 def status() -> Stack:
     """The stack recorded under the current $VAE_HOME, each service checked now (no services: none recorded)."""
-    home = _home()
-    record = _read(home)
-    return _inspect(home, record) if record is not None else Stack(str(home), str(_state(home)))
-
-
-# --- state ---------------------------------------------------------------------------------------
-
-
-def _home() -> Path:
-    home = vae_home()
-    scheme, sep, path = home.partition("://")
-    if sep and scheme != "file":
-        raise StackError(f"VAE_HOME={home!r} is not a local folder; the stack keeps its state, logs and MLflow "
-                         "store there")
-    return Path(path if sep else home).expanduser().resolve()
-
-
-def _state(home: Path) -> Path:
-    return home / "stack" / "stack.json"
-
-
-class _Service(BaseModel):
-    """A service in the state file: its root process (pid and start time: a reused pid is not it), port, URL,
-    log, command line, and the descendants recorded once it was healthy ([pid, start time] each)."""
-
-    model_config = ConfigDict(extra="forbid")
-    pid: int
-    create_time: float
-    port: int | None
-    url: str
-    log: str
-    cmd: list[str] = []
-    descendants: list[tuple[int, float]] = []
-
-
-class _Record(BaseModel):
-    """The state file, `stack.json`, as `up` writes it."""
-
-    model_config = ConfigDict(extra="forbid")
-    version: int = 1
-    home: str = ""
-    started_at: str = ""
-    cwd: str = ""
-    pool: str = ""
-    worker_name: str = ""
-    ray_temp_dir: str = ""
-    env: dict[str, str] = {}
-    notes: list[str] = []
-    ports: dict[str, int] = {}  # every port in use, by service ("ray dashboard" too when it runs)
-    settings: dict[str, int | str | None] = {}  # what `up` was given, DEFAULTS filled in
-    services: dict[Literal["prefect", "mlflow", "ray", "worker"], _Service]
-
-
-def _read(home: Path) -> dict | None:
-    """The state file's record, checked against `_Record`; None when there is none."""
-    path = _state(home)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise StackError(f"cannot read {path} ({e}); remove it once the processes it names are stopped") from None
-    try:
-        return _Record.model_validate_json(text).model_dump()
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(map(str, first["loc"]))
-        problem = f"{where}: {first['msg']}" if where else first["msg"]
-        raise StackError(f"{path} is not a state file that `vae stack up` wrote ({problem}); stop the processes it "
-                         "names if any still run, remove it, then `vae stack up`") from None
-
-
-def _write(home: Path, record: dict) -> None:
-    """Write the state file atomically (a temporary name in the same folder, then a rename)."""
-    path = _state(home)
-    fd, tmp = tempfile.mkstemp(prefix=".stack-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _forget(home: Path, record: dict) -> None:
-    """Remove the state file, and Ray's session folder when it was outside VAE_HOME (a short temp path)."""
-    _state(home).unlink(missing_ok=True)
-    ray_dir = Path(record.get("ray_temp_dir", ""))
-    if ray_dir.name.startswith("vae-ray-") and ray_dir.parent == Path(tempfile.gettempdir()):
-        shutil.rmtree(ray_dir, ignore_errors=True)
-
-
-def _ray_token(home: Path) -> Path:
-    """`<home>/stack/ray-token`, readable by this user only: the secret a driver or a Ray node needs to join the
-    stack's head (exported as RAY_AUTH_TOKEN_PATH). Made once, kept across `down` and `up`."""
-    path = home / "stack" / "ray-token"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    return path
-
-
-@contextlib.contextmanager
-def _locked(home: Path) -> Iterator[None]:
-    """One `up` or `down` at a time per VAE_HOME."""
-    (home / "stack").mkdir(parents=True, exist_ok=True)
-    with open(home / "stack" / "lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StackError(f"another `vae stack up` or `down` is running for VAE_HOME={home}") from None
-        yield
+    home = state.stack_home()
+    record = state.read(home)
+    return _inspect(home, record) if record is not None else Stack(str(home), str(state.state_path(home)))
 
 
 # --- starting, checking, stopping ----------------------------------------------------------------
@@ -314,7 +144,7 @@ def _plan(home: Path, settings: dict) -> tuple[dict, dict[str, dict]]:
            "MLFLOW_TRACKING_URI": f"http://{HOST}:{mlflow_port}",
            "RAY_ADDRESS": f"{HOST}:{ray_port}",
            # Ray listens on every interface whatever it is told (docs/stack.md): joining takes this stack's token.
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_ray_token(home)),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state.ray_token(home)),
            "VAE_HOME": str(home)}
     worker_name = f"{pool}-{secrets.token_hex(3)}"
     specs = services.commands(home, ports, pool, worker_name, ray_cpus, None if missing else ray_dashboard_port, env)
@@ -356,7 +186,7 @@ def _start(home: Path, record: dict, name: str, plan: dict, say: Callable) -> No
     record["services"][name] = {"pid": child.pid, "create_time": services.create_time(child.pid),
                                 "port": plan["port"], "url": plan["url"], "log": str(log), "cmd": plan["cmd"],
                                 "descendants": []}
-    _write(home, record)
+    state.write(home, record)
     say(f"{name}: started (pid {child.pid}), log {log}")
 
 
@@ -390,7 +220,8 @@ def _wait(record: dict, names: list[str], deadline: float, timeout: float, say: 
 
 
 def _inspect(home: Path, record: dict) -> Stack:
-    stack = Stack(str(home), str(_state(home)), env=dict(record.get("env", {})), notes=list(record.get("notes", [])))
+    stack = Stack(str(home), str(state.state_path(home)), env=dict(record.get("env", {})),
+                  notes=list(record.get("notes", [])))
     for name in ORDER:
         if (svc := record["services"].get(name)) is None:
             continue
