@@ -10,15 +10,15 @@ quarantine. A re-run on the same input finds the existing version and writes not
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from vae_core.requests import IngestRequest
-from vae_core.data.ingest import (IngestResult, StagedDataset, build, find_unchanged, open_source_for, publish,
-                             summary_markdown)
+from vae_core.data.ingest import (Published, StagedDataset, build, find_unchanged, open_source_for, publish,
+                                  summary_markdown)
+from vae_core.results import IngestResult
 from vae_core.data.sources.base import Source
 
 
@@ -38,7 +38,7 @@ def build_task(source: Source, req: IngestRequest, progress: bool) -> StagedData
 
 
 @task(name="publish-version", cache_policy=NO_CACHE)
-def publish_task(staged: StagedDataset, req: IngestRequest) -> IngestResult:
+def publish_task(staged: StagedDataset, req: IngestRequest) -> Published:
     return publish(staged, req)
 
 
@@ -48,10 +48,10 @@ def artifact_key(name: str) -> str:
 
 
 @flow(name="ingest-dataset")
-def ingest_dataset(request: IngestRequest, progress: bool = False) -> dict[str, Any]:
+def ingest_dataset(request: IngestRequest, progress: bool = False) -> IngestResult:
     """Ingest `request.source` as dataset `request.name` under its data root (default
-    $VAE_HOME/datasets); returns the summary `vae ingest --json` prints (name, version, path, counts
-    per split, quarantined, ...)."""
+    $VAE_HOME/datasets); returns what `vae ingest --json` prints (name, version, path, counts per split,
+    quarantined, ...)."""
     src = open_source_task(request)
     # The same input as an existing version (by its fingerprint): nothing to decode or write.
     if (result := find_unchanged(request, src)) is None:

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import BaseModel
 
 from flows.cli.outcome import DEBUG, outcome
-from flows.cli.prefect import load_flow, prefect_defaults, quiet_prefect_logs
+from flows.cli.prefect import prefect_defaults, quiet_prefect_logs, run_flow
 from flows.cli.request import request_command
 from vae_core.requests import EncodeRequest, EvaluateRequest, IngestRequest, TrainRequest
+from vae_core.results import EncodeResult, EvaluateResult, TrainResult
 
 app = typer.Typer(
     help="Train Variational AutoEncoders on image datasets and turn datasets into latent embeddings.\n\n"
@@ -28,6 +30,11 @@ app = typer.Typer(
 
 
 AS_JSON = (Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a summary.")], False)
+
+
+def echo_json(result: BaseModel) -> None:
+    """`--json`: the result as one line of JSON."""
+    typer.echo(json.dumps(result.model_dump(mode="json")))
 
 
 @request_command(app, IngestRequest, extra={"prefect": (Annotated[bool, typer.Option(
@@ -45,16 +52,15 @@ def ingest(req: IngestRequest, prefect: bool, as_json: bool, debug: bool) -> Non
 
         out = run_ingest(req, progress=not as_json).summary()
     if as_json:
-        typer.echo(json.dumps(out))
-        return
-    verb = "created" if out["created"] else "already there, nothing written:"
-    typer.echo(f"{verb} {out['name']}@{out['version']} at {out['path']}")
-    h, w, c = out["shape"]
-    counts = ", ".join(f"{k} {v:,}" for k, v in out["counts"].items())
-    typer.echo(f"{h}x{w}x{c} images: {counts}; {out['duplicates']:,} duplicates, {out['quarantined']:,} quarantined "
-               f"of {out['seen']:,} seen")
-    if out["label_conflicts"]:
-        typer.echo(f"{out['label_conflicts']:,} duplicates disagree with the kept copy on their label: see the "
+        return echo_json(out)
+    verb = "created" if out.created else "already there, nothing written:"
+    typer.echo(f"{verb} {out.ref} at {out.path}")
+    h, w, c = out.shape
+    counts = ", ".join(f"{k} {v:,}" for k, v in out.counts.items())
+    typer.echo(f"{h}x{w}x{c} images: {counts}; {out.duplicates:,} duplicates, {out.quarantined:,} quarantined "
+               f"of {out.seen:,} seen")
+    if out.label_conflicts:
+        typer.echo(f"{out.label_conflicts:,} duplicates disagree with the kept copy on their label: see the "
                    "duplicates in manifest.json")
 
 
@@ -64,65 +70,45 @@ def train(req: TrainRequest, as_json: bool, debug: bool) -> None:
     from vae_core.model.config import load_config
 
     load_config(req.preset, req.overrides, req.objective)  # a bad preset or override fails here, in a second, not in the flow
-    def flow():  # Ray, MLflow, torch: seconds, imported while Prefect's server starts
-        from flows.train import train_vae
-
-        return train_vae
-
-    out = load_flow(flow, debug)(req)
+    out: TrainResult = run_flow("flows.train:train_vae", debug, req)
     if as_json:
-        typer.echo(json.dumps(out))
-    else:
-        m = out["metrics"]
-        typer.echo(f"run {out['run_id']}: {out['model_uri']} (version {out['model_version']})")
-        typer.echo(f"final loss {m.get('loss', float('nan')):.3f}, val loss {m.get('val_loss', float('nan')):.3f}")
+        return echo_json(out)
+    m = out.metrics
+    typer.echo(f"run {out.run_id}: {out.model_uri} (version {out.model_version})")
+    typer.echo(f"final loss {m.get('loss', float('nan')):.3f}, val loss {m.get('val_loss', float('nan')):.3f}")
 
 
 @request_command(app, EvaluateRequest, extra={"as_json": AS_JSON})
 def evaluate(req: EvaluateRequest, as_json: bool, debug: bool) -> None:
     """Score a registered model, draw what it learned, and promote it to champion when it beats the current one."""
-    def flow():
-        from flows.evaluate import evaluate_vae
-
-        return evaluate_vae
-
-    out = load_flow(flow, debug)(req, progress=not as_json)
+    out: EvaluateResult = run_flow("flows.evaluate:evaluate_vae", debug, req, progress=not as_json)
     if as_json:
-        typer.echo(json.dumps(out))
-        return
-    typer.echo(f"{out['model_uri']} on {out['dataset']}@{out['dataset_version']} {out['split']} "
-               f"({out['images']:,} images, K={out['iw_samples']})")
-    champion = out["champion"] or {"metrics": {}}
-    for key, value in out["metrics"].items():
+        return echo_json(out)
+    typer.echo(f"{out.model_uri} on {out.dataset}@{out.dataset_version} {out.split} "
+               f"({out.images:,} images, K={out.iw_samples})")
+    theirs = out.champion.metrics if out.champion else {}
+    for key, value in out.metrics.items():
         if "/kl_dim_" not in key:
-            theirs = champion["metrics"].get(key)
-            typer.echo(f"  {key:<36} {value:>12.4f}" + ("" if theirs is None else f"   champion {theirs:.4f}"))
-    for note in out["notes"]:
+            typer.echo(f"  {key:<36} {value:>12.4f}" + ("" if key not in theirs else f"   champion {theirs[key]:.4f}"))
+    for note in out.notes:
         typer.echo(f"  note: {note}")
-    decision = out["decision"]
-    if decision is not None:
-        typer.echo(f"{'promoted to champion' if decision['promote'] else 'not promoted'}: {decision['reason']}")
-    typer.echo(f"report: {out['report'].get('report', '')}")
+    if (decision := out.decision) is not None:
+        typer.echo(f"{'promoted to champion' if decision.promote else 'not promoted'}: {decision.reason}")
+    typer.echo(f"report: {out.report_url}")
 
 
 @request_command(app, EncodeRequest, extra={"as_json": AS_JSON})
 def encode(req: EncodeRequest, as_json: bool, debug: bool) -> None:
     """Encode every image of a dataset into Parquet latents (mean, logvar), one file per shard, exactly once."""
-    def flow():
-        from flows.encode import encode_dataset
-
-        return encode_dataset
-
-    out = load_flow(flow, debug)(req, progress=not as_json)
+    out: EncodeResult = run_flow("flows.encode:encode_dataset", debug, req, progress=not as_json)
     if as_json:
-        typer.echo(json.dumps(out))
-        return
-    rows = ", ".join(f"{split} {n:,}" for split, n in out["rows"].items())
-    speed = f" at {out['images_per_s']:,.0f} images/s" if out["images_per_s"] else ""
-    typer.echo(f"{out['model_uri']} on {out['dataset']}@{out['dataset_version']}: {rows}")
-    typer.echo(f"encoded {out['rows_encoded']:,}{speed}, reused {out['rows_reused']:,}, "
-               f"already there {out['rows_already_there']:,}")
-    typer.echo(f"output: {out['output']}")
+        return echo_json(out)
+    rows = ", ".join(f"{split} {n:,}" for split, n in out.rows.items())
+    speed = f" at {out.images_per_s:,.0f} images/s" if out.images_per_s else ""
+    typer.echo(f"{out.model_uri} on {out.dataset}@{out.dataset_version}: {rows}")
+    typer.echo(f"encoded {out.rows_encoded:,}{speed}, reused {out.rows_reused:,}, "
+               f"already there {out.rows_already_there:,}")
+    typer.echo(f"output: {out.output}")
 
 
 stack_app = typer.Typer(no_args_is_help=True)
@@ -205,19 +191,13 @@ def demo(
     debug: DEBUG[0] = False,
 ) -> None:
     """The whole chain on this machine, offline: ingest, train, evaluate and promote, encode; then where to look."""
-    def flow():
-        from flows.cli.demo import run_demo
-
-        return run_demo
-
     with outcome(debug):
-        out = load_flow(flow, debug)(source, epochs, progress=not as_json)
+        out = run_flow("flows.cli.demo:run_demo", debug, source, epochs, progress=not as_json)
     if as_json:
-        typer.echo(json.dumps(out))
-        return
-    for stage, note in out["notes"].items():
+        return echo_json(out)
+    for stage, note in out.notes.items():
         typer.echo(f"{stage:<9} {note}")
-    where = out["where"]
+    where = out.where
     typer.echo("\nwhere to look:")
     typer.echo(f"  MLflow       {where['mlflow']}")
     for key, label in (("report", "report"), ("embeddings", "embeddings"), ("champion", "champion")):

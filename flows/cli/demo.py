@@ -8,9 +8,9 @@ version and shows the champion gate at work. What it prints is where to look aft
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from vae_core.requests import IngestRequest, NightlyRequest
+from vae_core.results import NightlyResult
 
 # (preset, epochs, importance samples): a minute or so for digits, a few for MNIST on a 2-core CPU.
 BUDGETS = {"digits": ("digits", 20, 100), "mnist": ("mnist", 2, 10)}
@@ -28,24 +28,31 @@ def demo_request(source: str | None = None, epochs: int | None = None) -> Nightl
     )
 
 
-def where_to_look(out: dict[str, Any]) -> dict[str, str]:
+class DemoResult(NightlyResult):
+    """The nightly flow's result, plus where to look (what `vae demo --json` prints)."""
+
+    where: dict[str, str]  # the MLflow UI, the champion; the HTML report and the embeddings where made
+
+
+def where_to_look(out: NightlyResult) -> dict[str, str]:
     """Commands and paths that show what the demo made: the MLflow UI, the HTML report, the embeddings and the
     registered champion."""
     from flows.tracking import runs as tracking
+    from flows.tracking.registry import CHAMPION, model_uri
 
     uri = tracking.tracking_uri()
     ui = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
-    looks = {"mlflow": ui, "champion": f"models:/{out['model_name']}@champion"}
-    if out.get("report"):
-        looks["report"] = out["report"]
-    if out.get("embeddings"):
-        looks["embeddings"] = out["embeddings"]
+    looks = {"mlflow": ui, "champion": model_uri(out.model_name, CHAMPION)}
+    if out.report:
+        looks["report"] = out.report
+    if out.embeddings:
+        looks["embeddings"] = out.embeddings
     return looks
 
 
-def run_demo(source: Path | str | None = None, epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the chain (see the module docstring); returns the nightly flow's summary plus `where` (where_to_look)."""
+def run_demo(source: Path | str | None = None, epochs: int | None = None, progress: bool = True) -> DemoResult:
+    """Run the chain (see the module docstring); returns the nightly flow's result plus `where` (where_to_look)."""
     from flows.nightly import nightly_retrain
 
     out = nightly_retrain(demo_request(None if source is None else str(source), epochs), progress=progress)
-    return {**out, "where": where_to_look(out)}
+    return DemoResult(**dict(out), where=where_to_look(out))

@@ -7,12 +7,13 @@ Nothing here imports Prefect at module level: `prefect_defaults` must run before
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from vae_core import settings
 
@@ -80,3 +81,10 @@ def load_flow(load: Callable[[], T], debug: bool) -> T:
     if starting:
         starting.join()
     return flow
+
+
+def run_flow(flow: str, debug: bool, *args: Any, **kwargs: Any) -> Any:
+    """Run the flow `module:name` with these arguments and return its result; the flow's module (Ray, MLflow,
+    torch: seconds) is imported while Prefect's server starts (`load_flow`)."""
+    module, _, name = flow.partition(":")
+    return load_flow(lambda: getattr(importlib.import_module(module), name), debug)(*args, **kwargs)

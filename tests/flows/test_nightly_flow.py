@@ -7,7 +7,6 @@ leaves the champion and its embeddings as they were. The retry wrapper is tested
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
 from uuid import UUID
 
@@ -82,7 +81,7 @@ def _dataset(version: str | None = None):
     return open_dataset(data_root(), "mnist", version)
 
 
-def _artifact(out: dict) -> str:
+def _artifact(out) -> str:
     """The nightly-retrain-summary artifact of the run that returned `out`."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -90,7 +89,7 @@ def _artifact(out: dict) -> str:
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["nightly-retrain-summary"])))
-    [art] = [a for a in arts if a.flow_run_id == UUID(out["flow_runs"]["nightly"])]
+    [art] = [a for a in arts if a.flow_run_id == UUID(out.flow_runs["nightly"])]
     return art.data
 
 
@@ -108,25 +107,25 @@ def test_first_run_ingests_trains_promotes_and_encodes(home, first):
     from vae_core.data.embeddings import read_embeddings
 
     out = first
-    version = out["dataset"]["version"]
-    assert out["dataset"] == {"name": "mnist", "version": version, "changed": True,
+    version = out.dataset.version
+    assert out.dataset.model_dump() == {"name": "mnist", "version": version, "changed": True,
                               "counts": _dataset(version).counts}
-    assert out["trained"] == out["evaluated"] == 1 and out["promoted"]
-    assert out["champion"] == {"before": None, "after": 1} and _champion() == 1 and _versions() == [1]
-    assert out["decision"]["reason"] == "there is no champion yet"
-    assert out["skipped"] == {} and out["failed"] == {}
+    assert out.trained == out.evaluated == 1 and out.promoted
+    assert out.champion.model_dump() == {"before": None, "after": 1} and _champion() == 1 and _versions() == [1]
+    assert out.decision.reason == "there is no champion yet"
+    assert out.skipped == {} and out.failed == {}
     # The embeddings of every split, by the champion: one row per image of the dataset version.
-    assert out["embeddings"].endswith(f"embeddings/vae-mnist/1/mnist/{version}")
-    table = read_embeddings(out["embeddings"])
-    assert table.num_rows == out["encoded"] == sum(_dataset(version).counts.values()) == FIRST
+    assert out.embeddings.endswith(f"embeddings/vae-mnist/1/mnist/{version}")
+    table = read_embeddings(out.embeddings)
+    assert table.num_rows == out.encoded == sum(_dataset(version).counts.values()) == FIRST
     assert set(table.column("model_version").to_pylist()) == {1}
-    assert set(out["mlflow_runs"]) == {"train", "evaluate", "encode"}
+    assert set(out.mlflow_runs) == {"train", "evaluate", "encode"}
     # Every stage ran as a child flow run of this one.
     with get_client(sync_client=True) as client:
-        parent = client.read_flow_run(UUID(out["flow_runs"]["nightly"]))
+        parent = client.read_flow_run(UUID(out.flow_runs["nightly"]))
         for stage, name in (("ingest", "ingest-dataset"), ("train", "train-vae"), ("evaluate", "evaluate-vae"),
                             ("encode", "encode-dataset")):
-            child = client.read_flow_run(UUID(out["flow_runs"][stage]))
+            child = client.read_flow_run(UUID(out.flow_runs[stage]))
             assert child.parent_task_run_id is not None and client.read_flow(child.flow_id).name == name
             assert client.read_task_run(child.parent_task_run_id).flow_run_id == parent.id
     art = _artifact(out)
@@ -140,13 +139,13 @@ def test_same_source_runs_nothing_after_ingest(home, first):
 
     versions, runs, files = _versions(), _runs(), _files(home)
     out = nightly_retrain(_request())
-    version = first["dataset"]["version"]
-    assert out["dataset"]["version"] == version and not out["dataset"]["changed"]
-    assert out["trained"] is None and out["evaluated"] is None and not out["promoted"] and out["encoded"] is None
-    assert out["champion"] == {"before": 1, "after": 1} and _champion() == 1
+    version = first.dataset.version
+    assert out.dataset.version == version and not out.dataset.changed
+    assert out.trained is None and out.evaluated is None and not out.promoted and out.encoded is None
+    assert out.champion.model_dump() == {"before": 1, "after": 1} and _champion() == 1
     assert _versions() == versions and _runs() == runs and _files(home) == files  # no version, run or file
-    assert set(out["flow_runs"]) == {"nightly", "ingest"} and out["mlflow_runs"] == {}
-    assert out["skipped"] == {
+    assert set(out.flow_runs) == {"nightly", "ingest"} and out.mlflow_runs == {}
+    assert out.skipped == {
         "train": f"champion v1 trained on this version (mnist@{version}): no retraining",
         "evaluate": "no new model version to evaluate",
         "encode": f"champion v1 unchanged, dataset unchanged, and its embeddings of mnist@{version} are complete "
@@ -162,11 +161,11 @@ def test_embeddings_under_the_champions_name_by_other_weights_are_a_gap(home, fi
     champion's weights digest (here: written before digests were recorded) are not the champion's."""
     import os
 
-    from flows.nightly import embeddings_gap
+    from flows.nightly_rules import embeddings_gap
     from flows.tracking.registry import pin_model
     from vae_core.data.embeddings import read_manifest
 
-    champion, version = pin_model("models:/vae-mnist@champion"), first["dataset"]["version"]
+    champion, version = pin_model("models:/vae-mnist@champion"), first.dataset.version
     args = (champion, "mnist", version, _dataset(version).counts,
             _request().encode_request(champion.uri, f"mnist@{version}"))
     out, gap = embeddings_gap(*args)
@@ -209,7 +208,7 @@ def test_a_stage_that_meets_a_transient_error_is_run_again(home, first, monkeypa
 
     monkeypatch.setattr(flows.nightly, "ingest_dataset", ingest_once_away)
     out = flows.nightly.nightly_retrain(_request(retry_delay_s=0))
-    assert len(tries) == 2 and out["failed"] == {} and out["dataset"]["version"] == first["dataset"]["version"]
+    assert len(tries) == 2 and out.failed == {} and out.dataset.version == first.dataset.version
 
 
 @pytest.mark.slow
@@ -218,28 +217,28 @@ def test_changed_source_trains_evaluates_and_encodes_with_the_champion(home, fir
     from vae_core.data.embeddings import read_embeddings
 
     out = nightly_retrain(_request(CHANGED))
-    version = out["dataset"]["version"]
-    assert out["dataset"]["changed"] and version != first["dataset"]["version"]
-    assert out["trained"] == out["evaluated"] == 2 and _versions() == [1, 2]
-    champion = 2 if out["promoted"] else 1  # whichever the gate chose
-    assert out["champion"] == {"before": 1, "after": champion} and _champion() == champion
-    assert out["decision"]["champion_version"] == 1
-    assert out["notes"]["evaluate"].startswith(f"challenger v2 {'promoted' if out['promoted'] else 'kept out'}: "
+    version = out.dataset.version
+    assert out.dataset.changed and version != first.dataset.version
+    assert out.trained == out.evaluated == 2 and _versions() == [1, 2]
+    champion = 2 if out.promoted else 1  # whichever the gate chose
+    assert out.champion.model_dump() == {"before": 1, "after": champion} and _champion() == champion
+    assert out.decision.champion_version == 1
+    assert out.notes["evaluate"].startswith(f"challenger v2 {'promoted' if out.promoted else 'kept out'}: "
                                                "test/nll_k5 ")
-    assert out["embeddings"].endswith(f"embeddings/vae-mnist/{champion}/mnist/{version}")
-    table = read_embeddings(out["embeddings"])
-    assert table.num_rows == out["encoded"] == sum(_dataset(version).counts.values()) == CHANGED
+    assert out.embeddings.endswith(f"embeddings/vae-mnist/{champion}/mnist/{version}")
+    table = read_embeddings(out.embeddings)
+    assert table.num_rows == out.encoded == sum(_dataset(version).counts.values()) == CHANGED
     assert set(table.column("dataset_version").to_pylist()) == {version}
-    assert "dataset changed" in out["notes"]["encode"]
+    assert "dataset changed" in out.notes["encode"]
     # The first version's embeddings by v1 are still all there.
-    assert read_embeddings(first["embeddings"]).num_rows == FIRST
+    assert read_embeddings(first.embeddings).num_rows == FIRST
 
     # The night after, the same source: whether v2 won or lost, it is not trained again.
     versions, runs, files = _versions(), _runs(), _files(home)
     again = nightly_retrain(_request(CHANGED))
-    assert again["trained"] is None and again["encoded"] is None and again["champion"]["after"] == champion
+    assert again.trained is None and again.encoded is None and again.champion.after == champion
     assert _versions() == versions and _runs() == runs and _files(home) == files
-    assert again["skipped"]["train"].startswith(
+    assert again.skipped["train"].startswith(
         f"champion v2 trained on this version (mnist@{version})" if champion == 2 else
         f"v2 was already trained on mnist@{version} and the gate kept it out (test/nll_k5 ")
 
@@ -247,7 +246,7 @@ def test_changed_source_trains_evaluates_and_encodes_with_the_champion(home, fir
 @pytest.mark.slow
 def test_a_failed_stage_leaves_champion_and_embeddings_as_they_were(home):
     from flows.nightly import StageError, nightly_retrain
-    from vae_core.data.shards import is_temporary
+    from vae_core.storage import is_temporary
 
     champion, versions, files = _champion(), _versions(), _files(home)
     # Train fails at run time (an override the model config does not have): no version, no alias move.
@@ -322,7 +321,7 @@ def test_retries_transient_errors_only_and_never_a_vae_error():
 
 
 def test_train_rule():
-    from flows.nightly import TrainPlan, plan_training
+    from flows.nightly_rules import TrainPlan, plan_training
     from flows.tracking.registry import PinnedModel
 
     def champion(version: int, trained_on: str) -> PinnedModel:
@@ -355,16 +354,32 @@ def test_request_round_trips_through_json_and_names_bad_options():
 
     r = _request(encode={"splits": "test,val"}, train={**TRAIN, "model_name": "vae-digits"})
     again = NightlyRequest.model_validate(json.loads(r.model_dump_json()))
-    assert again == r and again.encode == {"splits": ["test", "val"]}
+    assert again == r and again.encode.splits == ["test", "val"] and r.encode.model_fields_set == {"splits"}
     assert r.train_request("mnist@abc").model_name == "vae-digits"
     assert r.evaluate_request("models:/vae-digits/3", "mnist@abc").promote
     assert r.encode_request("models:/vae-digits/3", "mnist@abc").splits == ["test", "val"]
-    with pytest.raises(ValidationError, match=r"epochs: Input should be greater than or equal to 1"):
+    with pytest.raises(ValidationError, match=r"train.epochs\n  Input should be greater than or equal to 1"):
         _request(train={"epochs": 0})
     with pytest.raises(ValidationError, match=r"promote cannot be set here"):
         _request(evaluate={"promote": False})
-    with pytest.raises(ValidationError, match=r"workerz: Extra inputs are not permitted"):
+    with pytest.raises(ValidationError, match=r"encode.workerz\n  Extra inputs are not permitted"):
         _request(encode={"workerz": 2})
+    with pytest.raises(ValidationError, match=r"train.model_name\n  Value error, model name '../x' must use only"):
+        _request(train={"model_name": "../x"})  # the request's own checks come with its fields
+
+
+def test_stage_options_are_the_stage_requests_fields_less_those_the_flow_sets():
+    from vae_core.requests import (EncodeOptions, EncodeRequest, EvaluateOptions, EvaluateRequest, TrainOptions,
+                                   TrainRequest)
+
+    for options, request, fixed in ((TrainOptions, TrainRequest, {"dataset"}),
+                                    (EvaluateOptions, EvaluateRequest, {"model", "dataset", "promote"}),
+                                    (EncodeOptions, EncodeRequest, {"model", "dataset"})):
+        assert list(options.model_fields) == [f for f in request.model_fields if f not in fixed]
+        for name, field in options.model_fields.items():
+            theirs = request.model_fields[name]
+            assert (field.annotation, field.default, field.description, field.metadata) == \
+                (theirs.annotation, theirs.default, theirs.description, theirs.metadata), name
 
 
 def test_this_jobs_ray_workers_run_at_ordinary_priority_with_fixed_allocator_thresholds(home):

@@ -42,6 +42,7 @@ from vae_core import settings
 from vae_core.data.builder import DatasetBuilder, input_fingerprint
 from vae_core.errors import IngestError
 from vae_core.requests import IngestRequest
+from vae_core.results import IngestResult
 from vae_core.data.shards import MANIFEST, SPLITS, Manifest, ShardInfo, dataset_dir, list_versions, read_manifest, sha256_hex
 from vae_core.storage import (atomic_put_file, atomic_write_bytes, is_local, remove_temporaries, resolve, temporary_name,
                               to_url, writer_gone)
@@ -65,28 +66,22 @@ class StagedDataset:
 
 
 @dataclass
-class IngestResult:
+class Published:
+    """A dataset version under the data root: made by this run (`created`) or found there."""
+
     name: str
     version: str
     url: str
     created: bool  # False when this version already existed and nothing was written
     manifest: Manifest
 
-    def summary(self) -> dict[str, Any]:
-        """The JSON `vae ingest --json` prints."""
-        items = self.manifest.items
-        return {
-            "name": self.name,
-            "version": self.version,
-            "path": self.url,
-            "created": self.created,
-            "counts": self.manifest.counts,
-            "shape": [self.manifest.height, self.manifest.width, self.manifest.channels],
-            "seen": items.seen,
-            "duplicates": items.duplicates,
-            "label_conflicts": self.manifest.label_conflicts,
-            "quarantined": items.quarantined,
-        }
+    def summary(self) -> IngestResult:
+        """The stage's result (what `vae ingest --json` prints)."""
+        m, items = self.manifest, self.manifest.items
+        return IngestResult(name=self.name, version=self.version, path=self.url, created=self.created,
+                            counts=m.counts, shape=(m.height, m.width, m.channels), seen=items.seen,
+                            duplicates=items.duplicates, label_conflicts=m.label_conflicts,
+                            quarantined=items.quarantined)
 
 
 # ------------------------------------------------------------------------------------------ staging
@@ -202,14 +197,14 @@ def _limited(batches: Iterator[RawBatch], limit: int | None, size: int | None) -
             return
 
 
-def publish(staged: StagedDataset, cfg: IngestRequest) -> IngestResult:
+def publish(staged: StagedDataset, cfg: IngestRequest) -> Published:
     """Write the staged version under the data root unless it is already there (then write nothing)."""
     fs, root = resolve(cfg.root(), cfg.data_root_options)
     m = staged.manifest
     vdir = dataset_dir(root, m.name, m.version)
     url = to_url(fs, vdir)
     if fs.exists(posixpath.join(vdir, MANIFEST)):
-        return IngestResult(m.name, m.version, url, created=False, manifest=read_manifest(fs, vdir))
+        return Published(m.name, m.version, url, created=False, manifest=read_manifest(fs, vdir))
     written = [vdir, *(posixpath.join(vdir, s) for s in m.splits)]  # the folders this run writes
     for folder in written:
         remove_temporaries(fs, folder)  # left by an earlier run that was killed mid-upload
@@ -225,7 +220,7 @@ def publish(staged: StagedDataset, cfg: IngestRequest) -> IngestResult:
     created = atomic_write_bytes(fs, posixpath.join(vdir, MANIFEST), m.to_json().encode(), replace=False)
     for folder in written:  # the version is final: temporaries of a run killed meanwhile go too
         remove_temporaries(fs, folder)
-    return IngestResult(m.name, m.version, url, created=created, manifest=m if created else read_manifest(fs, vdir))
+    return Published(m.name, m.version, url, created=created, manifest=m if created else read_manifest(fs, vdir))
 
 
 def _already_there(fs: Any, dest: str, shard: ShardInfo) -> bool:
@@ -235,7 +230,7 @@ def _already_there(fs: Any, dest: str, shard: ShardInfo) -> bool:
         return False
 
 
-def find_unchanged(cfg: IngestRequest, source: Source) -> IngestResult | None:
+def find_unchanged(cfg: IngestRequest, source: Source) -> Published | None:
     """The newest existing version of `cfg.name` made from this very input (same fingerprint: see
     `builder.input_fingerprint`), found without reading or decoding the source; None if there is none."""
     fingerprint = input_fingerprint(cfg, source)
@@ -248,11 +243,11 @@ def find_unchanged(cfg: IngestRequest, source: Source) -> IngestResult | None:
         # Under a stricter max_quarantine_fraction than it was made with, a full run must fail as usual.
         within = m.items.quarantined / m.items.seen <= cfg.max_quarantine_fraction
         if within and m.source.details.get("fingerprint") == fingerprint:
-            return IngestResult(m.name, m.version, to_url(fs, vdir), created=False, manifest=m)
+            return Published(m.name, m.version, to_url(fs, vdir), created=False, manifest=m)
     return None
 
 
-def run_ingest(cfg: IngestRequest, progress: bool = False) -> IngestResult:
+def run_ingest(cfg: IngestRequest, progress: bool = False) -> Published:
     """Source -> published (or found) dataset version."""
     source = open_source_for(cfg)
     if (found := find_unchanged(cfg, source)) is not None:
@@ -267,7 +262,7 @@ def run_ingest(cfg: IngestRequest, progress: bool = False) -> IngestResult:
 # ----------------------------------------------------------------------------------------- summary
 
 
-def summary_markdown(result: IngestResult) -> str:
+def summary_markdown(result: Published) -> str:
     """A short Markdown report: counts per split, shape, channel stats, duplicates and quarantine."""
     m = result.manifest
     lines = [
