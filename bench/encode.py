@@ -91,10 +91,10 @@ def main() -> None:
         out = encode_dataset(EncodeRequest(model=f"models:/vae-bench/{version}", dataset=f"mnist{n}",
                                            batch_size=args.batch, workers=args.workers))
         wall = time.perf_counter() - t0
-        s = out["seconds"]
-        print(f"{len(images):>7,} {bare:>11,.0f} {out['images_per_s']:>9,.0f} {out['steady_images_per_s']:>8,.0f} "
-              f"{out['steady_images_per_s'] / bare:>12.2f} {out['images_per_s'] / bare:>10.2f} {s['plan']:>7.1f} "
-              f"{s['ray_start']:>6.1f} {s['first_latents']:>10.1f} {s['encode']:>9.1f} {wall:>7.1f}")
+        s = out.seconds
+        print(f"{len(images):>7,} {bare:>11,.0f} {out.images_per_s:>9,.0f} {out.steady_images_per_s:>8,.0f} "
+              f"{out.steady_images_per_s / bare:>12.2f} {out.images_per_s / bare:>10.2f} {s.plan:>7.1f} "
+              f"{s.ray_start:>6.1f} {s.first_latents:>10.1f} {s.encode:>9.1f} {wall:>7.1f}")
 
 
 if __name__ == "__main__":

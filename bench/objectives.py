@@ -75,7 +75,7 @@ def setup_home(home_arg: str | None, dataset_arg: str | None) -> Path:
 
 def open_or_ingest(dataset_arg: str | None) -> Any:
     """The DatasetInfo to train on: MNIST ingested now, or the named one; a missing one exits 2."""
-    from vae_core.requests import parse_dataset_ref
+    from vae_core.names import parse_dataset_ref
     from vae_core.settings import data_root
     from vae_core.data.shards import open_dataset
 
@@ -182,11 +182,11 @@ def train(dataset: str, preset: str, variant: str, epochs: int) -> dict[str, Any
     # What the budget plans: the optimizer steps, from each epoch's images / images-per-s as the worker
     # reported them. The fit adds the worker group's start, validation, previews and checkpoints; the
     # wall time adds Ray's start and the model's registration.
-    history = {key: {h.step: h.value for h in mlflow.MlflowClient().get_metric_history(out["run_id"], key)}
+    history = {key: {h.step: h.value for h in mlflow.MlflowClient().get_metric_history(out.run_id, key)}
                for key in ("epoch/images", "epoch/images_per_s")}
     steps_s = sum(n / history["epoch/images_per_s"][e] for e, n in history["epoch/images"].items())
-    m = out["metrics"]
-    return {"uri": f"models:/{out['model_name']}/{out['model_version']}", "run_id": out["run_id"],
+    m = out.metrics
+    return {"uri": f"models:/{out.model_name}/{out.model_version}", "run_id": out.run_id,
             "train_s": steps_s, "fit_s": m["startup/total_fit_s"] - m["startup/ray_s"], "wall_s": wall}
 
 
@@ -199,8 +199,8 @@ def evaluate(uri: str, dataset: str, iw_samples: int, limit: int) -> dict[str, A
 
     out = evaluate_vae(EvaluateRequest(model=uri, dataset=dataset, split="test", iw_samples=iw_samples,
                                        promote=False, limit=limit))
-    return {"metrics": {k.split("/", 1)[1]: v for k, v in out["metrics"].items()}, "report": out["report"],
-            "notes": out["notes"], "feature_classifier": out["feature_classifier"]}
+    return {"metrics": {k.split("/", 1)[1]: v for k, v in out.metrics.items()}, "report": out.report,
+            "notes": out.notes, "feature_classifier": out.feature_classifier.model_dump()}
 
 
 @torch.no_grad()

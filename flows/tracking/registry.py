@@ -31,6 +31,7 @@ MODEL_ARTIFACT_NAME = "model"
 _MODEL_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "safetensors", "pydantic", "PyYAML", "fsspec")
 _PYFUNC_FILE = Path(__file__).resolve().parent / "pyfunc.py"
 WEIGHTS_ARTIFACT = "weights"  # the artifact key flows.tracking.pyfunc reads (not imported: it pulls in torch)
+CHAMPION, CHALLENGER = "champion", "challenger"  # the aliases: the version served, the one trained last
 
 
 def default_model_name(dataset_name: str) -> str:
@@ -62,7 +63,7 @@ def log_and_register_model(
     model: ConvVAE,
     model_name: str,
     dataset_version: str,
-    alias: str = "challenger",
+    alias: str = CHALLENGER,
 ) -> int:
     """Log `model` as a pyfunc into the run, register it as a new version of `model_name`, set `alias`.
 
@@ -152,7 +153,7 @@ def pin_model(uri: str) -> PinnedModel:
     Raises:
         ModelNotFoundError: the model, alias or version does not exist; the message lists what does.
     """
-    from vae_core.requests import parse_model_uri
+    from vae_core.names import parse_model_uri
 
     name, alias, version = parse_model_uri(uri)
     mlflow_client = client()

@@ -59,11 +59,11 @@ def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
 
     out = _encode()
     info = _dataset()
-    assert out["rows"] == {s: n for s, n in info.counts.items()} and out["rows_encoded"] == sum(info.counts.values())
-    assert out["output"].endswith(f"embeddings/vae-mnist/1/mnist/{info.version}")
-    loaded = mlflow.pyfunc.load_model(out["model_uri"])
+    assert out.rows == {s: n for s, n in info.counts.items()} and out.rows_encoded == sum(info.counts.values())
+    assert out.output.endswith(f"embeddings/vae-mnist/1/mnist/{info.version}")
+    loaded = mlflow.pyfunc.load_model(out.model_uri)
     for split in ("train", "val", "test"):
-        table = read_embeddings(out["output"], splits=[split])
+        table = read_embeddings(out.output, splits=[split])
         images, labels, ids = read_split_u8(info, split)
         assert table.column("id").to_pylist() == ids  # every id once, in the dataset's order
         assert set(table.column("split").to_pylist()) == {split}
@@ -73,7 +73,7 @@ def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
         np.testing.assert_allclose(mean, expected["mean"], rtol=0, atol=1e-5)
         np.testing.assert_allclose(logvar, expected["logvar"], rtol=0, atol=1e-5)
     # Plain pyarrow and pandas read the output as it is: one file per input shard.
-    files = sorted(Path(out["output"]).rglob("*.parquet"))
+    files = sorted(Path(out.output).rglob("*.parquet"))
     assert len(files) == sum(len(s.shards) for s in info.manifest.splits.values())
     frame = pd.read_parquet(files[0])
     assert list(frame.columns) == ["id", "split", "label", "mean", "logvar", "model_name", "model_version",
@@ -82,20 +82,20 @@ def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
     assert expected["mean"].shape[1] == 8 + 16
     assert len(frame["mean"].iloc[0]) == 8 + 16 and frame["model_version"].iloc[0] == 1
     assert pq.read_table(files[0]).schema.field("mean").type.list_size == 8 + 16
-    manifest = json.loads((Path(out["output"]) / "manifest.json").read_text())
-    assert manifest["counts"] == out["rows"] and manifest["model_version"] == 1
+    manifest = json.loads((Path(out.output) / "manifest.json").read_text())
+    assert manifest["counts"] == out.rows and manifest["model_version"] == 1
     # Throughput in an MLflow run linked to the model version.
-    run = mlflow.MlflowClient().get_run(out["run_id"])
+    run = mlflow.MlflowClient().get_run(out.run_id)
     assert run.data.metrics["images_per_s"] > 0 and run.data.tags["model_version"] == "1"
 
-    before = _files(out["output"])
+    before = _files(out.output)
     again = _encode()
-    assert again["rows_encoded"] == 0 and again["rows_already_there"] == out["rows_encoded"]
-    assert _files(out["output"]) == before  # nothing rewritten
+    assert again.rows_encoded == 0 and again.rows_already_there == out.rows_encoded
+    assert _files(out.output) == before  # nothing rewritten
 
     redo = _encode(splits=["test"], overwrite=True)
-    assert redo["rows_encoded"] == info.counts["test"] and redo["rows"] == {"test": info.counts["test"]}
-    assert read_embeddings(out["output"]).num_rows == sum(info.counts.values())  # other splits stay listed
+    assert redo.rows_encoded == info.counts["test"] and redo.rows == {"test": info.counts["test"]}
+    assert read_embeddings(out.output).num_rows == sum(info.counts.values())  # other splits stay listed
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -103,7 +103,7 @@ def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
     with get_client(sync_client=True) as prefect_client:
         arts = prefect_client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["encode-dataset-summary"])))
-    assert any(out["output"] in a.data and f"| train | {info.counts['train']:,} |" in a.data for a in arts)
+    assert any(out.output in a.data and f"| train | {info.counts['train']:,} |" in a.data for a in arts)
 
 
 def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
@@ -130,8 +130,8 @@ def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
     done = len(list(out_dir.rglob("*.parquet")))
     assert 0 < done < total_files, f"{done} of {total_files} files written when killed"
     resumed = _encode(out=str(out_dir))
-    assert resumed["rows_already_there"] > 0
-    assert resumed["rows_encoded"] + resumed["rows_already_there"] == sum(info.counts.values())
+    assert resumed.rows_already_there > 0
+    assert resumed.rows_encoded + resumed.rows_already_there == sum(info.counts.values())
     assert not [p for p in out_dir.rglob("*") if p.name.startswith(".")]  # no temporaries left
     table = read_embeddings(str(out_dir))
     ids = table.column("id").to_pylist()
@@ -153,10 +153,10 @@ def test_a_new_dataset_version_encodes_only_the_shards_it_does_not_share(home, t
         if n == 1000:
             first = out
     info = _dataset("grow")
-    assert out["dataset_version"] == info.version != first["dataset_version"]
-    assert out["rows_reused"] > 0 and out["rows_encoded"] < sum(info.counts.values())
-    assert out["rows_reused"] + out["rows_encoded"] == sum(info.counts.values())
-    table = read_embeddings(out["output"])
+    assert out.dataset_version == info.version != first.dataset_version
+    assert out.rows_reused > 0 and out.rows_encoded < sum(info.counts.values())
+    assert out.rows_reused + out.rows_encoded == sum(info.counts.values())
+    table = read_embeddings(out.output)
     ids = table.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 1300
     assert set(table.column("dataset_version").to_pylist()) == {info.version}  # reused rows restamped
@@ -176,7 +176,7 @@ def test_output_on_s3(home, s3, monkeypatch):
     fs, options = s3
     monkeypatch.setenv("AWS_ENDPOINT_URL", options["client_kwargs"]["endpoint_url"])
     out = _encode(splits=["test"], out="s3://vae-bucket/embeddings/mnist-test")
-    assert out["output"] == "s3://vae-bucket/embeddings/mnist-test"
-    table = read_embeddings(out["output"], storage_options=options)
-    assert table.num_rows == out["rows"]["test"] == len(set(table.column("id").to_pylist()))
+    assert out.output == "s3://vae-bucket/embeddings/mnist-test"
+    table = read_embeddings(out.output, storage_options=options)
+    assert table.num_rows == out.rows["test"] == len(set(table.column("id").to_pylist()))
     assert fs.exists("vae-bucket/embeddings/mnist-test/manifest.json")

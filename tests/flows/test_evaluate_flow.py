@@ -54,13 +54,13 @@ def _client() -> mlflow.MlflowClient:
 def test_first_becomes_champion_worse_does_not_better_does(home, register):
     v1 = register(epochs=1)
     first = _evaluate(model="models:/vae-mnist@challenger")
-    assert first["model_version"] == v1 and first["model_uri"] == f"models:/vae-mnist/{v1}"
-    assert first["decision"]["promote"] and first["decision"]["reason"] == "there is no champion yet"
+    assert first.model_version == v1 and first.model_uri == f"models:/vae-mnist/{v1}"
+    assert first.decision.promote and first.decision.reason == "there is no champion yet"
     client = _client()
     assert int(client.get_registered_model("vae-mnist").aliases["champion"]) == v1
 
     # Every metric the issue names, keyed by split (and K where K matters), logged to the training run.
-    m = first["metrics"]
+    m = first.metrics
     for key in ("neg_elbo", "recon_nll", "kl", f"nll_k{K}", f"bits_per_dim_k{K}", "mse", "psnr", "ssim",
                 "active_units", "kl_dim_00", "knn_accuracy", "linear_probe_accuracy", "frechet_samples",
                 "frechet_reconstructions", "sharpness_reconstructions", "sharpness_samples"):
@@ -69,8 +69,8 @@ def test_first_becomes_champion_worse_does_not_better_does(home, register):
     assert 0 < m["test/ssim"] <= 1 and m["test/psnr"] > 0
     assert 0 <= m["test/active_units"] <= 8 + 16  # the mnist preset has a 16-dim top layer above the 8
     assert m["test/knn_accuracy"] > 0.3  # ten classes: chance is 0.1
-    assert first["feature_classifier"]["test_accuracy"] > 0.5 and not first["feature_classifier"]["cached"]
-    run = client.get_run(first["run_id"])
+    assert first.feature_classifier.test_accuracy > 0.5 and not first.feature_classifier.cached
+    run = client.get_run(first.run_id)
     assert run.data.metrics[f"test/nll_k{K}"] == pytest.approx(m[f"test/nll_k{K}"])
     assert run.data.tags["evaluation.test.k"] == str(K)
 
@@ -85,33 +85,33 @@ def test_first_becomes_champion_worse_does_not_better_does(home, register):
     html = (folder / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 6 and f"test/nll_k{K}" in html
     assert "promoted: there is no champion yet" in html
-    logged = {Path(a.path).name for a in client.list_artifacts(first["run_id"], f"evaluation/test_k{K}")}
+    logged = {Path(a.path).name for a in client.list_artifacts(first.run_id, f"evaluation/test_k{K}")}
     assert {"report.html", "metrics.json", "samples.png", "latent_tsne.png"} <= logged
     assert json.loads((folder / "metrics.json").read_text())["metrics"] == m
 
     # An untrained model is worse: evaluated against the champion on the same split, K and seed, kept out.
     v2 = register(epochs=0)
     worse = _evaluate(model="models:/vae-mnist@challenger")
-    assert not worse["decision"]["promote"] and worse["champion"]["version"] == v1
-    assert worse["champion"]["metrics"][f"test/nll_k{K}"] == pytest.approx(m[f"test/nll_k{K}"], rel=1e-6)
+    assert not worse.decision.promote and worse.champion.version == v1
+    assert worse.champion.metrics[f"test/nll_k{K}"] == pytest.approx(m[f"test/nll_k{K}"], rel=1e-6)
     assert int(client.get_registered_model("vae-mnist").aliases["champion"]) == v1
     tags = client.get_model_version("vae-mnist", str(v2)).tags
     assert tags["gate.decision"] == "kept" and tags["gate.champion_version"] == str(v1)
-    assert float(tags["gate.challenger"]) == pytest.approx(worse["metrics"][f"test/nll_k{K}"])
+    assert float(tags["gate.challenger"]) == pytest.approx(worse.metrics[f"test/nll_k{K}"])
     assert float(tags["gate.champion"]) == pytest.approx(m[f"test/nll_k{K}"])
 
     # Longer training is better: it takes the champion alias, and the reason names both numbers.
     v3 = register(epochs=4)
     better = _evaluate(model=f"models:/vae-mnist/{v3}")
-    assert better["decision"]["promote"], better["decision"]
-    assert better["metrics"][f"test/nll_k{K}"] < better["champion"]["metrics"][f"test/nll_k{K}"]
+    assert better.decision.promote, better.decision
+    assert better.metrics[f"test/nll_k{K}"] < better.champion.metrics[f"test/nll_k{K}"]
     assert int(client.get_registered_model("vae-mnist").aliases["champion"]) == v3
     assert client.get_model_version("vae-mnist", str(v3)).tags["gate.decision"] == "promoted"
-    assert better["feature_classifier"]["cached"]  # trained once per dataset version
+    assert better.feature_classifier.cached  # trained once per dataset version
 
     # Evaluating without the gate moves nothing.
     again = _evaluate(model=f"models:/vae-mnist/{v1}", promote=False)
-    assert again["decision"] is None and again["champion"] is None
+    assert again.decision is None and again.champion is None
     assert int(client.get_registered_model("vae-mnist").aliases["champion"]) == v3
 
     # The Prefect artifact: the metric table beside the champion's, the decision, the report.
@@ -122,7 +122,7 @@ def test_first_becomes_champion_worse_does_not_better_does(home, register):
         arts = prefect_client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluate-vae-summary"])))
     assert any(f"models:/vae-mnist/{v3}" in a.data and "promoted to champion" in a.data
-               and f"| test/nll_k{K} |" in a.data and better["report"]["report"] in a.data for a in arts)
+               and f"| test/nll_k{K} |" in a.data and better.report["report"] in a.data for a in arts)
 
     # A champion that moved after this evaluation pinned it is not overwritten: the gate re-reads it.
     from flows.tracking import registry
@@ -172,10 +172,10 @@ def test_unlabelled_dataset_skips_label_metrics_with_a_note(home, register, tmp_
     run_ingest(IngestRequest(source=str(tmp_path / "plain.npz"), name="plain", test_fraction=0.5))
     version = register(epochs=0, name="vae-plain")
     out = _evaluate(model=f"models:/vae-plain/{version}", dataset="plain", promote=False)
-    assert "test/knn_accuracy" not in out["metrics"] and "test/frechet_samples" not in out["metrics"]
-    assert f"test/nll_k{K}" in out["metrics"]
-    assert any("k-NN and linear probe skipped" in n for n in out["notes"])
-    assert "skipped" in out["feature_classifier"]
+    assert "test/knn_accuracy" not in out.metrics and "test/frechet_samples" not in out.metrics
+    assert f"test/nll_k{K}" in out.metrics
+    assert any("k-NN and linear probe skipped" in n for n in out.notes)
+    assert out.feature_classifier.skipped.startswith("no labelled")
 
 
 def test_an_autoencoder_is_evaluated_like_any_model_without_likelihood_numbers(home, register):
@@ -185,10 +185,10 @@ def test_an_autoencoder_is_evaluated_like_any_model_without_likelihood_numbers(h
     with pytest.raises(EvaluateError, match=r"compares nll, which an autoencoder \(model.kind=ae\) does not have"):
         _evaluate(model=f"models:/vae-mnist-ae/{version}")  # the gate's default metric: stops before scoring
     out = _evaluate(model=f"models:/vae-mnist-ae/{version}", metric="frechet_samples", limit=300)
-    m = out["metrics"]
+    m = out.metrics
     assert not [k for k in m if k.startswith(("test/nll", "test/bits_per_dim", "test/neg_elbo", "test/kl"))]
     assert m["test/recon_nll"] > 0 and m["test/frechet_samples"] > 0 and 0 <= m["test/knn_accuracy"] <= 1
-    assert out["decision"]["promote"]  # the first version of its name: gated on what it has
+    assert out.decision.promote  # the first version of its name: gated on what it has
 
 
 def test_cli_prints_metrics_and_decision_as_json(home, register):

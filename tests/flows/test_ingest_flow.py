@@ -115,7 +115,7 @@ def test_flow_rerun_on_unchanged_input_decodes_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(vae_core.data.ingest, "decode_stream", no_decoding)
     again = ingest_dataset(req)
-    assert (again["version"], again["created"]) == (first["version"], False)
+    assert (again.version, again.created) == (first.version, False)
 
 
 def test_flow_removes_its_staging_folder_when_publishing_never_starts(tmp_path, monkeypatch):
@@ -200,4 +200,4 @@ def test_duplicates_under_another_label_are_counted_by_the_command_and_the_flow(
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0 and "1 duplicates disagree with the kept copy on their label" in r.stdout, r.output
     out = ingest_dataset(IngestRequest(source=str(tmp_path / "src"), name="noisy", data_root=str(tmp_path / "b")))
-    assert (out["duplicates"], out["label_conflicts"]) == (1, 1)
+    assert (out.duplicates, out.label_conflicts) == (1, 1)

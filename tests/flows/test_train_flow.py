@@ -16,6 +16,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from vae_core.results import TrainResult
+
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
@@ -42,7 +44,7 @@ def _runs() -> list:
     return mlflow.search_runs([exp.experiment_id], output_format="list") if exp else []
 
 
-def _train_with_progress(tmp: Path, **request) -> tuple[dict, str]:
+def _train_with_progress(tmp: Path, **request) -> tuple[TrainResult, str]:
     """train_vae(progress=True); returns its output and what it printed to sys.stderr.
 
     A module-scoped fixture has no capsys, so sys.stderr goes to a file (a real one: Ray may want its fd).
@@ -61,7 +63,7 @@ def _progress_epochs(printed: str) -> list[int]:
 
 
 def _registered_file(out: dict) -> Path:
-    folder = mlflow.artifacts.download_artifacts(f"models:/{out['model_name']}/{out['model_version']}")
+    folder = mlflow.artifacts.download_artifacts(f"models:/{out.model_name}/{out.model_version}")
     [weights] = Path(folder).rglob("*.safetensors")
     return weights
 
@@ -87,10 +89,10 @@ def test_two_workers_train_track_register_and_pull(home, uninterrupted):
     assert _progress_epochs(printed) == [1, 2, 3], printed  # one line per epoch, as it finished
     assert "worker failure" not in printed and "resumed" not in printed, printed
     assert len(_runs()) == before + 1  # exactly one run for the job
-    run = client.get_run(out["run_id"])
+    run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.hidden_channels"] == "[16, 32]" and run.data.params["train.epochs"] == "3"
-    assert run.data.tags["dataset_version"] == out["dataset_version"]
+    assert run.data.tags["dataset_version"] == out.dataset_version
     ranks = run.data.tags["ray.worker_nodes"].split(",")  # one local node holds both ranks
     assert len(ranks) == 2 and ranks[0] == ranks[1] and run.data.tags["ray.nodes"] == "1"
     # The ranks trained different halves of the data in step (DDP): after the last epoch each held bit-identical
@@ -100,26 +102,26 @@ def test_two_workers_train_track_register_and_pull(home, uninterrupted):
 
     digests = run.data.tags["ray.rank_weights"].split(",")
     assert digests == [weights_digest(load_model(str(_registered_file(out))))[:16]] * 2, digests
-    assert _epoch_steps(out["run_id"]) == [1, 2, 3]
-    losses = [m.value for m in sorted(client.get_metric_history(out["run_id"], "epoch/loss"), key=lambda m: m.step)]
+    assert _epoch_steps(out.run_id) == [1, 2, 3]
+    losses = [m.value for m in sorted(client.get_metric_history(out.run_id, "epoch/loss"), key=lambda m: m.step)]
     assert losses[-1] < losses[0], losses
     for key in ("epoch/val_loss", "epoch/images_per_s", "epoch/grad_norm", "train/loss", "train/beta", "train/lr",
                 "train/images_per_s", "train/grad_norm", "train/kl", "train/recon"):
-        assert client.get_metric_history(out["run_id"], key), key
-    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "samples")}
+        assert client.get_metric_history(out.run_id, key), key
+    artifacts = {a.path for a in client.list_artifacts(out.run_id, "samples")}
     assert "samples/epoch_0003.png" in artifacts
 
-    assert out["run_id"] in out["run_url"]
+    assert out.run_id in out.run_url
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as prefect_client:
         arts = prefect_client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-vae-summary"])))
-    assert any(out["run_id"] in a.data and f"version {out['model_version']}" in a.data for a in arts)
+    assert any(out.run_id in a.data and f"version {out.model_version}" in a.data for a in arts)
 
     mv = client.get_model_version_by_alias("vae-mnist", "challenger")
-    assert int(mv.version) == out["model_version"] and mv.run_id == out["run_id"]
+    assert int(mv.version) == out.model_version and mv.run_id == out.run_id
 
     # A fresh process with only the tracking URI pulls the model by alias and encodes real images.
     code = textwrap.dedent(f"""
@@ -199,15 +201,15 @@ def test_killed_worker_is_replaced_and_every_epoch_logged_once(home, uninterrupt
     assert killed, "no worker was killed: the test did not exercise recovery"
     client = mlflow.MlflowClient()
     assert len(_runs()) == before + 1
-    run = client.get_run(out["run_id"])
+    run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["failure/1"].startswith("rank "), run.data.tags  # recorded by Ray's controller
-    assert _epoch_steps(out["run_id"]) == [1, 2, 3]
-    steps = _epoch_steps(out["run_id"], "train/loss")
+    assert _epoch_steps(out.run_id) == [1, 2, 3]
+    steps = _epoch_steps(out.run_id, "train/loss")
     assert len(steps) == len(set(steps)), "a step was logged twice"
     # The new workers went on from a checkpoint rather than from scratch (which, training being
     # deterministic, would end with the same weights too)...
-    resumed = [m.value for m in client.get_metric_history(out["run_id"], "resumed_from_epoch")]
+    resumed = [m.value for m in client.get_metric_history(out.run_id, "resumed_from_epoch")]
     assert resumed and all(1 <= e < 3 for e in resumed), resumed
     assert _progress_epochs(printed) == [1, 2, 3], printed
     assert "worker failure: rank " in printed and f"resumed from the checkpoint of epoch {resumed[0]:.0f}" in printed
@@ -233,13 +235,13 @@ def test_a_time_budget_ends_both_ranks_at_the_same_epoch(home):
     out = train_vae(TrainRequest(dataset="mnist", overrides=SMALL + ["train.time_budget_minutes=0.001"], epochs=5,
                                  workers=2, max_failures=0))
     client = mlflow.MlflowClient()
-    assert client.get_run(out["run_id"]).data.params["train.time_budget_minutes"] == "0.001"
-    assert _epoch_steps(out["run_id"]) == [1]
-    assert [m.value for m in client.get_metric_history(out["run_id"], "epoch/planned_epochs")] == [1]
-    [elapsed] = client.get_metric_history(out["run_id"], "epoch/elapsed_s")
+    assert client.get_run(out.run_id).data.params["train.time_budget_minutes"] == "0.001"
+    assert _epoch_steps(out.run_id) == [1]
+    assert [m.value for m in client.get_metric_history(out.run_id, "epoch/planned_epochs")] == [1]
+    [elapsed] = client.get_metric_history(out.run_id, "epoch/elapsed_s")
     assert elapsed.value > 0.06  # the budget, in seconds, was spent
-    assert "samples/epoch_0001.png" in {a.path for a in client.list_artifacts(out["run_id"], "samples")}
-    assert client.get_model_version_by_alias("vae-mnist", "challenger").run_id == out["run_id"]
+    assert "samples/epoch_0001.png" in {a.path for a in client.list_artifacts(out.run_id, "samples")}
+    assert client.get_model_version_by_alias("vae-mnist", "challenger").run_id == out.run_id
 
 
 def test_nan_loss_fails_the_run_with_a_clear_error(home):
@@ -267,14 +269,14 @@ def test_a_perceptual_vae_gan_trains_on_ray_and_logs_every_term(home):
     gan = ["objective.adversarial.weight=0.5", "objective.adversarial.feature_weight=1",
            "objective.adversarial.start_step=10", "objective.adversarial.channels=[8,16]"]
     out = train_vae(TrainRequest(dataset="mnist", objective="perceptual", overrides=SMALL + gan, epochs=1))
-    run = mlflow.MlflowClient().get_run(out["run_id"])
+    run = mlflow.MlflowClient().get_run(out.run_id)
     classifier = run.data.params["objective.perceptual.weights"]
-    assert classifier == feature_net_url("mnist", out["dataset_version"]) and run.data.params["name"] == "mnist+perceptual"
+    assert classifier == feature_net_url("mnist", out.dataset_version) and run.data.params["name"] == "mnist+perceptual"
     for term in ("recon", "kl", "perceptual", "feature", "adversarial", "adaptive_weight", "disc_loss"):
         assert math.isfinite(run.data.metrics[f"epoch/{term}"]), term
-    steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(out["run_id"], "train/disc_loss"))
+    steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(out.run_id, "train/disc_loss"))
     assert steps and steps[0] >= 10  # the discriminator starts at its start step
-    assert len(mlflow.MlflowClient().get_metric_history(out["run_id"], "train/perceptual")) > len(steps)
+    assert len(mlflow.MlflowClient().get_metric_history(out.run_id, "train/perceptual")) > len(steps)
 
 
 def test_shape_mismatch_fails_before_ray_starts(home, monkeypatch):
@@ -360,20 +362,20 @@ def test_splits_over_the_memory_budget_stream_through_ray_data(home):
     out = train_vae(TrainRequest(dataset="mnist", overrides=SMALL + ["train.image_every=2"], epochs=2, workers=2,
                                  max_failures=0, memory_budget_mb=0.1))
     client = mlflow.MlflowClient()
-    run = client.get_run(out["run_id"])
+    run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["data.train"] == "stream" and run.data.tags["data.val"] == "stream"
-    assert _epoch_steps(out["run_id"]) == [1, 2]
+    assert _epoch_steps(out.run_id) == [1, 2]
     # Each of the two workers streamed an equal half of the rows, in full batches of 64, every epoch.
     rows = open_dataset(str(home / "datasets"), "mnist").counts["train"]
-    images = [m.value for m in client.get_metric_history(out["run_id"], "epoch/images")]
+    images = [m.value for m in client.get_metric_history(out.run_id, "epoch/images")]
     assert images == [2 * (rows // 2 // 64) * 64] * 2
-    losses = [m.value for m in sorted(client.get_metric_history(out["run_id"], "epoch/loss"), key=lambda m: m.step)]
+    losses = [m.value for m in sorted(client.get_metric_history(out.run_id, "epoch/loss"), key=lambda m: m.step)]
     assert losses[-1] < losses[0], losses
-    assert client.get_metric_history(out["run_id"], "epoch/val_loss")
-    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "reconstructions")}
+    assert client.get_metric_history(out.run_id, "epoch/val_loss")
+    artifacts = {a.path for a in client.list_artifacts(out.run_id, "reconstructions")}
     assert "reconstructions/epoch_0002.png" in artifacts  # the preview came from the validation stream
-    assert client.get_model_version_by_alias("vae-mnist", "challenger").run_id == out["run_id"]
+    assert client.get_model_version_by_alias("vae-mnist", "challenger").run_id == out.run_id
 
 
 def test_dataset_streamed_from_s3_and_checkpoints_written_to_s3(home, s3, monkeypatch):
@@ -393,14 +395,14 @@ def test_dataset_streamed_from_s3_and_checkpoints_written_to_s3(home, s3, monkey
     run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist-s3", limit=600, data_root="s3://vae-bucket/train-ds"))
 
     out = train_vae(TrainRequest(dataset="mnist-s3", overrides=SMALL, epochs=2, max_failures=0, memory_budget_mb=0.1))
-    run = mlflow.MlflowClient().get_run(out["run_id"])
+    run = mlflow.MlflowClient().get_run(out.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["data.train"] == "stream"
-    assert _epoch_steps(out["run_id"]) == [1, 2]
-    keys = fs.find(f"vae-bucket/ckpt/{out['run_id']}", refresh=True)
+    assert _epoch_steps(out.run_id) == [1, 2]
+    keys = fs.find(f"vae-bucket/ckpt/{out.run_id}", refresh=True)
     assert sum(k.endswith("/model.safetensors") for k in keys) == 2, keys  # one per epoch, both kept
     # Registration read the final weights back from S3.
     mv = mlflow.MlflowClient().get_model_version_by_alias("vae-mnist-s3", "challenger")
-    assert mv.run_id == out["run_id"]
+    assert mv.run_id == out.run_id
 
 
 def test_data_plan_and_cpu_reservation_leave_ray_data_a_whole_cpu(home):
