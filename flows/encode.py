@@ -43,6 +43,7 @@ from flows.distributed.cluster import ShardMismatchError, data_context, ray_sess
 from flows.tracking.registry import PinnedModel
 from vae_core.data import embeddings
 from vae_core.errors import EncodeError
+from vae_core.results import EncodeResult, EncodeSeconds
 from vae_core.data.output_location import check_output_location
 from vae_core.requests import EncodeRequest
 from vae_core.settings import data_root, embeddings_root
@@ -406,7 +407,7 @@ def record_task(plan: Plan, req: EncodeRequest, stats: dict[str, float], reused:
 
 
 @flow(name="encode-dataset")
-def encode_dataset(request: EncodeRequest, progress: bool = False) -> dict[str, Any]:
+def encode_dataset(request: EncodeRequest, progress: bool = False) -> EncodeResult:
     """Encode every image of a dataset version's splits with a registered model version.
 
     Returns what `vae encode --json` prints: the output URL, rows per split, rows encoded / reused / already
@@ -422,34 +423,27 @@ def encode_dataset(request: EncodeRequest, progress: bool = False) -> dict[str, 
     except OSError as e:
         raise EncodeError(_write_error(posixpath.join(plan.url, "manifest.json"), e)) from None
     run_id = record_task(plan, request, stats, reused)
-    out = {
-        "output": plan.url,
-        "rows": {s: manifest.counts[s] for s in request.splits},
-        "rows_encoded": int(stats["rows_encoded"]),
-        "rows_reused": reused,
-        "rows_already_there": plan.rows("done"),
-        "images_per_s": stats.get("images_per_s"),
-        "model_uri": plan.model.uri,
-        "asked": plan.model.asked,
-        "dataset": plan.info.name,
-        "dataset_version": plan.info.version,
-        "run_id": run_id,
-        "seconds": {"plan": plan.plan_s, "ray_start": stats.get("startup/ray_s", 0.0),
-                    "first_latents": stats.get("startup/first_latents_s", 0.0), "encode": stats.get("encode_s", 0.0)},
-        "steady_images_per_s": stats.get("steady_images_per_s"),
-    }
+    out = EncodeResult(
+        output=plan.url, rows={s: manifest.counts[s] for s in request.splits},
+        rows_encoded=int(stats["rows_encoded"]), rows_reused=reused, rows_already_there=plan.rows("done"),
+        images_per_s=stats.get("images_per_s"), model_uri=plan.model.uri, asked=plan.model.asked,
+        dataset=plan.info.name, dataset_version=plan.info.version, run_id=run_id,
+        seconds=EncodeSeconds(plan=plan.plan_s, ray_start=stats.get("startup/ray_s", 0.0),
+                              first_latents=stats.get("startup/first_latents_s", 0.0),
+                              encode=stats.get("encode_s", 0.0)),
+        steady_images_per_s=stats.get("steady_images_per_s"))
     create_markdown_artifact(markdown=_summary(out), key="encode-dataset-summary",
                              description=f"{plan.model.uri} on {plan.info.name}@{plan.info.version}")
     return out
 
 
-def _summary(out: dict[str, Any]) -> str:
-    rows = "\n".join(f"| {split} | {n:,} |" for split, n in out["rows"].items())
-    speed = f"{out['images_per_s']:,.0f} images/s" if out["images_per_s"] else "nothing to encode"
-    return (f"# encode-dataset: {out['dataset']}@{out['dataset_version']}\n\n"
-            f"- Model: `{out['model_uri']}` (asked for `{out['asked']}`)\n"
-            f"- Output: `{out['output']}`\n"
-            f"- Rows encoded {out['rows_encoded']:,}, reused from another dataset version {out['rows_reused']:,}, "
-            f"already there {out['rows_already_there']:,}; {speed}\n"
-            f"- MLflow run: `{out['run_id']}` ({tracking.run_url(out['run_id'])})\n\n"
+def _summary(out: EncodeResult) -> str:
+    rows = "\n".join(f"| {split} | {n:,} |" for split, n in out.rows.items())
+    speed = f"{out.images_per_s:,.0f} images/s" if out.images_per_s else "nothing to encode"
+    return (f"# encode-dataset: {out.dataset}@{out.dataset_version}\n\n"
+            f"- Model: `{out.model_uri}` (asked for `{out.asked}`)\n"
+            f"- Output: `{out.output}`\n"
+            f"- Rows encoded {out.rows_encoded:,}, reused from another dataset version {out.rows_reused:,}, "
+            f"already there {out.rows_already_there:,}; {speed}\n"
+            f"- MLflow run: `{out.run_id}` ({tracking.run_url(out.run_id)})\n\n"
             f"| split | rows |\n|---|---|\n{rows}\n")

@@ -26,13 +26,14 @@ from prefect.cache_policies import NO_CACHE
 from flows.tracking import registry
 from flows.tracking import runs as tracking
 from flows.tracking.evaluation import log_evaluation, summary_markdown, write_report
-from flows.tracking.registry import PinnedModel
+from flows.tracking.registry import CHALLENGER, CHAMPION, PinnedModel
 from vae_core.errors import EvaluateError
-from vae_core.requests import EvaluateRequest, parse_dataset_ref
+from vae_core.names import parse_dataset_ref
+from vae_core.requests import EvaluateRequest
+from vae_core.results import ChampionScores, EvaluateResult
 from vae_core.settings import data_root
 from vae_core.data.shards import DatasetInfo, open_dataset, read_split_u8
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ def gate_task(req: EvaluateRequest, target: Target, mine: dict[str, float],
 
 
 @flow(name="evaluate-vae")
-def evaluate_vae(request: EvaluateRequest, progress: bool = False) -> dict[str, Any]:
+def evaluate_vae(request: EvaluateRequest, progress: bool = False) -> EvaluateResult:
     """Score a registered model on a dataset split, draw and report it, and run the champion gate.
 
     Returns what `vae evaluate --json` prints: the pinned model, dataset, metrics (`<split>/<name>`), notes,
@@ -212,7 +213,7 @@ def evaluate_vae(request: EvaluateRequest, progress: bool = False) -> dict[str, 
     paths = report_task(request, target, models[CHALLENGER], data, mine, facts)
     out = _result(request, target, data, mine, theirs, net_info, decision, paths)
     create_markdown_artifact(markdown=summary_markdown(out), key="evaluate-vae-summary",
-                             description=f"{target.model.uri} on {out['dataset']}@{out['dataset_version']}")
+                             description=f"{target.model.uri} on {out.dataset}@{out.dataset_version}")
     return out
 
 
@@ -227,26 +228,14 @@ def _facts(req: EvaluateRequest, target: Target, n: int, net_info: dict[str, Any
 
 
 def _result(req: EvaluateRequest, target: Target, data: Any, mine: Any, theirs: Any, net_info: dict[str, Any],
-            decision: Any, paths: dict[str, str]) -> dict[str, Any]:
+            decision: Any, paths: dict[str, str]) -> EvaluateResult:
     prefix = f"{req.split}/"
-    return {
-        "model_name": target.model.name,
-        "model_version": target.model.version,
-        "model_uri": target.model.uri,
-        "asked": target.model.asked,
-        "run_id": target.model.run_id,
-        "run_url": tracking.run_url(target.model.run_id),
-        "dataset": target.dataset.name,
-        "dataset_version": target.dataset.version,
-        "split": req.split,
-        "images": len(data.images),
-        "iw_samples": req.iw_samples,
-        "seed": req.seed,
-        "metrics": {prefix + k: v for k, v in mine.metrics.items()},
-        "notes": mine.notes,
-        "feature_classifier": net_info,
-        "champion": None if theirs is None else {
-            "version": target.champion.version, "metrics": {prefix + k: v for k, v in theirs.metrics.items()}},
-        "decision": None if decision is None else dataclasses.asdict(decision),
-        "report": paths,
-    }
+    return EvaluateResult(
+        model_name=target.model.name, model_version=target.model.version, model_uri=target.model.uri,
+        asked=target.model.asked, run_id=target.model.run_id, run_url=tracking.run_url(target.model.run_id),
+        dataset=target.dataset.name, dataset_version=target.dataset.version, split=req.split,
+        images=len(data.images), iw_samples=req.iw_samples, seed=req.seed,
+        metrics={prefix + k: v for k, v in mine.metrics.items()}, notes=mine.notes, feature_classifier=net_info,
+        champion=None if theirs is None else ChampionScores(
+            version=target.champion.version, metrics={prefix + k: v for k, v in theirs.metrics.items()}),
+        decision=decision, report=paths)

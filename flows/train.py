@@ -35,6 +35,7 @@ from vae_core import load_config
 from vae_core.errors import TrainError, VAEError
 from vae_core.training.fit import steps_per_epoch
 from vae_core.requests import TrainRequest
+from vae_core.results import TrainResult
 from vae_core.data.shards import (DatasetInfo, arrow_filesystem, is_local, open_dataset, read_split_u8, resolve,
                              shard_paths)
 
@@ -252,18 +253,18 @@ def register_task(run_id: str, checkpoint: Any, model_name: str, dataset_version
     return version, time.perf_counter() - t0
 
 
-def _summary_markdown(out: dict[str, Any]) -> str:
-    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(out["metrics"].items()))
+def _summary_markdown(out: TrainResult) -> str:
+    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(out.metrics.items()))
     return (
-        f"# train-vae: {out['dataset']}\n\n"
-        f"- MLflow run: `{out['run_id']}` ({out['run_url']})\n"
-        f"- Model: `{out['model_uri']}` = `{out['model_name']}` version {out['model_version']}\n"
-        f"- Dataset version: `{out['dataset_version']}`\n\n| metric | value |\n|---|---|\n{rows}\n"
+        f"# train-vae: {out.dataset}\n\n"
+        f"- MLflow run: `{out.run_id}` ({out.run_url})\n"
+        f"- Model: `{out.model_uri}` = `{out.model_name}` version {out.model_version}\n"
+        f"- Dataset version: `{out.dataset_version}`\n\n| metric | value |\n|---|---|\n{rows}\n"
     )
 
 
 @flow(name="train-vae")
-def train_vae(request: TrainRequest, progress: bool = False) -> dict[str, Any]:
+def train_vae(request: TrainRequest, progress: bool = False) -> TrainResult:
     """Train a VAE on a dataset version with Ray Train and register it as `vae-<dataset>@challenger`.
 
     Returns what `vae train --json` prints: run id and URL, model name, version and URI, dataset
@@ -285,16 +286,9 @@ def train_vae(request: TrainRequest, progress: bool = False) -> dict[str, Any]:
         raise
     tracking.stop_system_metrics(monitor)
     run.finish("FINISHED")
-    out = {
-        "run_id": run_id,
-        "run_url": tracking.run_url(run_id),
-        "model_name": name,
-        "model_version": version,
-        "model_uri": registry.model_uri(name, "challenger"),
-        "dataset": info.name,
-        "dataset_version": info.version,
-        "metrics": metrics,
-    }
+    out = TrainResult(run_id=run_id, run_url=tracking.run_url(run_id), model_name=name, model_version=version,
+                      model_uri=registry.model_uri(name, registry.CHALLENGER), dataset=info.name,
+                      dataset_version=info.version, metrics=metrics)
     create_markdown_artifact(markdown=_summary_markdown(out), key="train-vae-summary",
                              description=f"MLflow run {run_id}, model {name} v{version}")
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flows.tracking import runs as tracking
 from flows.tracking.registry import PinnedModel
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from vae_core.evaluation.evaluate import Evaluation
     from vae_core.requests import EvaluateRequest
+    from vae_core.results import EvaluateResult
 
 REPORT = "report.html"
 
@@ -71,26 +72,26 @@ def _log_artifacts(run_id: str, folder: str, files: dict[str, bytes]) -> None:
         tracking.client().log_artifacts(run_id, tmp, artifact_path=folder)
 
 
-def summary_markdown(out: dict[str, Any]) -> str:
+def summary_markdown(out: EvaluateResult) -> str:
     """The Prefect artifact: what was evaluated, the decision, the metric table and where to look."""
-    decision = out["decision"]
+    decision = out.decision
     verdict = "gate not run (--no-promote)" if decision is None else (
-        f"**{'promoted to champion' if decision['promote'] else 'not promoted'}**: {decision['reason']}")
-    champion = out["champion"]
+        f"**{'promoted to champion' if decision.promote else 'not promoted'}**: {decision.reason}")
+    champion = out.champion
     rows = []
-    for key, value in sorted(out["metrics"].items()):
+    for key, value in sorted(out.metrics.items()):
         if "/kl_dim_" in key:
             continue
-        theirs = champion["metrics"].get(key) if champion else None
+        theirs = champion.metrics.get(key) if champion else None
         rows.append(f"| {key} | {value:.4g} | {'' if theirs is None else f'{theirs:.4g}'} |")
-    champion_head = f"champion v{champion['version']}" if champion else "champion"
-    head = f"| metric | v{out['model_version']} | {champion_head} |"
-    notes = "".join(f"- {n}\n" for n in out["notes"])
+    champion_head = f"champion v{champion.version}" if champion else "champion"
+    head = f"| metric | v{out.model_version} | {champion_head} |"
+    notes = "".join(f"- {n}\n" for n in out.notes)
     return (
-        f"# evaluate-vae: {out['model_uri']}\n\n"
-        f"- Asked for: `{out['asked']}`; dataset `{out['dataset']}@{out['dataset_version']}`, split "
-        f"`{out['split']}`, {out['images']:,} images, K = {out['iw_samples']}, seed {out['seed']}\n"
+        f"# evaluate-vae: {out.model_uri}\n\n"
+        f"- Asked for: `{out.asked}`; dataset `{out.dataset}@{out.dataset_version}`, split "
+        f"`{out.split}`, {out.images:,} images, K = {out.iw_samples}, seed {out.seed}\n"
         f"- Gate: {verdict}\n"
-        f"- MLflow run: `{out['run_id']}` ({out['run_url']})\n"
-        f"- Report: {out['report'].get('report', '')}\n\n{notes}\n{head}\n|---|---|---|\n" + "\n".join(rows) + "\n"
+        f"- MLflow run: `{out.run_id}` ({out.run_url})\n"
+        f"- Report: {out.report_url}\n\n{notes}\n{head}\n|---|---|---|\n" + "\n".join(rows) + "\n"
     )

@@ -72,23 +72,23 @@ def test_another_models_latents_are_never_reused(home, tmp_path):
     info = _dataset()
     a = _encode(splits=["test"], out=str(tmp_path / "x" / "a"))
     b = _encode(model="models:/vae-b/1", splits=["test"], out=str(tmp_path / "x" / "b"))
-    assert a["rows_encoded"] == b["rows_encoded"] == info.counts["test"] and b["rows_reused"] == 0
-    table = read_embeddings(b["output"])
+    assert a.rows_encoded == b.rows_encoded == info.counts["test"] and b.rows_reused == 0
+    table = read_embeddings(b.output)
     assert set(table.column("model_name").to_pylist()) == {"vae-b"}
     images, _, ids = read_split_u8(info, "test")
     assert table.column("id").to_pylist() == ids
     expected = mlflow.pyfunc.load_model("models:/vae-b/1").predict(images)
     np.testing.assert_allclose(latents(table)[1], expected["mean"], rtol=0, atol=1e-5)
-    assert not np.allclose(latents(read_embeddings(a["output"]))[1], expected["mean"], atol=1e-3)
+    assert not np.allclose(latents(read_embeddings(a.output))[1], expected["mean"], atol=1e-3)
     # The weights digest is recorded, and the same model into a sibling folder does reuse.
-    assert read_manifest(b["output"]).weights_sha256 != read_manifest(a["output"]).weights_sha256
+    assert read_manifest(b.output).weights_sha256 != read_manifest(a.output).weights_sha256
     again = _encode(splits=["test"], out=str(tmp_path / "x" / "a2"))
-    assert again["rows_reused"] == info.counts["test"] and again["rows_encoded"] == 0
+    assert again.rows_reused == info.counts["test"] and again.rows_encoded == 0
     # Another model into the folder of the first: A's files there are not taken as done (B's own, in the
     # sibling folder, are reused).
-    over = _encode(model="models:/vae-b/1", splits=["test"], out=a["output"])
-    assert over["rows_already_there"] == 0 and over["rows_reused"] == info.counts["test"]
-    table = read_embeddings(a["output"])
+    over = _encode(model="models:/vae-b/1", splits=["test"], out=a.output)
+    assert over.rows_already_there == 0 and over.rows_reused == info.counts["test"]
+    table = read_embeddings(a.output)
     assert set(table.column("model_name").to_pylist()) == {"vae-b"}
     np.testing.assert_allclose(latents(table)[1], expected["mean"], rtol=0, atol=1e-5)
 

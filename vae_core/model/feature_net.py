@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from vae_core.requests import check_name
+from vae_core.names import check_name
 from vae_core.settings import feature_net_root
 from vae_core.data.shards import atomic_write_bytes, resolve
 

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vae_core.requests import IngestRequest, parse_dataset_ref
+from vae_core.names import parse_dataset_ref
+from vae_core.requests import IngestRequest
 from vae_core.data.ingest import run_ingest, summary_markdown
 from vae_core.data.shards import (
     MANIFEST,
@@ -211,7 +212,7 @@ def test_duplicates_that_disagree_on_their_label_are_reported(tmp_path):
     assert sorted(sorted(d) for d in written) == [["duplicate_of", "id", "kept_label", "label", "source"]] * 2 + [
         ["duplicate_of", "id", "source"]]  # an agreeing pair reads as before: versions stay as they were
     assert open_dataset(str(tmp_path / "ds"), "pets").manifest.label_conflicts == 2  # read back
-    assert result.summary()["label_conflicts"] == 2
+    assert result.summary().label_conflicts == 2
     report = summary_markdown(result)
     assert "2 duplicates disagree with the kept copy on their label" in report
     assert re.search(r"\| `[^`]*dog/4\.png` \| 1 \(dog\) \| `[^`]*cat/1\.png` \| 0 \(cat\) \|", report)
