@@ -33,6 +33,13 @@ class SourceError(ValueError):
     """
 
 
+class LocalFile(NamedTuple):
+    """An encoded image still on local disk: the decoding process reads it itself, which spares the
+    parent reading every file and piping its bytes to a worker."""
+
+    path: str
+
+
 @dataclass
 class RawBatch:
     """A batch of n items in source order.
@@ -50,7 +57,7 @@ class RawBatch:
     labels: np.ndarray
     splits: list[str | None] | None = None
     pixels: np.ndarray | None = None
-    encoded: list[Any] | None = None  # bytes, or a decode.LocalFile for the decoder to read
+    encoded: list[Any] | None = None  # bytes, or a LocalFile for the decoder to read
     errors: list[str | None] | None = None
 
     def __post_init__(self) -> None:

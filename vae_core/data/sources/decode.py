@@ -26,6 +26,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
+from vae_core.data.sources.base import LocalFile
 from vae_core.data.sources.limits import SourceLimits
 
 # Formats a folder or Parquet source may hold. PPM's plugin also reads PGM/PBM.
@@ -46,13 +47,6 @@ class ShapeSpec(NamedTuple):
 
 class DecodeError(ValueError):
     """One item cannot become an image; the message is the quarantine reason."""
-
-
-class LocalFile(NamedTuple):
-    """An encoded image still on local disk: the decoding process reads it itself, which spares the
-    parent reading every file and piping its bytes to a worker."""
-
-    path: str
 
 
 def decode_image(data: bytes | LocalFile | None, spec: ShapeSpec) -> np.ndarray:

@@ -25,8 +25,8 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 
-from vae_core.data.sources.base import Format, RawBatch, Source, SourceError, SourceOptions, printable, split_from_name
-from vae_core.data.sources.decode import LocalFile
+from vae_core.data.sources.base import (Format, LocalFile, RawBatch, Source, SourceError, SourceOptions, printable,
+                                        split_from_name)
 from vae_core.data.sources.limits import SourceLimits
 from vae_core.data.sources.remote import open_fs
 from vae_core.storage import is_local, to_url
