@@ -76,13 +76,13 @@ def pipeline(dataset: str, preset: str, overrides: list[str], epochs: int, worke
     out = train_vae(TrainRequest(dataset=dataset, preset=preset, overrides=overrides, epochs=epochs, workers=workers,
                                  max_failures=0, memory_budget_mb=memory_budget_mb))
     wall = time.perf_counter() - t0
-    history = mlflow.MlflowClient().get_metric_history(out["run_id"], "epoch/images_per_s")
+    history = mlflow.MlflowClient().get_metric_history(out.run_id, "epoch/images_per_s")
     rates = [h.value for h in sorted(history, key=lambda h: h.step)]
     steady = rates[1:] or rates
     return {
         "images_per_s": sum(steady) / len(steady),
-        "ray_start_s": out["metrics"]["startup/ray_s"],
-        "register_s": out["metrics"]["startup/register_s"],
+        "ray_start_s": out.metrics["startup/ray_s"],
+        "register_s": out.metrics["startup/register_s"],
         "wall_s": wall,
         "epoch_rates": rates,
     }
