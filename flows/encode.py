@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import posixpath
 import time
 from collections import defaultdict
@@ -29,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -39,17 +37,16 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.tracking import registry
 from flows.tracking import runs as tracking
-from flows.distributed.cluster import ShardMismatchError, data_context, ray_session, read_shards
+from flows.distributed.cluster import ShardMismatchError, data_context, ray_session, read_shards, reserve
 from flows.tracking.registry import PinnedModel
 from vae_core.data import embeddings
 from vae_core.errors import EncodeError
-from vae_core.results import EncodeResult, EncodeSeconds
 from vae_core.data.output_location import check_output_location
 from vae_core.requests import EncodeRequest
+from vae_core.results import EncodeResult, EncodeSeconds
 from vae_core.settings import data_root, embeddings_root
-from vae_core.data.shards import DatasetInfo, ShardInfo, arrow_filesystem, open_dataset, remove_temporaries, resolve, to_url
-
-log = logging.getLogger(__name__)
+from vae_core.data.shards import DatasetInfo, ShardInfo, fit_model, open_dataset
+from vae_core.storage import arrow_filesystem, remove_temporaries, resolve, to_url
 
 State = Literal["done", "reuse", "encode"]
 
@@ -99,11 +96,7 @@ def plan_task(req: EncodeRequest) -> tuple[Plan, bytes]:
     pinned = registry.pin_model(req.model)
     info = open_dataset(data_root(), *req.dataset_ref())
     model = registry.load_pinned(pinned)
-    c, h, w = model.config.input_shape
-    if (h, w, c) != info.shape:
-        dh, dw, dc = info.shape
-        raise EncodeError(f"{pinned.uri} takes {h}x{w}x{c} images but dataset {info.name}@{info.version} has "
-                         f"{dh}x{dw}x{dc}: encode a dataset of the shape the model was trained on")
+    fit_model(info, model.config, pinned.uri, EncodeError, "encode a dataset of the shape the model was trained on")
     if not any(info.counts.get(s) for s in req.splits):
         have = ", ".join(f"{s} {n:,}" for s, n in info.counts.items())
         raise EncodeError(f"splits {', '.join(req.splits)} of {info.name}@{info.version} are empty ({have})")
@@ -137,33 +130,11 @@ def _job(req: EncodeRequest, info: DatasetInfo, identity: embeddings.ModelIdenti
     job = ShardJob(split=split, shard=shard, source=posixpath.join(info.path, shard.path), name=name, state="encode")
     if req.overwrite:
         return job
-    if _published(fs, posixpath.join(out, name), shard.rows):
+    if embeddings.is_published(fs, posixpath.join(out, name), shard.rows):
         job.state = "done"
-    elif (found := reusable.get(shard.sha256)) is not None and _reusable(fs, found, identity, shard.rows):
+    elif (found := reusable.get(shard.sha256)) is not None and embeddings.can_reuse(fs, found, identity, shard.rows):
         job.state, job.reuse_from = "reuse", found
     return job
-
-
-def _published(fs: Any, path: str, rows: int) -> bool:
-    """A file is there and holds `rows` rows (its footer says so; nothing else is read)."""
-    try:
-        with fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).metadata.num_rows == rows
-    except (FileNotFoundError, OSError, pa.ArrowInvalid):
-        return False
-
-
-def _reusable(fs: Any, path: str, identity: embeddings.ModelIdentity, rows: int) -> bool:
-    """Whether another folder's file at `path` holds `rows` rows, all of the model `identity` names (its
-    manifest said so; its rows must agree). Anything else is encoded again, not copied."""
-    try:
-        with fs.open(path, "rb") as f:
-            stamps = pq.read_table(f, columns=["model_name", "model_version"])
-        embeddings.check_rows(stamps, identity, rows, to_url(fs, path))
-    except (OSError, ValueError, KeyError) as e:
-        log.warning("not reusing %s (encoding its shard instead): %s", to_url(fs, path), e)
-        return False
-    return True
 
 
 @task(name="reuse-encodings", cache_policy=NO_CACHE)
@@ -172,32 +143,24 @@ def reuse_task(plan: Plan) -> int:
     returns rows copied."""
     rows = 0
     for job in (j for j in plan.jobs if j.state == "reuse"):
-        with plan.fs.open(job.reuse_from, "rb") as f:
-            table = pq.read_table(f)
         try:  # checked again: the file may have changed since the plan looked at it
-            embeddings.check_rows(table, plan.identity, job.shard.rows, to_url(plan.fs, job.reuse_from))
+            table = embeddings.reused(plan.fs, job.reuse_from, plan.identity, job.shard.rows, job.split,
+                                      plan.info.version)
         except ValueError as e:
             raise EncodeError(f"{e}: it changed while this run copied it; run again") from None
-        _write(plan, job.name, embeddings.restamp(table, job.split, plan.info.version))
+        _write(plan, job.name, table)
         rows += table.num_rows
     return rows
 
 
 def _scaling(req: EncodeRequest, resources: dict[str, float]) -> tuple[float, int]:
-    """CPUs Ray reserves per actor, and torch threads per actor.
+    """CPUs Ray reserves per actor, and torch threads per actor (`reserve`).
 
     Reads are cheap (no decoding: the shards hold raw pixels) but a Ray Data read task needs a whole free
     CPU to start, so by default the actors leave one CPU unreserved; their threads follow their share of
-    the machine, not their reservation.
+    the machine, whatever the request reserves.
     """
-    total = resources.get("CPU", os.cpu_count() or 1)
-    cpus = req.cpus_per_worker or max(0.5, round((total - 1) / req.workers, 2))
-    if cpus * req.workers > total:
-        raise EncodeError(f"{req.workers} workers x {cpus} CPUs exceed the cluster's {total:g} CPUs")
-    if req.gpus_per_worker * req.workers > resources.get("GPU", 0):
-        raise EncodeError(f"{req.workers} workers x {req.gpus_per_worker} GPUs exceed the cluster's "
-                         f"{resources.get('GPU', 0):g} GPUs")
-    return cpus, max(1, round(total / req.workers))
+    return reserve(resources, req, EncodeError, spare=1.0, min_cpus=0.5)
 
 
 @task(name="encode-shards", cache_policy=NO_CACHE)
@@ -326,23 +289,7 @@ def _publish(plan: Plan, job: ShardJob, rows: pa.Table) -> None:
     """
     with plan.info.fs.open(job.source, "rb") as f:
         order = pq.read_table(f, columns=["id"]).column("id").to_pylist()
-    rows = _in_order(rows, order, job.name)
-    labels = rows.column("label").fill_null(-1).to_numpy().astype(np.int32)
-    mean = _matrix(rows.column("mean"), plan.latent_dim)
-    logvar = _matrix(rows.column("logvar"), plan.latent_dim)
-    table = embeddings.build_table(rows.column("id").to_pylist(), job.split, labels, mean, logvar, plan.model.name,
-                                   plan.model.version, plan.info.version)
-    _write(plan, job.name, table)
-
-
-def _in_order(rows: pa.Table, order: list[str], name: str) -> pa.Table:
-    """`rows` sorted into the shard's id order `order`; RuntimeError naming output `name` unless they hold
-    every id of the shard exactly once."""
-    ids = rows.column("id").to_pylist()
-    position = {id_: i for i, id_ in enumerate(order)}
-    if len(ids) != len(order) or len(set(ids)) != len(ids) or any(i not in position for i in ids):
-        raise RuntimeError(f"{name}: the encoded rows are not the shard's ids, each once")
-    return rows.take(np.argsort([position[i] for i in ids], kind="stable"))
+    _write(plan, job.name, embeddings.shard_table(rows, order, job.name, job.split, plan.identity, plan.info.version))
 
 
 def _write(plan: Plan, name: str, table: pa.Table) -> None:
@@ -360,33 +307,20 @@ def _write_error(url: str, e: OSError) -> str:
             "another --out, then run again; what is already written is kept")
 
 
-def _matrix(column: pa.ChunkedArray, width: int) -> np.ndarray:
-    """fixed_size_list<float32>[width] column -> float32 (N, width)."""
-    flat = pa.concat_arrays([c.flatten() for c in column.chunks]) if column.num_chunks else pa.array([], pa.float32())
-    return flat.to_numpy(zero_copy_only=False).reshape(-1, width)
-
-
-def _manifest(plan: Plan, req: EncodeRequest, images_per_s: float | None) -> Any:
-    """The manifest of the output folder: every file of the requested splits, with its rows and source."""
-    from datetime import datetime, timezone
-
-    splits: dict[str, list] = {s: [] for s in req.splits}
-    try:  # splits encoded by an earlier run into this folder stay listed
-        before = embeddings.read_manifest(plan.url, storage_options=plan.fs.storage_options)
-        if (before.identity, before.dataset_version) == (plan.identity, plan.info.version):
-            splits = {**{s: f for s, f in before.splits.items() if s not in splits}, **splits}
-    except ValueError:
-        pass
+def _manifest(plan: Plan, req: EncodeRequest, images_per_s: float | None) -> embeddings.EmbeddingManifest:
+    """The manifest of the output folder: every file of the requested splits, with its rows and source, and
+    the splits an earlier run of the same model and dataset version encoded into it."""
+    splits: dict[str, list[embeddings.EmbeddingFile]] = {s: [] for s in req.splits}
     for job in plan.jobs:
         reused = posixpath.basename(posixpath.dirname(posixpath.dirname(job.reuse_from))) if job.reuse_from else None
         splits[job.split].append(embeddings.EmbeddingFile(path=job.name, rows=job.shard.rows,
                                                           source_sha256=job.shard.sha256, reused_from=reused))
-    return embeddings.EmbeddingManifest(
+    manifest = embeddings.EmbeddingManifest(
         model_name=plan.model.name, model_version=plan.model.version, model_uri=plan.model.uri,
         weights_sha256=plan.identity.weights_sha256,
         dataset=plan.info.name, dataset_version=plan.info.version, latent_dim=plan.latent_dim, splits=splits,
-        counts={s: sum(f.rows for f in files) for s, files in splits.items()}, images_per_s=images_per_s,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        counts={s: sum(f.rows for f in files) for s, files in splits.items()}, images_per_s=images_per_s)
+    return embeddings.with_earlier_splits(manifest, plan.url, storage_options=plan.fs.storage_options)
 
 
 @task(name="record-encoding", cache_policy=NO_CACHE)

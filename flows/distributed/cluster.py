@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +34,41 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD
 def job_runtime_env() -> dict[str, dict[str, str]]:
     """The runtime environment of this job's Ray workers (see above)."""
     return {"env_vars": {"RAY_worker_niceness": "0", **{k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}}}
+
+
+class WorkerRequest(Protocol):
+    """What a stage's request says about its Ray workers (TrainRequest's ranks, EncodeRequest's actors)."""
+
+    workers: int
+    cpus_per_worker: float | None
+    gpus_per_worker: float
+
+
+def reserve(resources: dict[str, float], req: WorkerRequest, error: type[VAEError], *, spare: float | None,
+            min_cpus: float, data_cpu: str | None = None, threads: float | None = None) -> tuple[float, int]:
+    """CPUs Ray reserves per worker, and torch threads per worker: the one place for CPU/GPU reservation.
+
+    `resources` is `ray.cluster_resources()`. Workers get fractional CPUs by default (at least `min_cpus`)
+    and leave `spare` CPUs unreserved (None: 10% of the cluster), so that Ray's own tasks and Ray Data's
+    reads run beside them: reserving every CPU starves those, a hang rather than an error. `data_cpu`, when
+    given, says why a whole CPU must stay free whatever the request asks (Ray Data streams beside the
+    workers and only gets whole CPUs they leave) and what to do about it. Threads follow `threads` CPUs,
+    default the worker's share of the machine, not its reservation (which leaves room for Ray).
+
+    Raises `error` naming the numbers when the request asks for more than the cluster has.
+    """
+    total = resources.get("CPU", os.cpu_count() or 1)
+    left = 0.1 * total if spare is None else spare
+    cpus = req.cpus_per_worker or max(min_cpus, round((total - left) / req.workers, 2))
+    if data_cpu is not None and cpus * req.workers > total - 1:
+        raise error(f"{req.workers} workers x {cpus} CPUs leave less than one CPU of the cluster's {total:g} for "
+                    f"Ray Data, {data_cpu}")
+    if cpus * req.workers > total:
+        raise error(f"{req.workers} workers x {cpus} CPUs exceed the cluster's {total:g} CPUs")
+    if req.gpus_per_worker * req.workers > resources.get("GPU", 0):
+        raise error(f"{req.workers} workers x {req.gpus_per_worker} GPUs exceed the cluster's "
+                    f"{resources.get('GPU', 0):g} GPUs")
+    return cpus, max(1, round(threads or total / req.workers))
 
 
 class RayUnreachableError(ConnectionError):

@@ -11,15 +11,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from vae_core.model.encode import encode_images
+from vae_core.data.embeddings import vectors
 from vae_core.data.shards import images_u8
+from vae_core.model.encode import encode_images
 from vae_core.model.weights import model_from_bytes
-
-
-def fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
-    """float32 (N, L) -> fixed_size_list<float32>[L], without a Python loop."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
 class ShardEncoder:
@@ -40,4 +35,4 @@ class ShardEncoder:
         images = np.array(images_u8(batch, self.shape))
         mean, logvar = encode_images(self.model, images, batch_size=max(1, len(images)), amp=self.amp)
         return pa.table({"path": batch.column("path"), "id": batch.column("id"), "label": batch.column("label"),
-                         "mean": fixed_size_list(mean), "logvar": fixed_size_list(logvar)})
+                         "mean": vectors(mean), "logvar": vectors(logvar)})

@@ -123,7 +123,7 @@ def test_an_output_location_that_could_reach_a_dataset_is_refused_before_any_wor
 @pytest.mark.timeout(900)
 def test_two_concurrent_runs_into_one_folder_both_succeed_and_spare_other_files(home, tmp_path):
     from vae_core.data.embeddings import read_embeddings
-    from vae_core.data.shards import temporary_name
+    from vae_core.storage import temporary_name
 
     out = tmp_path / "together"
     (out / "test" / "sub").mkdir(parents=True)
@@ -170,7 +170,7 @@ def plan(digits, tmp_path):
     from flows.encode import Plan, ShardJob
     from flows.tracking.registry import PinnedModel
     from vae_core.data.embeddings import ModelIdentity, file_name
-    from vae_core.data.shards import resolve
+    from vae_core.storage import resolve
 
     info = digits
     identity = ModelIdentity.of("vae-a", 1, b"weights")

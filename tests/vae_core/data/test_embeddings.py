@@ -32,6 +32,8 @@ from vae_core.data.embeddings import (
     read_embeddings,
     read_manifest,
     restamp,
+    shard_table,
+    with_earlier_splits,
     write_file,
     write_manifest,
 )
@@ -41,7 +43,7 @@ from vae_core.model.vae import ConvVAE
 from vae_core.data.output_location import check_output_location
 from vae_core.requests import IngestRequest
 from vae_core.data.shards import DatasetInfo, open_dataset, read_shard_table, read_split_u8, table_to_u8
-from vae_core.storage import atomic_write_bytes, resolve, temporary_name
+from vae_core.storage import resolve
 
 MODEL = "vae-digits"
 
@@ -187,6 +189,32 @@ def test_manifest_round_trip_and_counts(published, tmp_path):
         EmbeddingManifest.model_validate(wrong)
     with pytest.raises(ValueError, match=f"no embeddings manifest at {tmp_path}"):
         read_manifest(str(tmp_path))
+
+
+def test_shard_table_puts_latent_rows_in_shard_order_each_id_once(digits):
+    info, encoded = digits
+    e = encoded[0]
+    rows = e.table(info.version).select(["id", "label", "mean", "logvar"])
+    shuffled = pa.concat_tables([rows.slice(3), rows.slice(0, 3)])  # latents come back in any order, chunked
+    table = shard_table(shuffled, e.ids, "train/x.parquet", e.split, identity(2), info.version)
+    assert table.column("id").to_pylist() == e.ids and table.schema == embedding_schema(e.mean.shape[1])
+    np.testing.assert_array_equal(latents(table)[1], e.mean)
+    assert set(table.column("model_version").to_pylist()) == {2}
+    with pytest.raises(RuntimeError, match=r"train/x.parquet: the encoded rows are not the shard's ids, each once"):
+        shard_table(pa.concat_tables([rows, rows.slice(0, 1)]), e.ids, "train/x.parquet", e.split, identity(2),
+                    info.version)
+
+
+def test_a_manifest_keeps_the_splits_an_earlier_run_of_its_model_wrote(published, tmp_path):
+    out, manifest = published
+    only_test = manifest.model_copy(update={"splits": {"test": manifest.splits["test"]},
+                                            "counts": {"test": manifest.counts["test"]}})
+    merged = with_earlier_splits(only_test, out)
+    assert merged.splits == {**{s: f for s, f in manifest.splits.items() if s != "test"}, "test": manifest.splits["test"]}
+    assert merged.counts == {s: sum(f.rows for f in files) for s, files in merged.splits.items()}
+    other_model = only_test.model_copy(update={"weights_sha256": "0" * 64})
+    assert with_earlier_splits(other_model, out) == other_model  # another model's files are not listed
+    assert with_earlier_splits(only_test, str(tmp_path)) == only_test  # no earlier manifest
 
 
 def test_read_embeddings_all_and_one_split(digits, published):

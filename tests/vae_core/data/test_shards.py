@@ -22,16 +22,16 @@ from vae_core.data.shards import (
     DatasetInfo,
     ItemCounts,
     Manifest,
-    atomic_write_bytes,
     build_table,
+    fit_model,
     list_versions,
     open_dataset,
     read_split_u8,
-    resolve,
     shard_paths,
     shard_schema,
     table_to_u8,
 )
+from vae_core.storage import atomic_write_bytes, resolve
 
 
 def _npz(path, images, labels=None):
@@ -118,6 +118,25 @@ def test_open_dataset_resolves_latest_and_named_versions(two_versions):
     older = open_dataset(root, "toy", first.version)
     assert older.counts == first.manifest.counts and sum(older.counts.values()) == 50
     assert older.shape == (4, 4, 1) and older.manifest.label_names == ["0", "1", "2"]
+
+
+def test_fit_model_reshapes_a_preset_and_holds_a_trained_model_to_its_shape(two_versions):
+    from vae_core.errors import EncodeError, TrainError
+    from vae_core.model.config import ModelConfig, VAEConfig
+
+    root, first, _ = two_versions
+    info = open_dataset(root, "toy", first.version)  # 4x4x1 images
+    preset = VAEConfig(model=ModelConfig(image_size=(8, 8), channels=3, hidden_channels=[8, 8]))
+    assert fit_model(info, preset, "small", TrainError).model.input_shape == (1, 4, 4)
+    deep = VAEConfig(model=ModelConfig(image_size=(8, 8), hidden_channels=[8, 8, 8]))  # takes multiples of 8 only
+    with pytest.raises(TrainError, match=rf"(?s)dataset toy@{first.version} has 4x4x1 images, which preset 'deep' cannot "
+                                         r"take: .*not divisible by 8"):
+        fit_model(info, deep, "deep", TrainError)
+    trained = ModelConfig(image_size=(4, 4), hidden_channels=[8])
+    assert fit_model(info, trained, "models:/m/1", EncodeError, "advice") is trained
+    with pytest.raises(EncodeError, match=rf"^models:/m/1 takes 8x8x3 images but dataset toy@{first.version} has "
+                                          r"4x4x1: use another dataset$"):
+        fit_model(info, preset.model, "models:/m/1", EncodeError, "use another dataset")
 
 
 def test_open_dataset_errors_name_what_is_missing(two_versions, tmp_path):
