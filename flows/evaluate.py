@@ -32,7 +32,7 @@ from vae_core.names import parse_dataset_ref
 from vae_core.requests import EvaluateRequest
 from vae_core.results import ChampionScores, EvaluateResult
 from vae_core.settings import data_root
-from vae_core.data.shards import DatasetInfo, open_dataset, read_split_u8
+from vae_core.data.shards import DatasetInfo, fit_model, open_dataset, read_split_u8
 
 
 
@@ -82,7 +82,9 @@ def load_task(req: EvaluateRequest, target: Target) -> tuple[dict[str, Any], Any
     if target.champion and target.champion.version != target.model.version:
         models[CHAMPION] = registry.load_pinned(target.champion)
     for role, model in models.items():
-        _check_shape(model, target.dataset, target.champion if role == CHAMPION else target.model)
+        pinned = target.champion if role == CHAMPION else target.model
+        fit_model(target.dataset, model.config, pinned.uri, EvaluateError,
+                  "evaluate it on the dataset it was trained on (--dataset)")
     if req.promote and req.metric in LIKELIHOOD_METRICS and any(m.config.kind == "ae" for m in models.values()):
         raise EvaluateError(f"the champion gate compares {req.metric}, which an autoencoder (model.kind=ae) does not "
                             "have: choose --metric frechet_samples (or mse, ssim, knn_accuracy, ...) or --no-promote")
@@ -94,14 +96,6 @@ def load_task(req: EvaluateRequest, target: Target) -> tuple[dict[str, Any], Any
     if (labels >= 0).any() and target.dataset.counts.get(reference, 0):
         data.train_images, data.train_labels, _ = read_split_u8(target.dataset, reference)
     return models, data
-
-
-def _check_shape(model: Any, info: DatasetInfo, pinned: PinnedModel) -> None:
-    c, h, w = model.config.input_shape
-    if (h, w, c) != info.shape:
-        dh, dw, dc = info.shape
-        raise EvaluateError(f"{pinned.uri} takes {h}x{w}x{c} images but dataset {info.name}@{info.version} has "
-                            f"{dh}x{dw}x{dc}: evaluate it on the dataset it was trained on (--dataset)")
 
 
 @task(name="feature-classifier", cache_policy=NO_CACHE)

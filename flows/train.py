@@ -27,7 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.tracking import registry
 from flows.tracking import runs as tracking
-from flows.distributed.cluster import ray_session, read_shards
+from flows.distributed.cluster import ray_session, read_shards, reserve
 from flows.tracking.progress import Progress
 from vae_core.settings import checkpoint_root, data_root
 from vae_core import VAEConfig
@@ -36,8 +36,8 @@ from vae_core.errors import TrainError, VAEError
 from vae_core.training.fit import steps_per_epoch
 from vae_core.requests import TrainRequest
 from vae_core.results import TrainResult
-from vae_core.data.shards import (DatasetInfo, arrow_filesystem, is_local, open_dataset, read_split_u8, resolve,
-                             shard_paths)
+from vae_core.data.shards import DatasetInfo, fit_model, open_dataset, read_split_u8, shard_paths
+from vae_core.storage import arrow_filesystem, is_local, resolve
 
 if TYPE_CHECKING:
     from flows.distributed.train_worker import DataPlan, WorkerSpec
@@ -49,14 +49,7 @@ def resolve_config(req: TrainRequest, info: DatasetInfo) -> VAEConfig:
     cfg = load_config(req.preset, req.overrides, req.objective)
     if req.epochs:
         cfg.train.epochs = req.epochs
-    h, w, c = info.shape
-    try:
-        return cfg.with_image_shape(h, w, c)
-    except ValueError as e:
-        raise TrainError(
-            f"dataset {info.name}@{info.version} has {h}x{w}x{c} images, which preset {req.preset!r} cannot "
-            f"take: {e}"
-        ) from None
+    return fit_model(info, cfg, req.preset, TrainError)
 
 
 def perceptual_weights(cfg: VAEConfig, info: DatasetInfo) -> str | None:
@@ -96,27 +89,11 @@ def plan_data(info: DatasetInfo, memory_budget_mb: float) -> DataPlan:
 
 
 def _scaling(req: TrainRequest, resources: dict[str, float], streaming: bool) -> tuple[float, int]:
-    """CPUs reserved per worker and torch threads per worker.
-
-    Workers get fractional CPUs by default and leave 10% over, so that Ray's own tasks can run beside
-    them (reserving every CPU starves them: a hang, not an error). When a split streams they leave a
-    whole CPU: Ray Data's budget is what training leaves free, rounded down to whole CPUs.
-    """
-    total = resources.get("CPU", os.cpu_count() or 1)
-    spare = 1.0 if streaming else 0.1 * total
-    cpus = req.cpus_per_worker or round(max(0.1, (total - spare) / req.workers), 2)
-    if streaming and cpus * req.workers > total - 1:
-        raise TrainError(
-            f"{req.workers} workers x {cpus} CPUs leave less than one CPU of the cluster's {total:g} for Ray Data, "
-            "which streams the splits over memory_budget_mb: lower cpus_per_worker or raise memory_budget_mb"
-        )
-    if cpus * req.workers > total:
-        raise TrainError(f"{req.workers} workers x {cpus} CPUs exceed the cluster's {total:g} CPUs")
-    if req.gpus_per_worker * req.workers > resources.get("GPU", 0):
-        raise TrainError(f"{req.workers} workers x {req.gpus_per_worker} GPUs exceed the cluster's "
-                         f"{resources.get('GPU', 0):g} GPUs")
-    # Threads follow the worker's share of the machine, not its reservation (which leaves room for Ray).
-    return cpus, max(1, round(req.cpus_per_worker or total / req.workers))
+    """CPUs reserved per worker and torch threads per worker (`reserve`): 10% of the cluster left over for
+    Ray's own tasks, or a whole CPU when a split streams (Ray Data gets only whole CPUs training leaves)."""
+    data_cpu = "which streams the splits over memory_budget_mb: lower cpus_per_worker or raise memory_budget_mb"
+    return reserve(resources, req, TrainError, spare=1.0 if streaming else None, min_cpus=0.1,
+                   data_cpu=data_cpu if streaming else None, threads=req.cpus_per_worker)
 
 
 def _worker_spec(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str, threads: int,
