@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from flows.tracking import runs as tracking
 from flows.tracking.registry import PinnedModel
 from vae_core.settings import reports_root
-from vae_core.data.shards import atomic_write_bytes, resolve, to_url
+from vae_core.storage import atomic_write_bytes, resolve, to_url
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -21,7 +21,7 @@ from torch import nn
 
 from vae_core.names import check_name
 from vae_core.settings import feature_net_root
-from vae_core.data.shards import atomic_write_bytes, resolve
+from vae_core.storage import atomic_write_bytes, resolve
 
 FILE_NAME = "feature_net.safetensors"
 
