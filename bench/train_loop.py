@@ -29,7 +29,8 @@ from vae_core import VAEConfig
 from vae_core import load_config
 from vae_core.training.fit import Fit, steps_per_epoch
 from vae_core.model.losses import beta_at, negative_elbo
-from vae_core.training.loop import autocast, iterate_batches
+from vae_core.model.precision import autocast
+from vae_core.training.loop import iterate_batches
 
 
 def sync(device: torch.device) -> None:

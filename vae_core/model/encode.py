@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vae_core.model.vae import ConvVAE
-from vae_core.training.loop import autocast
+from vae_core.model.precision import autocast
 
 DEFAULT_BATCH_SIZE = 256
 

@@ -6,7 +6,6 @@ device, so the loader moves 1 byte per pixel and never decodes or normalises any
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -18,6 +17,7 @@ from vae_core.model.config import ObjectiveConfig, TrainConfig
 from vae_core.training.device_metrics import FiniteGuard, MetricSums, read_scalars
 from vae_core.model.iwae import iwae_log_likelihood
 from vae_core.model.losses import beta_at, bits_per_dim, negative_elbo
+from vae_core.model.precision import autocast
 from vae_core.model.vae import ConvVAE
 from vae_core.training.objectives import Objective
 
@@ -29,13 +29,6 @@ class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
     elapsed_s: float = 0.0  # seconds of training (and validation) so far: what a time budget counts
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a GPU when enabled; a no-op on CPU (where bf16 convs are slower, not faster)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def iterate_batches(
