@@ -106,6 +106,7 @@ class Record(NightlyResult):
         return NightlyResult.model_validate(self.model_dump(exclude={"dataset_name"}))
 
     def markdown(self) -> str:
+        """The run's Prefect artifact: per stage, what ran or was skipped and why, or where it failed."""
         rows = []
         for stage in STAGES:
             note = self.notes.get(stage, "not reached")

@@ -200,9 +200,9 @@ def demo(
     where = out.where
     typer.echo("\nwhere to look:")
     typer.echo(f"  MLflow       {where['mlflow']}")
-    for key, label in (("report", "report"), ("embeddings", "embeddings"), ("champion", "champion")):
+    for key in ("report", "embeddings", "champion"):
         if key in where:
-            typer.echo(f"  {label:<12} {where[key]}")
+            typer.echo(f"  {key:<12} {where[key]}")
 
 
 if __name__ == "__main__":
