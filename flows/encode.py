@@ -326,13 +326,11 @@ def _manifest(plan: Plan, req: EncodeRequest, images_per_s: float | None) -> emb
 @task(name="record-encoding", cache_policy=NO_CACHE)
 def record_task(plan: Plan, req: EncodeRequest, stats: dict[str, float], reused: int) -> str:
     """The MLflow run that records what this job did, linked to the model version; returns its id."""
-    from mlflow.entities import LoggedModelInput
-
     run_id = tracking.start_run(req.experiment, f"{plan.model.name}-v{plan.model.version}-{plan.info.name}", {
         "model_name": plan.model.name, "model_version": str(plan.model.version), "model_uri": plan.model.uri,
         "dataset_name": plan.info.name, "dataset_version": plan.info.version, "output": plan.url})
     if plan.model.model_id:
-        tracking.client().log_inputs(run_id, models=[LoggedModelInput(plan.model.model_id)])
+        tracking.log_model_input(run_id, plan.model.model_id)
     run = tracking.RunLogger(run_id)
     run.log_metrics({**stats, "startup/plan_s": plan.plan_s, "rows_reused": float(reused), "rows_skipped": float(plan.rows("done")),
                      "rows_total": float(sum(j.shard.rows for j in plan.jobs))}, step=0)

@@ -28,7 +28,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Dataset as DatasetEntity
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -177,6 +177,11 @@ def start_run(experiment: str, run_name: str, tags: dict[str, str]) -> str:
     run = client().create_run(ensure_experiment(experiment), tags={"git_commit": git_commit(), **tags},
                               run_name=run_name)
     return run.info.run_id
+
+
+def log_model_input(run_id: str, model_id: str) -> None:
+    """Record the logged model `model_id` as an input of run `run_id` (a run that used the model)."""
+    client().log_inputs(run_id, models=[LoggedModelInput(model_id)])
 
 
 def _param_value(value: Any) -> str:
