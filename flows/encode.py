@@ -332,7 +332,8 @@ def record_task(plan: Plan, req: EncodeRequest, stats: dict[str, float], reused:
     if plan.model.model_id:
         tracking.log_model_input(run_id, plan.model.model_id)
     run = tracking.RunLogger(run_id)
-    run.log_metrics({**stats, "startup/plan_s": plan.plan_s, "rows_reused": float(reused), "rows_skipped": float(plan.rows("done")),
+    run.log_metrics({**stats, "startup/plan_s": plan.plan_s, "rows_reused": float(reused),
+                     "rows_skipped": float(plan.rows("done")),
                      "rows_total": float(sum(j.shard.rows for j in plan.jobs))}, step=0)
     run.finish()
     return run_id

@@ -22,8 +22,8 @@ Modules: `format` (the table), `identity` (model identity, file names, folders),
 (writing, reuse, a shard's table from its latents), `read`.
 """
 
-from vae_core.data.embeddings.files import (can_reuse, check_rows, in_order, is_published, parquet_bytes, reusable_files,
-                                            reused, shard_table, write_file)
+from vae_core.data.embeddings.files import (can_reuse, check_rows, in_order, is_published, parquet_bytes,
+                                            reusable_files, reused, shard_table, write_file)
 from vae_core.data.embeddings.format import (build_table, check_model_version, check_split, embedding_schema, latents,
                                              matrix, restamp, vectors)
 from vae_core.data.embeddings.identity import ModelIdentity, default_dir, file_name, legacy_file_name

@@ -106,7 +106,6 @@ def write_manifest(fs: fsspec.AbstractFileSystem, out_path: str, manifest: Embed
     atomic_write_bytes(fs, posixpath.join(out_path, MANIFEST), manifest.to_json().encode())
 
 
-
 def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> EmbeddingManifest:
     """Load and validate the manifest of the embeddings folder `url`."""
     fs, path = resolve(url, storage_options)
