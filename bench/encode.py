@@ -56,7 +56,7 @@ def main() -> None:
     from flows.tracking import runs as tracking
     from flows.cli.prefect import load_flow
     from vae_core import load_config
-    from vae_core.data.ingest import run_ingest
+    from vae_core.ingestion.ingest import run_ingest
     from vae_core.model.vae import ConvVAE
     from vae_core.requests import EncodeRequest, IngestRequest
     from vae_core.settings import data_root

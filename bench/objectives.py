@@ -80,7 +80,7 @@ def open_or_ingest(dataset_arg: str | None) -> Any:
     from vae_core.data.shards import open_dataset
 
     if dataset_arg is None:
-        from vae_core.data.ingest import run_ingest
+        from vae_core.ingestion.ingest import run_ingest
         from vae_core.requests import IngestRequest
 
         result = run_ingest(IngestRequest(source=str(MNIST), name="mnist", data_root=data_root()))

@@ -42,7 +42,7 @@ MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 def ingest_mnist(home: Path, limit: int | None) -> str:
     """Ingest MNIST into `home`; returns the dataset reference to train on."""
-    from vae_core.data.ingest import run_ingest
+    from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     result = run_ingest(IngestRequest(source=str(MNIST), name="mnist", limit=limit, data_root=str(home / "datasets")))

@@ -2,7 +2,7 @@
 
     open-source (validate, fail fast)  ->  build-shards (decode, dedup, split, stage)  ->  publish-version
 
-Each task is a thin call into `vae_core.data.ingest`; the flow adds orchestration (retries belong to the
+Each task is a thin call into `vae_core.ingestion.ingest`; the flow adds orchestration (retries belong to the
 deployment), logging and a Markdown artifact with counts per split, shape, channel stats and the
 quarantine. A re-run on the same input finds the existing version and writes nothing.
 """
@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from vae_core.requests import IngestRequest
-from vae_core.data.ingest import (Published, StagedDataset, build, find_unchanged, open_source_for, publish,
+from vae_core.ingestion.ingest import (Published, StagedDataset, build, find_unchanged, open_source_for, publish,
                                   summary_markdown)
 from vae_core.results import IngestResult
 from vae_core.data.sources.base import Source

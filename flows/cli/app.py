@@ -48,7 +48,7 @@ def ingest(req: IngestRequest, prefect: bool, as_json: bool, debug: bool) -> Non
         quiet_prefect_logs(debug)
         out = ingest_dataset(req, progress=not as_json)
     else:
-        from vae_core.data.ingest import run_ingest
+        from vae_core.ingestion.ingest import run_ingest
 
         out = run_ingest(req, progress=not as_json).summary()
     if as_json:

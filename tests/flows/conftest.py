@@ -41,7 +41,7 @@ def _mnist_home(root: Path, limit: int, **ingest: object) -> Iterator[Path]:
     """VAE_HOME = `root` holding `limit` real MNIST images spread over train, val and test (dataset
     `mnist`, `ingest` options such as shard_mb passed on), with MLflow's store under it; the environment
     is restored after."""
-    from vae_core.data.ingest import run_ingest
+    from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     old = {k: os.environ.get(k) for k in ("VAE_HOME", "MLFLOW_TRACKING_URI")}

@@ -141,7 +141,7 @@ def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
 
 def test_a_new_dataset_version_encodes_only_the_shards_it_does_not_share(home, tmp_path):
     from vae_core.data.embeddings import read_embeddings
-    from vae_core.data.ingest import run_ingest
+    from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     with gzip.open(MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:

@@ -154,7 +154,7 @@ def test_two_concurrent_runs_into_one_folder_both_succeed_and_spare_other_files(
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """scikit-learn's digits in shards of ~330 images."""
-    from vae_core.data.ingest import run_ingest
+    from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
     from vae_core.data.shards import open_dataset
 

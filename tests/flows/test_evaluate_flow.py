@@ -151,7 +151,7 @@ def test_errors_name_what_exists(home, register):
     register(epochs=0, name="vae-digits", preset="digits")
     with pytest.raises(EvaluateError, match=r"takes 8x8x1 images but dataset mnist@\w+ has 28x28x1"):
         _evaluate(model="models:/vae-digits@challenger", dataset="mnist")
-    from vae_core.data.ingest import run_ingest
+    from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     run_ingest(IngestRequest(source="builtin:digits", name="digits", val_fraction=0))
@@ -163,7 +163,7 @@ def test_errors_name_what_exists(home, register):
 
 
 def test_unlabelled_dataset_skips_label_metrics_with_a_note(home, register, tmp_path):
-    from vae_core.data.ingest import run_ingest
+    from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     with gzip.open(MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
@@ -206,7 +206,7 @@ def test_cli_prints_metrics_and_decision_as_json(home, register):
 
 
 def test_a_shard_deleted_from_the_dataset_is_named_with_what_to_do(home, register):
-    from vae_core.data.ingest import run_ingest
+    from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     dataset = run_ingest(IngestRequest(source="builtin:digits", name="digits-damaged"))

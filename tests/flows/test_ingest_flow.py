@@ -101,7 +101,7 @@ def test_flow_fails_fast_on_a_bad_source(tmp_path):
 
 
 def test_flow_rerun_on_unchanged_input_decodes_nothing(tmp_path, monkeypatch):
-    import vae_core.data.ingest
+    import vae_core.ingestion.ingest
     from flows.ingest import ingest_dataset
     from vae_core.requests import IngestRequest
 
@@ -113,7 +113,7 @@ def test_flow_rerun_on_unchanged_input_decodes_nothing(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("the unchanged input was decoded again")
 
-    monkeypatch.setattr(vae_core.data.ingest, "decode_stream", no_decoding)
+    monkeypatch.setattr(vae_core.ingestion.ingest, "decode_stream", no_decoding)
     again = ingest_dataset(req)
     assert (again.version, again.created) == (first.version, False)
 
@@ -178,7 +178,7 @@ def test_a_killed_ingest_s_staging_is_under_the_data_root_and_the_next_run_remov
         proc.wait()
     [left] = _staging_folders(data)
     assert not list(scratch.iterdir())
-    from vae_core.data.ingest import make_staging
+    from vae_core.ingestion.ingest import make_staging
 
     live = make_staging(data / ".staging")  # a concurrent run's, in this (live) process
 

@@ -384,7 +384,7 @@ def test_dataset_streamed_from_s3_and_checkpoints_written_to_s3(home, s3, monkey
 
     from flows.train import train_vae
     from vae_core.requests import TrainRequest
-    from vae_core.data.ingest import run_ingest
+    from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     fs, options = s3

@@ -25,7 +25,7 @@ EVALUATED = {
 
 
 def test_ingest_result_prints_the_summary_keys_in_order(tmp_path):
-    from vae_core.data.ingest import run_ingest
+    from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     published = run_ingest(IngestRequest(source="builtin:digits", name="digits", data_root=str(tmp_path), workers=1))

@@ -211,7 +211,7 @@ def registered(started, home, register_model):
     `vae-digits@champion`; the dataset is under the module's VAE_HOME."""
     from flows.tracking import registry
     from flows.tracking import runs as tracking
-    from vae_core.data.ingest import run_ingest
+    from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     run_ingest(IngestRequest(source="builtin:digits", name="digits", data_root=str(home / "datasets")))

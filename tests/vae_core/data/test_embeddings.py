@@ -38,7 +38,7 @@ from vae_core.data.embeddings import (
     write_manifest,
 )
 from vae_core.model.encode import encode_images
-from vae_core.data.ingest import run_ingest
+from vae_core.ingestion.ingest import run_ingest
 from vae_core.model.vae import ConvVAE
 from vae_core.data.output_location import check_output_location
 from vae_core.requests import IngestRequest

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from vae_core.requests import IngestRequest
-from vae_core.data.ingest import IngestError, run_ingest
+from vae_core.ingestion.ingest import IngestError, run_ingest
 from vae_core.data.shards import open_dataset, read_split_u8
 from vae_core.data.sources.base import SourceError
 from vae_core.data.sources.decode import ShapeSpec, conform_pixels, decode_image, to_grey

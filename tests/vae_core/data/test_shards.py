@@ -16,7 +16,7 @@ from PIL import Image
 
 from vae_core.names import parse_dataset_ref
 from vae_core.requests import IngestRequest
-from vae_core.data.ingest import run_ingest, summary_markdown
+from vae_core.ingestion.ingest import run_ingest, summary_markdown
 from vae_core.data.shards import (
     MANIFEST,
     DatasetInfo,

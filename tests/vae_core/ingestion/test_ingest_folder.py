@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import vae_core.data.ingest
+import vae_core.ingestion.ingest
 from vae_core.requests import IngestRequest
-from vae_core.data.ingest import IngestError, run_ingest
+from vae_core.ingestion.ingest import IngestError, run_ingest
 from vae_core.data.shards import list_versions, open_dataset, read_split_u8
 from vae_core.data.sources.base import SourceError
 from vae_core.data.splits import id_hash_unit
@@ -214,14 +214,14 @@ def test_adding_items_with_longer_names_moves_no_existing_item(tmp_path):
 def _count_decoding(monkeypatch) -> list[int]:
     """Counts the batches `run_ingest` decodes."""
     calls: list[int] = []
-    real = vae_core.data.ingest.decode_stream
+    real = vae_core.ingestion.ingest.decode_stream
 
     def counting(batches, *args, **kw):
         for pair in real(batches, *args, **kw):
             calls.append(len(pair[0]))
             yield pair
 
-    monkeypatch.setattr(vae_core.data.ingest, "decode_stream", counting)
+    monkeypatch.setattr(vae_core.ingestion.ingest, "decode_stream", counting)
     return calls
 
 

@@ -11,10 +11,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-import vae_core.data.ingest
+import vae_core.ingestion.ingest
 
 from vae_core.requests import IngestRequest
-from vae_core.data.ingest import run_ingest
+from vae_core.ingestion.ingest import run_ingest
 from vae_core.data.shards import open_dataset, read_split_u8, shard_paths
 from vae_core.data.splits import id_hash_unit
 
@@ -129,13 +129,13 @@ def test_small_shards_split_rows_without_losing_any(tmp_path):
 
 def test_limit_is_a_sample_spread_over_the_whole_source(tmp_path, monkeypatch):
     totals: list[int | None] = []
-    real = vae_core.data.ingest.tqdm
+    real = vae_core.ingestion.ingest.tqdm
 
     def bar(*args, **kw):
         totals.append(kw.get("total"))
         return real(*args, **kw)
 
-    monkeypatch.setattr(vae_core.data.ingest, "tqdm", bar)
+    monkeypatch.setattr(vae_core.ingestion.ingest, "tqdm", bar)
     cfg = IngestRequest(name="mnist-2k", source=str(MNIST), data_root=str(tmp_path / "a"), limit=2000)
     r = run_ingest(cfg)
     c = r.manifest.counts

@@ -18,7 +18,7 @@ Steps and why they are ordered this way:
    nothing); otherwise it uploads the shards and then the manifest, each atomically. A crash before
    the manifest leaves an unfinished version folder that readers ignore and the next run completes.
 
-Where the parts live: `vae_core.data.builder` (decoding, dedup, the version), `vae_core.data.splits` (which
+Where the parts live: `vae_core.ingestion.builder` (decoding, dedup, the version), `vae_core.data.splits` (which
 split an item goes to), `vae_core.data.shard_writer` (shards and row hashes).
 """
 
@@ -39,7 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vae_core import settings
-from vae_core.data.builder import DatasetBuilder, input_fingerprint
+from vae_core.ingestion.builder import DatasetBuilder, input_fingerprint
 from vae_core.errors import IngestError
 from vae_core.requests import IngestRequest
 from vae_core.results import IngestResult

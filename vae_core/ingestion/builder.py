@@ -1,4 +1,4 @@
-"""Decoded batches -> a staged dataset: the step of ingestion (`vae_core.data.ingest.build`) that sees
+"""Decoded batches -> a staged dataset: the step of ingestion (`vae_core.ingestion.ingest.build`) that sees
 every item.
 
 `DatasetBuilder` takes the decoded batches in source order, checks that shapes agree, drops exact
