@@ -52,15 +52,14 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-    from flows.tracking import registry
-    from flows.tracking import runs as tracking
     from flows.cli.prefect import load_flow
+    from flows.tracking import registry, runs as tracking
     from vae_core import load_config
+    from vae_core.data.shards import open_dataset, read_split_u8
     from vae_core.ingestion.ingest import run_ingest
     from vae_core.model.vae import ConvVAE
     from vae_core.requests import EncodeRequest, IngestRequest
     from vae_core.settings import data_root
-    from vae_core.data.shards import open_dataset, read_split_u8
 
     t0 = time.perf_counter()
     def flow():

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from vae_core import load_config
+from vae_core.evaluation.scores import _DECODES_PER_CHUNK, score_split
 from vae_core.model.iwae import iwae_log_likelihood
 from vae_core.model.vae import ConvVAE
-from vae_core.evaluation.scores import _DECODES_PER_CHUNK, score_split
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
 

@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 sys.path.insert(0, str(REPO))
 
-from vae_core.requests import IngestRequest
-from vae_core.ingestion.ingest import run_ingest  # noqa: E402
 from vae_core.data.shards import build_table, row_group_rows, writer_options  # noqa: E402
+from vae_core.ingestion.ingest import run_ingest  # noqa: E402
+from vae_core.requests import IngestRequest
 
 
 def _idx(path: Path) -> np.ndarray:

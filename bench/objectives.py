@@ -75,9 +75,9 @@ def setup_home(home_arg: str | None, dataset_arg: str | None) -> Path:
 
 def open_or_ingest(dataset_arg: str | None) -> Any:
     """The DatasetInfo to train on: MNIST ingested now, or the named one; a missing one exits 2."""
+    from vae_core.data.shards import open_dataset
     from vae_core.names import parse_dataset_ref
     from vae_core.settings import data_root
-    from vae_core.data.shards import open_dataset
 
     if dataset_arg is None:
         from vae_core.ingestion.ingest import run_ingest
@@ -250,8 +250,8 @@ def own_measurements(uri: str, images: np.ndarray, labels: np.ndarray, scorer: A
 def real_scorer(info: Any, images: np.ndarray) -> Any | None:
     """A Fréchet scorer on the dataset's cached classifier (the one evaluate-vae used), holding `images`;
     None on a dataset without labels."""
-    from vae_core.model.feature_net import FrechetScorer, load_or_train_feature_net
     from vae_core.data.shards import read_split_u8
+    from vae_core.model.feature_net import FrechetScorer, load_or_train_feature_net
 
     try:
         net, _ = load_or_train_feature_net(info.name, info.version, read_split_u8(info, "train")[:2],
@@ -512,8 +512,8 @@ def main() -> int:
         return render(Path(args.render))
     home = setup_home(args.home, args.dataset)
     from flows.tracking import runs as tracking
-    from vae_core.model.feature_net import feature_net_url
     from vae_core.data.shards import read_split_u8
+    from vae_core.model.feature_net import feature_net_url
 
     tracking.configure()
     info = open_or_ingest(args.dataset)

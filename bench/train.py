@@ -91,8 +91,8 @@ def pipeline(dataset: str, preset: str, overrides: list[str], epochs: int, worke
 def quality(minutes: float, iw_samples: int, home: Path, dataset: str, preset: str, overrides: list[str],
             device: str = "cpu", test_images: int | None = None) -> None:
     from vae_core import load_config
-    from vae_core.training.fit import Fit, steps_per_epoch
     from vae_core.data.shards import open_dataset, read_split_u8
+    from vae_core.training.fit import Fit, steps_per_epoch
     from vae_core.training.hooks import Hooks
     from vae_core.training.loop import iterate_batches
 

@@ -24,12 +24,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vae_core import ConvVAE
-from vae_core import VAEConfig
-from vae_core import load_config
-from vae_core.training.fit import Fit, steps_per_epoch
+from vae_core import ConvVAE, VAEConfig, load_config
 from vae_core.model.losses import beta_at, negative_elbo
 from vae_core.model.precision import autocast
+from vae_core.training.fit import Fit, steps_per_epoch
 from vae_core.training.loop import iterate_batches
 
 

@@ -35,17 +35,16 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.tracking import registry
-from flows.tracking import runs as tracking
 from flows.distributed.cluster import ShardMismatchError, data_context, ray_session, read_shards, reserve
+from flows.tracking import registry, runs as tracking
 from flows.tracking.registry import PinnedModel
 from vae_core.data import embeddings
-from vae_core.errors import EncodeError
 from vae_core.data.output_location import check_output_location
+from vae_core.data.shards import DatasetInfo, ShardInfo, fit_model, open_dataset
+from vae_core.errors import EncodeError
 from vae_core.requests import EncodeRequest
 from vae_core.results import EncodeResult, EncodeSeconds
 from vae_core.settings import data_root, embeddings_root
-from vae_core.data.shards import DatasetInfo, ShardInfo, fit_model, open_dataset
 from vae_core.storage import arrow_filesystem, remove_temporaries, resolve, to_url
 
 State = Literal["done", "reuse", "encode"]

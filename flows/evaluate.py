@@ -23,17 +23,15 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.tracking import registry
-from flows.tracking import runs as tracking
+from flows.tracking import registry, runs as tracking
 from flows.tracking.evaluation import log_evaluation, summary_markdown, write_report
 from flows.tracking.registry import CHALLENGER, CHAMPION, PinnedModel
+from vae_core.data.shards import DatasetInfo, fit_model, open_dataset, read_split_u8
 from vae_core.errors import EvaluateError
 from vae_core.names import parse_dataset_ref
 from vae_core.requests import EvaluateRequest
 from vae_core.results import ChampionScores, EvaluateResult
 from vae_core.settings import data_root
-from vae_core.data.shards import DatasetInfo, fit_model, open_dataset, read_split_u8
-
 
 
 @dataclass(frozen=True)
@@ -106,8 +104,8 @@ def feature_task(target: Target, data: Any, req: EvaluateRequest, progress: bool
 
     import torch
 
-    from vae_core.model.feature_net import FrechetScorer, load_or_train_feature_net
     from vae_core.evaluation.scores import devices_for
+    from vae_core.model.feature_net import FrechetScorer, load_or_train_feature_net
 
     if data.train_images is None:
         return None, {"skipped": "no labelled reference split to train the feature classifier on"}

@@ -15,11 +15,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from vae_core.requests import IngestRequest
-from vae_core.ingestion.ingest import (Published, StagedDataset, build, find_unchanged, open_source_for, publish,
-                                  summary_markdown)
-from vae_core.results import IngestResult
 from vae_core.data.sources.base import Source
+from vae_core.ingestion.ingest import (Published, StagedDataset, build, find_unchanged, open_source_for, publish,
+                                       summary_markdown)
+from vae_core.requests import IngestRequest
+from vae_core.results import IngestResult
 
 
 # Tasks pass in-memory objects (an open source, a staging folder) to the next one: caching them by

@@ -55,14 +55,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.tracking import registry
-from flows.tracking import runs as tracking
-from flows.retries import call_with_retries
 from flows.encode import encode_dataset
 from flows.evaluate import evaluate_vae
 from flows.ingest import ingest_dataset
 from flows.nightly_rules import (champion_of, check_data_root, decision_note, embeddings_gap, encode_reasons,
                                  plan_training)
+from flows.retries import call_with_retries
+from flows.tracking import registry, runs as tracking
 from flows.tracking.registry import PinnedModel
 from flows.train import train_vae
 from vae_core.requests import NightlyRequest

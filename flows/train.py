@@ -25,19 +25,17 @@ from typing import TYPE_CHECKING, Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.tracking import registry
-from flows.tracking import runs as tracking
 from flows.distributed.cluster import ray_session, read_shards, reserve
+from flows.tracking import registry, runs as tracking
 from flows.tracking.progress import Progress
-from vae_core.settings import checkpoint_root, data_root
-from vae_core import VAEConfig
-from vae_core import load_config
+from vae_core import VAEConfig, load_config
+from vae_core.data.shards import DatasetInfo, fit_model, open_dataset, read_split_u8, shard_paths
 from vae_core.errors import TrainError, VAEError
-from vae_core.training.fit import steps_per_epoch
 from vae_core.requests import TrainRequest
 from vae_core.results import TrainResult
-from vae_core.data.shards import DatasetInfo, fit_model, open_dataset, read_split_u8, shard_paths
+from vae_core.settings import checkpoint_root, data_root
 from vae_core.storage import arrow_filesystem, is_local, resolve
+from vae_core.training.fit import steps_per_epoch
 
 if TYPE_CHECKING:
     from flows.distributed.train_worker import DataPlan, WorkerSpec

@@ -15,13 +15,13 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from pydantic import AfterValidator, BeforeValidator, Field, create_model, field_validator, model_validator
 
 from vae_core import settings
-from vae_core.names import NAME_HELP, DatasetName, DatasetRef, ModelName, ModelURI, parse_dataset_ref
-from vae_core.model.config import Strict as Request, list_objectives, parse_overrides
-from vae_core.evaluation.gate import GateMetric
-from vae_core.data.sources.limits import (DEFAULT_MAX_ARCHIVE_MB, DEFAULT_MAX_FILE_MB, DEFAULT_MAX_IMAGE_PIXELS,
-                                     SourceLimits)
 from vae_core.data.sources.formats import SourceFormat
+from vae_core.data.sources.limits import (DEFAULT_MAX_ARCHIVE_MB, DEFAULT_MAX_FILE_MB, DEFAULT_MAX_IMAGE_PIXELS,
+                                          SourceLimits)
 from vae_core.data.sources.remote import check_url
+from vae_core.evaluation.gate import GateMetric
+from vae_core.model.config import Strict as Request, list_objectives, parse_overrides
+from vae_core.names import NAME_HELP, DatasetName, DatasetRef, ModelName, ModelURI, parse_dataset_ref
 
 Split = Literal["train", "val", "test"]
 R = TypeVar("R", bound=Request)

@@ -14,9 +14,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vae_core.errors import VAEError
 from vae_core.data.shards import ShardInfo, sha256_hex
-
+from vae_core.errors import VAEError
 
 # Ray starts its workers at niceness 15, below every ordinary process: a training or encoding worker
 # then yields its cores to the driver, Ray's own daemons and anything else on the machine, and trains at

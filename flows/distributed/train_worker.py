@@ -28,9 +28,9 @@ import ray.train
 import ray.train.torch
 import torch
 
+from vae_core.data.shards import DatasetInfo, images_u8, open_dataset, read_split_u8
 from vae_core.model.config import VAEConfig
 from vae_core.training.fit import MODEL, Fit, weights_file
-from vae_core.data.shards import DatasetInfo, images_u8, open_dataset, read_split_u8
 from vae_core.training.hooks import Hooks, Ranks
 from vae_core.training.loop import iterate_batches
 

@@ -21,9 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flows.stack import services
+from flows.stack import services, state
 from flows.stack.services import HOST
-from flows.stack import state
 from flows.stack.state import Service, Stack, StackError
 
 ORDER = ("prefect", "mlflow", "ray", "worker")

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.models import Model, ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from flows.tracking.runs import client

@@ -76,12 +76,11 @@ def _register(epochs: int = 0, name: str = "vae-mnist", preset: str = "mnist", d
     The `mnist` preset is shrunk (SMALL) and fitted to the dataset's image shape; others are used as they are."""
     import torch
 
-    from flows.tracking import registry
-    from flows.tracking import runs as tracking
+    from flows.tracking import registry, runs as tracking
     from vae_core import load_config
-    from vae_core.training.fit import Fit, steps_per_epoch
-    from vae_core.settings import data_root
     from vae_core.data.shards import open_dataset, read_split_u8
+    from vae_core.settings import data_root
+    from vae_core.training.fit import Fit, steps_per_epoch
     from vae_core.training.loop import iterate_batches
 
     info = open_dataset(data_root(), dataset)

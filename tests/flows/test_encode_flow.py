@@ -43,8 +43,8 @@ def _encode(**request):
 
 
 def _dataset(name: str = "mnist"):
-    from vae_core.settings import data_root
     from vae_core.data.shards import open_dataset
+    from vae_core.settings import data_root
 
     return open_dataset(data_root(), name)
 

@@ -46,8 +46,8 @@ def _encode(**request):
 
 
 def _dataset():
-    from vae_core.settings import data_root
     from vae_core.data.shards import open_dataset
+    from vae_core.settings import data_root
 
     return open_dataset(data_root(), "mnist")
 
@@ -154,9 +154,9 @@ def test_two_concurrent_runs_into_one_folder_both_succeed_and_spare_other_files(
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """scikit-learn's digits in shards of ~330 images."""
+    from vae_core.data.shards import open_dataset
     from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
-    from vae_core.data.shards import open_dataset
 
     root = str(tmp_path_factory.mktemp("digits"))
     run_ingest(IngestRequest(source="builtin:digits", name="digits", data_root=root, shard_mb=0.02, workers=1))

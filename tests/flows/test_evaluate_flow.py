@@ -125,8 +125,8 @@ def test_first_becomes_champion_worse_does_not_better_does(home, register):
                and f"| test/nll_k{K} |" in a.data and better.report["report"] in a.data for a in arts)
 
     # A champion that moved after this evaluation pinned it is not overwritten: the gate re-reads it.
-    from flows.tracking import registry
     from flows.evaluate import Target, gate_task
+    from flows.tracking import registry
     from vae_core.requests import EvaluateRequest
 
     stale = Target(model=registry.pin_model(f"models:/vae-mnist/{v2}"),

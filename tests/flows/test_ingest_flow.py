@@ -89,8 +89,8 @@ def test_flow_through_the_cli_writes_dataset_and_artifact(tmp_path):
 @pytest.mark.slow
 def test_flow_fails_fast_on_a_bad_source(tmp_path):
     from flows.ingest import ingest_dataset
-    from vae_core.requests import IngestRequest
     from vae_core.data.sources.base import SourceError
+    from vae_core.requests import IngestRequest
 
     (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x09\x03" + bytes(12))
     with pytest.raises(SourceError, match="wrong IDX magic"):

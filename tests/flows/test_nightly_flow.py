@@ -75,8 +75,8 @@ def _files(home: Path) -> dict[str, int]:
 
 
 def _dataset(version: str | None = None):
-    from vae_core.settings import data_root
     from vae_core.data.shards import open_dataset
+    from vae_core.settings import data_root
 
     return open_dataset(data_root(), "mnist", version)
 

@@ -97,8 +97,8 @@ def test_two_workers_train_track_register_and_pull(home, uninterrupted):
     assert len(ranks) == 2 and ranks[0] == ranks[1] and run.data.tags["ray.nodes"] == "1"
     # The ranks trained different halves of the data in step (DDP): after the last epoch each held bit-identical
     # weights, those registered. Without DDP each would have followed its own half and rank 0's would be kept.
-    from vae_core.training.fit import weights_digest
     from vae_core.model.weights import load_model
+    from vae_core.training.fit import weights_digest
 
     digests = run.data.tags["ray.rank_weights"].split(",")
     assert digests == [weights_digest(load_model(str(_registered_file(out))))[:16]] * 2, digests
@@ -355,8 +355,8 @@ def test_vae_train_joins_an_existing_cluster_through_ray_address(home, ray_clust
 
 def test_splits_over_the_memory_budget_stream_through_ray_data(home):
     from flows.train import train_vae
-    from vae_core.requests import TrainRequest
     from vae_core.data.shards import open_dataset
+    from vae_core.requests import TrainRequest
 
     # ~1,900 training and ~190 validation images of 784 bytes: ~1.4 and ~0.14 MiB, both over 0.1 MiB.
     out = train_vae(TrainRequest(dataset="mnist", overrides=SMALL + ["train.image_every=2"], epochs=2, workers=2,
@@ -383,9 +383,8 @@ def test_dataset_streamed_from_s3_and_checkpoints_written_to_s3(home, s3, monkey
     import s3fs
 
     from flows.train import train_vae
-    from vae_core.requests import TrainRequest
     from vae_core.ingestion.ingest import run_ingest
-    from vae_core.requests import IngestRequest
+    from vae_core.requests import IngestRequest, TrainRequest
 
     fs, options = s3
     monkeypatch.setenv("AWS_ENDPOINT_URL", options["client_kwargs"]["endpoint_url"])
@@ -407,9 +406,9 @@ def test_dataset_streamed_from_s3_and_checkpoints_written_to_s3(home, s3, monkey
 
 def test_data_plan_and_cpu_reservation_leave_ray_data_a_whole_cpu(home):
     from flows.train import _scaling, plan_data
+    from vae_core.data.shards import open_dataset
     from vae_core.errors import TrainError
     from vae_core.requests import TrainRequest
-    from vae_core.data.shards import open_dataset
 
     info = open_dataset(str(home / "datasets"), "mnist")
     assert plan_data(info, 4096) == {"train": "memory", "val": "memory"}

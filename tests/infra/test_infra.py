@@ -610,8 +610,9 @@ def test_rayjobs_run_the_vae_command():
     assert encode[:2] == ["vae", "encode"]
     assert encode[encode.index("--model") + 1] == "models:/vae-mnist@champion"
     assert encode[encode.index("--dataset") + 1] == "mnist"
-    from flows.cli.app import app  # the options exist on the real command line
     from typer.testing import CliRunner
+
+    from flows.cli.app import app  # the options exist on the real command line
 
     for argv in (train, encode):
         help_text = CliRunner().invoke(app, [argv[1], "--help"], env={"COLUMNS": "200"}).output

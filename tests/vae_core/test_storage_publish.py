@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vae_core.data.shards import MANIFEST, SPLITS, list_versions, open_dataset, read_split_u8
 from vae_core.ingestion.ingest import build, open_source_for, publish, run_ingest
 from vae_core.requests import IngestRequest
-from vae_core.data.shards import MANIFEST, SPLITS, list_versions, open_dataset, read_split_u8
 from vae_core.storage import is_temporary, resolve, temporary_name
 
 ROWS = 60

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vae_core.model.encode import encode_images
-from vae_core.model.feature_net import FrechetScorer
 from vae_core.evaluation.latent_metrics import active_units, latent_probes
-from vae_core.model.vae import ConvVAE
-from vae_core.model.pictures import grid, reconstruction_grid
 from vae_core.evaluation.scores import SplitScores, score_split
 from vae_core.evaluation.sharpness import SharpnessMeter
+from vae_core.model.encode import encode_images
+from vae_core.model.feature_net import FrechetScorer
+from vae_core.model.pictures import grid, reconstruction_grid
+from vae_core.model.vae import ConvVAE
 
 
 @dataclass

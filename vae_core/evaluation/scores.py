@@ -30,8 +30,8 @@ import torch
 
 from vae_core.model.iwae import iwae_log_likelihood
 from vae_core.model.losses import bits_per_dim
-from vae_core.model.vae import ConvVAE
 from vae_core.model.tv import import_torchmetrics
+from vae_core.model.vae import ConvVAE
 
 # Decoder passes per IWAE chunk: a GPU wants many at once; on a CPU more only costs memory.
 _DECODES_PER_CHUNK = {"cpu": 5_000, "cuda": 100_000}

@@ -23,13 +23,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vae_core.errors import IngestError
 from vae_core.data.shard_writer import Gather, SplitWriter
 from vae_core.data.shards import (FORMAT, SPLITS, DuplicateEntry, ItemCounts, Manifest, QuarantineEntry,
-                             SourceDescription, SplitInfo)
+                                  SourceDescription, SplitInfo)
 from vae_core.data.sources.base import RawBatch, Source
 from vae_core.data.sources.parallel import Decoded
 from vae_core.data.splits import assign_splits
+from vae_core.errors import IngestError
 
 if TYPE_CHECKING:
     from vae_core.requests import IngestRequest

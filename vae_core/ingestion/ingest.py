@@ -39,17 +39,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vae_core import settings
-from vae_core.ingestion.builder import DatasetBuilder, input_fingerprint
-from vae_core.errors import IngestError
-from vae_core.requests import IngestRequest
-from vae_core.results import IngestResult
-from vae_core.data.shards import MANIFEST, SPLITS, Manifest, ShardInfo, dataset_dir, list_versions, read_manifest, sha256_hex
-from vae_core.storage import (atomic_put_file, atomic_write_bytes, is_local, remove_temporaries, resolve, temporary_name,
-                              to_url, writer_gone)
+from vae_core.data.shards import (MANIFEST, SPLITS, Manifest, ShardInfo, dataset_dir, list_versions, read_manifest,
+                                  sha256_hex)
 from vae_core.data.sources.base import RawBatch, Source
 from vae_core.data.sources.decode import ShapeSpec
 from vae_core.data.sources.detect import open_source
 from vae_core.data.sources.parallel import decode_stream
+from vae_core.errors import IngestError
+from vae_core.ingestion.builder import DatasetBuilder, input_fingerprint
+from vae_core.requests import IngestRequest
+from vae_core.results import IngestResult
+from vae_core.storage import (atomic_put_file, atomic_write_bytes, is_local, remove_temporaries, resolve,
+                              temporary_name, to_url, writer_gone)
 
 # ------------------------------------------------------------------------------------------ results
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vae_core.model.vae import ConvVAE
 from vae_core.model.precision import autocast
+from vae_core.model.vae import ConvVAE
 
 DEFAULT_BATCH_SIZE = 256
 

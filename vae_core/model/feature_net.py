@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 from torch import nn
 
 from vae_core.names import check_name

@@ -6,8 +6,7 @@ import json
 
 import fsspec
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 from vae_core.model.config import ModelConfig
 from vae_core.model.vae import ConvVAE

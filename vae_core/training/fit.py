@@ -37,12 +37,12 @@ from safetensors.torch import load_file, save_file
 from vae_core.errors import NonFiniteLossError, TrainError
 from vae_core.model.config import TrainConfig, VAEConfig
 from vae_core.model.discriminator import PatchDiscriminator
-from vae_core.model.vae import ConvVAE
-from vae_core.training.objectives import Objective
 from vae_core.model.pictures import previews
+from vae_core.model.vae import ConvVAE
+from vae_core.model.weights import load_model, save_model
 from vae_core.training.hooks import Hooks, Ranks
 from vae_core.training.loop import TrainState, evaluate, train_epoch
-from vae_core.model.weights import load_model, save_model
+from vae_core.training.objectives import Objective
 
 MODEL = "model"  # the VAE's key in the bundle; its weights file is what registration reads
 DISCRIMINATOR = "discriminator"

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from vae_core.model.config import ObjectiveConfig, TrainConfig
-from vae_core.training.device_metrics import FiniteGuard, MetricSums, read_scalars
 from vae_core.model.iwae import iwae_log_likelihood
 from vae_core.model.losses import beta_at, bits_per_dim, negative_elbo
 from vae_core.model.precision import autocast
 from vae_core.model.vae import ConvVAE
+from vae_core.training.device_metrics import FiniteGuard, MetricSums, read_scalars
 from vae_core.training.objectives import Objective
 
 

@@ -35,9 +35,9 @@ import torch.distributed as dist
 
 from vae_core.model.config import ObjectiveConfig
 from vae_core.model.discriminator import PatchDiscriminator, discriminator_loss, generator_loss
-from vae_core.training.device_metrics import FiniteGuard
 from vae_core.model.losses import free_bits_kl
 from vae_core.model.vae import ConvVAE, Posterior
+from vae_core.training.device_metrics import FiniteGuard
 
 _EPS = 1e-4
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vae_core.model.config import PerceptualConfig
 from vae_core.errors import ConfigError
+from vae_core.model.config import PerceptualConfig
 from vae_core.model.feature_net import load_feature_net
-from vae_core.storage import resolve
 from vae_core.model.tv import import_torchvision
+from vae_core.storage import resolve
 
 # classifier: the outputs of its three conv ReLUs; vgg16: relu1_2, relu2_2, relu3_3 as in DFC-VAE and LPIPS.
 DEFAULT_LAYERS: dict[str, list[str]] = {"classifier": ["body.1", "body.3", "body.5"],

@@ -58,8 +58,8 @@ def home(tmp_path_factory, mnist_home, register_model):
     """1,200 MNIST images in ~10 shards, a small untrained model registered on them, then the first train and
     test shards tampered with."""
     with mnist_home(tmp_path_factory.mktemp("verified_home"), limit=1200, shard_mb=0.1) as root:
-        from vae_core.settings import data_root
         from vae_core.data.shards import open_dataset
+        from vae_core.settings import data_root
 
         register_model(epochs=0)
         info = open_dataset(data_root(), "mnist")

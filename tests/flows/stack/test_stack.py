@@ -24,8 +24,8 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from flows.stack import control as stack
 from flows.cli.app import app
+from flows.stack import control as stack
 from tests.ports import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -209,8 +209,7 @@ def test_up_with_other_ports_while_up_names_the_ports_in_use(started, home):
 def registered(started, home, register_model):
     """A digits model trained for one epoch and registered through the stack's MLflow server as
     `vae-digits@champion`; the dataset is under the module's VAE_HOME."""
-    from flows.tracking import registry
-    from flows.tracking import runs as tracking
+    from flows.tracking import registry, runs as tracking
     from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 

@@ -22,12 +22,11 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.tracking import registry
-from flows.tracking import runs as tracking
+from flows.tracking import registry, runs as tracking
 from flows.tracking.pyfunc import VAEPyfunc, as_images
+from tests.ports import free_port
 from vae_core.model.config import load_config
 from vae_core.model.vae import ConvVAE
-from tests.ports import free_port
 
 CONFIG = load_config("digits")  # 8x8x1 images, latent_dim 8: small enough for quick registry tests
 

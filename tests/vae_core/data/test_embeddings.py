@@ -17,32 +17,16 @@ import pytest
 import torch
 
 from vae_core import load_config
-from vae_core.data.embeddings import (
-    EmbeddingFile,
-    EmbeddingManifest,
-    ModelIdentity,
-    build_table,
-    check_rows,
-    default_dir,
-    embedding_schema,
-    file_name,
-    reusable_files,
-    join_images,
-    latents,
-    read_embeddings,
-    read_manifest,
-    restamp,
-    shard_table,
-    with_earlier_splits,
-    write_file,
-    write_manifest,
-)
-from vae_core.model.encode import encode_images
-from vae_core.ingestion.ingest import run_ingest
-from vae_core.model.vae import ConvVAE
+from vae_core.data.embeddings import (EmbeddingFile, EmbeddingManifest, ModelIdentity, build_table, check_rows,
+                                      default_dir, embedding_schema, file_name, join_images, latents, read_embeddings,
+                                      read_manifest, restamp, reusable_files, shard_table, with_earlier_splits,
+                                      write_file, write_manifest)
 from vae_core.data.output_location import check_output_location
-from vae_core.requests import IngestRequest
 from vae_core.data.shards import DatasetInfo, open_dataset, read_shard_table, read_split_u8, table_to_u8
+from vae_core.ingestion.ingest import run_ingest
+from vae_core.model.encode import encode_images
+from vae_core.model.vae import ConvVAE
+from vae_core.requests import IngestRequest
 from vae_core.storage import resolve
 
 MODEL = "vae-digits"

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vae_core.requests import IngestRequest
-from vae_core.ingestion.ingest import run_ingest
 from vae_core.data.shards import open_dataset, read_split_u8, shard_paths
 from vae_core.data.sources.base import SourceError
 from vae_core.data.sources.detect import open_source
+from vae_core.ingestion.ingest import run_ingest
+from vae_core.requests import IngestRequest
 
 RNG = np.random.default_rng(11)
 

@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vae_core.requests import IngestRequest
-from vae_core.ingestion.ingest import IngestError, run_ingest
 from vae_core.data.shards import open_dataset, read_split_u8
 from vae_core.data.sources.base import SourceError
 from vae_core.data.sources.decode import ShapeSpec, conform_pixels, decode_image, to_grey
 from vae_core.data.sources.detect import detect_format, open_source
 from vae_core.data.sources.formats import BY_NAME, REGISTRY
+from vae_core.ingestion.ingest import IngestError, run_ingest
+from vae_core.requests import IngestRequest
 
 RNG = np.random.default_rng(3)
 

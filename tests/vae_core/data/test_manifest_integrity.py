@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vae_core.data.shards import MANIFEST, ShardInfo, open_dataset, read_shard_table, read_split_u8
 from vae_core.ingestion.ingest import run_ingest
 from vae_core.requests import IngestRequest
-from vae_core.data.shards import MANIFEST, ShardInfo, open_dataset, read_shard_table, read_split_u8
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vae_core.ingestion.ingest import run_ingest
-from vae_core.requests import IngestRequest
 from vae_core.data.sources.base import SourceError
 from vae_core.data.sources.detect import open_source
+from vae_core.ingestion.ingest import run_ingest
+from vae_core.requests import IngestRequest
 
 RNG = np.random.default_rng(5)
 

@@ -4,19 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from vae_core import ConvVAE
-from vae_core import load_config
-from vae_core.evaluation.pictures import (
-    _legend_labels,
-    _scatter_figure,
-    _traversal_latents,
-    interpolation_grid,
-    latent_maps,
-    scatter_2d,
-    traversal_grid,
-)
-from vae_core.model.pictures import grid
+from vae_core import ConvVAE, load_config
 from vae_core.data.sources.digits import load_digits_u8
+from vae_core.evaluation.pictures import (_legend_labels, _scatter_figure, _traversal_latents, interpolation_grid,
+                                          latent_maps, scatter_2d, traversal_grid)
+from vae_core.model.pictures import grid
 
 
 @pytest.fixture

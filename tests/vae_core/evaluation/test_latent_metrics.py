@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vae_core import ConvVAE
-from vae_core import load_config
+from vae_core import ConvVAE, load_config
 from vae_core.evaluation.latent_metrics import active_units, knn_accuracy, latent_probes, linear_probe_accuracy
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from vae_core import load_config
-from vae_core.training.fit import Fit, steps_per_epoch
-from vae_core.model.vae import ConvVAE
-from vae_core.evaluation.scores import devices_for, score_split, ssim_kernel
 from vae_core.data.sources.digits import load_digits_u8
+from vae_core.evaluation.scores import devices_for, score_split, ssim_kernel
+from vae_core.model.vae import ConvVAE
+from vae_core.training.fit import Fit, steps_per_epoch
 from vae_core.training.loop import iterate_batches
 
 CONFIG = load_config("digits")

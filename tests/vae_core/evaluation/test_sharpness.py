@@ -10,12 +10,12 @@ import scipy.ndimage
 import torch
 
 from vae_core import load_config
-from vae_core.evaluation.evaluate import EvalData, evaluate_model
-from vae_core.model.feature_net import FeatureNet, FrechetScorer
-from vae_core.model.vae import ConvVAE
-from vae_core.evaluation.sharpness import SharpnessMeter, laplacian_variance
 from vae_core.data.sources.digits import load_digits_u8
+from vae_core.evaluation.evaluate import EvalData, evaluate_model
+from vae_core.evaluation.sharpness import SharpnessMeter, laplacian_variance
+from vae_core.model.feature_net import FeatureNet, FrechetScorer
 from vae_core.model.tv import import_torchvision
+from vae_core.model.vae import ConvVAE
 
 
 def blur(images_u8: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 import vae_core.ingestion.ingest
-from vae_core.requests import IngestRequest
-from vae_core.ingestion.ingest import IngestError, run_ingest
 from vae_core.data.shards import list_versions, open_dataset, read_split_u8
 from vae_core.data.sources.base import SourceError
 from vae_core.data.splits import id_hash_unit
+from vae_core.ingestion.ingest import IngestError, run_ingest
+from vae_core.requests import IngestRequest
 
 RNG = np.random.default_rng(7)
 

@@ -12,11 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import vae_core.ingestion.ingest
-
-from vae_core.requests import IngestRequest
-from vae_core.ingestion.ingest import run_ingest
 from vae_core.data.shards import open_dataset, read_split_u8, shard_paths
 from vae_core.data.splits import id_hash_unit
+from vae_core.ingestion.ingest import run_ingest
+from vae_core.requests import IngestRequest
 
 MNIST = Path(__file__).resolve().parents[4] / "shared" / "data" / "mnist"
 

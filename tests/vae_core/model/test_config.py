@@ -1,8 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from vae_core.model.config import ModelConfig, TrainConfig, VAEConfig, list_presets, load_config
 from vae_core.errors import ConfigError
+from vae_core.model.config import ModelConfig, TrainConfig, VAEConfig, list_presets, load_config
 
 
 @pytest.mark.parametrize("preset", list_presets())

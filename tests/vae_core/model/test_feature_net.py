@@ -11,15 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vae_core.model.feature_net import (
-    FeatureNet,
-    FrechetScorer,
-    accuracy,
-    feature_net_url,
-    load_or_train_feature_net,
-    train_feature_net,
-)
 from vae_core.data.sources.digits import load_digits_u8
+from vae_core.model.feature_net import (FeatureNet, FrechetScorer, accuracy, feature_net_url, load_or_train_feature_net,
+                                        train_feature_net)
 
 N_TRAIN = 1500
 

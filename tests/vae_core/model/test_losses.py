@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from vae_core import ConvVAE
-from vae_core import load_config
+from vae_core import ConvVAE, load_config
 from vae_core.model.config import TrainConfig
 from vae_core.model.iwae import iwae_log_likelihood
 from vae_core.model.losses import beta_at, free_bits_kl, negative_elbo

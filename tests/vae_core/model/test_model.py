@@ -1,12 +1,10 @@
 import pytest
 import torch
 
-from vae_core import ConvVAE
-from vae_core import ModelConfig
-from vae_core import Posterior
+from vae_core import ConvVAE, ModelConfig, Posterior
 from vae_core.errors import ConfigError
-from vae_core.model.vae import ResBlock
 from vae_core.model.posterior import HierarchicalPosterior
+from vae_core.model.vae import ResBlock
 
 
 @pytest.mark.parametrize(

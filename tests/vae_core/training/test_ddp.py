@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.ports import free_port
 from vae_core import load_config
 from vae_core.training.fit import Fit, steps_per_epoch, weights_digest
 from vae_core.training.hooks import Ranks
 from vae_core.training.loop import iterate_batches
-from tests.ports import free_port
 
 # Noise-free inputs: no binarisation, and Bernoulli targets are the grey levels themselves (Gaussian and
 # logistic would add dequantisation noise), so validation's KL term is a function of the weights and

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from vae_core import load_config
-from vae_core.model.config import list_objectives, list_presets
 from vae_core.errors import ConfigError
+from vae_core.model.config import list_objectives, list_presets
 from vae_core.training.device_metrics import FiniteGuard
 from vae_core.training.fit import DISCRIMINATOR, MODEL, Fit, steps_per_epoch
-from vae_core.training.objectives import adaptive_weight
 from vae_core.training.loop import TrainState, evaluate, iterate_batches, train_step
+from vae_core.training.objectives import adaptive_weight
 
 TINY = ["model.hidden_channels=[8,16]", "model.hidden_dim=32", "train.batch_size=64", "train.num_threads=1"]
 GAN = ["objective.adversarial.weight=0.5", "objective.adversarial.feature_weight=1.0",

@@ -8,23 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vae_core.model.config import PerceptualConfig
 from vae_core.errors import ConfigError
-from vae_core.model.feature_net import (
-    FeatureNet,
-    feature_net_url,
-    load_feature_net,
-    load_or_train_feature_net,
-    save_feature_net,
-)
-from vae_core.training.perceptual import (
-    DEFAULT_LAYERS,
-    PerceptualLoss,
-    PerceptualWeightsError,
-    check_perceptual_weights,
-    load_perceptual,
-)
+from vae_core.model.config import PerceptualConfig
+from vae_core.model.feature_net import (FeatureNet, feature_net_url, load_feature_net, load_or_train_feature_net,
+                                        save_feature_net)
 from vae_core.model.tv import import_torchvision
+from vae_core.training.perceptual import (DEFAULT_LAYERS, PerceptualLoss, PerceptualWeightsError,
+                                          check_perceptual_weights, load_perceptual)
 
 SHAPE = (1, 8, 8)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet's, as VGG-16 was trained with

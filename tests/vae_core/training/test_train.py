@@ -4,12 +4,11 @@ import math
 import pytest
 import torch
 
-from vae_core import ConvVAE
-from vae_core import load_config
+from vae_core import ConvVAE, load_config
 from vae_core.errors import NonFiniteLossError
+from vae_core.model.weights import load_model, model_from_bytes, model_to_bytes, save_model
 from vae_core.training.fit import make_optimizer
 from vae_core.training.loop import TrainState, evaluate, iterate_batches, train_epoch, train_step
-from vae_core.model.weights import load_model, model_from_bytes, model_to_bytes, save_model
 
 
 def _tiny(overrides=()):
