@@ -1,6 +1,7 @@
-"""The data wing: the dataset format (Parquet shards, manifests, splits), ingestion from every source
-(`sources/`), and the embeddings that encoding writes.
+"""The data wing: the dataset format (`shards/`: Parquet shards, manifests, readers; splits and the shard
+writer), the image sources that ingestion reads (`sources/`), the embeddings format that encoding writes
+(`embeddings/`), and where an encode may write (`output_location`).
 
-Rule: it imports the top-level `vae_core` modules and `model` (for a model's identity and configuration),
-never training or evaluation, and never torch at import time except through `model`.
+Rule: it imports the top-level modules and `model` (a model's configuration and identity); never training,
+evaluation or ingestion, nor the requests and results (which take their source formats from here).
 """
