@@ -76,7 +76,9 @@ class IngestRequest(Request):
     test_fraction: float = Field(0.1, ge=0, lt=1, description="test share for sources without splits, by id hash")
     shard_mb: float = Field(64, gt=0, description="max uncompressed pixel MiB per shard")
     max_quarantine_fraction: float = Field(0.05, ge=0, le=1, description="fail above this share of bad items")
-    workers: int = Field(0, ge=0, description="decode processes (0: one per CPU)")
+    workers: int = Field(0, ge=0, description="Ray tasks decoding at once (0: as many as the cluster's CPUs allow)")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs Ray reserves per decoding task (default: "
+                                          "the cluster's CPUs shared among the workers)")
     limit: int | None = Field(None, ge=1, description="N items spread evenly over the source (quick runs)")
     image_column: str | None = Field(None, description="Parquet: column of image bytes")
     label_column: str | None = Field(None, description="Parquet: column of labels")
@@ -84,9 +86,6 @@ class IngestRequest(Request):
                                            json_schema_extra={"cli": None})
     data_root_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for data_root",
                                               json_schema_extra={"cli": None})
-    staging_dir: str | None = Field(None, description="local scratch folder (default: .staging in a local data root, "
-                                    "else staging in a local VAE_HOME, else the system temp folder)",
-                                    json_schema_extra={"cli": None})
     max_file_mb: float = Field(DEFAULT_MAX_FILE_MB, gt=0, description="quarantine image files (or Parquet image "
                                "cells) larger than this many MiB, unread")
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, gt=0, description="quarantine images whose header "

@@ -19,6 +19,14 @@ class Result(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class NodeRows(Result):
+    """The items one Ray node (or this process, `local`) decoded in a run."""
+
+    node_id: str
+    address: str
+    rows: int
+
+
 class IngestResult(Result):
     """`ingest-dataset`: the dataset version made (or found), and what became of the source's items."""
 
@@ -32,6 +40,8 @@ class IngestResult(Result):
     duplicates: int
     label_conflicts: int  # duplicates whose label disagrees with the kept copy's
     quarantined: int
+    nodes: list[NodeRows] = Field(default_factory=list)  # decoded by this run (a re-run: only what it decoded)
+    retries: int = 0  # storage reads retried (transient errors) by this run
 
     @property
     def ref(self) -> str:

@@ -1,69 +1,62 @@
-"""Ingestion as plain functions: any image source -> validated rows -> splits -> shards + manifest.
+"""Ingestion as plain functions: any image source -> listed -> decoded by part -> shards by content
+bucket -> manifest.
 
     req = IngestRequest(name="mnist", source="/data/mnist", data_root="s3://bucket/datasets")
-    result = run_ingest(req)   # = find_unchanged(req, source) or publish(build(source, req), req)
+    result = run_ingest(req)   # in this process; the flow runs the same steps on Ray Data
 
-Steps and why they are ordered this way:
+Steps, and why they are ordered this way:
 
-1. `open_source_for` opens and validates the source as a whole (missing, empty, wrong magic,
-   count mismatch): those fail at once with the file named, before anything is decoded.
-   `find_unchanged` then looks for a version made from this very input (a fingerprint of the
-   listed files and the options, kept in each manifest) and returns it without decoding anything.
-2. `build` decodes every item exactly once (worker processes for encoded files), checks that shapes
-   agree, drops exact pixel duplicates (the first in source order is kept), assigns splits and
-   writes zstd Parquet shards to a local staging folder, hashing the rows as they pass. Each item
-   ends as exactly one of ok, duplicate or quarantined. The version is the hash of the rows and of
-   the options that shaped them, so it is known only once everything was seen.
-3. `publish` finds that version under the data root and stops there if it exists (a re-run writes
-   nothing); otherwise it uploads the shards and then the manifest, each atomically. A crash before
-   the manifest leaves an unfinished version folder that readers ignore and the next run completes.
+1. `open_source_for` opens and validates the source as a whole (missing, empty, wrong magic, count
+   mismatch): those fail at once with the file named, before anything is decoded.
+2. `list_source` lists a source of many files (a folder, a prefix, a file list) into listing tables in
+   the work folder (`work`), one task per unit; its parts are row groups of them. An in-process source
+   (IDX, npz, one Parquet file, built-ins) is cut into parts as it is read. `find_unchanged` then looks
+   for a version made from this very input (a fingerprint of the listed files and the options, kept in
+   each manifest) and returns it without decoding anything.
+3. `decode_parts` runs `mapper.map_part` on every part: read, decode, validate, conform, hash, and write
+   the rows by content bucket; each part is committed by a record, and a part committed by an earlier run
+   (killed, say) is skipped.
+4. `write_shards` runs `reducer.reduce_bucket` on every bucket: global deduplication, splits by id, rows
+   sorted by id, shards named by their SHA-256, each bucket committed.
+5. `publish.publish` builds the manifest (the version hashes the options and the sorted shard checksums),
+   moves the shards into the version folder and writes the manifest last; the work folder goes.
 
-Where the parts live: `vae_core.ingestion.builder` (decoding, dedup, the version), `vae_core.data.splits` (which
-split an item goes to), `vae_core.data.shard_writer` (shards and row hashes).
+`Runner` is how steps 2-4 run their tasks: `serial` here, Ray Data in `flows.distributed.ingest`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
+import functools
 import posixpath
-import shutil
-import tempfile
+import socket
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from vae_core import settings
-from vae_core.data.shards import (MANIFEST, SPLITS, Manifest, ShardInfo, dataset_dir, list_versions, read_manifest,
-                                  sha256_hex)
+from vae_core.data.shards import Manifest, dataset_dir, list_versions, read_manifest
 from vae_core.data.sources.base import RawBatch, Source
-from vae_core.data.sources.decode import ShapeSpec
 from vae_core.data.sources.detect import open_source
-from vae_core.data.sources.parallel import decode_stream
+from vae_core.data.sources.listing import ListingPart, UnitListing, class_names, listing_parts
 from vae_core.errors import IngestError
-from vae_core.ingestion.builder import DatasetBuilder, input_fingerprint
+from vae_core.ingestion import publish as pub
+from vae_core.ingestion.mapper import BatchPart, limit_mask, map_part
+from vae_core.ingestion.progress import Progress
+from vae_core.ingestion.reducer import reduce_bucket, rows_per_shard
+from vae_core.ingestion.work import Job, buckets_for, digest, work_root
 from vae_core.requests import IngestRequest
-from vae_core.results import IngestResult
-from vae_core.storage import (atomic_put_file, atomic_write_bytes, is_local, remove_temporaries, resolve,
-                              temporary_name, to_url, writer_gone)
+from vae_core.results import IngestResult, NodeRows
+from vae_core.storage import resolve, to_url
 
-# ------------------------------------------------------------------------------------------ results
+Runner = Callable[[Callable[[Any], dict[str, Any]], Iterable[Any]], Iterator[dict[str, Any]]]
 
 
-@dataclass
-class StagedDataset:
-    """A fully built dataset in local staging, not yet published. `manifest.created_at` is set at publish."""
-
-    manifest: Manifest
-    staging: Path
-
-    def cleanup(self) -> None:
-        remove_staging(self.staging)
+def serial(fn: Callable[[Any], dict[str, Any]], items: Iterable[Any]) -> Iterator[dict[str, Any]]:
+    """Run every task here, one after another."""
+    return map(fn, items)
 
 
 @dataclass
@@ -75,6 +68,8 @@ class Published:
     url: str
     created: bool  # False when this version already existed and nothing was written
     manifest: Manifest
+    nodes: list[NodeRows] = field(default_factory=list)  # rows decoded per Ray node by this run
+    retries: int = 0  # storage reads retried by this run
 
     def summary(self) -> IngestResult:
         """The stage's result (what `vae ingest --json` prints)."""
@@ -82,68 +77,20 @@ class Published:
         return IngestResult(name=self.name, version=self.version, path=self.url, created=self.created,
                             counts=m.counts, shape=(m.height, m.width, m.channels), seen=items.seen,
                             duplicates=items.duplicates, label_conflicts=m.label_conflicts,
-                            quarantined=items.quarantined)
+                            quarantined=items.quarantined, nodes=self.nodes, retries=self.retries)
 
 
-# ------------------------------------------------------------------------------------------ staging
+@dataclass
+class Listed:
+    """A source made ready to decode: its parts, its item count, and the work folder of this input."""
 
-DATA_ROOT_STAGING = ".staging"  # not a dataset name (see NAME_RULE): no reference or listing sees it
-
-
-def staging_root(cfg: IngestRequest) -> Path:
-    """The local folder that holds staging folders: `cfg.staging_dir`; else `.staging` in the data root when
-    that is local (the disk the version goes to); else `staging` in VAE_HOME when that is local; else the
-    system temp folder. Never a shared system folder by default, where a killed run's leftovers would
-    stay unnoticed: the next run in the same place removes them (`remove_stale_staging`)."""
-    if cfg.staging_dir:
-        return Path(cfg.staging_dir)
-    for url, options, folder in ((cfg.root(), cfg.data_root_options, DATA_ROOT_STAGING), (settings.vae_home(), {}, "staging")):
-        fs, path = resolve(url, options)
-        if is_local(fs):
-            return Path(path) / folder
-    return Path(tempfile.gettempdir())
-
-
-def make_staging(root: Path) -> Path:
-    """A new staging folder in `root`, named as a temporary of this process (see `shards.TEMPORARY`), so
-    that a later run can tell whether its writer is gone."""
-    for attempt in range(3):
-        root.mkdir(parents=True, exist_ok=True)
-        folder = Path(temporary_name(str(root / "vae-ingest")))
-        try:
-            folder.mkdir()
-            return folder
-        except FileNotFoundError:  # a concurrent run removed the empty root just now: make it again
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-def remove_stale_staging(root: Path) -> list[Path]:
-    """Remove the staging folders in `root` whose writer is gone (a SIGKILL skips every clean-up) and
-    return them; a live run's folder and anything not named by `make_staging` stay."""
-    try:
-        entries = list(root.iterdir())
-    except FileNotFoundError:
-        return []
-    now = time.time()
-    stale = [p for p in entries if p.is_dir() and p.name.startswith(".vae-ingest.tmp-")
-             and writer_gone(p.name, p.stat().st_mtime, now)]
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
-
-
-def remove_staging(folder: Path) -> None:
-    """Remove a staging folder, and the data root's staging root too when that is left empty (the data root
-    then holds datasets only; a concurrent run's `make_staging` makes it again)."""
-    shutil.rmtree(folder, ignore_errors=True)
-    if folder.parent.name == DATA_ROOT_STAGING:
-        with contextlib.suppress(OSError):  # not empty (another run stages there), or gone already
-            folder.parent.rmdir()
-
-
-# ----------------------------------------------------------------------------------------- pipeline
+    source: Source
+    parts: Iterable[ListingPart | BatchPart]
+    total: int | None
+    base: str  # the request's work folder
+    run: str  # this input's run folder in it
+    label_names: list[str] | None
+    fingerprint: str | None
 
 
 def open_source_for(cfg: IngestRequest) -> Source:
@@ -152,90 +99,93 @@ def open_source_for(cfg: IngestRequest) -> Source:
                        cfg.source_limits())
 
 
-def build(source: Source, cfg: IngestRequest, progress: bool = False) -> StagedDataset:
-    """Decode, validate, dedup, split and shard `source` into a local staging folder (see `staging_root`),
-    after removing the staging folders that killed runs left there."""
-    root = staging_root(cfg)
-    remove_stale_staging(root)
-    staging = make_staging(root)
-    builder: DatasetBuilder | None = None
-    try:
-        builder = DatasetBuilder(source, cfg, staging)
-        spec = ShapeSpec(cfg.image_size, cfg.channels, cfg.fit, cfg.source_limits())
-        total = source.size if cfg.limit is None else min(cfg.limit, source.size or cfg.limit)
-        with tqdm(total=total, desc=f"ingest {cfg.name}", unit="img", disable=not progress, smoothing=0.1) as bar:
-            for batch, decoded in decode_stream(_limited(source.batches(), cfg.limit, source.size), spec, cfg.workers):
-                builder.add(batch, decoded)
-                bar.update(len(batch))
-        if builder.tally.seen == 0:
-            raise IngestError(f"{source.url}: empty source (no items)")
-        return StagedDataset(manifest=builder.finish(), staging=staging)
-    except BaseException:
-        if builder is not None:
-            builder.writer.shutdown(wait=True, cancel_futures=True)
-        remove_staging(staging)
-        raise
-
-
-def _limited(batches: Iterator[RawBatch], limit: int | None, size: int | None) -> Iterator[RawBatch]:
-    """`limit` items of the stream (all when None). With the source's size known: exactly `limit` items
-    spread evenly over the source order (item p is kept iff p*limit//size steps up at p), so that a
-    sample of a source whose splits come one after another holds all of them, and re-runs keep the
-    same items. With the size unknown: the first `limit` items."""
-    if limit is None:
-        yield from batches
-        return
-    start = 0
-    for batch in batches:
-        p = np.arange(start, start + len(batch))
-        start += len(batch)
-        keep = p < limit if size is None else p * limit // size != (p + 1) * limit // size
-        if keep.all():
-            yield batch
-        elif keep.any():
-            yield batch.take(np.flatnonzero(keep))
-        elif size is None:
-            return
-
-
-def publish(staged: StagedDataset, cfg: IngestRequest) -> Published:
-    """Write the staged version under the data root unless it is already there (then write nothing)."""
-    fs, root = resolve(cfg.root(), cfg.data_root_options)
-    m = staged.manifest
-    vdir = dataset_dir(root, m.name, m.version)
-    url = to_url(fs, vdir)
-    if fs.exists(posixpath.join(vdir, MANIFEST)):
-        return Published(m.name, m.version, url, created=False, manifest=read_manifest(fs, vdir))
-    written = [vdir, *(posixpath.join(vdir, s) for s in m.splits)]  # the folders this run writes
-    for folder in written:
-        remove_temporaries(fs, folder)  # left by an earlier run that was killed mid-upload
-    for split in m.splits.values():
-        for shard in split.shards:
-            dest = posixpath.join(vdir, shard.path)
-            if _already_there(fs, dest, shard):
-                continue  # left by an earlier run that stopped before its manifest
-            atomic_put_file(fs, str(staged.staging / shard.path), dest)
-    m = m.model_copy(update={"created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")})
-    # A concurrent run of the same input may have finished meanwhile: its manifest stays (readers may have
-    # seen its created_at), and this run reports the version as found.
-    created = atomic_write_bytes(fs, posixpath.join(vdir, MANIFEST), m.to_json().encode(), replace=False)
-    for folder in written:  # the version is final: temporaries of a run killed meanwhile go too
-        remove_temporaries(fs, folder)
-    return Published(m.name, m.version, url, created=created, manifest=m if created else read_manifest(fs, vdir))
-
-
-def _already_there(fs: Any, dest: str, shard: ShardInfo) -> bool:
-    try:
-        return fs.size(dest) == shard.bytes and sha256_hex(fs.cat_file(dest)) == shard.sha256
-    except FileNotFoundError:
-        return False
-
-
-def find_unchanged(cfg: IngestRequest, source: Source) -> Published | None:
-    """The newest existing version of `cfg.name` made from this very input (same fingerprint: see
-    `builder.input_fingerprint`), found without reading or decoding the source; None if there is none."""
+def list_source(source: Source, cfg: IngestRequest, runner: Runner = serial,
+                progress: Progress | None = None) -> Listed:
+    """List a source of many files (one task per unit) and cut it into parts; an in-process source's parts
+    come from its batches as they are read."""
+    key = digest([source.kind, source.url, cfg.format, cfg.image_column, cfg.label_column, cfg.shard_mb,
+                  pub.request_options(cfg), list(cfg.source_limits())])[:16]
+    base = work_root(cfg, key)
+    if source.lister is None:
+        fingerprint = input_fingerprint(cfg, source)
+        run = f"{base}/run-{(fingerprint or uuid.uuid4().hex)[:16]}"  # no fingerprint: nothing to resume
+        total = source.size if cfg.limit is None or source.size is None else min(cfg.limit, source.size)
+        return Listed(source, _batch_parts(source, cfg), total, base, run, source.label_names, fingerprint)
+    task = functools.partial(_list_unit, source.lister, base, cfg.data_root_options)
+    listings: list[UnitListing] = []
+    for rec in runner(task, source.lister.units):
+        listings.append(rec["listing"])
+        if progress:
+            progress.listed(rec["listing"].rows)
+    listings.sort(key=lambda ul: ul.unit.index)
+    total = sum(ul.rows for ul in listings)
+    if total == 0:
+        raise IngestError(f"{source.url}: empty source (no files in the folder tree)" if source.kind == "folder"
+                          else f"{source.url}: empty source (no items)")
+    if source.fingerprint is None and all(ul.digest for ul in listings):
+        source.fingerprint = digest([ul.digest for ul in listings])
     fingerprint = input_fingerprint(cfg, source)
-    if fingerprint is None:
+    run_key = fingerprint or digest([ul.rows for ul in listings] + [ul.url for ul in listings] + [uuid.uuid4().hex])
+    names = source.label_names or class_names(listings)
+    source.splits = tuple(sorted({ul.unit.split for ul in listings if ul.unit.split and ul.rows})) or source.splits
+    return Listed(source, listing_parts(listings), total, base, f"{base}/run-{run_key[:16]}", names, fingerprint)
+
+
+def _list_unit(lister: Any, base: str, options: dict, unit: Any) -> dict[str, Any]:
+    return {"listing": lister.list_unit(unit, f"{base}/listing/u-{unit.index:05d}.parquet", options)}
+
+
+def _batch_parts(source: Source, cfg: IngestRequest) -> Iterator[BatchPart]:
+    """An in-process source's batches as parts (limited as `mapper.limit_mask` limits listed ones), with
+    repeated ids quarantined here when the source does not guarantee unique ids."""
+    assert source.batches is not None
+    seen_ids: set[str] | None = None if source.ids_unique else set()
+    start = 0
+    for index, batch in enumerate(source.batches()):
+        keep = limit_mask(start, len(batch), cfg.limit, source.size) if source.size is not None else (
+            None if cfg.limit is None else np.arange(start, start + len(batch)) < cfg.limit)
+        start += len(batch)
+        if keep is not None:
+            if not keep.any():
+                if source.size is None:
+                    return
+                continue
+            batch = batch.take(np.flatnonzero(keep))
+        repeats: tuple[tuple[str, str, str], ...] = ()
+        if seen_ids is not None:
+            batch, repeats = _without_repeats(batch, seen_ids)
+        yield BatchPart(f"b{index:06d}", batch, repeats)
+
+
+def _without_repeats(batch: RawBatch, seen: set[str]) -> tuple[RawBatch, tuple[tuple[str, str, str], ...]]:
+    """The batch less the items whose id was met before, and those items as quarantine entries."""
+    repeated = []
+    for i, id_ in enumerate(batch.ids):
+        if id_ in seen:
+            repeated.append(i)
+        seen.add(id_)
+    if not repeated:
+        return batch, ()
+    keep = np.setdiff1d(np.arange(len(batch)), repeated)
+    return batch.take(keep), tuple((batch.ids[i], batch.sources[i], f"id {batch.ids[i]!r} repeats an earlier "
+                                    "item's id") for i in repeated)
+
+
+def input_fingerprint(cfg: IngestRequest, source: Source) -> str | None:
+    """SHA-256 of the source's fingerprint (its files, listed but not read) and of everything else that
+    shapes the rows and files, so that equal fingerprints mean equal datasets; None when the source has
+    none. Kept in the manifest's source details, outside the version, for `find_unchanged`."""
+    if source.fingerprint is None:
+        return None
+    return digest({"source": [source.kind, source.url, source.fingerprint], "format": "vae-shards/1",
+                   "shard_mb": cfg.shard_mb, "columns": [cfg.image_column, cfg.label_column],
+                   "options": pub.request_options(cfg), "limits": list(cfg.source_limits())})
+
+
+def find_unchanged(cfg: IngestRequest, listed: Listed) -> Published | None:
+    """The newest existing version of `cfg.name` made from this very input (same fingerprint), found
+    without reading or decoding the source; None if there is none."""
+    if listed.fingerprint is None:
         return None
     fs, root = resolve(cfg.root(), cfg.data_root_options)
     for version in reversed(list_versions(cfg.root(), cfg.name, cfg.data_root_options)):
@@ -243,77 +193,121 @@ def find_unchanged(cfg: IngestRequest, source: Source) -> Published | None:
         m = read_manifest(fs, vdir)
         # Under a stricter max_quarantine_fraction than it was made with, a full run must fail as usual.
         within = m.items.quarantined / m.items.seen <= cfg.max_quarantine_fraction
-        if within and m.source.details.get("fingerprint") == fingerprint:
+        if within and m.source.details.get("fingerprint") == listed.fingerprint:
             return Published(m.name, m.version, to_url(fs, vdir), created=False, manifest=m)
     return None
 
 
-def run_ingest(cfg: IngestRequest, progress: bool = False) -> Published:
-    """Source -> published (or found) dataset version."""
-    source = open_source_for(cfg)
-    if (found := find_unchanged(cfg, source)) is not None:
-        return found
-    staged = build(source, cfg, progress)
-    try:
-        return publish(staged, cfg)
-    finally:
-        staged.cleanup()
+@dataclass
+class Decoded:
+    """What the map step found, summed over the parts."""
+
+    job: Job
+    totals: dict[str, Any]
+    nodes: dict[tuple[str, str], int]
+    retries: int
 
 
-# ----------------------------------------------------------------------------------------- summary
+def decode_parts(listed: Listed, cfg: IngestRequest, runner: Runner = serial,
+                 progress: Progress | None = None) -> Decoded:
+    """Run the map step on every part (skipping those an earlier run committed) and sum what they found."""
+    carve_val = "val" not in listed.source.splits and cfg.val_fraction > 0
+    job = Job(cfg, listed.run, buckets_for(listed.total or 0) if listed.total else 1, listed.total, carve_val)
+    if listed.source.lister is None and listed.total is None:
+        job = Job(cfg, listed.run, 8, None, carve_val)  # size unknown up front: a fixed bucket count
+    totals: dict[str, Any] = {"seen": 0, "quarantined": 0, "max_label": -1, "shape": None, "shape_from": None,
+                              "label_names": listed.label_names}
+    nodes: dict[tuple[str, str], int] = {}
+    retries = 0
+    for rec in runner(functools.partial(map_part, job), listed.parts):
+        if "shapes" in rec:
+            (a, wa), (b, wb) = rec["shapes"]
+            _shape_error(tuple(a), wa, tuple(b), wb)
+        totals["seen"] += rec["seen"]
+        totals["quarantined"] += rec["quarantined"]
+        totals["max_label"] = max(totals["max_label"], rec["max_label"])
+        retries += rec["retries"] if rec["decoded"] else 0
+        if rec["shape"] is not None:
+            if totals["shape"] is None:
+                totals["shape"], totals["shape_from"] = rec["shape"], rec["shape_from"]
+            elif rec["shape"] != totals["shape"]:
+                _shape_error(tuple(rec["shape"]), rec["shape_from"], tuple(totals["shape"]), totals["shape_from"])
+        if rec["decoded"]:
+            where = (rec.get("node_id", "local"), rec.get("address", socket.gethostname()))
+            nodes[where] = nodes.get(where, 0) + rec["decoded"]
+        if progress:
+            progress.decoded(rec["seen"], fresh=bool(rec["decoded"]))
+    if totals["seen"] == 0:
+        raise IngestError(f"{listed.source.url}: empty source (no items)")
+    return Decoded(job, totals, nodes, retries)
 
 
-def summary_markdown(result: Published) -> str:
-    """A short Markdown report: counts per split, shape, channel stats, duplicates and quarantine."""
-    m = result.manifest
-    lines = [
-        f"# Dataset `{m.name}` version `{m.version}`",
-        "",
-        f"{'Created' if result.created else 'Already existed (nothing written)'}: `{result.url}`  ",
-        f"Source: {m.source.kind} `{m.source.url}`  ",
-        f"Shape: {m.height} x {m.width} x {m.channels} (H x W x C), labels: "
-        f"{len(m.label_names) if m.label_names else 'none'}",
-        "",
-        "| split | rows | shards |",
-        "|---|---:|---:|",
-    ]
-    lines += [f"| {s} | {m.counts[s]:,} | {len(m.splits[s].shards) if s in m.splits else 0} |" for s in SPLITS]
-    stats = ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(m.channel_mean, m.channel_std))
-    i = m.items
-    lines += [
-        "",
-        f"Channel mean / std (pixel/255, train): {stats}",
-        "",
-        f"Items: {i.seen:,} seen = {i.ok:,} ok + {i.duplicates:,} duplicates + {i.quarantined:,} quarantined"
-        + (f"; {m.label_conflicts:,} duplicates disagree with the kept copy's label" if m.label_conflicts else ""),
-    ]
-    if m.quarantine:
-        lines += ["", "| quarantined | reason |", "|---|---|"]
-        lines += [f"| `{q.id}` | {q.reason} |" for q in m.quarantine[:50]]
-        if len(m.quarantine) > 50:
-            lines.append(f"| ... | {len(m.quarantine) - 50} more in manifest.json |")
-    if m.duplicates:
-        lines += ["", "| duplicate | kept |", "|---|---|"]
-        lines += [f"| `{d.id}` | `{d.duplicate_of}` |" for d in m.duplicates[:20]]
-        if len(m.duplicates) > 20:
-            lines.append(f"| ... | {len(m.duplicates) - 20} more in manifest.json |")
-    return "\n".join(lines + _label_conflict_lines(m)) + "\n"
+def _shape_error(shape: tuple, where: str, other: tuple, other_from: str) -> None:
+    (h, w, c), (H, W, C) = shape, other
+    hint = [opt for opt, differs in (("--image-size H,W", (h, w) != (H, W)), ("--channels 1|3", c != C)) if differs]
+    raise IngestError(f"images differ in shape: {where} is {h}x{w}x{c} but {other_from} is {H}x{W}x{C}; "
+                      f"choose one with {' and '.join(hint)}")
 
 
-def _label_conflict_lines(m: Manifest) -> list[str]:
-    """Markdown lines listing the duplicates whose label differs from the kept copy's (none: no lines)."""
-    conflicts = [d for d in m.duplicates if d.label_conflict]
-    if not conflicts:
+def write_shards(decoded: Decoded, runner: Runner = serial, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Run the reduce step on every bucket; -> their records."""
+    if decoded.totals["shape"] is None:  # nothing decoded: build_manifest names what was quarantined
         return []
-    names = m.label_names or []
+    shape = tuple(decoded.totals["shape"])
+    records = []
+    for rec in runner(functools.partial(_reduce, decoded.job, shape), range(decoded.job.buckets)):
+        records.append(rec)
+        if progress:
+            progress.shards(len(rec["shards"]))
+    return sorted(records, key=lambda r: r["bucket"])
 
-    def label(y: int | None) -> str:
-        return "none" if y is None else f"{y} ({names[y]})" if 0 <= y < len(names) else str(y)
 
-    lines = ["", f"{len(conflicts):,} duplicates disagree with the kept copy on their label (label noise; "
-             "only the kept copy's label is in the dataset):", "",
-             "| duplicate | its label | kept | kept label |", "|---|---|---|---|"]
-    lines += [f"| `{d.id}` | {label(d.label)} | `{d.duplicate_of}` | {label(d.kept_label)} |" for d in conflicts[:20]]
-    if len(conflicts) > 20:
-        lines.append(f"| ... | | | {len(conflicts) - 20} more in manifest.json |")
-    return lines
+def _reduce(job: Job, shape: tuple[int, int, int], bucket: int) -> dict[str, Any]:
+    return reduce_bucket(job, bucket, shape)
+
+
+def finish(listed: Listed, decoded: Decoded, buckets: list[dict[str, Any]]) -> Published:
+    """Build, check and publish the manifest; remove the work folder once the version is there."""
+    cfg, job = decoded.job.request, decoded.job
+    totals = decoded.totals
+    if totals["shape"] is None:
+        totals = {**totals, "shape": [1, 1, 1]}
+    h, w, c = totals["shape"]
+    options = {**pub.request_options(cfg), "rows_per_shard": rows_per_shard(cfg.shard_mb, h * w * c)}
+    details = {**listed.source.details, "fingerprint": listed.fingerprint}
+    m = pub.build_manifest(job, listed.source, totals, buckets, options, details)
+    url, created, m = pub.publish(job, m)
+    remove_work(cfg, listed.base)
+    nodes = [NodeRows(node_id=n, address=a, rows=r) for (n, a), r in sorted(decoded.nodes.items())]
+    return Published(m.name, m.version, url, created, m, nodes, decoded.retries)
+
+
+def remove_work(cfg: IngestRequest, base: str) -> None:
+    """Remove this request's work folder (it holds only what ingestion wrote there)."""
+    fs, path = resolve(base, cfg.data_root_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    parent = posixpath.dirname(path)
+    try:
+        if not fs.ls(parent):
+            fs.rmdir(parent)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def run_ingest(cfg: IngestRequest, progress: bool = False, runner: Runner = serial) -> Published:
+    """Source -> published (or found) dataset version, every task run by `runner`."""
+    bar = Progress(cfg.name, enabled=progress)
+    started = time.monotonic()
+    try:
+        source = open_source_for(cfg)
+        listed = list_source(source, cfg, runner, bar)
+        if (found := find_unchanged(cfg, listed)) is not None:
+            remove_work(cfg, listed.base)
+            return found
+        bar.start_decoding(listed.total)
+        decoded = decode_parts(listed, cfg, runner, bar)
+        buckets = write_shards(decoded, runner, bar)
+        return finish(listed, decoded, buckets)
+    finally:
+        bar.close(time.monotonic() - started)

@@ -16,7 +16,8 @@ from PIL import Image
 
 from vae_core.data.shards import (MANIFEST, DatasetInfo, ItemCounts, Manifest, build_table, fit_model, list_versions,
                                   open_dataset, read_split_u8, shard_paths, shard_schema, table_to_u8)
-from vae_core.ingestion.ingest import run_ingest, summary_markdown
+from vae_core.ingestion.ingest import run_ingest
+from vae_core.ingestion.report import summary_markdown
 from vae_core.names import parse_dataset_ref
 from vae_core.requests import IngestRequest
 from vae_core.storage import atomic_write_bytes, resolve

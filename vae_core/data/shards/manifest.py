@@ -16,6 +16,7 @@ from vae_core.names import check_name
 from vae_core.storage import to_url
 
 M = TypeVar("M", bound=BaseModel)
+LIST_BOUND = 1000  # quarantine or duplicate entries kept inline in manifest.json; longer lists go to Parquet
 # What every error about a damaged dataset version ends with.
 DAMAGED = "the dataset version is damaged; remove {url} and ingest its source again"
 
@@ -140,6 +141,10 @@ class Manifest(_Strict):
     items: ItemCounts
     quarantine: list[QuarantineEntry] = Field(default_factory=list)
     duplicates: list[DuplicateEntry] = Field(default_factory=list)
+    # Lists longer than LIST_BOUND live in Parquet files beside the manifest (named here) instead.
+    quarantine_file: str | None = Field(None, pattern=r"^quarantine\.parquet$")
+    duplicates_file: str | None = Field(None, pattern=r"^duplicates\.parquet$")
+    conflicts: int | None = Field(None, ge=0, description="duplicates whose label differs from the kept copy's")
     source: SourceDescription
     options: dict[str, Any] = Field(default_factory=dict, description="the ingest options that shaped the rows")
 
@@ -162,8 +167,12 @@ class Manifest(_Strict):
             raise ValueError(f"channel stats must have {self.channels} entries")
         if sum(s.rows for s in self.splits.values()) != self.items.ok:
             raise ValueError(f"splits hold {sum(s.rows for s in self.splits.values())} rows, items.ok is {self.items.ok}")
-        if len(self.quarantine) != self.items.quarantined or len(self.duplicates) != self.items.duplicates:
-            raise ValueError("quarantine/duplicates lists do not match items counts")
+        for inline, file, count, what in ((self.quarantine, self.quarantine_file, self.items.quarantined, "quarantine"),
+                                          (self.duplicates, self.duplicates_file, self.items.duplicates, "duplicates")):
+            if file is None and len(inline) != count:
+                raise ValueError(f"the {what} list holds {len(inline)} entries but items count {count}")
+            if file is not None and inline:
+                raise ValueError(f"the {what} list is both inline and in {file}")
         return self
 
     @property
@@ -178,7 +187,7 @@ class Manifest(_Strict):
     @property
     def label_conflicts(self) -> int:
         """Duplicates whose label differs from the kept copy's (see DuplicateEntry)."""
-        return sum(d.label_conflict for d in self.duplicates)
+        return self.conflicts if self.conflicts is not None else sum(d.label_conflict for d in self.duplicates)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"

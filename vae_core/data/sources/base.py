@@ -2,7 +2,7 @@
 
 A source is read in batches so that memory stays bounded however large it is. Items come either
 already decoded (IDX, NumPy, built-ins: `RawBatch.pixels`) or as encoded file bytes that ingestion
-decodes in worker processes (folders, Parquet: `RawBatch.encoded`).
+decodes in its tasks (folders, file lists, Parquet: `RawBatch.encoded`).
 
 Each source module declares its `Format` (name, how detection recognises it, how it opens); the
 registry in `vae_core.data.sources.formats` lists them.
@@ -83,8 +83,9 @@ class RawBatch:
 class Source:
     """An opened, validated source.
 
-    batches() yields every item exactly once, in a deterministic order. size is the item count when
-    known up front (for progress bars).
+    batches() yields every item exactly once, in a deterministic order; a source of many files has a
+    `lister` instead (its files are listed and read in parts by tasks: `vae_core.data.sources.listing`).
+    size is the item count when known up front (for progress bars).
     splits: the dataset splits the source has of its own (empty when it has none).
     ids_unique: whether the source guarantees unique ids (else ingestion checks them).
     fingerprint: a digest of what the source reads, taken before reading it (file paths, sizes and
@@ -94,7 +95,8 @@ class Source:
 
     kind: str
     url: str
-    batches: Callable[[], Iterator[RawBatch]]
+    batches: Callable[[], Iterator[RawBatch]] | None = None
+    lister: Any = None  # sources of many files: a lister (`listing.Unit`s and how to list one) instead of batches
     size: int | None = None
     label_names: list[str] | None = None
     splits: tuple[str, ...] = ()
@@ -126,6 +128,7 @@ class Format:
     folder: a folder whose files (recursive, hidden ones left out) it accepts is this format.
     any_folder: a folder that no format's `folder` accepts is this format.
     reads_siblings: a single file is read with the files beside it (its fingerprint lists them too).
+    listed: the source's fingerprint comes from listing its files (`Source.lister`), not from opening it.
     """
 
     name: str
@@ -137,6 +140,7 @@ class Format:
     folder: Callable[[list[str]], bool] | None = None
     any_folder: bool = False
     reads_siblings: bool = False
+    listed: bool = False
 
 
 LABEL_MAX = 2**31 - 1  # labels are int32 in the dataset

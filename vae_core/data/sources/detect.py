@@ -70,7 +70,7 @@ def _open(url: str, format: SourceFormat, storage_options: dict | None, image_co
           label_column: str | None, limits: SourceLimits) -> Source:
     fmt = BY_NAME[detect_format(url, storage_options) if format == "auto" else format]
     # Taken before anything is read: a file that changes while it is being read then differs next time.
-    fingerprint = _fingerprint(url, fmt, storage_options)
+    fingerprint = None if fmt.listed else _fingerprint(url, fmt, storage_options)
     source = fmt.open(url, SourceOptions(storage_options, image_column, label_column, limits))
     source.fingerprint = fingerprint
     return source

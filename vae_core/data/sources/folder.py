@@ -3,142 +3,154 @@
     root/cat/001.png   -> id "cat/001.png", label index of "cat"
     root/loose.jpg     -> id "loose.jpg", no label
 
-When every first-level folder is a split name (train, val/valid/validation, test), those are the
-source's own splits and the class is the second level: ``root/train/cat/001.png``.
+When every first-level folder is a split name (train, val/valid/validation, test) and no file lies beside
+them, those are the source's own splits and the class is the second level: ``root/train/cat/001.png``.
 
 Every file under the root is an item, whatever its extension: files that are not images end up in
-the quarantine with the reason, so nothing is silently skipped. Bytes are read here, in batches;
-decoding happens in ingestion's worker processes. A file above the size limit is quarantined unread.
+the quarantine with the reason, so nothing is silently skipped. A file above the size limit is
+quarantined unread.
+
+The tree is listed in units (`listing.Unit`): each class folder is one, listed by its own task (in
+parallel, on object stores too), and the files directly in the root (or in a split folder) are one more.
+Only the first one or two levels are listed here, on opening.
 
 A local file name that is not valid UTF-8 keeps its bytes: each byte that does not decode appears in the
-id as ``%XX`` (``bad\xff.png`` -> ``bad%FF.png``); should that equal another file's name, the later one
-is quarantined as a repeated id.
+id as ``%XX`` (``bad\\xff.png`` -> ``bad%FF.png``); should that equal another file's name in the same
+folder, the later one is quarantined as a repeated id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import posixpath
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import fsspec
-import numpy as np
+import pyarrow as pa
 
-from vae_core.data.sources.base import (Format, LocalFile, RawBatch, Source, SourceError, SourceOptions, printable,
-                                        split_from_name)
-from vae_core.data.sources.limits import SourceLimits
+from vae_core.data.sources.base import Format, Source, SourceError, SourceOptions, printable, split_from_name
+from vae_core.data.sources.listing import Unit, UnitListing, write_listing
 from vae_core.data.sources.remote import open_fs
-from vae_core.storage import is_local, to_url
+from vae_core.storage import is_local, resolve, to_url
 
-BATCH = 512
+BATCH = 4096  # files per listing batch
+STAMPS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created")
 
 
-def _relative(root: str, path: str) -> str:
+def relative(root: str, path: str) -> str:
     return posixpath.relpath(path, root) if root not in ("", "/") else path.lstrip("/")
 
 
-def _layout(rels: list[str]) -> tuple[bool, list[str]]:
-    """-> (whether the first level names splits, sorted class names)."""
-    top = {r.split("/", 1)[0] for r in rels if "/" in r}
-    loose = any("/" not in r for r in rels)
-    by_split = bool(top) and not loose and all(split_from_name(t) for t in top)
-    level = 1 if by_split else 0
-    classes = sorted({r.split("/")[level] for r in rels if r.count("/") > level})
-    return by_split, classes
+@dataclass(frozen=True)
+class FolderLister:
+    """Lists a folder tree unit by unit (see the module docstring); picklable, so tasks can run it."""
+
+    url: str
+    root: str
+    storage_options: dict[str, Any] | None
+    units: tuple[Unit, ...]
+
+    def list_unit(self, unit: Unit, out_url: str, out_options: dict | None) -> UnitListing:
+        """List one unit's files, sorted by path, into the listing table at `out_url` (runs in a task)."""
+        fs, _ = open_fs(self.url, self.storage_options)
+        found = sorted(_walk(fs, unit.path, unit.deep))
+        digest = hashlib.sha256()
+        stamped = True
+        seen: set[str] = set()
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            nonlocal stamped
+            for start in range(0, len(found), BATCH):
+                chunk = found[start : start + BATCH]
+                ids = [printable(relative(self.root, p)) for p, _, _ in chunk]
+                errors = []
+                for i in ids:  # an escaped name may equal a real one
+                    errors.append(f"id {i!r} repeats an earlier item's id" if i in seen else None)
+                    seen.add(i)
+                for (p, size, stamp), i in zip(chunk, ids):
+                    digest.update(json.dumps([i, size, stamp]).encode())
+                    stamped = stamped and stamp is not None
+                yield pa.record_batch({
+                    "path": [p if is_local(fs) else fs.unstrip_protocol(p) for p, _, _ in chunk],
+                    "id": ids,
+                    "source": [printable(to_url(fs, p)) for p, _, _ in chunk],
+                    "size": pa.array([s for _, s, _ in chunk], pa.int64()),
+                    "label": pa.nulls(len(chunk), pa.int32()),
+                    "error": pa.array(errors, pa.string()),
+                })
+
+        out_fs, out_path = resolve(out_url, out_options)
+        rows = write_listing(out_fs, out_path, batches())
+        return UnitListing(unit, out_url, rows, digest.hexdigest() if stamped and rows else None)
 
 
 def open_folder(url: str, options: SourceOptions = SourceOptions()) -> Source:
-    """Folder URL -> Source over every file below it, in sorted path order."""
+    """Folder URL -> Source whose files are listed unit by unit (`FolderLister`)."""
     fs, root = open_fs(url, options.storage_options)
     if not fs.isdir(root):
         raise SourceError(f"{url}: not a folder")
-    sizes = _list_files(fs, root)
-    files = sorted(sizes)
-    if not files:
-        raise SourceError(f"{url}: empty source (no files in the folder tree)")
-    rels = [printable(_relative(root, p)) for p in files]
-    by_split, classes = _layout(rels)
-    class_index = {c: i for i, c in enumerate(classes)}
-    level = 1 if by_split else 0
-
-    def label_of(rel: str) -> int:
-        parts = rel.split("/")
-        return class_index[parts[level]] if len(parts) > level + 1 else -1
-
-    def batches() -> Iterator[RawBatch]:
-        for start in range(0, len(files), BATCH):
-            paths = files[start : start + BATCH]
-            batch_rels = rels[start : start + BATCH]
-            encoded, errors = _read(fs, paths, sizes, options.limits)
-            yield RawBatch(
-                ids=batch_rels,
-                sources=[printable(to_url(fs, p)) for p in paths],
-                labels=np.array([label_of(r) for r in batch_rels], dtype=np.int32),
-                splits=[split_from_name(r.split("/", 1)[0]) for r in batch_rels] if by_split else None,
-                encoded=encoded,
-                errors=errors,
-            )
-
-    return Source(
-        kind="folder", url=url, batches=batches, size=len(files), label_names=classes or None,
-        splits=tuple(sorted({split_from_name(r.split('/', 1)[0]) for r in rels})) if by_split else (),  # type: ignore[arg-type]
-        ids_unique=len(set(rels)) == len(rels),  # an escaped name may equal a real one
-        details={"files": len(files), "classes": len(classes), "split_folders": by_split},
-    )
+    dirs, files = _level(fs, root)
+    by_split = bool(dirs) and not files and all(split_from_name(printable(posixpath.basename(d))) for d in dirs)
+    units: list[Unit] = []
+    if by_split:
+        for d in dirs:
+            split = split_from_name(printable(posixpath.basename(d)))
+            subdirs, _ = _level(fs, d)
+            units += [Unit(0, s, True, printable(posixpath.basename(s)), split) for s in subdirs]
+            units.append(Unit(0, d, False, None, split))
+    else:
+        units = [Unit(0, d, True, printable(posixpath.basename(d))) for d in dirs] + [Unit(0, root, False)]
+    units = [Unit(i, u.path, u.deep, u.cls, u.split) for i, u in enumerate(units)]
+    splits = tuple(sorted({u.split for u in units if u.split}))
+    lister = FolderLister(url, root, options.storage_options, tuple(units))
+    return Source(kind="folder", url=url, lister=lister, splits=splits, ids_unique=True,
+                  details={"split_folders": by_split})
 
 
 # A folder tree of images: any folder that no other format claims.
-FORMAT = Format("folder", open_folder, any_folder=True)
+FORMAT = Format("folder", open_folder, any_folder=True, listed=True)
 
 
-def _read(fs: fsspec.AbstractFileSystem, paths: list[str], sizes: dict[str, int | None],
-          limits: SourceLimits) -> tuple[list[bytes | LocalFile | None], list[str | None]]:
-    """Read a batch of files (local ones are left for the decoder to read); a file that cannot be read,
-    is empty or is above the size limit becomes an error, not an exception, and is not read."""
-    errors: dict[str, str | None] = {p: _size_problem(sizes[p], limits) for p in paths}
-    want = [p for p in paths if errors[p] is None]
-    # The decoder reads local files itself (in parallel, without piping bytes).
-    got = {p: LocalFile(p) for p in want} if is_local(fs) else dict(zip(want, _cat_all(fs, want, sizes, limits)))
-    for p in want:
-        if isinstance(data := got[p], BaseException):
-            errors[p] = f"cannot read: {_describe(data)}"
-        elif not isinstance(data, LocalFile):
-            errors[p] = _size_problem(len(data), limits)
-    return [None if errors[p] else got[p] for p in paths], [errors[p] for p in paths]
+def _level(fs: fsspec.AbstractFileSystem, path: str) -> tuple[list[str], list[str]]:
+    """The folders and the files directly in `path`, sorted."""
+    if is_local(fs):
+        with os.scandir(path) as it:
+            entries = [(e.path, e.is_dir()) for e in it]
+        return sorted(p for p, d in entries if d), sorted(p for p, d in entries if not d)
+    fs.invalidate_cache(path)
+    entries = fs.ls(path, detail=True)
+    own = path.rstrip("/")
+    dirs = sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory")
+    return [d for d in dirs if d != own], sorted(e["name"] for e in entries if e.get("type") != "directory")
 
 
-def _describe(error: BaseException) -> str:
-    """One line: the error and what caused it (fsspec's HTTP filesystem reports a refused or failed request
-    as FileNotFoundError, from the real one)."""
-    text = f"{type(error).__name__}: {' '.join(str(error).split())}"
-    cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-    return f"{text} ({_describe(cause)})" if cause is not None else text
-
-
-def _size_problem(size: int | None, limits: SourceLimits) -> str | None:
-    """Why a file of `size` bytes (None: unknown until read) is not decoded, or None."""
-    if size == 0:
-        return "empty file (0 bytes)"
-    return None if size is None else limits.file_problem(size)
-
-
-def _list_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int | None]:
-    """Every file below root -> its size in bytes (None where the filesystem cannot say: an HTTP server
-    whose responses carry no length)."""
+def _walk(fs: fsspec.AbstractFileSystem, path: str, deep: bool) -> list[tuple[str, int | None, str | None]]:
+    """(path, size, stamp) of every file below `path` (`deep`) or directly in it. Size None: the store
+    cannot say (an HTTP index); -1: a dangling link (reading it says what is wrong). Stamp: the ETag or
+    modification time, for the fingerprint."""
     if is_local(fs):  # os.walk is ~10x faster than fsspec's generic find for big local trees
-        out: dict[str, int | None] = {}
-        for d, _, names in os.walk(root):
+        out = []
+        for d, _, names in os.walk(path) if deep else [(path, None, [n for n in os.listdir(path)
+                                                                       if not os.path.isdir(os.path.join(path, n))])]:
             for n in names:
                 p = os.path.join(d, n)
                 try:
-                    out[p] = os.stat(p).st_size
-                except OSError:  # a dangling link: keep it, reading it will say what is wrong
-                    out[p] = -1
+                    st = os.stat(p)
+                    out.append((p, st.st_size, str(st.st_mtime_ns)))
+                except OSError:
+                    out.append((p, -1, None))
         return out
-    entries = fs.find(root, detail=True)
-    sizes = {p: e.get("size") for p, e in entries.items() if e.get("type", "file") == "file"}
-    return {**sizes, **_ask_sizes(fs, [p for p, size in sizes.items() if size is None])}
+    fs.invalidate_cache(path)
+    entries = fs.find(path, detail=True) if deep else {e["name"]: e for e in fs.ls(path, detail=True)}
+    files = {p: e for p, e in entries.items() if e.get("type", "file") == "file"}
+    sizes = _ask_sizes(fs, [p for p, e in files.items() if e.get("size") is None])
+    return [(p, e.get("size", sizes.get(p)) if e.get("size") is not None else sizes.get(p),
+             next((str(e[k]) for k in STAMPS if e.get(k)), None)) for p, e in files.items()]
 
 
 def _ask_sizes(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, int | None]:
@@ -161,37 +173,3 @@ def _ask_sizes(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, int
         except Exception as e:  # reading the file will say what is wrong with it
             out[p] = size(e)
     return out
-
-
-def _cat_all(fs: fsspec.AbstractFileSystem, paths: list[str], sizes: dict[str, int | None],
-             limits: SourceLimits) -> list[bytes | BaseException]:
-    """Contents of each path, or the exception reading it raised. A file of unknown size is read as a
-    stream, at most one byte past the size limit.
-
-    Object stores (async filesystems) fetch the whole batch concurrently. `fs.cat(list)` is not used
-    because it expands glob characters, and file names may legitimately contain ``[``, ``*`` or ``?``.
-    """
-    known = [p for p in paths if sizes[p] is not None]
-    got: dict[str, bytes | BaseException] = {p: _read_capped(fs, p, limits.max_file_bytes + 1)
-                                             for p in paths if sizes[p] is None}
-    if getattr(fs, "async_impl", False) and known:
-        from fsspec.asyn import sync
-
-        async def gather() -> list[bytes | BaseException]:
-            return await asyncio.gather(*(fs._cat_file(p) for p in known), return_exceptions=True)
-
-        got.update(zip(known, sync(fs.loop, gather)))
-    else:
-        got.update((p, _read_capped(fs, p, None)) for p in known)
-    return [got[p] for p in paths]
-
-
-def _read_capped(fs: fsspec.AbstractFileSystem, path: str, most: int | None) -> bytes | BaseException:
-    """The file's bytes (at most `most` of them), or the exception reading it raised."""
-    try:
-        if most is None:
-            return fs.cat_file(path)
-        with fs.open(path, "rb") as f:
-            return f.read(most)
-    except Exception as e:  # recorded per file: one unreadable file must not stop the run
-        return e

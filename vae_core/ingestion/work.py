@@ -1,0 +1,90 @@
+"""The work folder of an ingestion run, under the data root beside the versions it makes, and what every
+task of the run is given (`Job`).
+
+    <root>/<name>/.ingest-<key>/listing/u-00000.parquet      the source's listing (rewritten by each run)
+    <root>/<name>/.ingest-<key>/run-<input>/parts/...         decoded rows by content bucket, per part
+    <root>/<name>/.ingest-<key>/run-<input>/shards/...        finished shards, named by their SHA-256
+
+`key` hashes the request's options that shape the rows and the source's URL; `input` is the source's
+fingerprint (or its listing's digest), so a run killed at any point and started again on the same input
+finds every part and shard it finished, each committed by a record written after its files. A changed
+input gets a new run folder. The folder's name starts with a dot: no dataset reference or listing of
+versions sees it. It is removed once the version is published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+
+from vae_core.data.shards import dataset_dir
+from vae_core.storage import atomic_write_bytes, is_local, resolve, to_url
+
+if TYPE_CHECKING:
+    from vae_core.requests import IngestRequest
+
+BUCKET_ROWS = 32768  # rows per content bucket: what one reduce task holds in memory
+
+
+def work_root(req: IngestRequest, key: str) -> str:
+    fs, root = resolve(req.root(), req.data_root_options)
+    return to_url(fs, posixpath.join(dataset_dir(root, req.name), f".ingest-{key}"))
+
+
+def buckets_for(items: int) -> int:
+    """Content buckets for `items` rows: a function of the count alone, never of the workers."""
+    return max(1, -(-items // BUCKET_ROWS))
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every map and reduce task of one run is given (picklable)."""
+
+    request: IngestRequest
+    work: str  # this run's folder (URL)
+    buckets: int
+    total: int | None  # items in the source order (for --limit); None when unknown
+    carve_val: bool  # whether val is carved from train (the source has no val split of its own)
+
+    def fs(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        return resolve(self.work, self.request.data_root_options)
+
+
+def bucket_dir(work: str, bucket: int) -> str:
+    return f"{work}/parts/b-{bucket:05d}"
+
+
+def part_record(work: str, key: str) -> str:
+    return f"{work}/parts/commit/{key}.json"
+
+
+def bucket_record(work: str, bucket: int) -> str:
+    return f"{work}/shards/commit/b-{bucket:05d}.json"
+
+
+def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes, replace: bool = True) -> bool:
+    """Atomic write (temporary name, then rename), making the folder first where the store has folders."""
+    if is_local(fs):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    return atomic_write_bytes(fs, path, data, replace=replace)
+
+
+def write_record(fs: fsspec.AbstractFileSystem, path: str, record: dict[str, Any]) -> None:
+    """A commit record: written last, after the files it names, so its presence means they are complete."""
+    write_file(fs, path, json.dumps(record, sort_keys=True).encode())
+
+
+def read_record(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
