@@ -9,23 +9,30 @@ small (counts, checksums); the rows themselves go straight from the tasks to the
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import pickle
+import warnings
 from collections.abc import Callable, Iterable, Iterator
-from types import SimpleNamespace
 from typing import Any
 
-from flows.distributed.cluster import data_context, reserve
+from flows.distributed.cluster import data_context
 from vae_core.errors import IngestError
 from vae_core.requests import IngestRequest
 
 
 def scaling(req: IngestRequest, resources: dict[str, float]) -> tuple[float, int | None]:
-    """(CPUs per task, tasks at once; None: as many as the CPUs allow) for `req` on a cluster with `resources`."""
+    """(CPUs per task, tasks at once; None: as many as the CPUs allow) for `req` on a cluster with `resources`.
+
+    By default the workers share the cluster's CPUs (fractions of one where there are more workers than
+    CPUs); decoding is one thread per task, so a task never needs more than one."""
     total = resources.get("CPU", 1)
     if req.workers == 0:
         return req.cpus_per_worker or 1.0, None
-    wanted = SimpleNamespace(workers=req.workers, cpus_per_worker=req.cpus_per_worker, gpus_per_worker=0.0)
-    cpus, _ = reserve(resources, wanted, IngestError, spare=0.0, min_cpus=min(0.25, total / req.workers))
+    cpus = req.cpus_per_worker or min(1.0, math.floor(100 * total / req.workers) / 100)
+    if cpus * req.workers > total + 1e-9:
+        raise IngestError(f"{req.workers} workers x {cpus:g} CPUs exceed the cluster's {total:g} CPUs")
     return cpus, req.workers
 
 
@@ -45,10 +52,25 @@ def ray_runner(cpus: float, workers: int | None) -> Callable[[Callable[[Any], di
             node = ray.get_runtime_context().get_node_id()
             return {"out": pickle.dumps({**out, "node_id": node, "address": ray.util.get_node_ip_address()})}
 
-        with data_context(enable_progress_bars=False):
+        with data_context(enable_progress_bars=False), _quiet():
             ds = ray.data.from_items([{"item": i} for i in range(len(todo))], override_num_blocks=len(todo))
             ds = ds.map(task, num_cpus=cpus, compute=ray.data.TaskPoolStrategy(size=workers))
             for row in ds.iter_rows():
                 yield pickle.loads(row["out"])
 
     return run
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Ray Data's INFO lines and its warning about fewer blocks than tasks would cut through the progress
+    bar and fill the flow's log: errors only while the job runs."""
+    log = logging.getLogger("ray.data")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
+            yield
+    finally:
+        log.setLevel(level)
