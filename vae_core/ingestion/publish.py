@@ -173,13 +173,15 @@ def _concat(fs: Any, paths: list[str], schema: pa.Schema) -> bytes:
 
 def manifest_entries(url: str, m: Manifest, kind: str, options: dict | None = None,
                      limit: int | None = None) -> list[dict[str, Any]]:
-    """A version's quarantine or duplicates entries, inline or from their side file (at most `limit`)."""
+    """A version's quarantine or duplicates entries, inline or from their side file (at most `limit`), in
+    the same form either way (the entry model's: a duplicate's labels only where they disagree)."""
     file = m.quarantine_file if kind == "quarantine" else m.duplicates_file
     if file is None:
         entries = m.quarantine if kind == "quarantine" else m.duplicates
         return [e.model_dump() for e in entries[:limit]]
     fs, vdir = resolve(url, options)
-    return list(read_entries(fs, [posixpath.join(vdir, file)], limit))
+    model = QuarantineEntry if kind == "quarantine" else DuplicateEntry
+    return [model(**row).model_dump() for row in read_entries(fs, [posixpath.join(vdir, file)], limit)]
 
 
 def request_options(cfg: IngestRequest) -> dict[str, Any]:
