@@ -31,7 +31,7 @@ def test_ingest_result_prints_the_summary_keys_in_order(tmp_path):
     published = run_ingest(IngestRequest(source="builtin:digits", name="digits", data_root=str(tmp_path), workers=1))
     out = json.loads(json.dumps(published.summary().model_dump(mode="json")))
     assert list(out) == ["name", "version", "path", "created", "counts", "shape", "seen", "duplicates",
-                         "label_conflicts", "quarantined"]
+                         "label_conflicts", "quarantined", "nodes", "retries"]
     assert out["shape"] == [8, 8, 1] and out["created"] and out["path"] == published.url
     assert IngestResult.model_validate(out) == published.summary() and published.summary().ref == \
         f"digits@{published.version}"

@@ -26,6 +26,7 @@ Steps, and why they are ordered this way:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import posixpath
 import socket
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from vae_core.data.shards import Manifest, dataset_dir, list_versions, read_manifest
-from vae_core.data.sources.base import RawBatch, Source
+from vae_core.data.sources.base import RawBatch, Source, SourceError
 from vae_core.data.sources.detect import open_source
 from vae_core.data.sources.listing import ListingPart, UnitListing, class_names, listing_parts
 from vae_core.errors import IngestError
@@ -120,7 +121,8 @@ def list_source(source: Source, cfg: IngestRequest, runner: Runner = serial,
     listings.sort(key=lambda ul: ul.unit.index)
     total = sum(ul.rows for ul in listings)
     if total == 0:
-        raise IngestError(f"{source.url}: empty source (no files in the folder tree)" if source.kind == "folder"
+        remove_work(cfg, base)
+        raise SourceError(f"{source.url}: empty source (no files in the folder tree)" if source.kind == "folder"
                           else f"{source.url}: empty source (no items)")
     if source.fingerprint is None and all(ul.digest for ul in listings):
         source.fingerprint = digest([ul.digest for ul in listings])
@@ -211,6 +213,11 @@ class Decoded:
 def decode_parts(listed: Listed, cfg: IngestRequest, runner: Runner = serial,
                  progress: Progress | None = None) -> Decoded:
     """Run the map step on every part (skipping those an earlier run committed) and sum what they found."""
+    with removed_on_rejection(cfg, listed.base):
+        return _decode_parts(listed, cfg, runner, progress)
+
+
+def _decode_parts(listed: Listed, cfg: IngestRequest, runner: Runner, progress: Progress | None) -> Decoded:
     carve_val = "val" not in listed.source.splits and cfg.val_fraction > 0
     job = Job(cfg, listed.run, buckets_for(listed.total or 0) if listed.total else 1, listed.total, carve_val)
     if listed.source.lister is None and listed.total is None:
@@ -222,7 +229,7 @@ def decode_parts(listed: Listed, cfg: IngestRequest, runner: Runner = serial,
     for rec in runner(functools.partial(map_part, job), listed.parts):
         if "shapes" in rec:
             (a, wa), (b, wb) = rec["shapes"]
-            _shape_error(tuple(a), wa, tuple(b), wb)
+            _shape_error(tuple(b), wb, tuple(a), wa)
         totals["seen"] += rec["seen"]
         totals["quarantined"] += rec["quarantined"]
         totals["max_label"] = max(totals["max_label"], rec["max_label"])
@@ -275,11 +282,24 @@ def finish(listed: Listed, decoded: Decoded, buckets: list[dict[str, Any]]) -> P
     h, w, c = totals["shape"]
     options = {**pub.request_options(cfg), "rows_per_shard": rows_per_shard(cfg.shard_mb, h * w * c)}
     details = {**listed.source.details, "fingerprint": listed.fingerprint}
-    m = pub.build_manifest(job, listed.source, totals, buckets, options, details)
+    with removed_on_rejection(cfg, listed.base):
+        m = pub.build_manifest(job, listed.source, totals, buckets, options, details)
     url, created, m = pub.publish(job, m)
     remove_work(cfg, listed.base)
     nodes = [NodeRows(node_id=n, address=a, rows=r) for (n, a), r in sorted(decoded.nodes.items())]
     return Published(m.name, m.version, url, created, m, nodes, decoded.retries)
+
+
+@contextlib.contextmanager
+def removed_on_rejection(cfg: IngestRequest, base: str) -> Iterator[None]:
+    """Remove the work folder when the block rejects the input (an IngestError: mixed shapes, too much
+    quarantined, no usable image): running again cannot change that, so nothing is kept for a resume.
+    Any other failure (a kill, a storage error) keeps it, and the next run resumes from it."""
+    try:
+        yield
+    except IngestError:
+        remove_work(cfg, base)
+        raise
 
 
 def remove_work(cfg: IngestRequest, base: str) -> None:

@@ -30,8 +30,7 @@ class Progress:
     def start_decoding(self, total: int | None) -> None:
         self.total = total
         self.started = time.monotonic()
-        if self.enabled:
-            self.bar = tqdm(total=total, desc=f"ingest {self.name}", unit="img", smoothing=0.1)
+        self.bar = tqdm(total=total, desc=f"ingest {self.name}", unit="img", smoothing=0.1, disable=not self.enabled)
 
     def decoded(self, items: int, fresh: bool) -> None:
         """`items` more items done; `fresh` when decoded now rather than found committed by an earlier run."""

@@ -44,7 +44,9 @@ def reduce_bucket(job: Job, bucket: int, shape: tuple[int, int, int]) -> dict[st
     record: dict[str, Any] = {"bucket": bucket, "shards": [], "duplicates": 0, "label_conflicts": 0,
                               "repeats": 0, "sums": {}}
     if table is not None and len(table):
-        table = table.take(pc.sort_indices(table, [("digest", "ascending"), ("source", "ascending")]))
+        # label last: an entry listed twice with two labels keeps the smaller one, whatever the listing order
+        table = table.take(pc.sort_indices(table, [("digest", "ascending"), ("source", "ascending"),
+                                                   ("label", "ascending")]))
         digests = np.frombuffer(table.column("digest").combine_chunks().buffers()[1], np.uint8).reshape(-1, 32)
         first = np.ones(len(table), bool)
         first[1:] = (digests[1:] != digests[:-1]).any(axis=1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import vae_core.ingestion.ingest
+import vae_core.ingestion.mapper
 from vae_core.data.shards import list_versions, open_dataset, read_split_u8
 from vae_core.data.sources.base import SourceError
 from vae_core.data.splits import id_hash_unit
@@ -212,16 +212,15 @@ def test_adding_items_with_longer_names_moves_no_existing_item(tmp_path):
 
 
 def _count_decoding(monkeypatch) -> list[int]:
-    """Counts the batches `run_ingest` decodes."""
+    """Counts the items `run_ingest` decodes, batch by batch."""
     calls: list[int] = []
-    real = vae_core.ingestion.ingest.decode_stream
+    real = vae_core.ingestion.mapper.decode
 
-    def counting(batches, *args, **kw):
-        for pair in real(batches, *args, **kw):
-            calls.append(len(pair[0]))
-            yield pair
+    def counting(batch, *args, **kw):
+        calls.append(len(batch))
+        return real(batch, *args, **kw)
 
-    monkeypatch.setattr(vae_core.ingestion.ingest, "decode_stream", counting)
+    monkeypatch.setattr(vae_core.ingestion.mapper, "decode", counting)
     return calls
 
 

@@ -63,7 +63,7 @@ class FileListLister:
                 for u in {u.split("://", 1)[0] for u in urls if "://" in u}:  # each protocol once
                     check_url(f"{u}://", self.storage_options)
                 yield pa.record_batch({
-                    "path": urls, "id": ids, "source": urls, "size": pa.nulls(len(ids), pa.int64()),
+                    "path": [u.encode() for u in urls], "id": ids, "source": urls, "size": pa.nulls(len(ids), pa.int64()),
                     "label": self._labels(batch, index), "error": pa.nulls(len(ids), pa.string())})
 
         out_fs, out_path = resolve(out_url, out_options)

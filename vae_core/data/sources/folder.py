@@ -76,7 +76,7 @@ class FolderLister:
                     digest.update(json.dumps([i, size, stamp]).encode())
                     stamped = stamped and stamp is not None
                 yield pa.record_batch({
-                    "path": [p if is_local(fs) else fs.unstrip_protocol(p) for p, _, _ in chunk],
+                    "path": [os.fsencode(p if is_local(fs) else fs.unstrip_protocol(p)) for p, _, _ in chunk],
                     "id": ids,
                     "source": [printable(to_url(fs, p)) for p, _, _ in chunk],
                     "size": pa.array([s for _, s, _ in chunk], pa.int64()),
@@ -86,7 +86,7 @@ class FolderLister:
 
         out_fs, out_path = resolve(out_url, out_options)
         rows = write_listing(out_fs, out_path, batches())
-        return UnitListing(unit, out_url, rows, digest.hexdigest() if stamped and rows else None)
+        return UnitListing(unit, out_url, rows, digest.hexdigest() if stamped else None)
 
 
 def open_folder(url: str, options: SourceOptions = SourceOptions()) -> Source:

@@ -5,7 +5,7 @@ A listing is written by whoever lists (a task per folder unit, or the driver str
 run's work folder, one table per unit, with row groups of `PART_ROWS` files: a part is one row group. No
 process holds a list of every file: the driver holds units and parts (one per `PART_ROWS` files).
 
-Listing schema: path (what the filesystem opens), id (stable, unique per source), source (URL for people),
+Listing schema: path (what the filesystem opens, as bytes: `os.fsencode`), id (stable, unique per source), source (URL for people),
 size (bytes; null when the store cannot say), label (int32; null for none), error (a reason found while
 listing, such as a repeated id; null when the file is to be read).
 
@@ -17,6 +17,7 @@ reason, never an exception.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -30,11 +31,12 @@ import pyarrow.parquet as pq
 
 from vae_core.data.sources.base import LocalFile, RawBatch
 from vae_core.data.sources.limits import SourceLimits
+from vae_core.data.sources.remote import open_fs
 from vae_core.storage import is_local, resolve
 
 PART_ROWS = 4096  # files per part: one decode task's work, and one row group of a listing
 LISTING_SCHEMA = pa.schema([
-    pa.field("path", pa.string(), nullable=False),
+    pa.field("path", pa.binary(), nullable=False),  # bytes: a local file name need not be valid UTF-8
     pa.field("id", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
     pa.field("size", pa.int64()),
@@ -140,7 +142,7 @@ def read_part(part: ListingPart, listing_options: dict | None, source_options: d
         table = pq.ParquetFile(f).read_row_group(part.group)
     if keep is not None:
         table = table.take(pa.array(np.flatnonzero(keep)))
-    paths = table.column("path").to_pylist()
+    paths = [os.fsdecode(p) for p in table.column("path").to_pylist()]
     sizes = table.column("size").to_pylist()
     errors: list[str | None] = table.column("error").to_pylist()
     for i, size in enumerate(sizes):
@@ -173,7 +175,7 @@ def fetch(paths: list[str], sizes: list[int | None], errors: list[str | None], o
         if errors[i] is None:
             by_fs.setdefault(p.split("://", 1)[0] if "://" in p else "", []).append(i)
     for at in by_fs.values():
-        fs, _ = resolve(paths[at[0]], options)
+        fs, _ = open_fs(paths[at[0]], options)  # the request's checks: HTTP redirects to metadata refused
         if is_local(fs):
             for i in at:
                 out[i] = LocalFile(fs._strip_protocol(paths[i]))
