@@ -24,7 +24,8 @@ from prefect.cache_policies import NO_CACHE
 
 from vae_core.data.sources.base import Source
 from vae_core.ingestion.ingest import (Decoded, Listed, Published, Runner, decode_parts, find_unchanged, finish,
-                                       list_source, open_source_for, remove_work, serial, write_shards)
+                                       list_source, open_source_for, remove_work, serial, work_base, write_shards)
+from vae_core.ingestion.work import locked
 from vae_core.ingestion.progress import Progress
 from vae_core.ingestion.report import summary_markdown
 from vae_core.requests import IngestRequest
@@ -94,7 +95,7 @@ def ingest_dataset(request: IngestRequest, progress: bool = False) -> IngestResu
     started = time.monotonic()
     bar = Progress(request.name, enabled=progress, log=logger)
     src = open_source_task(request)
-    with runner_for(src, request) as runner:
+    with locked(work_base(request, src), request.data_root_options), runner_for(src, request) as runner:
         listed = list_task(src, request, runner, bar)
         # The same input as an existing version (by its fingerprint): nothing to decode or write.
         if (result := find_unchanged(request, listed)) is None:

@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 
 from vae_core.data.shards import MANIFEST, SPLITS, list_versions, open_dataset, read_split_u8
-from vae_core.ingestion.ingest import build, open_source_for, publish, run_ingest
+from vae_core.ingestion import publish as pub
+from vae_core.ingestion.ingest import (decode_parts, list_source, open_source_for, run_ingest, work_base,
+                                       write_shards)
+from vae_core.ingestion.work import locked
+from vae_core.errors import IngestError
 from vae_core.requests import IngestRequest
 from vae_core.storage import is_temporary, resolve, temporary_name
 
@@ -48,23 +52,24 @@ def _files(data_root: str) -> list[str]:
 
 
 def _interrupted_run(cfg: IngestRequest, monkeypatch) -> None:
-    """run_ingest, with the second shard upload writing part of its bytes and then interrupted (Ctrl-C)."""
+    """run_ingest, with the second shard's move into the version folder interrupted (Ctrl-C) after the first."""
     fs, _ = resolve(cfg.root())
-    real = type(fs).put_file
-    uploads: list[str] = []
+    real = type(fs).mv
+    moves: list[str] = []
 
-    def put_file(self, lpath, rpath, *args, **kw):
-        uploads.append(rpath)
-        if len(uploads) < 2:
-            return real(self, lpath, rpath, *args, **kw)
-        self.pipe_file(rpath, Path(lpath).read_bytes()[:100])
+    def mv(self, src, dest, *args, **kw):
+        if "/.ingest-" in dest:  # the work folder's own atomic writes
+            return real(self, src, dest, *args, **kw)
+        moves.append(dest)
+        if len(moves) < 2:
+            return real(self, src, dest, *args, **kw)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(type(fs), "put_file", put_file)
+        m.setattr(type(fs), "mv", mv)
         with pytest.raises(KeyboardInterrupt):
             run_ingest(cfg)
-    assert len(uploads) == 2
+    assert len(moves) == 2
 
 
 def _assert_complete(data_root: str) -> None:
@@ -77,8 +82,8 @@ def _assert_complete(data_root: str) -> None:
 def test_interrupted_publish_leaves_nothing_a_reader_sees_and_a_rerun_completes(tmp_path, monkeypatch, data_root):
     cfg = _request(tmp_path, data_root)
     _interrupted_run(cfg, monkeypatch)
-    left = _files(data_root)
-    assert left and not [f for f in left if ".tmp-" in f or f.endswith(MANIFEST)]  # one shard, no temporary
+    left = [f for f in _files(data_root) if "/.ingest-" not in f]  # the work folder stays for the re-run
+    assert len(left) == 1 and not [f for f in left if ".tmp-" in f or f.endswith(MANIFEST)]  # one shard
     assert list_versions(data_root, "toy") == []
     with pytest.raises(FileNotFoundError, match="no dataset 'toy'"):
         open_dataset(data_root, "toy")
@@ -91,7 +96,8 @@ def test_rerun_removes_temporaries_a_killed_run_left(tmp_path, monkeypatch, data
     cfg = _request(tmp_path, data_root)
     _interrupted_run(cfg, monkeypatch)
     fs, root = resolve(data_root)
-    [vdir] = fs.ls(posixpath.join(root, "toy"), detail=False)  # the unfinished version folder
+    [vdir] = [p for p in fs.ls(posixpath.join(root, "toy"), detail=False)  # the unfinished version folder
+              if not posixpath.basename(p).startswith(".")]
     planted = [_dead_writers_temporary(posixpath.join(vdir, MANIFEST)),
                _dead_writers_temporary(posixpath.join(vdir, "train", "part-00000.parquet"))]
     for p in planted:  # as a SIGKILL mid-upload leaves them: no process left to clean up
@@ -111,7 +117,7 @@ def test_cleanup_spares_what_this_program_did_not_write_and_live_writers(tmp_pat
     cfg = _request(tmp_path, data_root)
     _interrupted_run(cfg, monkeypatch)
     fs, root = resolve(data_root)
-    [vdir] = fs.ls(posixpath.join(root, "toy"), detail=False)
+    [vdir] = [p for p in fs.ls(posixpath.join(root, "toy"), detail=False) if not posixpath.basename(p).startswith(".")]
     dead = _dead_writers_temporary(posixpath.join(vdir, "val", "part-00000.parquet"))
     spared = [temporary_name(posixpath.join(vdir, "train", "part-00000.parquet")),  # a live writer (this process)
               posixpath.join(vdir, "train", ".notes.tmp-0123abcd"),  # a user's file that only looks like one
@@ -127,30 +133,45 @@ def test_cleanup_spares_what_this_program_did_not_write_and_live_writers(tmp_pat
 
 
 def test_of_two_runs_publishing_at_once_the_first_manifest_stays(tmp_path, monkeypatch, data_root):
-    """A run whose upload overlaps another run of the same input that finishes first reports the version as
-    found, and the manifest readers may already have seen (its created_at) is not replaced."""
+    """A run whose publishing overlaps another run's of the same input that finishes first reports the version
+    as found, and the manifest readers may already have seen (its created_at) is not replaced."""
     cfg = _request(tmp_path, data_root)
-    mine, theirs = build(open_source_for(cfg), cfg), build(open_source_for(cfg), cfg)
+    source = open_source_for(cfg)
+    with locked(work_base(cfg, source), None):
+        listed = list_source(source, cfg)
+        decoded = decode_parts(listed, cfg)
+        buckets = write_shards(decoded)
+        totals = {**decoded.totals}
+        manifest = pub.build_manifest(decoded.job, source, totals, buckets, {"o": 1}, {})
     fs, _ = resolve(cfg.root())
-    real = type(fs).put_file
+    real = type(fs).mv
     other: list = []
 
-    def put_file(self, lpath, rpath, *args, **kw):
-        if not other:  # the other run publishes all of it while this one uploads its first shard
+    def mv(self, src, dest, *args, **kw):
+        if not other and "/.ingest-" not in dest:  # the other run publishes all of it while this one moves its first shard
             other.append(None)
-            other[0] = publish(theirs, cfg)
-        return real(self, lpath, rpath, *args, **kw)
+            other[0] = pub.publish(decoded.job, manifest)
+        return real(self, src, dest, *args, **kw)
 
-    try:
-        with monkeypatch.context() as m:
-            m.setattr(type(fs), "put_file", put_file)
-            result = publish(mine, cfg)
-    finally:
-        mine.cleanup()
-        theirs.cleanup()
-    assert other[0].created and not result.created
-    assert result.manifest == other[0].manifest == open_dataset(data_root, "toy").manifest
+    with monkeypatch.context() as m:
+        m.setattr(type(fs), "mv", mv)
+        url, created, mine = pub.publish(decoded.job, manifest)
+    assert other[0][1] and not created and url == other[0][0]
+    assert mine == other[0][2] == open_dataset(data_root, "toy").manifest
     _assert_complete(data_root)
+
+
+def test_a_second_run_of_a_source_in_use_stops_with_a_clear_error(tmp_path, data_root):
+    """While one run holds the work folder, another of the same request and source stops before any work;
+    a lock left by a process that is gone is taken over."""
+    cfg = _request(tmp_path, data_root)
+    base = work_base(cfg, open_source_for(cfg))
+    with locked(base, None):
+        with pytest.raises(IngestError, match="is in use by another ingestion run"):
+            run_ingest(cfg)
+    fs, path = resolve(base)
+    fs.pipe_file(_dead_writers_temporary(posixpath.join(path, "lock")), b"")  # as a SIGKILL leaves it
+    assert run_ingest(cfg).manifest.items.ok == ROWS
 
 
 def _concurrent_ingests(tmp_path: Path, source: Path, data_root: Path) -> list[subprocess.CompletedProcess]:

@@ -47,7 +47,7 @@ from vae_core.ingestion import publish as pub
 from vae_core.ingestion.mapper import BatchPart, limit_mask, map_part
 from vae_core.ingestion.progress import Progress
 from vae_core.ingestion.reducer import reduce_bucket, rows_per_shard
-from vae_core.ingestion.work import Job, buckets_for, digest, work_root
+from vae_core.ingestion.work import Job, buckets_for, digest, locked, work_root
 from vae_core.requests import IngestRequest
 from vae_core.results import IngestResult, NodeRows
 from vae_core.storage import resolve, to_url
@@ -104,9 +104,7 @@ def list_source(source: Source, cfg: IngestRequest, runner: Runner = serial,
                 progress: Progress | None = None) -> Listed:
     """List a source of many files (one task per unit) and cut it into parts; an in-process source's parts
     come from its batches as they are read."""
-    key = digest([source.kind, source.url, cfg.format, cfg.image_column, cfg.label_column, cfg.shard_mb,
-                  pub.request_options(cfg), list(cfg.source_limits())])[:16]
-    base = work_root(cfg, key)
+    base = work_base(cfg, source)
     if source.lister is None:
         fingerprint = input_fingerprint(cfg, source)
         run = f"{base}/run-{(fingerprint or uuid.uuid4().hex)[:16]}"  # no fingerprint: nothing to resume
@@ -131,6 +129,13 @@ def list_source(source: Source, cfg: IngestRequest, runner: Runner = serial,
     names = source.label_names or class_names(listings)
     source.splits = tuple(sorted({ul.unit.split for ul in listings if ul.unit.split and ul.rows})) or source.splits
     return Listed(source, listing_parts(listings), total, base, f"{base}/run-{run_key[:16]}", names, fingerprint)
+
+
+def work_base(cfg: IngestRequest, source: Source) -> str:
+    """The work folder of this request and source (see `work`)."""
+    key = digest([source.kind, source.url, cfg.format, cfg.image_column, cfg.label_column, cfg.shard_mb,
+                  pub.request_options(cfg), list(cfg.source_limits())])[:16]
+    return work_root(cfg, key)
 
 
 def _list_unit(lister: Any, base: str, options: dict, unit: Any) -> dict[str, Any]:
@@ -321,13 +326,14 @@ def run_ingest(cfg: IngestRequest, progress: bool = False, runner: Runner = seri
     started = time.monotonic()
     try:
         source = open_source_for(cfg)
-        listed = list_source(source, cfg, runner, bar)
-        if (found := find_unchanged(cfg, listed)) is not None:
-            remove_work(cfg, listed.base)
-            return found
-        bar.start_decoding(listed.total)
-        decoded = decode_parts(listed, cfg, runner, bar)
-        buckets = write_shards(decoded, runner, bar)
-        return finish(listed, decoded, buckets)
+        with locked(work_base(cfg, source), cfg.data_root_options):
+            listed = list_source(source, cfg, runner, bar)
+            if (found := find_unchanged(cfg, listed)) is not None:
+                remove_work(cfg, listed.base)
+                return found
+            bar.start_decoding(listed.total)
+            decoded = decode_parts(listed, cfg, runner, bar)
+            buckets = write_shards(decoded, runner, bar)
+            return finish(listed, decoded, buckets)
     finally:
         bar.close(time.monotonic() - started)

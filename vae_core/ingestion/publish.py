@@ -19,14 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vae_core.data.shards import (FORMAT, MANIFEST, SPLITS, DuplicateEntry, ItemCounts, Manifest, QuarantineEntry,
-                                  ShardInfo, SourceDescription, SplitInfo, dataset_dir, read_manifest)
+                                  ShardInfo, SourceDescription, SplitInfo, dataset_dir, read_manifest, sha256_hex)
 from vae_core.data.shards.manifest import LIST_BOUND
 from vae_core.errors import IngestError
 from vae_core.ingestion.reducer import DUPLICATE_SCHEMA
 from vae_core.ingestion.mapper import QUARANTINE_SCHEMA
 from vae_core.ingestion.work import Job, digest, write_file
 from vae_core.requests import IngestRequest
-from vae_core.storage import atomic_write_bytes, resolve, to_url
+from vae_core.storage import atomic_write_bytes, remove_temporaries, resolve, to_url
 
 
 def side_files(fs: Any, work: str, kind: str) -> list[str]:
@@ -146,18 +146,42 @@ def publish(job: Job, m: Manifest) -> tuple[str, bool, Manifest]:
     vdir = dataset_dir(root, m.name, m.version)
     if fs.exists(posixpath.join(vdir, MANIFEST)):
         return to_url(fs, vdir), False, read_manifest(fs, vdir)
+    written = [vdir, *(posixpath.join(vdir, s) for s in m.splits)]  # the folders this step writes
+    for folder in written:
+        remove_temporaries(fs, folder)  # left by an earlier run that was killed mid-write
     for info in m.splits.values():
         for sh in info.shards:
-            dest = posixpath.join(vdir, sh.path)
-            if not fs.exists(dest):
-                fs.makedirs(posixpath.dirname(dest), exist_ok=True)
-                fs.mv(f"{work}/shards/{sh.path}", dest)
+            _move(fs, f"{work}/shards/{sh.path}", posixpath.join(vdir, sh.path), sh)
     for kind, schema in (("quarantine", QUARANTINE_SCHEMA), ("duplicates", DUPLICATE_SCHEMA)):
         if (file := getattr(m, f"{kind}_file")) is not None:
             write_file(fs, posixpath.join(vdir, file), _concat(work_fs, side_files(work_fs, work, kind), schema))
     m = m.model_copy(update={"created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")})
+    # A concurrent run of the same input may have finished meanwhile: its manifest stays (readers may have
+    # seen its created_at), and this run reports the version as found.
     created = atomic_write_bytes(fs, posixpath.join(vdir, MANIFEST), m.to_json().encode(), replace=False)
+    for folder in written:  # the version is final: temporaries of a run killed meanwhile go too
+        remove_temporaries(fs, folder)
     return to_url(fs, vdir), created, m if created else read_manifest(fs, vdir)
+
+
+def _move(fs: Any, src: str, dest: str, shard: ShardInfo) -> None:
+    """Move a finished shard into the version folder (a rename; a server-side copy on object stores), unless
+    the very same bytes are there already (moved by an earlier run that stopped before its manifest)."""
+    if _already_there(fs, dest, shard):
+        return
+    fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+    try:
+        fs.mv(src, dest)
+    except FileNotFoundError:
+        if not _already_there(fs, dest, shard):  # else a concurrent run moved it first
+            raise
+
+
+def _already_there(fs: Any, dest: str, shard: ShardInfo) -> bool:
+    try:
+        return fs.size(dest) == shard.bytes and sha256_hex(fs.cat_file(dest)) == shard.sha256
+    except FileNotFoundError:
+        return False
 
 
 def _concat(fs: Any, paths: list[str], schema: pa.Schema) -> bytes:

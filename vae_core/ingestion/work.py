@@ -10,20 +10,27 @@ fingerprint (or its listing's digest), so a run killed at any point and started 
 finds every part and shard it finished, each committed by a record written after its files. A changed
 input gets a new run folder. The folder's name starts with a dot: no dataset reference or listing of
 versions sees it. It is removed once the version is published.
+
+One run at a time works in a work folder (`locked`): a second run of the same request and source while
+the first is alive stops with an "in use" error; a lock whose process is gone (killed) is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import posixpath
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import fsspec
 
 from vae_core.data.shards import dataset_dir
-from vae_core.storage import atomic_write_bytes, is_local, resolve, to_url
+from vae_core.errors import IngestError
+from vae_core.storage import atomic_write_bytes, is_local, resolve, temporary_name, to_url, writer_gone
 
 if TYPE_CHECKING:
     from vae_core.requests import IngestRequest
@@ -88,3 +95,46 @@ def read_record(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | No
 
 def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def locked(base: str, options: dict | None) -> Iterator[None]:
+    """Hold the work folder `base` while the block runs (see the module docstring).
+
+    The lock is a file named as a temporary of this process (`storage.temporary_name`), so whether its
+    writer is gone is told as for any temporary. Two runs that lock at the same moment both see both
+    locks; the one whose lock name sorts later gives way."""
+    fs, path = resolve(base, options)
+    mine = temporary_name(posixpath.join(path, "lock"))
+    fs.makedirs(path, exist_ok=True)
+    for other in _live_locks(fs, path, mine):
+        raise _in_use(base, other)
+    fs.pipe_file(mine, b"")
+    try:
+        if (first := min([mine, *_live_locks(fs, path, mine)])) != mine:
+            raise _in_use(base, first)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(mine)
+
+
+def _live_locks(fs: fsspec.AbstractFileSystem, path: str, mine: str) -> list[str]:
+    """Lock files in `path` other than `mine` whose process is alive; those of gone processes are removed."""
+    fs.invalidate_cache(path)
+    now, live = time.time(), []
+    for entry in fs.ls(path, detail=True):
+        name = posixpath.basename(entry["name"])
+        if not name.startswith(".lock.tmp-") or entry["name"] == mine:
+            continue
+        if writer_gone(name, entry.get("mtime") or entry.get("created"), now):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(entry["name"])
+        else:
+            live.append(entry["name"])
+    return live
+
+
+def _in_use(base: str, lock: str) -> IngestError:
+    return IngestError(f"{base} is in use by another ingestion run of this source ({posixpath.basename(lock)}); "
+                       "wait for it to finish, then run again (a run that was killed is taken over)")
