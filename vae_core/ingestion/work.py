@@ -123,7 +123,11 @@ def _live_locks(fs: fsspec.AbstractFileSystem, path: str, mine: str) -> list[str
     """Lock files in `path` other than `mine` whose process is alive; those of gone processes are removed."""
     fs.invalidate_cache(path)
     now, live = time.time(), []
-    for entry in fs.ls(path, detail=True):
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:  # an object store has no empty folders: a prefix with no lock yet is not found
+        return []
+    for entry in entries:
         name = posixpath.basename(entry["name"])
         if not name.startswith(".lock.tmp-") or entry["name"] == mine:
             continue
