@@ -101,44 +101,49 @@ def test_flow_fails_fast_on_a_bad_source(tmp_path):
 
 
 def test_flow_rerun_on_unchanged_input_decodes_nothing(tmp_path, monkeypatch):
-    import vae_core.ingestion.ingest
-    from flows.ingest import ingest_dataset
+    import flows.ingest
     from vae_core.requests import IngestRequest
 
     _folder(tmp_path / "src", n=12)
     req = IngestRequest(source=str(tmp_path / "src"), name="pngs", data_root=str(tmp_path / "ds"), workers=1,
                         max_quarantine_fraction=0.2)
-    first = ingest_dataset(req)
+    first = flows.ingest.ingest_dataset(req)
+    assert sum(n.rows for n in first.nodes) == first.seen
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("the unchanged input was decoded again")
 
-    monkeypatch.setattr(vae_core.ingestion.ingest, "decode_stream", no_decoding)
-    again = ingest_dataset(req)
-    assert (again.version, again.created) == (first.version, False)
+    monkeypatch.setattr(flows.ingest, "decode_parts", no_decoding)
+    again = flows.ingest.ingest_dataset(req)
+    assert (again.version, again.created, again.nodes) == (first.version, False, [])
+    assert not list((tmp_path / "ds" / "pngs").glob(".ingest-*"))  # nor a work folder left behind
 
 
-def test_flow_removes_its_staging_folder_when_publishing_never_starts(tmp_path, monkeypatch):
-    """Between build-shards and publish-version (a Ctrl-C, Prefect failing to start the task), the staged
-    shards must not stay behind in the scratch folder."""
+def test_a_flow_stopped_before_publishing_resumes_without_decoding_again(tmp_path, monkeypatch):
+    """Between write-shards and publish-version (a Ctrl-C, Prefect failing to start the task), the finished
+    parts and shards stay in the work folder, and the next run publishes them without decoding anything."""
     import flows.ingest
     from vae_core.requests import IngestRequest
+
+    _folder(tmp_path / "src", n=12)
+    req = IngestRequest(source=str(tmp_path / "src"), name="pngs", data_root=str(tmp_path / "ds"), workers=1,
+                        max_quarantine_fraction=0.2)
 
     def api_gone(*args, **kwargs):
         raise RuntimeError("the API went away before publish-version started")
 
-    monkeypatch.setattr(flows.ingest, "publish_task", api_gone)
-    (tmp_path / "scratch").mkdir()
-    req = IngestRequest(source="builtin:digits", name="digits", data_root=str(tmp_path / "ds"),
-                        staging_dir=str(tmp_path / "scratch"))
-    with pytest.raises(RuntimeError, match="went away"):
-        flows.ingest.ingest_dataset(req)
-    assert not list((tmp_path / "scratch").iterdir())
+    with monkeypatch.context() as m:
+        m.setattr(flows.ingest, "publish_task", api_gone)
+        with pytest.raises(RuntimeError, match="went away"):
+            flows.ingest.ingest_dataset(req)
+    assert list((tmp_path / "ds" / "pngs").glob(".ingest-*/run-*/shards/commit/*.json"))
+    again = flows.ingest.ingest_dataset(req)
+    assert again.created and again.nodes == [] and again.seen == 13  # 12 images and one file that is not
 
 
-def _slow_folder(root: Path, n: int = 700, distinct: int = 16) -> Path:
-    """`n` large smooth PNGs, `distinct` of them different: written in seconds, decoded in many more. The
-    first 512 (one decode batch) are staged as shards long before the rest are decoded."""
+def _slow_folder(root: Path, classes: int = 7, per_class: int = 100, distinct: int = 16) -> Path:
+    """`classes` folders of `per_class` large smooth PNGs, `distinct` of them different: written in seconds,
+    decoded in many more. Each class folder is its own part, committed long before the last is decoded."""
     y, x = np.mgrid[0:1024, 0:1024]
     blobs = []
     for i in range(distinct):
@@ -146,47 +151,46 @@ def _slow_folder(root: Path, n: int = 700, distinct: int = 16) -> Path:
         Image.fromarray(np.stack([(x * (i + 1)) % 256, (y * (i + 2)) % 256, (x + y) % 256], -1).astype(np.uint8)
                         ).save(buf, "PNG")
         blobs.append(buf.getvalue())
-    root.mkdir()
-    for i in range(n):
-        (root / f"{i:04d}.png").write_bytes(blobs[i % distinct])
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            (root / f"c{c}" / f"{i:04d}.png").write_bytes(blobs[(c * per_class + i) % distinct])
     return root
 
 
-def _staging_folders(data: Path) -> list[Path]:
-    return [p for p in (data / ".staging").glob(".vae-ingest.tmp-*") if p.is_dir()]
-
-
 @pytest.mark.timeout(600)
-def test_a_killed_ingest_s_staging_is_under_the_data_root_and_the_next_run_removes_it(tmp_path):
-    """SIGKILL skips every clean-up: the staging folder it leaves is in the data root (not the system temp
-    folder, where nothing would find it), and the next ingest there removes it, sparing a live run's."""
+def test_a_killed_ingest_resumes_from_its_committed_parts(tmp_path):
+    """SIGKILL skips every clean-up: what the killed run committed stays in the work folder under the data root
+    (not the system temp folder), and the next run takes over its lock, decodes only the parts not committed,
+    and gives the same version as a run never interrupted."""
     data, scratch = tmp_path / "data", tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "VAE_HOME": str(tmp_path / "vae"), "TMPDIR": str(scratch), "MLFLOW_DISABLE_TELEMETRY": "true"}
     cli = [sys.executable, "-m", "flows.cli.app", "ingest"]
-    slow = [*cli, str(_slow_folder(tmp_path / "src")), "--name", "slow", "--data-root", str(data), "--workers", "1",
-            "--image-size", "16,16", "--shard-mb", "0.005", "--no-prefect"]
-    proc = subprocess.Popen(slow, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    slow = [*cli, str(_slow_folder(tmp_path / "src")), "--name", "slow", "--workers", "1", "--image-size", "16,16",
+            "--shard-mb", "0.005", "--no-prefect", "--json"]
+    proc = subprocess.Popen([*slow, "--data-root", str(data)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    commits = lambda: list(data.glob("slow/.ingest-*/run-*/parts/commit/*.json"))  # noqa: E731
     try:
         deadline = time.monotonic() + 240
-        while not [p for p in _staging_folders(data) if list(p.rglob("*.parquet"))]:  # shards are being staged
+        while len(commits()) < 2:  # two class folders decoded and committed
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
             time.sleep(0.1)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    [left] = _staging_folders(data)
-    assert not list(scratch.iterdir())
-    from vae_core.ingestion.ingest import make_staging
-
-    live = make_staging(data / ".staging")  # a concurrent run's, in this (live) process
-
-    r = subprocess.run([*cli, "builtin:digits", "--name", "digits", "--data-root", str(data), "--no-prefect"],
-                       env=env, capture_output=True, text=True)
+    done = {p.name: p.stat().st_mtime_ns for p in commits()}
+    assert not list(scratch.iterdir()) and not list(data.glob("slow/[!.]*"))  # no version, nothing in temp
+    r = subprocess.run([*slow, "--data-root", str(data)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert not left.exists() and _staging_folders(data) == [live]
-    live.rmdir()
+    resumed = json.loads(r.stdout)
+    assert resumed["created"] and resumed["seen"] == 700
+    assert sum(n["rows"] for n in resumed["nodes"]) <= 700 - 100 * len(done)  # committed parts not decoded again
+    whole = subprocess.run([*slow, "--data-root", str(tmp_path / "whole")], env=env, capture_output=True, text=True)
+    assert json.loads(whole.stdout)["version"] == resumed["version"], whole.stderr[-2000:]
+    assert not list(data.glob("slow/.ingest-*"))
 
 
 def test_duplicates_under_another_label_are_counted_by_the_command_and_the_flow(tmp_path):
