@@ -115,6 +115,21 @@ def test_a_list_without_a_column_of_files_names_its_columns(tmp_path):
         _ingest(tmp_path / "list.csv", tmp_path / "ds", image_column="image")
 
 
+def test_an_unchanged_list_finds_its_version_without_reading_the_files(tmp_path):
+    """The list is the input: its files are not read again while it is unchanged (a changed list is new input)."""
+    for i in range(4):
+        _png(tmp_path / f"{i}.png")
+    (tmp_path / "list.txt").write_text("".join(f"{i}.png\n" for i in range(3)))
+    first = _ingest(tmp_path / "list.txt", tmp_path / "ds")
+    (tmp_path / "0.png").unlink()  # a read would quarantine it
+    again = _ingest(tmp_path / "list.txt", tmp_path / "ds")
+    assert (again.created, again.version, again.manifest.items.ok) == (False, first.version, 3)
+    with (tmp_path / "list.txt").open("a") as f:
+        f.write("3.png\n")
+    changed = _ingest(tmp_path / "list.txt", tmp_path / "ds")
+    assert changed.created and (changed.manifest.items.ok, changed.manifest.items.quarantined) == (3, 1)
+
+
 # ------------------------------------------------------------------------ bad files, in a folder and a list
 
 def _bad_files(root: Path) -> list[str]:

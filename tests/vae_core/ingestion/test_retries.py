@@ -16,6 +16,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.registry import _registry
 from PIL import Image
 
+from vae_core.data.shards import open_dataset, read_split_u8
 from vae_core.data.sources import listing
 from vae_core.data.sources.limits import SourceLimits
 from vae_core.ingestion.ingest import Published, run_ingest
@@ -122,8 +123,6 @@ def test_a_folder_on_a_flaky_store_is_read_through_retries(flaky, tmp_path):
 
 
 def _same_pixels(root: Path, r: Published, want: dict[str, np.ndarray]) -> None:
-    from vae_core.data.shards import open_dataset, read_split_u8
-
     info = open_dataset(str(root), "flaky", r.version)
     got = {}
     for split in ("train", "val", "test"):

@@ -12,6 +12,8 @@ columns as a CSV; give ``--format filelist`` for it (a Parquet file is otherwise
 The column of files and the label column may be named with ``image_column`` and ``label_column``.
 
 Each entry is an item whose id is the entry as written; the same entry twice is one item and a repeat.
+The list is the input: while it is unchanged, a re-run finds the version it made without reading the
+files it names, so a producer that rewrites files in place also writes a new list.
 """
 
 from __future__ import annotations
