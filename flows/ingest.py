@@ -37,8 +37,8 @@ from vae_core.results import IngestResult
 @task(name="open-source", cache_policy=NO_CACHE)
 def open_source_task(req: IngestRequest) -> Source:
     source = open_source_for(req)
-    size = source.size if source.size is not None else "listed next" if source.lister else "unknown"
-    get_run_logger().info("source %s (%s): %s items", source.url, source.kind, size)
+    size = f"{source.size:,} items" if source.size is not None else "files to list" if source.lister else "size unknown"
+    get_run_logger().info("source %s (%s): %s", source.url, source.kind, size)
     return source
 
 

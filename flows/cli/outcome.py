@@ -1,6 +1,6 @@
 """How a `vae` command ends: its output and exit 0; one `error: <problem>` line on stderr and exit 1 (the
 traceback too only with `--debug`); or, on Ctrl-C or SIGTERM, exit 130 within a few seconds, after
-`finally` blocks have removed staging folders and temporaries.
+`finally` blocks have removed temporaries and released what they held.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def interruptible(grace: float = GRACE_S) -> Iterator[threading.Event]:
     """SIGINT or SIGTERM ends the command with exit 130 and the line `interrupted`, within `grace` seconds.
 
     The signal raises KeyboardInterrupt in the main thread (or does what a handler installed since does: Ray
-    Train's aborts the run), so `finally` blocks remove staging folders and temporaries. A watcher learns of
+    Train's aborts the run), so `finally` blocks remove temporaries and release locks. A watcher learns of
     every signal through Python's wakeup fd, whoever handles it, and ends the process if it is still alive
     `grace` seconds later, or at a second signal: a terminal's Ctrl-C reaches the whole process group,
     Prefect's temporary server included, and Prefect's engine then blocks on the dead API. Yields the event
