@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from vae_core.data.sources.base import Source
 from vae_core.ingestion.ingest import (Decoded, Listed, Published, Runner, decode_parts, find_unchanged, finish,
+                                       input_fingerprint,
                                        list_source, open_source_for, remove_work, serial, work_base, write_shards)
 from vae_core.ingestion.work import locked
 from vae_core.ingestion.progress import Progress
@@ -86,6 +87,17 @@ def runner_for(source: Source, req: IngestRequest) -> Iterator[Runner]:
         yield ray_runner(cpus, workers)
 
 
+def _ingest(src: Source, request: IngestRequest, runner: Runner, bar: Progress) -> Published:
+    """List, then find an unchanged version or decode, write shards and publish."""
+    listed = list_task(src, request, runner, bar)
+    if (found := find_unchanged(request, listed.fingerprint)) is not None:
+        remove_work(request, listed.base)
+        return found
+    decoded = decode_task(listed, request, runner, bar)
+    buckets = shards_task(decoded, runner, bar)
+    return publish_task(listed, decoded, buckets)
+
+
 @flow(name="ingest-dataset")
 def ingest_dataset(request: IngestRequest, progress: bool = False) -> IngestResult:
     """Ingest `request.source` as dataset `request.name` under its data root (default
@@ -95,15 +107,12 @@ def ingest_dataset(request: IngestRequest, progress: bool = False) -> IngestResu
     started = time.monotonic()
     bar = Progress(request.name, enabled=progress, log=logger)
     src = open_source_task(request)
-    with locked(work_base(request, src), request.data_root_options), runner_for(src, request) as runner:
-        listed = list_task(src, request, runner, bar)
-        # The same input as an existing version (by its fingerprint): nothing to decode or write.
-        if (result := find_unchanged(request, listed)) is None:
-            decoded = decode_task(listed, request, runner, bar)
-            buckets = shards_task(decoded, runner, bar)
-            result = publish_task(listed, decoded, buckets)
-        else:
-            remove_work(request, listed.base)
+    # The same input as an existing version (by its fingerprint): nothing to decode or write. A source read
+    # in process has its fingerprint now; one of many files once it is listed.
+    result = find_unchanged(request, input_fingerprint(request, src)) if src.lister is None else None
+    if result is None:
+        with locked(work_base(request, src), request.data_root_options), runner_for(src, request) as runner:
+            result = _ingest(src, request, runner, bar)
     bar.close(time.monotonic() - started)
     logger.info("%s %s@%s at %s: %s", "created" if result.created else "found existing", result.name,
                 result.version, result.url, result.manifest.counts)

@@ -189,10 +189,10 @@ def input_fingerprint(cfg: IngestRequest, source: Source) -> str | None:
                    "options": pub.request_options(cfg), "limits": list(cfg.source_limits())})
 
 
-def find_unchanged(cfg: IngestRequest, listed: Listed) -> Published | None:
-    """The newest existing version of `cfg.name` made from this very input (same fingerprint), found
-    without reading or decoding the source; None if there is none."""
-    if listed.fingerprint is None:
+def find_unchanged(cfg: IngestRequest, fingerprint: str | None) -> Published | None:
+    """The newest existing version of `cfg.name` made from this very input (same fingerprint: see
+    `input_fingerprint`), found without reading or decoding the source; None if there is none."""
+    if fingerprint is None:
         return None
     fs, root = resolve(cfg.root(), cfg.data_root_options)
     for version in reversed(list_versions(cfg.root(), cfg.name, cfg.data_root_options)):
@@ -200,7 +200,7 @@ def find_unchanged(cfg: IngestRequest, listed: Listed) -> Published | None:
         m = read_manifest(fs, vdir)
         # Under a stricter max_quarantine_fraction than it was made with, a full run must fail as usual.
         within = m.items.quarantined / m.items.seen <= cfg.max_quarantine_fraction
-        if within and m.source.details.get("fingerprint") == listed.fingerprint:
+        if within and m.source.details.get("fingerprint") == fingerprint:
             return Published(m.name, m.version, to_url(fs, vdir), created=False, manifest=m)
     return None
 
@@ -326,9 +326,12 @@ def run_ingest(cfg: IngestRequest, progress: bool = False, runner: Runner = seri
     started = time.monotonic()
     try:
         source = open_source_for(cfg)
+        # A source read in process has its fingerprint already: an unchanged one writes nothing at all.
+        if source.lister is None and (found := find_unchanged(cfg, input_fingerprint(cfg, source))) is not None:
+            return found
         with locked(work_base(cfg, source), cfg.data_root_options):
             listed = list_source(source, cfg, runner, bar)
-            if (found := find_unchanged(cfg, listed)) is not None:
+            if (found := find_unchanged(cfg, listed.fingerprint)) is not None:
                 remove_work(cfg, listed.base)
                 return found
             bar.start_decoding(listed.total)
