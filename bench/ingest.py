@@ -1,22 +1,23 @@
 """ingest-dataset on Ray Data against a bare decode-and-write baseline, measured in one run.
 
-    .venv/bin/python bench/ingest.py [--png 200000] [--jpeg 50000] [--small N] [--filelist 1000000]
-    .venv/bin/python bench/ingest.py --png 20000 --jpeg 5000      # a quick check
+    .venv/bin/python bench/ingest.py [--png 200000] [--jpeg 50000] [--small N] [--lists 100000,1000000,10000000]
+    .venv/bin/python bench/ingest.py --png 20000 --jpeg 5000 --lists 100000,1000000   # a quick check
 
 Corpora, written by the bench under --scratch (removed after): a PNG folder of --png 28x28 grey MNIST digits,
 each shifted by up to 3 pixels at random, in 10 class folders; a JPEG folder of --jpeg 64x64 colour images
 (MNIST digits upscaled and tinted, random colours); a PNG folder of --small files (default --png / 10); a
-CSV file list of --filelist entries.
+CSV file list of each size in --lists.
 
 1. Throughput, per folder: bare = a pool of 2 processes decoding the files with PIL and writing Parquet
    (listing included; no validation, no dedup, no splits); ingest-dataset = `run_ingest` on Ray Data
    (`ray_session` + `ray_runner`, 2 workers) into a fresh data root. Images/s are files/s on both sides;
    ingest/bare is the figure to hold against 0.8. Ray's start and the first tasks (worker processes
-   starting, a 64-file warm-up ingest) are reported apart, not in the ingest's seconds.
+   starting, a 64-file warm-up ingest) are reported apart, not in the ingest's seconds, which are split
+   into the steps' (listing, decoding, writing shards; the rest is opening, the fingerprint and publishing).
 2. Driver memory: each ingest runs in a fresh process whose peak RSS (ru_maxrss; Ray's workers and daemons
    are other processes) is read at the end: --small files against --png files (target < 1.5x for 10x the
-   files), and a file list of --filelist / 10 and --filelist entries listed only (`open_source` +
-   `list_source` in the process itself, nothing decoded).
+   files), and file lists of the --lists sizes listed only (`open_source` + `list_source` in the process
+   itself, nothing decoded).
 3. One node against two on this machine: `ray start --head` with 2 CPUs, then a head and a second
    `ray start --address` node with 1 CPU each (same CPUs in all), RAY_ADDRESS set, on the --small folder.
 
@@ -55,6 +56,7 @@ MNIST = REPO.parent / "shared" / "data" / "mnist"
 RAY = str(Path(sys.executable).parent / "ray")
 CHUNK = 4096  # files per bare task: the ingest's files per part
 WORKERS = 2
+STEPS = {"_list_unit": "list", "map_part": "decode", "_reduce": "shards"}  # ingest's step functions, named
 sys.path.insert(0, str(REPO))
 
 
@@ -188,16 +190,28 @@ def ingest_on_ray(req, spec: dict) -> dict:
         deadline = time.monotonic() + 60
         while sum(n["Alive"] for n in ray.nodes()) < spec.get("nodes", 1) and time.monotonic() < deadline:
             time.sleep(0.2)  # a second node that is still joining
-        runner = ray_runner(*scaling(req, resources))
+        steps: dict[str, float] = {}
+        runner = timed(ray_runner(*scaling(req, resources)), steps)
         t = time.perf_counter()
         run_ingest(req.model_copy(update={"source": spec["warm"], "data_root": spec["root"] + "-warm"}), runner=runner)
         out |= {"warm_s": time.perf_counter() - t, "start_mib": rss_mib("VmHWM")}
+        steps.clear()
         t = time.perf_counter()
         r = run_ingest(req, runner=runner)
-        out |= {"seconds": time.perf_counter() - t, "files": r.manifest.items.seen, "ok": r.manifest.items.ok,
+        out |= {"seconds": time.perf_counter() - t, "steps": steps, "files": r.manifest.items.seen, "ok": r.manifest.items.ok,
                 "duplicates": r.manifest.items.duplicates, "quarantined": r.manifest.items.quarantined,
                 "nodes": [[n.address, n.node_id[:8], n.rows] for n in r.nodes]}
     return out
+
+
+def timed(runner, steps: dict[str, float]):
+    """`runner`, adding the seconds of each step it runs (until its last result is taken) to `steps`."""
+    def run(fn, items):
+        t = time.perf_counter()
+        yield from runner(fn, items)
+        name = STEPS.get(getattr(fn, "func", fn).__name__, "other")
+        steps[name] = steps.get(name, 0.0) + time.perf_counter() - t
+    return run
 
 
 def in_child(spec: dict, env: dict | None = None) -> dict:
@@ -270,7 +284,8 @@ def throughput(rep: Report, name: str, folder: Path, warm: Path, scratch: Path, 
     got = in_child({"source": str(folder), "root": str(scratch / f"data-{name}"), "format": "auto", "warm": str(warm)})
     rep.say(f"{name}: ingest {got['files']:,} files in {got['seconds']:.1f} s = {got['files'] / got['seconds']:,.0f} "
             f"images/s (ok {got['ok']:,}, duplicates {got['duplicates']:,}, quarantined {got['quarantined']}); "
-            f"Ray start {got['ray_start_s']:.1f} s, warm-up {got['warm_s']:.1f} s; driver peak {got['peak_mib']:.0f} MiB")
+            f"Ray start {got['ray_start_s']:.1f} s, warm-up {got['warm_s']:.1f} s; driver peak {got['peak_mib']:.0f} MiB; "
+            f"steps {split_s(got)}")
     return got | {"bare_s": bare_s}
 
 
@@ -279,7 +294,7 @@ def main() -> None:
     ap.add_argument("--png", type=int, default=200_000, help="files in the PNG folder")
     ap.add_argument("--jpeg", type=int, default=50_000, help="files in the JPEG folder")
     ap.add_argument("--small", type=int, help="files in the small PNG folder (default --png / 10)")
-    ap.add_argument("--filelist", type=int, default=1_000_000, help="entries in the file list")
+    ap.add_argument("--lists", default="100000,1000000,10000000", help="entries of the file lists, comma-separated")
     ap.add_argument("--scratch", help="folder for the corpora and datasets (default: a temp folder, removed)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ingest.md"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -311,10 +326,11 @@ def run(rep: Report, args: argparse.Namespace, small: int, scratch: Path) -> lis
     lone = in_child({**spec, "source": str(scratch / "small")})
     rep.say(f"small: {lone['files']:,} files in {lone['seconds']:.1f} s; driver peak {lone['peak_mib']:.0f} MiB")
     lists = {}
-    for n in (args.filelist // 10, args.filelist):
+    for n in sorted(int(x) for x in args.lists.split(",")):
         make_filelist(scratch / f"list-{n}.csv", n)
         lists[n] = in_child({"source": str(scratch / f"list-{n}.csv"), "root": str(scratch / "data-list"),
                              "format": "filelist", "list_only": True})
+        (scratch / f"list-{n}.csv").unlink()
         rep.say(f"file list of {n:,}: listed in {lists[n]['seconds']:.1f} s ({lists[n]['parts']} parts); "
                 f"driver peak {lists[n]['peak_mib']:.0f} MiB")
     nodes = {}
@@ -328,6 +344,13 @@ def run(rep: Report, args: argparse.Namespace, small: int, scratch: Path) -> lis
     return table(png, jpeg, lone, lists, nodes, args)
 
 
+def split_s(got: dict) -> str:
+    """The ingest's seconds by step: list / decode / shards / the rest."""
+    steps = got["steps"]
+    rest = got["seconds"] - sum(steps.values())
+    return " / ".join(f"{name} {steps.get(name, 0):.1f}" for name in STEPS.values()) + f" / rest {rest:.1f} s"
+
+
 def rate(got: dict) -> float:
     return got["files"] / got["seconds"]
 
@@ -339,17 +362,18 @@ def table(png: dict, jpeg: dict, lone: dict, lists: dict, nodes: dict, args) -> 
         b = got["files"] / got["bare_s"]
         rows.append((f"{name} folder, {got['files']:,} {what} files, {WORKERS} workers",
                      f"ingest {rate(got):,.0f} images/s, bare {b:,.0f}: **ingest/bare {rate(got) / b:.2f}** "
-                     f"(target >= 0.8); Ray start {got['ray_start_s']:.1f} s and first tasks {got['warm_s']:.1f} s "
-                     "apart"))
+                     f"(target >= 0.8); {split_s(got)}; Ray start {got['ray_start_s']:.1f} s and first tasks "
+                     f"{got['warm_s']:.1f} s apart"))
     rows.append((f"driver peak RSS, PNG folder of {lone['files']:,} and {png['files']:,} files",
                  f"{lone['peak_mib']:.0f} / {png['peak_mib']:.0f} MiB: **{png['peak_mib'] / lone['peak_mib']:.2f}x** "
                  f"for {png['files'] / lone['files']:.0f}x the files (target < 1.5x); after imports and Ray's start "
                  f"{lone['start_mib']:.0f} / {png['start_mib']:.0f} MiB"))
-    few, many = sorted(lists)
-    rows.append((f"file list (CSV) of {few:,} and {many:,} entries, listing only",
-                 f"{lists[few]['seconds']:.1f} / {lists[many]['seconds']:.1f} s; driver peak "
-                 f"{lists[few]['peak_mib']:.0f} / {lists[many]['peak_mib']:.0f} MiB: "
-                 f"**{lists[many]['peak_mib'] / lists[few]['peak_mib']:.2f}x** for 10x the entries"))
+    sizes = sorted(lists)
+    growth = [f"{lists[b]['peak_mib'] / lists[a]['peak_mib']:.2f}x" for a, b in zip(sizes, sizes[1:])]
+    seconds, peaks = (" / ".join(format(lists[n][k], ".1f" if k == "seconds" else ".0f") for n in sizes)
+                      for k in ("seconds", "peak_mib"))
+    rows.append((f"file list (CSV) of {' / '.join(f'{n:,}' for n in sizes)} entries, listing only",
+                 f"{seconds} s; driver peak {peaks} MiB: **{', '.join(growth)}** from one size to the next"))
     one, two = nodes[1], nodes[2]
     rows.append((f"one node (2 CPUs) against two nodes (1 CPU each), {one['files']:,} PNG files",
                  f"{rate(one):,.0f} / {rate(two):,.0f} images/s: **two/one {rate(two) / rate(one):.2f}**; rows per "
