@@ -74,7 +74,7 @@ def artifact_key(name: str) -> str:
 @contextlib.contextmanager
 def runner_for(source: Source, req: IngestRequest) -> Iterator[Runner]:
     """Ray Data tasks for a source of many files (in a Ray session for the block), else this process."""
-    if source.lister is None:
+    if source.lister is None and source.parts is None:
         yield serial
         return
     from flows.distributed.cluster import ray_session

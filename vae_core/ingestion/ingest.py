@@ -108,6 +108,8 @@ def list_source(source: Source, cfg: IngestRequest, runner: Runner = serial,
     if source.lister is None:
         fingerprint = input_fingerprint(cfg, source)
         run = f"{base}/run-{(fingerprint or uuid.uuid4().hex)[:16]}"  # no fingerprint: nothing to resume
+        if source.parts is not None:  # positions of the whole source: the parts apply --limit themselves
+            return Listed(source, source.parts(), source.size, base, run, source.label_names, fingerprint)
         total = source.size if cfg.limit is None or source.size is None else min(cfg.limit, source.size)
         return Listed(source, _batch_parts(source, cfg), total, base, run, source.label_names, fingerprint)
     task = functools.partial(_list_unit, source.lister, base, cfg.data_root_options)

@@ -57,8 +57,9 @@ def decode(batch: RawBatch, spec: ShapeSpec) -> np.ndarray | list[np.ndarray | s
     return [next(it) if e is None else e for e in errors]
 
 
-def map_part(job: Job, part: ListingPart | BatchPart) -> dict[str, Any]:
-    """Decode one part into bucket files and commit it; -> its record plus `decoded` (items decoded by this
+def map_part(job: Job, part: Any) -> dict[str, Any]:
+    """Decode one part (a `ListingPart`, a `BatchPart`, or a part with `read()` and positions) into bucket files
+    and commit it; -> its record plus `decoded` (items decoded by this
     call: 0 when an earlier run had finished the part). A part whose images differ in shape is not
     committed; its record names two of the shapes (`shapes`) for the driver's error."""
     fs, work = job.fs()
@@ -69,8 +70,12 @@ def map_part(job: Job, part: ListingPart | BatchPart) -> dict[str, Any]:
     if isinstance(part, ListingPart):
         batch, retries = read_part(part, req.data_root_options, req.source_options, req.source_limits(),
                                    limit_mask(part.start, part.size, req.limit, job.total))
-    else:
+    elif isinstance(part, BatchPart):
         batch = part.batch
+    else:  # a part the source reads itself (a Parquet row group)
+        batch = part.read()
+        if (keep := limit_mask(part.start, part.size, req.limit, job.total)) is not None:
+            batch = batch.take(np.flatnonzero(keep))
     repeats = list(getattr(part, "repeats", ()))
     spec = ShapeSpec(req.image_size, req.channels, req.fit, req.source_limits())
     decoded = decode(batch, spec)

@@ -72,6 +72,17 @@ class RawBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @classmethod
+    def concat(cls, batches: list["RawBatch"]) -> "RawBatch":
+        """The items of `batches`, one after another (they hold the same fields)."""
+        first = batches[0]
+        out: dict[str, Any] = {}
+        for k, v in vars(first).items():
+            parts = [getattr(b, k) for b in batches]
+            out[k] = None if v is None else np.concatenate(parts) if isinstance(v, np.ndarray) else \
+                [x for p in parts for x in p]
+        return cls(**out)
+
     def take(self, at: np.ndarray) -> "RawBatch":
         """The items at positions `at` (int array), in that order (every field is per item)."""
         pick = at.tolist()
@@ -97,6 +108,7 @@ class Source:
     url: str
     batches: Callable[[], Iterator[RawBatch]] | None = None
     lister: Any = None  # sources of many files: a lister (`listing.Unit`s and how to list one) instead of batches
+    parts: Callable[[], list[Any]] | None = None  # parts that tasks read on their own (each has `read()`), if any
     size: int | None = None
     label_names: list[str] | None = None
     splits: tuple[str, ...] = ()

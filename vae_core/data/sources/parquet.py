@@ -23,6 +23,7 @@ import json
 import posixpath
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -175,49 +176,103 @@ def open_parquet(url: str, options: SourceOptions = SourceOptions()) -> Source:
     if rows == 0:
         raise SourceError(f"{url}: empty source (0 rows)")
 
-    def raw_batch(rb: pa.RecordBatch, rel: str, full: str, row: int) -> RawBatch:
-        """A record batch of file `rel` (URL `full`) whose first row is the file's row `row`, as items."""
-        n = rb.num_rows
-        encoded, errors = _image_bytes(rb.column(img_col), limits)
-        ids = ([str(v) for v in rb.column(id_col).to_pylist()] if id_col
-               else [f"{rel}#{i}" for i in range(row, row + n)])
-        splits: list[str | None] | None = None
-        if split_col:
-            splits = [split_from_name(str(s)) if s is not None else None for s in rb.column(split_col).to_pylist()]
-        elif path_split := _split_of_path(rel):
-            splits = [path_split] * n
-        return RawBatch(
-            ids=ids,
-            sources=[f"{full}#{i}" for i in range(row, row + n)],
-            labels=_labels(rb.column(lab_col), string_index, full) if lab_col else np.full(n, -1, np.int32),
-            splits=splits,
-            encoded=encoded,
-            errors=errors,
-        )
+    reader = _Reader(url, options.storage_options, root, img_col, lab_col, id_col, split_col, string_index, limits)
 
     def batches() -> Iterator[RawBatch]:
-        # Row group by row group: a corrupt page behind a valid footer costs the rows of its row group
-        # (quarantined, with the file and row group named), not the run.
         for f, pf in opened:
-            rel, full, row = printable(posixpath.relpath(f, root)), printable(to_url(fs, f)), 0
+            row = 0
             for k in range(pf.num_row_groups):
-                try:
-                    table = pf.read_row_group(k, columns=columns)
-                except (OSError, pa.ArrowException) as e:
-                    yield _unreadable_row_group(pf, k, row, rel, full, id_col, e)
-                    row += pf.metadata.row_group(k).num_rows
-                    continue
-                for rb in table.to_batches(max_chunksize=BATCH):
-                    yield raw_batch(rb, rel, full, row)
-                    row += rb.num_rows
+                yield from reader.row_group(pf, f, k, row)
+                row += pf.metadata.row_group(k).num_rows
 
+    def parts() -> list[RowGroupPart]:
+        """One part per row group, for tasks to read on their own (ids `<file>#<row>` are unique by file)."""
+        out, start = [], 0
+        for i, (f, pf) in enumerate(opened):
+            row = 0
+            for k in range(pf.num_row_groups):
+                n = pf.metadata.row_group(k).num_rows
+                out.append(RowGroupPart(f"p{i:05d}-{k:05d}", start, n, reader, f, k, row))
+                start, row = start + n, row + n
+        return out
+
+    ids_unique = id_col is None and _distinct_names(files, root)
     return Source(
-        kind="parquet", url=url, batches=batches, size=rows, label_names=names,
-        ids_unique=id_col is None and _distinct_names(files, root),
+        kind="parquet", url=url, batches=batches, size=rows, label_names=names, ids_unique=ids_unique,
+        # A folder of files whose ids cannot repeat is read by tasks, row group by row group.
+        parts=parts if ids_unique and len(files) > 1 else None,
         splits=_source_splits(opened, root, split_col),
         details={"files": len(files), "ignored_files": len(all_files) - len(files), "image_column": img_col,
                  "label_column": lab_col},
     )
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """How rows of this source's files become items (picklable: tasks read row groups with it)."""
+
+    url: str
+    storage_options: dict | None
+    root: str
+    img_col: str
+    lab_col: str | None
+    id_col: str | None
+    split_col: str | None
+    string_index: dict[str, int] | None
+    limits: SourceLimits
+
+    @property
+    def columns(self) -> list[str]:
+        return [c for c in (self.img_col, self.lab_col, self.id_col, self.split_col) if c]
+
+    def row_group(self, pf: pq.ParquetFile, f: str, k: int, row: int) -> Iterator[RawBatch]:
+        """Row group `k` of file `f` (its first row is the file's row `row`) as batches of items. A corrupt page
+        behind a valid footer costs the rows of its row group (quarantined, the file and group named), not the run."""
+        fs, _ = open_fs(self.url, self.storage_options)
+        rel, full = printable(posixpath.relpath(f, self.root)), printable(to_url(fs, f))
+        try:
+            table = pf.read_row_group(k, columns=self.columns)
+        except (OSError, pa.ArrowException) as e:
+            yield _unreadable_row_group(pf, k, row, rel, full, self.id_col, e)
+            return
+        for rb in table.to_batches(max_chunksize=BATCH):
+            yield self.raw_batch(rb, rel, full, row)
+            row += rb.num_rows
+
+    def raw_batch(self, rb: pa.RecordBatch, rel: str, full: str, row: int) -> RawBatch:
+        """A record batch of file `rel` (URL `full`) whose first row is the file's row `row`, as items."""
+        n = rb.num_rows
+        encoded, errors = _image_bytes(rb.column(self.img_col), self.limits)
+        ids = ([str(v) for v in rb.column(self.id_col).to_pylist()] if self.id_col
+               else [f"{rel}#{i}" for i in range(row, row + n)])
+        splits: list[str | None] | None = None
+        if self.split_col:
+            splits = [split_from_name(str(s)) if s is not None else None for s in rb.column(self.split_col).to_pylist()]
+        elif path_split := _split_of_path(rel):
+            splits = [path_split] * n
+        labels = _labels(rb.column(self.lab_col), self.string_index, full) if self.lab_col else np.full(n, -1, np.int32)
+        return RawBatch(ids=ids, sources=[f"{full}#{i}" for i in range(row, row + n)], labels=labels, splits=splits,
+                        encoded=encoded, errors=errors)
+
+
+@dataclass(frozen=True)
+class RowGroupPart:
+    """One row group of one file of a Parquet folder: `size` items from position `start` of the source order."""
+
+    key: str
+    start: int
+    size: int
+    reader: _Reader
+    file: str
+    group: int
+    row: int
+
+    def read(self) -> RawBatch:
+        """The row group's items as one batch (runs in a task: opens the file itself)."""
+        fs, _ = open_fs(self.reader.url, self.reader.storage_options)
+        with fs.open(self.file, "rb") as f:
+            got = list(self.reader.row_group(pq.ParquetFile(f), self.file, self.group, self.row))
+        return got[0] if len(got) == 1 else RawBatch.concat(got)
 
 
 def is_parquet_folder(files: list[str]) -> bool:
