@@ -62,6 +62,10 @@ def ingest(req: IngestRequest, prefect: bool, as_json: bool, debug: bool) -> Non
     if out.label_conflicts:
         typer.echo(f"{out.label_conflicts:,} duplicates disagree with the kept copy on their label: see the "
                    "duplicates in manifest.json")
+    if out.nodes:
+        where = ", ".join(f"{n.address} {n.rows:,}" for n in out.nodes)
+        typer.echo(f"decoded by this run: {sum(n.rows for n in out.nodes):,} items ({where}); "
+                   f"{out.retries:,} storage reads retried")
 
 
 @request_command(app, TrainRequest, extra={"as_json": AS_JSON})

@@ -8,8 +8,8 @@ names and the sorted shard checksums: the same input gives the same version howe
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import io
 import posixpath
 from collections.abc import Iterator
 from typing import Any
@@ -24,9 +24,9 @@ from vae_core.data.shards.manifest import LIST_BOUND
 from vae_core.errors import IngestError
 from vae_core.ingestion.reducer import DUPLICATE_SCHEMA
 from vae_core.ingestion.mapper import QUARANTINE_SCHEMA
-from vae_core.ingestion.work import Job, digest, write_file
+from vae_core.ingestion.work import Job, digest
 from vae_core.requests import IngestRequest
-from vae_core.storage import atomic_write_bytes, remove_temporaries, resolve, to_url
+from vae_core.storage import atomic_write_bytes, remove_temporaries, resolve, temporary_name, to_url
 
 
 def side_files(fs: Any, work: str, kind: str) -> list[str]:
@@ -154,7 +154,7 @@ def publish(job: Job, m: Manifest) -> tuple[str, bool, Manifest]:
             _move(fs, f"{work}/shards/{sh.path}", posixpath.join(vdir, sh.path), sh)
     for kind, schema in (("quarantine", QUARANTINE_SCHEMA), ("duplicates", DUPLICATE_SCHEMA)):
         if (file := getattr(m, f"{kind}_file")) is not None:
-            write_file(fs, posixpath.join(vdir, file), _concat(work_fs, side_files(work_fs, work, kind), schema))
+            _concat(work_fs, side_files(work_fs, work, kind), schema, fs, posixpath.join(vdir, file))
     m = m.model_copy(update={"created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")})
     # A concurrent run of the same input may have finished meanwhile: its manifest stays (readers may have
     # seen its created_at), and this run reports the version as found.
@@ -184,15 +184,21 @@ def _already_there(fs: Any, dest: str, shard: ShardInfo) -> bool:
         return False
 
 
-def _concat(fs: Any, paths: list[str], schema: pa.Schema) -> bytes:
-    """One Parquet file of every list file's rows, written batch by batch (bounded memory)."""
-    sink = io.BytesIO()
-    with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
-        for p in paths:
-            with fs.open(p, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=1 << 16):
-                    writer.write_batch(batch.cast(schema) if batch.schema != schema else batch)
-    return sink.getvalue()
+def _concat(src_fs: Any, paths: list[str], schema: pa.Schema, fs: Any, dest: str) -> None:
+    """Write every list file's rows to one Parquet file `dest`, batch by batch (memory bounded by a batch),
+    under a temporary name renamed at the end."""
+    tmp = temporary_name(dest)
+    try:
+        with fs.open(tmp, "wb") as out, pq.ParquetWriter(out, schema, compression="zstd") as writer:
+            for p in paths:
+                with src_fs.open(p, "rb") as f:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=1 << 16):
+                        writer.write_batch(batch.cast(schema) if batch.schema != schema else batch)
+        fs.mv(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(tmp)
+        raise
 
 
 def manifest_entries(url: str, m: Manifest, kind: str, options: dict | None = None,
