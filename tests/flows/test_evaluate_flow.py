@@ -211,7 +211,8 @@ def test_a_shard_deleted_from_the_dataset_is_named_with_what_to_do(home, registe
 
     dataset = run_ingest(IngestRequest(source="builtin:digits", name="digits-damaged"))
     version = register(epochs=0, name="vae-digits-damaged", preset="digits", dataset="digits-damaged")
-    (Path(dataset.url) / "test" / "part-00000.parquet").unlink()
-    with pytest.raises(FileNotFoundError, match=rf"^dataset digits-damaged@{dataset.version}: shard test/part-00000"
-                                                r"\.parquet is missing \(.*\); the dataset version is damaged; remove "):
+    shard = dataset.manifest.splits["test"].shards[0].path
+    (Path(dataset.url) / shard).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^dataset digits-damaged@{dataset.version}: shard {shard}"
+                                                r" is missing \(.*\); the dataset version is damaged; remove "):
         _evaluate(model=f"models:/vae-digits-damaged/{version}", promote=False)

@@ -3,13 +3,15 @@
 Layout (any fsspec URL as the root)::
 
     <data_root>/<name>/<version>/manifest.json
-    <data_root>/<name>/<version>/train/part-00000.parquet
-    <data_root>/<name>/<version>/val/part-00000.parquet
-    <data_root>/<name>/<version>/test/part-00000.parquet
+    <data_root>/<name>/<version>/train/<sha256>.parquet     (each shard named by its checksum)
+    <data_root>/<name>/<version>/val/<sha256>.parquet
+    <data_root>/<name>/<version>/test/<sha256>.parquet
+    <data_root>/<name>/<version>/quarantine.parquet         (only when the lists are too long for the manifest)
 
 One row per image (see `shard_schema`): ``id`` string, ``image`` fixed_size_binary[H*W*C] holding raw
 uint8 pixels in HWC order, ``label`` int32 (null where the source has none), ``source`` string.
-Shards are zstd-compressed Parquet. ``manifest.json`` is written last, so a version folder without a
+Shards are zstd-compressed Parquet; versions written before shards were named by checksum have
+``part-00000.parquet`` names, which read the same. ``manifest.json`` is written last, so a version folder without a
 manifest is an unfinished write and every reader ignores it.
 
 Reader API (what training and encoding build on)::
