@@ -16,11 +16,11 @@ from typing import Any
 from vae_core.data.sources.base import Format, Source, SourceError, SourceOptions
 from vae_core.data.sources.formats import BY_NAME, FORMATS, REGISTRY, SourceFormat
 from vae_core.data.sources.limits import SourceLimits
+from vae_core.data.sources.listing import STAMPS
 from vae_core.data.sources.remote import open_fs, storage_errors, storage_hint
 
 # What a filesystem's listing may say about a file's version, most telling first (object stores' ETags,
 # local and other filesystems' modification or creation times).
-_STAMPS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created")
 
 
 def detect_format(url: str, storage_options: dict | None = None) -> str:
@@ -94,7 +94,7 @@ def _fingerprint(url: str, fmt: Format, storage_options: dict | None) -> str | N
         infos: dict[str, Any] = fs.find(root, detail=True) if fs.isdir(root) else {path: fs.info(path)}
     except storage_errors():
         return None
-    rows = sorted((p[len(root):].lstrip("/"), i.get("size"), next((str(i[k]) for k in _STAMPS if i.get(k)), None))
+    rows = sorted((p[len(root):].lstrip("/"), i.get("size"), next((str(i[k]) for k in STAMPS if i.get(k)), None))
                   for p, i in infos.items() if i.get("type", "file") == "file")
     if not rows or any(stamp is None for *_, stamp in rows):
         return None

@@ -34,12 +34,11 @@ import fsspec
 import pyarrow as pa
 
 from vae_core.data.sources.base import Format, Source, SourceError, SourceOptions, printable, split_from_name
-from vae_core.data.sources.listing import Unit, UnitListing, write_listing
+from vae_core.data.sources.listing import STAMPS, Unit, UnitListing, write_listing
 from vae_core.data.sources.remote import open_fs
 from vae_core.storage import is_local, resolve, to_url
 
 BATCH = 4096  # files per listing batch
-STAMPS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created")
 
 
 def relative(root: str, path: str) -> str:

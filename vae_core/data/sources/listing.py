@@ -45,6 +45,8 @@ LISTING_SCHEMA = pa.schema([
 ])
 # Errors no retry can change: the file is missing, forbidden, a folder, or the request was refused.
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
+# Keys of a listing entry that change when a file does (object stores' ETag, modification times): fingerprints.
+STAMPS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created")
 RETRY_TRIES = 5
 RETRY_BASE_S = 0.2  # backoff: 0.2, 0.4, 0.8, 1.6 s, each with up to 50% jitter
 
