@@ -77,7 +77,7 @@ class FileListLister:
             return pa.nulls(len(batch), pa.int32())
         col = batch.column(self.label_column)
         if self.names is not None:
-            return pa.array([None if v is None else index[v] for v in col.cast(pa.string()).to_pylist()], pa.int32())
+            return pa.array([index[v] if v else None for v in col.cast(pa.string()).to_pylist()], pa.int32())
         top = pc.max(col).as_py()
         if top is not None and top > LABEL_MAX:
             raise SourceError(f"{self.url}: label {top} is above the largest label {LABEL_MAX} (int32); store "
@@ -141,7 +141,7 @@ def open_filelist(url: str, options: SourceOptions = SourceOptions()) -> Source:
     if label is not None and not pa.types.is_integer(schema.field(label).type):
         seen: set[str] = set()  # one entry per class, not per item
         for batch in _read(fs, path, url, [label]):
-            seen.update(v for v in pc.unique(batch.column(0).cast(pa.string())).to_pylist() if v is not None)
+            seen.update(v for v in pc.unique(batch.column(0).cast(pa.string())).to_pylist() if v)  # '': no label
         names = tuple(sorted(seen))
     lister = FileListLister(url, options.storage_options, column, label, names, (Unit(0, path, False),))
     return Source(kind="filelist", url=url, lister=lister, ids_unique=False,
