@@ -163,16 +163,15 @@ def child(spec: dict) -> dict:
     from vae_core.ingestion.ingest import list_source, open_source_for, remove_work, serial
     from vae_core.requests import IngestRequest
 
-    out = {"imports_mib": rss_mib()}
     req = IngestRequest(name="bench", source=spec["source"], data_root=spec["root"], format=spec["format"],
                         workers=WORKERS)
     if spec.get("list_only"):
         t = time.perf_counter()
         listed = list_source(open_source_for(req), req, serial)
-        out |= {"seconds": time.perf_counter() - t, "files": listed.total, "parts": len(listed.parts)}
+        out = {"seconds": time.perf_counter() - t, "files": listed.total, "parts": len(listed.parts)}
         remove_work(req, listed.base)
     else:
-        out |= ingest_on_ray(req, spec)
+        out = ingest_on_ray(req, spec)
     return out | {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -198,8 +197,9 @@ def ingest_on_ray(req, spec: dict) -> dict:
         steps.clear()
         t = time.perf_counter()
         r = run_ingest(req, runner=runner)
-        out |= {"seconds": time.perf_counter() - t, "steps": steps, "files": r.manifest.items.seen, "ok": r.manifest.items.ok,
-                "duplicates": r.manifest.items.duplicates, "quarantined": r.manifest.items.quarantined,
+        items = r.manifest.items
+        out |= {"seconds": time.perf_counter() - t, "steps": steps, "files": items.seen, "ok": items.ok,
+                "duplicates": items.duplicates, "quarantined": items.quarantined,
                 "nodes": [[n.address, n.node_id[:8], n.rows] for n in r.nodes]}
     return out
 
@@ -284,8 +284,8 @@ def throughput(rep: Report, name: str, folder: Path, warm: Path, scratch: Path, 
     got = in_child({"source": str(folder), "root": str(scratch / f"data-{name}"), "format": "auto", "warm": str(warm)})
     rep.say(f"{name}: ingest {got['files']:,} files in {got['seconds']:.1f} s = {got['files'] / got['seconds']:,.0f} "
             f"images/s (ok {got['ok']:,}, duplicates {got['duplicates']:,}, quarantined {got['quarantined']}); "
-            f"Ray start {got['ray_start_s']:.1f} s, warm-up {got['warm_s']:.1f} s; driver peak {got['peak_mib']:.0f} MiB; "
-            f"steps {split_s(got)}")
+            f"Ray start {got['ray_start_s']:.1f} s, warm-up {got['warm_s']:.1f} s; driver peak "
+            f"{got['peak_mib']:.0f} MiB; steps {split_s(got)}")
     return got | {"bare_s": bare_s}
 
 
