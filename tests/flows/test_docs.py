@@ -57,15 +57,17 @@ def test_the_ingest_page_states_the_constants_it_reasons_with():
     change to one of them must change the page."""
     from vae_core.data.shards.manifest import LIST_BOUND
     from vae_core.data.sources.listing import PART_ROWS, RETRY_BASE_S, RETRY_TRIES
-    from vae_core.ingestion.work import BUCKET_ROWS, buckets_for
+    from vae_core.ingestion.work import BUCKET_BYTES, BUCKET_ROWS, buckets_for
 
     text = (REPO / "docs/ingest.md").read_text()
     waits = [f"{RETRY_BASE_S * 2**k:g}" for k in range(RETRY_TRIES - 1)]
     for stated in (f"`PART_ROWS` = {PART_ROWS:,} files", f"`BUCKET_ROWS` = {BUCKET_ROWS:,} rows",
+                   f"`BUCKET_BYTES` = {BUCKET_BYTES >> 20} MiB",
                    f"`RETRY_TRIES` = {RETRY_TRIES} attempts in all, waiting {', '.join(waits[:-1])} and {waits[-1]} s",
                    f"lists of more than {LIST_BOUND:,} entries"):
         assert stated in text, stated
-    for power in (6, 7, 8):  # the table of work files: items, parts, buckets
-        items = 10**power
-        row = f"| 10^{power} | {math.ceil(items / PART_ROWS):,} | {buckets_for(items):,} |"
-        assert row in text, row
+    for power in (6, 7, 8):  # the table of work files: items, image, parts, buckets
+        for h, w, c in ((28, 28, 1), (64, 64, 3)):
+            items = 10**power
+            row = f"| 10^{power} | {h}x{w}x{c} | {math.ceil(items / PART_ROWS):,} | {buckets_for(items, h * w * c):,} |"
+            assert row in text, row

@@ -33,7 +33,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,7 @@ from vae_core.ingestion import publish as pub
 from vae_core.ingestion.mapper import BatchPart, limit_mask, map_part
 from vae_core.ingestion.progress import Progress
 from vae_core.ingestion.reducer import reduce_bucket, rows_per_shard
-from vae_core.ingestion.work import Job, buckets_for, digest, locked, work_root
+from vae_core.ingestion.work import UNKNOWN_TOTAL_BUCKETS, Job, buckets_for, digest, locked, work_root
 from vae_core.requests import IngestRequest
 from vae_core.results import IngestResult, NodeRows
 from vae_core.storage import resolve, to_url
@@ -226,34 +226,52 @@ def decode_parts(listed: Listed, cfg: IngestRequest, runner: Runner = serial,
 
 def _decode_parts(listed: Listed, cfg: IngestRequest, runner: Runner, progress: Progress | None) -> Decoded:
     carve_val = "val" not in listed.source.splits and cfg.val_fraction > 0
-    job = Job(cfg, listed.run, buckets_for(listed.total or 0) if listed.total else 1, listed.total, carve_val)
-    if listed.source.lister is None and listed.total is None:
-        job = Job(cfg, listed.run, 8, None, carve_val)  # size unknown up front: a fixed bucket count
+    job = Job(cfg, listed.run, _known_buckets(cfg, listed.total), listed.total, carve_val)
     totals: dict[str, Any] = {"seen": 0, "quarantined": 0, "max_label": -1, "shape": None, "shape_from": None,
                               "label_names": listed.label_names}
     nodes: dict[tuple[str, str], int] = {}
     retries = 0
-    for rec in runner(functools.partial(map_part, job), listed.parts):
-        if "shapes" in rec:
-            (a, wa), (b, wb) = rec["shapes"]
-            _shape_error(tuple(b), wb, tuple(a), wa)
-        totals["seen"] += rec["seen"]
-        totals["quarantined"] += rec["quarantined"]
-        totals["max_label"] = max(totals["max_label"], rec["max_label"])
-        retries += rec["retries"] if rec["decoded"] else 0
-        if rec["shape"] is not None:
-            if totals["shape"] is None:
-                totals["shape"], totals["shape_from"] = rec["shape"], rec["shape_from"]
-            elif rec["shape"] != totals["shape"]:
-                _shape_error(tuple(rec["shape"]), rec["shape_from"], tuple(totals["shape"]), totals["shape_from"])
-        if rec["decoded"]:
-            where = (rec.get("node_id", "local"), rec.get("address", socket.gethostname()))
-            nodes[where] = nodes.get(where, 0) + rec["decoded"]
-        if progress:
-            progress.decoded(rec["seen"], fresh=bool(rec["decoded"]))
+    parts = iter(listed.parts)
+    while not job.buckets and (part := next(parts, None)) is not None:
+        # The bucket count follows from the image size: the first part that decodes an image sets it, alone.
+        retries += _add(next(runner(functools.partial(map_part, job), [part])), totals, nodes, progress)
+        if totals["shape"] is not None:
+            job = replace(job, buckets=_known_buckets(cfg, listed.total, totals["shape"]))
+    for rec in runner(functools.partial(map_part, job), parts):
+        retries += _add(rec, totals, nodes, progress)
     if totals["seen"] == 0:
         raise IngestError(f"{listed.source.url}: empty source (no items)")
     return Decoded(job, totals, nodes, retries)
+
+
+def _known_buckets(cfg: IngestRequest, total: int | None, shape: list[int] | None = None) -> int:
+    """The bucket count, where the image size is known (from the request, or decoded): else 0."""
+    if shape is None and (cfg.image_size is None or cfg.channels is None):
+        return 0
+    row = int(np.prod(shape)) if shape is not None else cfg.image_size[0] * cfg.image_size[1] * cfg.channels
+    return buckets_for(total, row) if total else UNKNOWN_TOTAL_BUCKETS
+
+
+def _add(rec: dict[str, Any], totals: dict[str, Any], nodes: dict[tuple[str, str], int],
+         progress: Progress | None) -> int:
+    """Add one part's record to the totals (an error for images that differ in shape); -> its retries."""
+    if "shapes" in rec:
+        (a, wa), (b, wb) = rec["shapes"]
+        _shape_error(tuple(b), wb, tuple(a), wa)
+    totals["seen"] += rec["seen"]
+    totals["quarantined"] += rec["quarantined"]
+    totals["max_label"] = max(totals["max_label"], rec["max_label"])
+    if rec["shape"] is not None:
+        if totals["shape"] is None:
+            totals["shape"], totals["shape_from"] = rec["shape"], rec["shape_from"]
+        elif rec["shape"] != totals["shape"]:
+            _shape_error(tuple(rec["shape"]), rec["shape_from"], tuple(totals["shape"]), totals["shape_from"])
+    if rec["decoded"]:
+        where = (rec.get("node_id", "local"), rec.get("address", socket.gethostname()))
+        nodes[where] = nodes.get(where, 0) + rec["decoded"]
+    if progress:
+        progress.decoded(rec["seen"], fresh=bool(rec["decoded"]))
+    return rec["retries"] if rec["decoded"] else 0
 
 
 def _shape_error(shape: tuple, where: str, other: tuple, other_from: str) -> None:

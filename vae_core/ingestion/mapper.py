@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from vae_core.data.sources.base import RawBatch
 from vae_core.data.sources.decode import ShapeSpec, conform_pixels, decode_many
 from vae_core.data.sources.listing import ListingPart, read_part
-from vae_core.ingestion.work import Job, bucket_dir, part_record, read_record, write_file, write_record
+from vae_core.ingestion.work import (UNKNOWN_TOTAL_BUCKETS, Job, bucket_dir, buckets_for, part_record, read_record,
+                                     write_file, write_record)
 
 ROWS_SCHEMA_BASE = [("id", pa.string()), ("label", pa.int32()), ("source", pa.string()), ("split", pa.string())]
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
@@ -59,7 +60,7 @@ def decode(batch: RawBatch, spec: ShapeSpec) -> np.ndarray | list[np.ndarray | s
 
 def map_part(job: Job, part: Any) -> dict[str, Any]:
     """Decode one part (a `ListingPart`, a `BatchPart`, or a part with `read()` and positions) into bucket files
-    and commit it; -> its record plus `decoded` (items decoded by this
+    and commit it (`job.buckets` 0: the bucket count follows from this part's image size, see `buckets_for`); -> its record plus `decoded` (items decoded by this
     call: 0 when an earlier run had finished the part). A part whose images differ in shape is not
     committed; its record names two of the shapes (`shapes`) for the driver's error."""
     fs, work = job.fs()
@@ -97,7 +98,9 @@ def map_part(job: Job, part: Any) -> dict[str, Any]:
         assert pixels is not None
         record.update(shape=list(pixels.shape[1:]), shape_from=batch.sources[ok[0]],
                       max_label=int(batch.labels[ok].max()))
-        record["buckets"] = _write_buckets(fs, work, job.buckets, part.key, batch, ok, pixels)
+        row = int(np.prod(pixels.shape[1:]))
+        buckets = job.buckets or (buckets_for(job.total, row) if job.total else UNKNOWN_TOTAL_BUCKETS)
+        record["buckets"] = _write_buckets(fs, work, buckets, part.key, batch, ok, pixels)
     if quarantine:
         ids, sources, reasons = zip(*quarantine)
         table = pa.table([list(ids), list(sources), list(reasons)], schema=QUARANTINE_SCHEMA)

@@ -35,7 +35,12 @@ from vae_core.storage import atomic_write_bytes, is_local, resolve, temporary_na
 if TYPE_CHECKING:
     from vae_core.requests import IngestRequest
 
-BUCKET_ROWS = 32768  # rows per content bucket: what one reduce task holds in memory
+# A content bucket is what one reduce task holds in memory: at most BUCKET_BYTES of pixels, at most
+# BUCKET_ROWS rows. Sizing by bytes keeps big images' tasks bounded and lets small images share fewer,
+# larger buckets (each part writes a file per bucket it has rows for: fewer buckets, fewer files).
+BUCKET_BYTES = 256 << 20
+BUCKET_ROWS = 1 << 20
+UNKNOWN_TOTAL_BUCKETS = 8  # for a source whose length is not known up front
 
 
 def work_root(req: IngestRequest, key: str) -> str:
@@ -43,9 +48,11 @@ def work_root(req: IngestRequest, key: str) -> str:
     return to_url(fs, posixpath.join(dataset_dir(root, req.name), f".ingest-{key}"))
 
 
-def buckets_for(items: int) -> int:
-    """Content buckets for `items` rows: a function of the count alone, never of the workers."""
-    return max(1, -(-items // BUCKET_ROWS))
+def buckets_for(items: int, row_bytes: int) -> int:
+    """Content buckets for `items` rows of `row_bytes` pixels each: a function of the input alone, never of
+    the workers."""
+    per_bucket = max(1, min(BUCKET_ROWS, BUCKET_BYTES // max(1, row_bytes)))
+    return max(1, -(-items // per_bucket))
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class Job:
 
     request: IngestRequest
     work: str  # this run's folder (URL)
-    buckets: int
+    buckets: int  # 0 until the image size is known (the first part that decodes an image sets it)
     total: int | None  # items in the source order (for --limit); None when unknown
     carve_val: bool  # whether val is carved from train (the source has no val split of its own)
 
