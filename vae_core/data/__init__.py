@@ -1,5 +1,5 @@
-"""The data wing: the dataset format (`shards/`: Parquet shards, manifests, readers; splits and the shard
-writer), the image sources that ingestion reads (`sources/`), the embeddings format that encoding writes
+"""The data wing: the dataset format (`shards/`: Parquet shards, manifests, readers; `splits`), the image
+sources that ingestion reads and their listings (`sources/`), the embeddings format that encoding writes
 (`embeddings/`), and where an encode may write (`output_location`).
 
 Rule: it imports the top-level modules and `model` (a model's configuration and identity); never training,
