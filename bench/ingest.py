@@ -191,7 +191,8 @@ def ingest_on_ray(req, spec: dict) -> dict:
         while sum(n["Alive"] for n in ray.nodes()) < spec.get("nodes", 1) and time.monotonic() < deadline:
             time.sleep(0.2)  # a second node that is still joining
         steps: dict[str, float] = {}
-        runner = timed(ray_runner(*scaling(req, resources)), steps)
+        peaks: dict[str, float] = {}
+        runner = timed(ray_runner(*scaling(req, resources)), steps, peaks)
         t = time.perf_counter()
         run_ingest(req.model_copy(update={"source": spec["warm"], "data_root": spec["root"] + "-warm"}), runner=runner)
         out |= {"warm_s": time.perf_counter() - t, "start_mib": rss_mib("VmHWM")}
@@ -199,19 +200,21 @@ def ingest_on_ray(req, spec: dict) -> dict:
         t = time.perf_counter()
         r = run_ingest(req, runner=runner)
         items = r.manifest.items
-        out |= {"seconds": time.perf_counter() - t, "steps": steps, "files": items.seen, "ok": items.ok,
+        out |= {"seconds": time.perf_counter() - t, "steps": steps, "step_peaks": peaks, "files": items.seen, "ok": items.ok,
                 "duplicates": items.duplicates, "quarantined": items.quarantined,
                 "nodes": [[n.address, n.node_id[:8], n.rows] for n in r.nodes]}
     return out
 
 
-def timed(runner, steps: dict[str, float]):
-    """`runner`, adding the seconds of each step it runs (until its last result is taken) to `steps`."""
+def timed(runner, steps: dict[str, float], peaks: dict[str, float]):
+    """`runner`, adding the seconds of each step it runs (until its last result is taken) to `steps`, and the
+    process's peak memory at its end to `peaks` (MiB)."""
     def run(fn, items):
         t = time.perf_counter()
         yield from runner(fn, items)
         name = STEPS.get(getattr(fn, "func", fn).__name__, "other")
         steps[name] = steps.get(name, 0.0) + time.perf_counter() - t
+        peaks[name] = rss_mib("VmHWM")
     return run
 
 
@@ -281,7 +284,8 @@ def throughput(rep: list[str], name: str, folder: Path, warm: Path, scratch: Pat
     say(rep, f"{name}: ingest {got['files']:,} files in {got['seconds']:.1f} s = {got['files'] / got['seconds']:,.0f} "
             f"images/s (ok {got['ok']:,}, duplicates {got['duplicates']:,}, quarantined {got['quarantined']}); "
             f"Ray start {got['ray_start_s']:.1f} s, warm-up {got['warm_s']:.1f} s; driver peak "
-            f"{got['peak_mib']:.0f} MiB; steps {split_s(got)}")
+            f"{got['peak_mib']:.0f} MiB (after the warm-up {got['start_mib']:.0f}, then after each step "
+            f"{' / '.join(f'{v:.0f}' for v in got['step_peaks'].values())}); steps {split_s(got)}")
     return got | {"bare_s": bare_s}
 
 
