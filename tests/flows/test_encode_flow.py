@@ -140,26 +140,38 @@ def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
 
 
 def test_a_new_dataset_version_encodes_only_the_shards_it_does_not_share(home, tmp_path):
+    """New images in the test folder change only the test split's shards (an item's split is its source's, its
+    shard a function of its content): the train and val shards of the new version are byte-identical to the old
+    one's, so their embeddings are reused, not computed again."""
+    from PIL import Image
+
     from vae_core.data.embeddings import read_embeddings
     from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     with gzip.open(MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    for n in (1000, 1300):  # the second version appends 300 images: its first shards are byte-identical
-        np.savez(tmp_path / "grow.npz", images=images[:n], labels=np.zeros(n, np.int64))
-        run_ingest(IngestRequest(source=str(tmp_path / "grow.npz"), name="grow", shard_mb=SHARD_MB))
+    for i in range(1000):
+        Image.fromarray(images[i]).save(_mkdir(tmp_path / "grow" / "train" / "digit") / f"{i:04d}.png")
+    for tests in (100, 400):  # the second version adds 300 test images
+        for i in range(1000, 1000 + tests):
+            Image.fromarray(images[i]).save(_mkdir(tmp_path / "grow" / "test" / "digit") / f"{i:04d}.png")
+        run_ingest(IngestRequest(source=str(tmp_path / "grow"), name="grow", shard_mb=SHARD_MB))
         out = _encode(dataset="grow")
-        if n == 1000:
+        if tests == 100:
             first = out
     info = _dataset("grow")
     assert out.dataset_version == info.version != first.dataset_version
-    assert out.rows_reused > 0 and out.rows_encoded < sum(info.counts.values())
-    assert out.rows_reused + out.rows_encoded == sum(info.counts.values())
+    assert out.rows_reused == info.counts["train"] + info.counts["val"] and out.rows_encoded == info.counts["test"]
     table = read_embeddings(out.output)
     ids = table.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 1300
+    assert len(ids) == len(set(ids)) == 1400
     assert set(table.column("dataset_version").to_pylist()) == {info.version}  # reused rows restamped
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def test_shape_mismatch_fails_before_any_work(home, register_model):
