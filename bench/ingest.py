@@ -368,7 +368,7 @@ def table(png: dict, jpeg: dict, lone: dict, lists: dict, nodes: dict, args) -> 
                      f"{got['warm_s']:.1f} s apart"))
     rows.append((f"driver peak RSS, PNG folder of {lone['files']:,} and {png['files']:,} files",
                  f"{lone['peak_mib']:.0f} / {png['peak_mib']:.0f} MiB: **{png['peak_mib'] / lone['peak_mib']:.2f}x** "
-                 f"for {png['files'] / lone['files']:.0f}x the files (target < 1.5x); after imports and Ray's start "
+                 f"for {png['files'] / lone['files']:.0f}x the files (target < 1.5x); after Ray's start and the warm-up "
                  f"{lone['start_mib']:.0f} / {png['start_mib']:.0f} MiB"))
     sizes = sorted(lists)
     growth = [f"{lists[b]['peak_mib'] / lists[a]['peak_mib']:.2f}x" for a, b in zip(sizes, sizes[1:])]
