@@ -63,7 +63,11 @@ def _read_bucket(fs: Any, folder: str) -> pa.Table | None:
                        and not p.rsplit("/", 1)[-1].startswith("."))
     except FileNotFoundError:
         return None
-    return pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in names]) if names else None
+    tables = []
+    for p in names:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if tables else None
 
 
 def _drop_copies(fs: Any, work: str, bucket: int, table: pa.Table, first: np.ndarray) -> dict[str, int]:

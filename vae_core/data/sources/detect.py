@@ -24,7 +24,8 @@ from vae_core.data.sources.remote import open_fs, storage_errors, storage_hint
 
 
 def detect_format(url: str, storage_options: dict | None = None) -> str:
-    """URL -> the name of its format (see `formats.REGISTRY`). SourceError when it does not exist."""
+    """URL -> the name of its format (see `formats.REGISTRY`). SourceError when it does not exist. A folder is
+    judged by its first DETECT_FILES files (`_some_files`)."""
     if by_prefix := next((f for f in REGISTRY if f.prefix and url.startswith(f.prefix)), None):
         return by_prefix.name
     fs, path = open_fs(url, storage_options)
@@ -32,9 +33,23 @@ def detect_format(url: str, storage_options: dict | None = None) -> str:
         raise SourceError(f"{url}: source not found")
     if not fs.isdir(path):
         return _file_format(url, posixpath.basename(path).lower())
-    files = [f for f in fs.find(path) if not posixpath.basename(f).startswith(".")]
+    files = _some_files(fs, path)
     claimed = next((f for f in REGISTRY if f.folder and f.folder(files)), None)
     return (claimed or next(f for f in REGISTRY if f.any_folder)).name
+
+
+DETECT_FILES = 1000  # files a folder's detection looks at: a prefix of 10^8 objects is not listed to name its format
+
+
+def _some_files(fs: Any, path: str) -> list[str]:
+    """Up to DETECT_FILES files below `path` (hidden ones left out), folder by folder, shallowest first: what
+    the formats' folder rules judge. Listing stops there; the source's own listing (in tasks) lists them all."""
+    found: list[str] = []
+    for folder, _, names in fs.walk(path):
+        found += [posixpath.join(folder, n) for n in sorted(names) if not n.startswith(".")]
+        if len(found) >= DETECT_FILES:
+            break
+    return found[:DETECT_FILES]
 
 
 def _file_format(url: str, name: str) -> str:
