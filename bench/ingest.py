@@ -11,9 +11,8 @@ CSV file list of each size in --lists.
 1. Throughput, per folder: bare = a pool of 2 processes decoding the files with PIL and writing Parquet
    (listing included; no validation, no dedup, no splits); ingest-dataset = `run_ingest` on Ray Data
    (`ray_session` + `ray_runner`, 2 workers) into a fresh data root. Images/s are files/s on both sides;
-   ingest/bare is the figure to hold against 0.8. Ray's start and the first tasks (worker processes
-   starting, a 64-file warm-up ingest) are reported apart, not in the ingest's seconds, which are split
-   into the steps' (listing, decoding, writing shards; the rest is opening, the fingerprint and publishing).
+   ingest/bare is the figure to hold against 0.8. Ray's start and the first tasks (worker processes starting,
+   a 64-file warm-up ingest) are apart; the ingest's seconds are split by step (list, decode, shards, rest).
 2. Driver memory: each ingest runs in a fresh process whose peak RSS (VmHWM; Ray's workers and daemons
    are other processes) is read at the end: --small files against --png files (target < 1.5x for 10x the
    files), and file lists of the --lists sizes listed only (`open_source` + `list_source` in the process
@@ -59,8 +58,6 @@ STEPS = {"_list_unit": "list", "map_part": "decode", "_reduce": "shards"}  # ing
 sys.path.insert(0, str(REPO))
 
 
-# --- corpora -------------------------------------------------------------------------------------------
-
 def mnist() -> tuple[np.ndarray, np.ndarray]:
     """All 70,000 MNIST digits (uint8 (n, 28, 28)) and their labels."""
     def idx(name: str) -> np.ndarray:
@@ -72,12 +69,6 @@ def mnist() -> tuple[np.ndarray, np.ndarray]:
             np.concatenate([idx(f"{p}-labels-idx1-ubyte.gz") for p in ("train", "t10k")]))
 
 
-def _shifted(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """x (28, 28) moved by up to 3 pixels each way (so that 200,000 images from 70,000 digits are mostly distinct)."""
-    dy, dx = rng.integers(-3, 4, 2)
-    return np.roll(x, (dy, dx), axis=(0, 1))
-
-
 def _write_chunk(job: tuple[str, str, np.ndarray, np.ndarray, int, int]) -> None:
     """Write one chunk of a corpus (runs in a generation pool)."""
     from PIL import Image
@@ -85,7 +76,8 @@ def _write_chunk(job: tuple[str, str, np.ndarray, np.ndarray, int, int]) -> None
     kind, root, x, y, first, seed = job
     rng = np.random.default_rng(seed)
     for k in range(len(x)):
-        digit = _shifted(x[k], rng)
+        # moved by up to 3 pixels each way, so that 200,000 images of 70,000 digits are mostly distinct
+        digit = np.roll(x[k], tuple(rng.integers(-3, 4, 2)), axis=(0, 1))
         if kind == "png":
             im = Image.fromarray(digit)
         else:  # a 64x64 colour image: the digit upscaled, one random colour on another
@@ -117,8 +109,6 @@ def make_filelist(path: Path, n: int) -> None:
             f.writelines(f"{i % 10}/{i:08d}.png,class{i % 10}\n" for i in range(start, min(n, start + 100_000)))
 
 
-# --- the bare baseline ---------------------------------------------------------------------------------
-
 def _bare_chunk(job: tuple[str, list[tuple[str, int]]]) -> int:
     """Decode the files with PIL and write them as one Parquet file; -> rows."""
     from PIL import Image
@@ -146,8 +136,6 @@ def bare(folder: Path, out: Path, pool) -> tuple[float, int]:
     n = sum(pool.imap_unordered(_bare_chunk, jobs))
     return time.perf_counter() - t, n
 
-
-# --- one ingest in a fresh process ---------------------------------------------------------------------
 
 def rss_mib(field: str = "VmRSS") -> float:
     """This process's resident memory now (VmRSS) or at its peak (VmHWM), MiB."""
@@ -200,8 +188,8 @@ def ingest_on_ray(req, spec: dict) -> dict:
         t = time.perf_counter()
         r = run_ingest(req, runner=runner)
         items = r.manifest.items
-        out |= {"seconds": time.perf_counter() - t, "steps": steps, "step_peaks": peaks, "files": items.seen, "ok": items.ok,
-                "duplicates": items.duplicates, "quarantined": items.quarantined,
+        out |= {"seconds": time.perf_counter() - t, "steps": steps, "step_peaks": peaks, "files": items.seen,
+                "ok": items.ok, "duplicates": items.duplicates, "quarantined": items.quarantined,
                 "nodes": [[n.address, n.node_id[:8], n.rows] for n in r.nodes]}
     return out
 
@@ -226,8 +214,6 @@ def in_child(spec: dict, env: dict | None = None) -> dict:
         raise SystemExit(f"ingest of {spec['source']} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
-
-# --- Ray nodes on this machine -------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def ray_nodes(cpus: list[int]) -> Iterator[dict[str, str]]:
@@ -268,8 +254,6 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise SystemExit(f"the Ray head on port {port} did not start")
 
 
-# --- the run -------------------------------------------------------------------------------------------
-
 def say(rep: list[str], line: str) -> None:
     """Print a line as it comes, and keep it in `rep` for the results file."""
     print(line, flush=True)
@@ -302,21 +286,20 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    small = args.small or args.png // 10
     scratch = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.scratch))
     rep: list[str] = []
     try:
-        rows = run(rep, args, small, scratch)
+        rows = run(rep, args, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     write_results(rep, rows, args.out)
 
 
-def run(rep: list[str], args: argparse.Namespace, small: int, scratch: Path) -> list[tuple[str, str]]:
+def run(rep: list[str], args: argparse.Namespace, scratch: Path) -> list[tuple[str, str]]:
     """Every measurement; -> the table's rows (what, result)."""
     digits = mnist()
     with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
-        folders = {"png": args.png, "jpeg": args.jpeg, "small": small, "warm": 64}
+        folders = {"png": args.png, "jpeg": args.jpeg, "small": args.small or args.png // 10, "warm": 64}
         for name, n in folders.items():
             s = make_folder(scratch / name, n, "jpeg" if name == "jpeg" else "png", digits, pool, len(name))
             say(rep, f"corpus {name}: {n:,} files written in {s:.1f} s")
@@ -325,14 +308,25 @@ def run(rep: list[str], args: argparse.Namespace, small: int, scratch: Path) -> 
     spec = {"root": str(scratch / "data-small"), "format": "auto", "warm": str(scratch / "warm")}
     lone = in_child({**spec, "source": str(scratch / "small")})
     say(rep, f"small: {lone['files']:,} files in {lone['seconds']:.1f} s; driver peak {lone['peak_mib']:.0f} MiB")
+    lists = list_only(rep, sorted(int(x) for x in args.lists.split(",")), scratch)
+    return table(png, jpeg, lone, lists, one_against_two(rep, spec, scratch))
+
+
+def list_only(rep: list[str], sizes: list[int], scratch: Path) -> dict[int, dict]:
+    """File lists of each size, listed only, each in a fresh process; -> their figures by size."""
     lists = {}
-    for n in sorted(int(x) for x in args.lists.split(",")):
+    for n in sizes:
         make_filelist(scratch / f"list-{n}.csv", n)
         lists[n] = in_child({"source": str(scratch / f"list-{n}.csv"), "root": str(scratch / "data-list"),
                              "format": "filelist", "list_only": True})
         (scratch / f"list-{n}.csv").unlink()
         say(rep, f"file list of {n:,}: listed in {lists[n]['seconds']:.1f} s ({lists[n]['parts']} parts); "
                 f"driver peak {lists[n]['peak_mib']:.0f} MiB")
+    return lists
+
+
+def one_against_two(rep: list[str], spec: dict, scratch: Path) -> dict[int, dict]:
+    """The small folder on one node of 2 CPUs and on two of 1 CPU; -> the faster run of each by node count."""
     nodes: dict[int, dict] = {}
     for run_no, cpus in enumerate(([2], [1, 1]) * 2):  # alternated, the faster of two kept: the machine is shared
         with ray_nodes(cpus) as env:
@@ -343,7 +337,7 @@ def run(rep: list[str], args: argparse.Namespace, small: int, scratch: Path) -> 
         say(rep, f"{len(cpus)} node(s) of {'+'.join(map(str, cpus))} CPUs: {got['files']:,} files in "
                 f"{got['seconds']:.1f} s; join {got['ray_start_s']:.1f} s, warm-up {got['warm_s']:.1f} s; "
                 f"rows per node {[n[2] for n in got['nodes']]}")
-    return table(png, jpeg, lone, lists, nodes, args)
+    return nodes
 
 
 def split_s(got: dict) -> str:
@@ -353,11 +347,11 @@ def split_s(got: dict) -> str:
     return " / ".join(f"{name} {steps.get(name, 0):.1f}" for name in STEPS.values()) + f" / rest {rest:.1f} s"
 
 
-def rate(got: dict) -> float:
+def rate(got: dict) -> float:  # images/s of an ingest
     return got["files"] / got["seconds"]
 
 
-def table(png: dict, jpeg: dict, lone: dict, lists: dict, nodes: dict, args) -> list[tuple[str, str]]:
+def table(png: dict, jpeg: dict, lone: dict, lists: dict, nodes: dict) -> list[tuple[str, str]]:
     """The README's rows: (what was measured, result)."""
     rows = []
     for name, got, what in (("PNG", png, "28x28 grey"), ("JPEG", jpeg, "64x64 colour")):
@@ -368,8 +362,8 @@ def table(png: dict, jpeg: dict, lone: dict, lists: dict, nodes: dict, args) -> 
                      f"{got['warm_s']:.1f} s apart"))
     rows.append((f"driver peak RSS, PNG folder of {lone['files']:,} and {png['files']:,} files",
                  f"{lone['peak_mib']:.0f} / {png['peak_mib']:.0f} MiB: **{png['peak_mib'] / lone['peak_mib']:.2f}x** "
-                 f"for {png['files'] / lone['files']:.0f}x the files (target < 1.5x); after Ray's start and the warm-up "
-                 f"{lone['start_mib']:.0f} / {png['start_mib']:.0f} MiB"))
+                 f"for {png['files'] / lone['files']:.0f}x the files (target < 1.5x); after Ray's start and the "
+                 f"warm-up {lone['start_mib']:.0f} / {png['start_mib']:.0f} MiB"))
     sizes = sorted(lists)
     growth = [f"{lists[b]['peak_mib'] / lists[a]['peak_mib']:.2f}x" for a, b in zip(sizes, sizes[1:])]
     seconds, peaks = (" / ".join(format(lists[n][k], ".1f" if k == "seconds" else ".0f") for n in sizes)
@@ -387,7 +381,7 @@ def table(png: dict, jpeg: dict, lone: dict, lists: dict, nodes: dict, args) -> 
 def write_results(rep: list[str], rows: list[tuple[str, str]], out: str) -> None:
     """Print the table; write it, the raw lines, the date, the command and the machine to `out`."""
     md = ["| benchmark | result |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]
-    print("\n" + "\n".join(md))
+    print("", *md, sep="\n")
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
