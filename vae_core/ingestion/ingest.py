@@ -47,7 +47,7 @@ from vae_core.ingestion import publish as pub
 from vae_core.ingestion.mapper import BatchPart, limit_mask, map_part
 from vae_core.ingestion.progress import Progress
 from vae_core.ingestion.reducer import reduce_bucket, rows_per_shard
-from vae_core.ingestion.work import UNKNOWN_TOTAL_BUCKETS, Job, buckets_for, digest, locked, work_root
+from vae_core.ingestion.work import UNKNOWN_TOTAL_BUCKETS, WORK_FORMAT, Job, buckets_for, digest, locked, work_root
 from vae_core.requests import IngestRequest
 from vae_core.results import IngestResult, NodeRows
 from vae_core.storage import resolve, to_url
@@ -135,8 +135,8 @@ def list_source(source: Source, cfg: IngestRequest, runner: Runner = serial,
 
 def work_base(cfg: IngestRequest, source: Source) -> str:
     """The work folder of this request and source (see `work`)."""
-    key = digest([source.kind, source.url, cfg.format, cfg.image_column, cfg.label_column, cfg.shard_mb,
-                  pub.request_options(cfg), list(cfg.source_limits())])[:16]
+    key = digest([WORK_FORMAT, source.kind, source.url, cfg.format, cfg.image_column, cfg.label_column,
+                  cfg.shard_mb, pub.request_options(cfg), list(cfg.source_limits())])[:16]
     return work_root(cfg, key)
 
 
@@ -234,14 +234,25 @@ def _decode_parts(listed: Listed, cfg: IngestRequest, runner: Runner, progress: 
     parts = iter(listed.parts)
     while not job.buckets and (part := next(parts, None)) is not None:
         # The bucket count follows from the image size: the first part that decodes an image sets it, alone.
-        retries += _add(next(runner(functools.partial(map_part, job), [part])), totals, nodes, progress)
+        rec = next(runner(functools.partial(map_part, job), [part]))
+        retries += _add(rec, totals, nodes, progress)
         if totals["shape"] is not None:
             job = replace(job, buckets=_known_buckets(cfg, listed.total, totals["shape"]))
+            _same_buckets(rec, job)
     for rec in runner(functools.partial(map_part, job), parts):
+        _same_buckets(rec, job)
         retries += _add(rec, totals, nodes, progress)
     if totals["seen"] == 0:
         raise IngestError(f"{listed.source.url}: empty source (no items)")
     return Decoded(job, totals, nodes, retries)
+
+
+def _same_buckets(rec: dict[str, Any], job: Job) -> None:
+    """IngestError for a part committed under another bucket count (its rows would sit in buckets no reduce
+    task of this run reads); `removed_on_rejection` then clears the work folder for the next run."""
+    if rec.get("bucket_count") not in (None, job.buckets):
+        raise IngestError(f"{job.work}: part {rec['key']} was written for {rec['bucket_count']} buckets, this run "
+                          f"has {job.buckets}; the work folder is removed, run again")
 
 
 def _known_buckets(cfg: IngestRequest, total: int | None, shape: list[int] | None = None) -> int:

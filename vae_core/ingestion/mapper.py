@@ -92,8 +92,9 @@ def map_part(job: Job, part: Any) -> dict[str, Any]:
             return {"key": part.key, "shapes": [[list(s), w] for s, w in list(shapes.items())[:2]],
                     "decoded": len(batch)}
         pixels = np.stack([decoded[i] for i in ok]) if ok else None  # type: ignore[misc]
-    record: dict[str, Any] = {"key": part.key, "seen": len(batch) + len(repeats), "ok": len(ok), "quarantined": len(quarantine),
-                              "retries": retries, "buckets": [], "max_label": -1, "shape": None, "shape_from": None}
+    record: dict[str, Any] = {"key": part.key, "seen": len(batch) + len(repeats), "ok": len(ok),
+                              "quarantined": len(quarantine), "retries": retries, "buckets": [], "bucket_count": None,
+                              "max_label": -1, "shape": None, "shape_from": None}
     if ok:
         assert pixels is not None
         record.update(shape=list(pixels.shape[1:]), shape_from=batch.sources[ok[0]],
@@ -101,6 +102,7 @@ def map_part(job: Job, part: Any) -> dict[str, Any]:
         row = int(np.prod(pixels.shape[1:]))
         buckets = job.buckets or (buckets_for(job.total, row) if job.total else UNKNOWN_TOTAL_BUCKETS)
         record["buckets"] = _write_buckets(fs, work, buckets, part.key, batch, ok, pixels)
+        record["bucket_count"] = buckets
     if quarantine:
         ids, sources, reasons = zip(*quarantine)
         table = pa.table([list(ids), list(sources), list(reasons)], schema=QUARANTINE_SCHEMA)

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 BUCKET_BYTES = 256 << 20
 BUCKET_ROWS = 1 << 20
 UNKNOWN_TOTAL_BUCKETS = 8  # for a source whose length is not known up front
+# Part of every work folder's key: a change to how parts or buckets are laid out gets new work folders, so
+# a run never resumes from files an older layout wrote.
+WORK_FORMAT = "parts-buckets/1"
 
 
 def work_root(req: IngestRequest, key: str) -> str:
