@@ -99,9 +99,13 @@ def _read_local(file: LocalFile, limits: SourceLimits) -> bytes:
     """A local file's bytes; one longer than the limit is never read whole (it may be a 2 GB sparse file)."""
     try:
         with open(file.path, "rb") as fh:
-            if problem := limits.file_problem(os.fstat(fh.fileno()).st_size):
+            size = os.fstat(fh.fileno()).st_size
+            if problem := limits.file_problem(size):
                 raise DecodeError(problem)
-            return fh.read(limits.max_file_bytes + 1)  # one byte more: a file that grew since is still caught
+            # Its size and one byte more (a file that grew since is still caught by the limit check): asking
+            # for the limit itself would allocate a buffer of that size for every file.
+            data = fh.read(size + 1)
+            return data + fh.read(limits.max_file_bytes + 1 - len(data)) if len(data) > size else data
     except OSError as e:
         raise DecodeError(f"cannot read: {e.strerror or e}") from None
 
