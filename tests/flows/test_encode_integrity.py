@@ -288,7 +288,9 @@ def test_ctrl_c_stops_encode_within_seconds_leaving_nothing_behind(home, tmp_pat
         start = time.monotonic()
         code = proc.wait(timeout=60)
         took = time.monotonic() - start
-        assert eventually(lambda: not survivors(proc.pid), 10, every=0.1), survivors(proc.pid)
+        # Ray's per-node agents (ray::DashboardAgent) wind down on their own clock once the raylet is gone: on a
+        # loaded 2-core machine that took over 10 s once. What must not happen is that they stay.
+        assert eventually(lambda: not survivors(proc.pid), 30, every=0.1), survivors(proc.pid)
     finally:
         if survivors(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)

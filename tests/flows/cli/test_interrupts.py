@@ -56,7 +56,9 @@ def _interrupt(args: list[str], env: dict[str, str], stderr: Path, working, wait
         start = time.monotonic()
         code = proc.wait(timeout=60)
         took = time.monotonic() - start
-        assert eventually(lambda: not survivors(proc.pid), 10), survivors(proc.pid)
+        # Ray's per-node agents wind down on their own clock once the raylet is gone (over 10 s once, on a
+        # loaded 2-core machine): what must not happen is that any process stays.
+        assert eventually(lambda: not survivors(proc.pid), 30), survivors(proc.pid)
     finally:
         if survivors(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
