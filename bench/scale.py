@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -141,6 +142,7 @@ def main() -> None:
                     "--work/partial.json")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder of scale.md/json/png")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so that the running command is stopped
     work = Path(args.work)
     sizes = parse_sizes(args.sizes)
     if args.from_partial:  # a run that did not finish: report what it measured

@@ -169,6 +169,9 @@ def measure(argv: list[str], env: dict[str, str], timeout: float) -> Measured:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         err += f"\n(killed after {timeout:.0f} s)"
+    except BaseException:  # the bench itself stopped (Ctrl-C, SIGTERM): the command must not outlive it
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     wall = time.perf_counter() - t
     with contextlib.suppress(ProcessLookupError):  # whatever the command left behind in its session
         os.killpg(proc.pid, signal.SIGKILL)
