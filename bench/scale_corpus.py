@@ -9,7 +9,6 @@ it) and reused by later runs with the same N and seed.
 
 from __future__ import annotations
 
-import gzip
 import math
 import shutil
 import struct
@@ -23,23 +22,13 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+from bench.ingest import mnist  # all 70,000 digits and labels
+
 BATCH = 50_000  # images made and encoded at once: one Parquet file
 ROW_GROUP = 10_000  # rows per Parquet row group: a Ray task of the ingest reads one
 MIN_FILES = 4  # so that even the smallest corpus is a folder of several files, read in tasks
 MAX_SHIFT = 3.0  # pixels
 MAX_DEGREES = 15.0
-
-
-def mnist() -> tuple[np.ndarray, np.ndarray]:
-    """All 70,000 MNIST digits, uint8 (70000, 28, 28), and their labels, uint8 (70000,)."""
-    def idx(name: str) -> np.ndarray:
-        data = gzip.decompress((MNIST / name).read_bytes())
-        dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(data[3])]
-        return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
-
-    return (np.concatenate([idx(f"{p}-images-idx3-ubyte.gz") for p in ("train", "t10k")]),
-            np.concatenate([idx(f"{p}-labels-idx1-ubyte.gz") for p in ("train", "t10k")]))
 
 
 def transform(digits: np.ndarray, gen: torch.Generator) -> np.ndarray:
@@ -73,7 +62,7 @@ def png_bytes(images: np.ndarray) -> list[bytes]:
 
 def batches(n: int, seed: int, batch: int = BATCH) -> Iterator[tuple[list[bytes], np.ndarray]]:
     """The corpus of n images, batch by batch: (PNG files, int32 labels). Digits are drawn with replacement
-    from MNIST's 70,000; the same (n, seed) gives the same images."""
+    from MNIST's 70,000 (train and test); the same (n, seed) gives the same images."""
     digits, labels = mnist()
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
