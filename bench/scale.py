@@ -145,10 +145,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so that the running command is stopped
     work = Path(args.work)
     sizes = parse_sizes(args.sizes)
-    if args.from_partial:  # a run that did not finish: report what it measured
+    if args.from_partial:  # a run that stopped (or ran older report code): report what it measured
         raw, lines = json.loads(Path(args.from_partial).read_text())
         raw["sizes"] = [n for n in raw["sizes"] if raw["runs"].get(str(n))]
-        raw["command"] += f" (stopped; reported with --from-partial after {len(lines)} commands)"
+        raw["command"] += f" (reported from its partial.json: {len(lines)} commands measured)"
         return write_results(raw, lines, Path(args.out))
     raw = {"command": "bench/scale.py " + " ".join(sys.argv[1:]),
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
