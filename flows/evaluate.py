@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.tracking import registry, runs as tracking
 from flows.tracking.evaluation import log_evaluation, summary_markdown, write_report
 from flows.tracking.registry import CHALLENGER, CHAMPION, PinnedModel
-from vae_core.data.shards import DatasetInfo, fit_model, open_dataset, read_split_u8
+from vae_core.data.shards import DatasetInfo, fit_model, open_dataset
 from vae_core.errors import EvaluateError
 from vae_core.names import parse_dataset_ref
 from vae_core.requests import EvaluateRequest
@@ -72,8 +72,9 @@ LIKELIHOOD_METRICS = ("nll", "bits_per_dim", "neg_elbo")  # bounds of log p(x): 
 
 @task(name="load-data", cache_policy=NO_CACHE)
 def load_task(req: EvaluateRequest, target: Target) -> tuple[dict[str, Any], Any]:
-    """Both models (shapes checked against the dataset) and the images: the split, and the reference split
-    that latent probes and the feature classifier fit on (train; val when train itself is scored)."""
+    """Both models (shapes checked against the dataset), the split as a stream of batches, and a seeded sample
+    of the reference split that latent probes fit on (train; val when train itself is scored)."""
+    from vae_core.data.shards import iter_split, sample_split
     from vae_core.evaluation.evaluate import EvalData
 
     models = {CHALLENGER: registry.load_pinned(target.model)}
@@ -86,20 +87,23 @@ def load_task(req: EvaluateRequest, target: Target) -> tuple[dict[str, Any], Any
     if req.promote and req.metric in LIKELIHOOD_METRICS and any(m.config.kind == "ae" for m in models.values()):
         raise EvaluateError(f"the champion gate compares {req.metric}, which an autoencoder (model.kind=ae) does not "
                             "have: choose --metric frechet_samples (or mse, ssim, knn_accuracy, ...) or --no-promote")
-    images, labels, _ = read_split_u8(target.dataset, req.split)
-    if req.limit:
-        images, labels = images[: req.limit], labels[: req.limit]
+    info = target.dataset
     reference = "val" if req.split == "train" else "train"
-    data = EvalData(images=images, labels=labels)
-    if (labels >= 0).any() and target.dataset.counts.get(reference, 0):
-        data.train_images, data.train_labels, _ = read_split_u8(target.dataset, reference)
-    return models, data
+    rows = info.counts.get(reference, 0)
+    sample = sample_split(info, reference, req.sample_rows, req.seed) if rows else None
+    return models, EvalData(lambda batch_size: iter_split(info, req.split, batch_size, req.limit), sample, rows)
+
+
+def _images(req: EvaluateRequest, target: Target) -> int:
+    """How many images the split scores."""
+    n = target.dataset.counts[req.split]
+    return min(n, req.limit) if req.limit else n
 
 
 @task(name="feature-classifier", cache_policy=NO_CACHE)
 def feature_task(target: Target, data: Any, req: EvaluateRequest, progress: bool) -> tuple[Any, dict[str, Any]]:
-    """The dataset version's feature classifier (trained once, then cached) and a Fréchet scorer holding
-    the split's real images; (None, reason) on unlabelled data."""
+    """The dataset version's feature classifier (trained once on a seeded sample of train, then cached) and a
+    Fréchet scorer holding the split's real images; (None, reason) on unlabelled data."""
     import sys
 
     import torch
@@ -107,47 +111,61 @@ def feature_task(target: Target, data: Any, req: EvaluateRequest, progress: bool
     from vae_core.evaluation.scores import devices_for
     from vae_core.model.feature_net import FrechetScorer, load_or_train_feature_net
 
-    if data.train_images is None:
+    if data.reference is None or not (data.reference.labels >= 0).any():
         return None, {"skipped": "no labelled reference split to train the feature classifier on"}
     info = target.dataset
-    # Always the train split (the cache is per dataset version), whichever split is scored.
-    train = (data.train_images, data.train_labels) if req.split != "train" else read_split_u8(info, "train")[:2]
-
-    def test() -> tuple | None:  # read only if the classifier is not cached yet
-        return read_split_u8(info, "test")[:2] if info.counts.get("test") else None
-
     device = devices_for(req.gpus)[0]
     say = (lambda line: print(line, file=sys.stderr)) if progress else None
-    net, net_info = load_or_train_feature_net(info.name, info.version, train, test, seed=req.seed, device=device,
-                                              progress=say)
+    net, net_info = load_or_train_feature_net(info.name, info.version, *classifier_data(info, req.seed),
+                                              seed=req.seed, device=device, progress=say, shape=info.shape)
     scorer = FrechetScorer(net, device=device)
-    real = torch.from_numpy(data.images).permute(0, 3, 1, 2)
-    for start in range(0, len(real), req.batch_size):
-        scorer.add_real(real[start : start + req.batch_size])
+    for rows in data.split(req.batch_size):
+        scorer.add_real(torch.from_numpy(rows.images).permute(0, 3, 1, 2))
     return scorer, net_info
 
 
+def classifier_data(info: DatasetInfo, seed: int) -> tuple[Any, Any]:
+    """What a feature classifier trains and is measured on, read only when it is not cached: seeded samples
+    of the train and test splits, bounded (`feature_net.sample_rows`)."""
+    from vae_core.data.shards import sample_split
+    from vae_core.model.feature_net import sample_rows
+
+    train_rows, test_rows = sample_rows(info.manifest.image_bytes)
+
+    def train() -> tuple:
+        rows = sample_split(info, "train", train_rows, seed)
+        return rows.images, rows.labels
+
+    def test() -> tuple | None:
+        if not info.counts.get("test"):
+            return None
+        rows = sample_split(info, "test", test_rows, seed)
+        return rows.images, rows.labels
+
+    return train, test
+
+
 @task(name="score", cache_policy=NO_CACHE)
-def score_task(model: Any, data: Any, req: EvaluateRequest, scorer: Any, label: str, progress: bool) -> Any:
+def score_task(model: Any, data: Any, req: EvaluateRequest, scorer: Any, label: str, images: int,
+               progress: bool) -> Any:
     from tqdm.auto import tqdm
 
     from vae_core.evaluation.evaluate import evaluate_model
     from vae_core.evaluation.scores import devices_for
 
     devices = devices_for(req.gpus)
-    with tqdm(total=len(data.images), desc=f"score {label} (K={req.iw_samples})", unit="img",
-              disable=not progress) as bar:
+    with tqdm(total=images, desc=f"score {label} (K={req.iw_samples})", unit="img", disable=not progress) as bar:
         return evaluate_model(model.to(devices[0]), data, k=req.iw_samples, seed=req.seed, batch_size=req.batch_size,
-                              devices=devices, frechet=scorer, on_batch=bar.update)
+                              devices=devices, frechet=scorer, on_batch=bar.update, sample_rows=req.sample_rows)
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(req: EvaluateRequest, target: Target, model: Any, data: Any, evaluation: Any,
+def report_task(req: EvaluateRequest, target: Target, model: Any, evaluation: Any,
                 facts: dict[str, str]) -> dict[str, str]:
     """Pictures and the HTML report, written under $VAE_HOME/reports and logged to the training run."""
     from vae_core.evaluation.evaluate import draw_pictures
 
-    pictures = draw_pictures(model, data, evaluation, seed=req.seed, map_points=req.map_points)
+    pictures = draw_pictures(model, evaluation, seed=req.seed, map_points=req.map_points)
     return write_report(target.model, req, facts, evaluation, pictures)
 
 
@@ -190,11 +208,13 @@ def evaluate_vae(request: EvaluateRequest, progress: bool = False) -> EvaluateRe
     target = pin_task(request)
     models, data = load_task(request, target)
     scorer, net_info = feature_task(target, data, request, progress)
-    mine = score_task(models[CHALLENGER], data, request, scorer, f"v{target.model.version}", progress)
+    images = _images(request, target)
+    mine = score_task(models[CHALLENGER], data, request, scorer, f"v{target.model.version}", images, progress)
     theirs = None
     if CHAMPION in models:
-        theirs = score_task(models[CHAMPION], data, request, scorer, f"champion v{target.champion.version}", progress)
-    facts = _facts(request, target, len(data.images), net_info)
+        theirs = score_task(models[CHAMPION], data, request, scorer, f"champion v{target.champion.version}", images,
+                            progress)
+    facts = _facts(request, target, mine.images, net_info)
     log_evaluation(target.model, request, mine, facts)
     if theirs is not None:
         log_evaluation(target.champion, request, theirs, facts)
@@ -202,8 +222,8 @@ def evaluate_vae(request: EvaluateRequest, progress: bool = False) -> EvaluateRe
         else None
     if decision is not None:
         facts["champion gate"] = f"{'promoted' if decision.promote else 'not promoted'}: {decision.reason}"
-    paths = report_task(request, target, models[CHALLENGER], data, mine, facts)
-    out = _result(request, target, data, mine, theirs, net_info, decision, paths)
+    paths = report_task(request, target, models[CHALLENGER], mine, facts)
+    out = _result(request, target, mine, theirs, net_info, decision, paths)
     create_markdown_artifact(markdown=summary_markdown(out), key="evaluate-vae-summary",
                              description=f"{target.model.uri} on {out.dataset}@{out.dataset_version}")
     return out
@@ -219,14 +239,14 @@ def _facts(req: EvaluateRequest, target: Target, n: int, net_info: dict[str, Any
     return facts
 
 
-def _result(req: EvaluateRequest, target: Target, data: Any, mine: Any, theirs: Any, net_info: dict[str, Any],
+def _result(req: EvaluateRequest, target: Target, mine: Any, theirs: Any, net_info: dict[str, Any],
             decision: Any, paths: dict[str, str]) -> EvaluateResult:
     prefix = f"{req.split}/"
     return EvaluateResult(
         model_name=target.model.name, model_version=target.model.version, model_uri=target.model.uri,
         asked=target.model.asked, run_id=target.model.run_id, run_url=tracking.run_url(target.model.run_id),
         dataset=target.dataset.name, dataset_version=target.dataset.version, split=req.split,
-        images=len(data.images), iw_samples=req.iw_samples, seed=req.seed,
+        images=mine.images, iw_samples=req.iw_samples, seed=req.seed,
         metrics={prefix + k: v for k, v in mine.metrics.items()}, notes=mine.notes, feature_classifier=net_info,
         champion=None if theirs is None else ChampionScores(
             version=target.champion.version, metrics={prefix + k: v for k, v in theirs.metrics.items()}),

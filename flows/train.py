@@ -29,7 +29,7 @@ from flows.distributed.cluster import ray_session, read_shards, reserve
 from flows.tracking import registry, runs as tracking
 from flows.tracking.progress import Progress
 from vae_core import VAEConfig, load_config
-from vae_core.data.shards import DatasetInfo, fit_model, open_dataset, read_split_u8, shard_paths
+from vae_core.data.shards import DatasetInfo, fit_model, open_dataset, shard_paths
 from vae_core.errors import TrainError, VAEError
 from vae_core.requests import TrainRequest
 from vae_core.results import TrainResult
@@ -63,13 +63,12 @@ def perceptual_weights(cfg: VAEConfig, info: DatasetInfo) -> str | None:
     if pcfg.weights is not None or pcfg.network != "classifier":
         check_perceptual_weights(pcfg)
         return None
+    from flows.evaluate import classifier_data
     from vae_core.model.feature_net import load_or_train_feature_net
 
-    def test() -> tuple | None:  # read only if the classifier is not cached yet
-        return read_split_u8(info, "test")[:2] if info.counts.get("test") else None
-
     try:
-        _, net_info = load_or_train_feature_net(info.name, info.version, read_split_u8(info, "train")[:2], test,
+        _, net_info = load_or_train_feature_net(info.name, info.version, *classifier_data(info, seed=0),
+                                                shape=info.shape,
                                                 progress=lambda line: logging.getLogger(__name__).info(line))
     except ValueError as e:  # no labels: no classifier to take features from
         raise TrainError(f"the perceptual loss's classifier cannot be trained on {info.name}@{info.version}: {e}; "

@@ -173,6 +173,9 @@ class EvaluateRequest(Request):
     batch_size: int = Field(500, ge=1, description="images per forward pass")
     limit: int | None = Field(None, ge=2, description="score only the split's first N images (quick runs)")
     map_points: int = Field(2000, ge=10, description="points in the PCA and t-SNE maps of the latent space")
+    sample_rows: int = Field(20_000, ge=10, description="rows of the split, and of the train split, in the seeded "
+                             "sample the k-NN and linear probes and the latent maps use (the whole split when "
+                             "smaller); every other number is over the whole split")
 
 
 

@@ -62,3 +62,13 @@ def assign_splits(ids: list[str], source_splits: list[str | None] | None, val_fr
     if carve_val:
         own = np.where((own == 0) & (u < val_fraction), 1, own).astype(np.int8)
     return np.where(own < 0, hashed, own).astype(np.int8)
+
+
+def sample_keys(ids: list[str], seed: int) -> np.ndarray:
+    """ids -> float64 (n,) in [0, 1): each row's place in the seeded sample of a split.
+
+    A seeded sample of k rows is the k rows with the smallest keys. A key depends only on the id and the
+    seed, so the sample is the same however the split is read (in one pass, in batches, in shards on
+    several workers, in any order) and a sample of a larger k holds the smaller one.
+    """
+    return id_hash_unit([f"{seed}/{i}" for i in ids])

@@ -14,12 +14,18 @@ The numbers, all on the split's images and keyed without the split (the flow add
   of prior samples over the real images' (`vae_core.evaluation.sharpness`; 1.0 is as sharp as the split, blurry
   below). Every model has them: they need neither labels nor a feature classifier.
 
+The split streams (`EvalData.split`): scores are summed batch by batch (`ScoreTotals`), the latent means'
+variance is a running moment, the Fréchet and sharpness measures keep running sums, and only a seeded sample
+of rows (`SeededSample`: `sample_rows` latent means for the probes and maps, `picture_rows` images for the
+pictures) is kept. Memory does not grow with the split; the numbers built on the sample say so in `notes`.
+
 Label-based numbers on unlabelled data, and sharpness on a split without edges (blank images), are left
 out with a note, never an error.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -27,40 +33,57 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vae_core.evaluation.latent_metrics import active_units, latent_probes
-from vae_core.evaluation.scores import SplitScores, score_split
+from vae_core.data.shards.read import RowBatch
+from vae_core.evaluation.latent_metrics import RunningVariance, count_active, latent_probes
+from vae_core.evaluation.sample import SeededSample
+from vae_core.evaluation.scores import ScoreTotals, score_batches
 from vae_core.evaluation.sharpness import SharpnessMeter
 from vae_core.model.encode import encode_images
 from vae_core.model.feature_net import FrechetScorer
 from vae_core.model.pictures import grid, reconstruction_grid
 from vae_core.model.vae import ConvVAE
 
+SAMPLE_ROWS = 20_000  # latent means the probes and maps use: their cost grows faster than the split's
+PICTURE_ROWS = 32
+
 
 @dataclass
 class EvalData:
-    """The images an evaluation reads: the split scored, and the train split for the latent probes.
+    """What an evaluation reads: the split scored, as a function giving its rows in batches of a size (read
+    once per model), and the seeded sample of the reference split (train) the latent probes fit on."""
 
-    Images are uint8 (N, H, W, C); labels int (N,) with -1 for "no label".
-    """
+    split: Callable[[int], Iterable[RowBatch]]
+    reference: RowBatch | None = None
+    reference_rows: int = 0  # rows of the whole reference split, for the notes
 
-    images: np.ndarray
-    labels: np.ndarray
-    train_images: np.ndarray | None = None
-    train_labels: np.ndarray | None = None
+    @staticmethod
+    def from_arrays(images: np.ndarray, labels: np.ndarray, reference: RowBatch | None = None) -> EvalData:
+        """A split held in memory: images uint8 (N, H, W, C), labels int (N,) with -1 for "no label";
+        ids are the row numbers."""
+        labels = np.asarray(labels, dtype=np.int32)
 
-    @property
-    def labelled(self) -> bool:
-        return bool((self.labels >= 0).any())
+        def split(batch_size: int) -> Iterator[RowBatch]:
+            for at in range(0, len(images), batch_size):
+                yield RowBatch(images[at : at + batch_size], labels[at : at + batch_size],
+                               [str(i) for i in range(at, min(at + batch_size, len(images)))])
+
+        return EvalData(split, reference, len(reference) if reference is not None else 0)
 
 
 @dataclass
 class Evaluation:
-    """One model's numbers on one split, what was left out and why, and the per-image scores."""
+    """One model's numbers on one split, what was left out and why, and what the pictures are drawn from."""
 
     metrics: dict[str, float]
+    images: int  # images scored
+    sample: SeededSample  # "mean" (S, L) float32 and "label" (S,) of a seeded sample of the split
+    pictures: SeededSample  # "image" (P, H, W, C), "recon" (P, C, H, W) uint8 and "label" (P,)
+    unit_variance: np.ndarray  # (L,) variance of each latent mean across the split
     notes: list[str] = field(default_factory=list)
-    scores: SplitScores | None = None
-    unit_variance: np.ndarray | None = None  # (L,) variance of each latent mean across the split
+
+    @property
+    def labelled(self) -> bool:
+        return bool((self.sample["label"] >= 0).any())
 
 
 def evaluate_model(
@@ -72,58 +95,91 @@ def evaluate_model(
     devices: list[torch.device] | None = None,
     frechet: FrechetScorer | None = None,
     on_batch: Callable[[int], None] | None = None,
+    sample_rows: int = SAMPLE_ROWS,
 ) -> Evaluation:
-    """Every number in the module docstring for `model` on `data`; `frechet` already holds the real
-    images' features (one scorer serves every model compared on the split)."""
-    scores = score_split(model, data.images, k=k, seed=seed, batch_size=batch_size, devices=devices,
-                         on_batch=on_batch)
-    metrics = scores.summary()
-    active, variance = active_units(scores.mean)
-    metrics["active_units"] = float(active)
+    """Every number in the module docstring for `model` on `data`, in one pass over the split and one over
+    as many prior samples; `frechet` already holds the real images' features (one scorer serves every
+    model compared on the split)."""
+    c, h, w = model.config.input_shape
+    totals, moments = ScoreTotals(k, c * h * w, point=model.config.kind == "ae"), RunningVariance()
+    sample, pictures = SeededSample(sample_rows, seed), SeededSample(PICTURE_ROWS, seed)
+    sharpness = SharpnessMeter()
+    if frechet is not None:
+        frechet.reset_fake()
+    read: deque[RowBatch] = deque()  # the rows of the batches being scored: one per device at most
+
+    def images() -> Iterator[np.ndarray]:
+        for rows in data.split(batch_size):
+            read.append(rows)
+            yield rows.images
+
+    for scores in score_batches(model, images(), k=k, seed=seed, devices=devices, on_batch=on_batch):
+        rows = read.popleft()
+        totals.add(scores)
+        moments.add(scores.mean)
+        sample.add(rows.ids, mean=scores.mean, label=rows.labels)
+        pictures.add(rows.ids, image=rows.images, recon=scores.reconstructions, label=rows.labels)
+        recon = torch.from_numpy(scores.reconstructions)
+        sharpness.add_real(torch.from_numpy(rows.images).permute(0, 3, 1, 2))
+        sharpness.update(recon)
+        if frechet is not None:
+            frechet.add_fake(recon)
+    metrics = totals.summary()
+    metrics["active_units"] = float(count_active(moments.variance))
     notes: list[str] = []
-    if data.train_images is not None and data.train_labels is not None:
-        model.to(devices[0] if devices else next(model.parameters()).device)
-        train_mean, _ = encode_images(model, data.train_images, batch_size=batch_size)
-        probes, probe_notes = latent_probes(train_mean, data.train_labels, scores.mean, data.labels, seed=seed)
-        metrics.update(probes)
-        notes += probe_notes
-    else:
-        notes.append("k-NN and linear probe skipped: no labelled train split to fit them on")
-    sharpness: SharpnessMeter | None = SharpnessMeter()
-    real = torch.from_numpy(data.images).permute(0, 3, 1, 2)
-    for start in range(0, len(real), batch_size):
-        sharpness.add_real(real[start : start + batch_size])
-    recon = torch.from_numpy(scores.reconstructions)
+    if frechet is not None:
+        metrics["frechet_reconstructions"] = frechet.compute()
     try:
-        metrics["sharpness_reconstructions"] = sharpness.relative(_batches(recon, batch_size))
+        metrics["sharpness_reconstructions"] = sharpness.compute()
     except ValueError as e:  # a split without edges (blank images): nothing to be as sharp as
         notes.append(f"sharpness skipped: {e}")
-        sharpness = None
-    # One draw of the prior, seeded as ever, read by both measures batch by batch: the sharpness of the
-    # very samples the Fréchet distance saw, and no second pass through the decoder.
+    metrics.update(_prior_metrics(model, totals.count, batch_size, seed, frechet,
+                                  sharpness if "sharpness_reconstructions" in metrics else None))
+    probes, probe_notes = _probes(model, data, sample, seed, batch_size, devices)
+    metrics.update(probes)
+    notes += probe_notes
+    return Evaluation(metrics=metrics, images=totals.count, sample=sample, pictures=pictures,
+                      unit_variance=moments.variance, notes=notes)
+
+
+def _prior_metrics(model: ConvVAE, n: int, batch_size: int, seed: int, frechet: FrechetScorer | None,
+                   sharpness: SharpnessMeter | None) -> dict[str, float]:
+    """`frechet_samples` and `sharpness_samples` of n prior samples: one seeded draw, read by both measures
+    batch by batch (the sharpness of the very samples the Fréchet distance saw, one decoder pass)."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    samples = _prior_samples(model, len(data.images), batch_size, generator)
+    samples = _prior_samples(model, n, batch_size, generator)
+    if sharpness is not None:
+        sharpness.reset()
+        samples = _measured(samples, sharpness)
+    out = {}
     if frechet is not None:
-        if sharpness is not None:
-            sharpness.reset()
-            samples = _measured(samples, sharpness)
-        metrics["frechet_samples"] = frechet.distance(samples)
-        if sharpness is not None:
-            metrics["sharpness_samples"] = sharpness.compute()
-        metrics["frechet_reconstructions"] = frechet.distance(_batches(recon, batch_size))
+        out["frechet_samples"] = frechet.distance(samples)
     elif sharpness is not None:
-        metrics["sharpness_samples"] = sharpness.relative(samples)
-    return Evaluation(metrics=metrics, notes=notes, scores=scores, unit_variance=variance)
+        deque(samples, maxlen=0)  # read for the sharpness alone
+    if sharpness is not None:
+        out["sharpness_samples"] = sharpness.compute()
+    return out
+
+
+def _probes(model: ConvVAE, data: EvalData, sample: SeededSample, seed: int, batch_size: int,
+            devices: list[torch.device] | None) -> tuple[dict[str, float], list[str]]:
+    """k-NN and linear-probe accuracy of the sampled latent means, fitted on the reference sample's."""
+    ref = data.reference
+    if ref is None or not (ref.labels >= 0).any():
+        return {}, ["k-NN and linear probe skipped: no labelled train split to fit them on"]
+    model.to(devices[0] if devices else next(model.parameters()).device)
+    train_mean, _ = encode_images(model, ref.images, batch_size=batch_size)
+    probes, notes = latent_probes(train_mean, ref.labels, sample["mean"], sample["label"], seed=seed)
+    if probes and (len(sample) < sample.seen or len(ref) < data.reference_rows):
+        notes.append(f"k-NN and linear probe: {sample.describe('the split')}, fitted on "
+                     f"{len(ref):,} of the {data.reference_rows:,} reference rows (seeded)")
+    return probes, notes
 
 
 def _prior_samples(model: ConvVAE, n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """n images from the prior in batches, (B, C, H, W) in [0, 1]."""
     for start in range(0, n, batch_size):
         yield model.sample(min(batch_size, n - start), generator=generator)
-
-
-def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    return (images[i : i + batch_size] for i in range(0, len(images), batch_size))
 
 
 def _measured(batches: Iterable[torch.Tensor], meter: SharpnessMeter) -> Iterator[torch.Tensor]:
@@ -133,44 +189,43 @@ def _measured(batches: Iterable[torch.Tensor], meter: SharpnessMeter) -> Iterato
         yield batch
 
 
-def draw_pictures(model: ConvVAE, data: EvalData, evaluation: Evaluation, seed: int = 0,
-                  map_points: int = 2000) -> dict[str, Image.Image]:
+def draw_pictures(model: ConvVAE, evaluation: Evaluation, seed: int = 0, map_points: int = 2000) -> dict[str, Image.Image]:
     """What a person looks at: "reconstructions" (originals above reconstructions), "samples" from the prior,
     "interpolations" between pairs of split images, "traversals" of the most active latent dimensions and
-    "latent_pca" / "latent_tsne" maps of the latent means coloured by label."""
+    "latent_pca" / "latent_tsne" maps of the latent means coloured by label; all from the evaluation's
+    seeded samples of the split."""
     from vae_core.evaluation.pictures import interpolation_grid, latent_maps, traversal_grid
 
-    scores = evaluation.scores
-    assert scores is not None and evaluation.unit_variance is not None
     device = next(model.parameters()).device
-    originals = torch.from_numpy(np.ascontiguousarray(data.images[:32])).permute(0, 3, 1, 2)
-    recons = torch.from_numpy(scores.reconstructions[: len(originals)])
+    shown = evaluation.pictures
+    originals = torch.from_numpy(np.ascontiguousarray(shown["image"])).permute(0, 3, 1, 2)
+    recons = torch.from_numpy(shown["recon"])
     pictures = {
         "reconstructions": reconstruction_grid(originals.float() / 255, recons.float() / 255),
         "samples": grid(model.sample(64, generator=torch.Generator(device=device).manual_seed(seed))),
     }
-    pairs = _pairs(data, count=8)
+    pairs = _pairs(originals, shown["label"], count=8)
     if pairs is not None:
         pictures["interpolations"] = interpolation_grid(model, pairs, steps=10)
     top = [int(d) for d in np.argsort(-evaluation.unit_variance)[:8]]
     pictures["traversals"] = traversal_grid(model, originals[0], top)
-    labels = data.labels if data.labelled else None
-    if len(scores.mean) >= 3:
-        pictures.update(latent_maps(scores.mean, labels, max_points=map_points, seed=seed))
+    sample = evaluation.sample
+    if len(sample) >= 3:
+        labels = sample["label"] if evaluation.labelled else None
+        pictures.update(latent_maps(sample["mean"], labels, max_points=map_points, seed=seed))
     return pictures
 
 
-def _pairs(data: EvalData, count: int) -> torch.Tensor | None:
-    """Up to `count` pairs of split images, (P, 2, C, H, W) uint8; with labels, each pair spans two
+def _pairs(images: torch.Tensor, labels: np.ndarray, count: int) -> torch.Tensor | None:
+    """Up to `count` pairs of images (N, C, H, W) uint8, as (P, 2, C, H, W); with labels, each pair spans two
     classes (the interesting path), else images i and i + count."""
-    n = len(data.images)
+    n = len(images)
     if n < 2:
         return None
+    labelled = bool((labels >= 0).any())
     chosen: list[tuple[int, int]] = []
     for i in range(min(count, n // 2)):
-        j = next((j for j in range(i + 1, n) if data.labels[j] != data.labels[i]), i + 1) if data.labelled \
+        j = next((j for j in range(i + 1, n) if labels[j] != labels[i]), i + 1) if labelled \
             else min(i + count, n - 1)
         chosen.append((i, j))
-    idx = torch.tensor(chosen)
-    images = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2)
-    return images[idx]
+    return images[torch.tensor(chosen)]

@@ -19,9 +19,49 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 UNLABELLED = -1
+ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015
 
 
-def active_units(means: np.ndarray, threshold: float = 0.01) -> tuple[int, np.ndarray]:
+class RunningVariance:
+    """Per-dimension mean and population variance of rows (B, L) added in batches, in float64.
+
+    Chan et al.'s pairwise update: as exact as one pass over all rows at once, in memory for one batch.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: np.ndarray | None = None  # (L,)
+        self.m2: np.ndarray | None = None  # (L,) sum of squared deviations from the mean
+
+    def add(self, rows: np.ndarray) -> None:
+        x = np.asarray(rows, dtype=np.float64)
+        n = len(x)
+        if n == 0:
+            return
+        mean, m2 = x.mean(0), ((x - x.mean(0)) ** 2).sum(0)
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    @property
+    def variance(self) -> np.ndarray:
+        """(L,) population variance (ddof=0) of the rows added."""
+        if self.count < 2 or self.m2 is None:
+            raise ValueError(f"active units need at least 2 posterior means, got N={self.count}")
+        return self.m2 / self.count
+
+
+def count_active(variances: np.ndarray, threshold: float = ACTIVE_THRESHOLD) -> int:
+    """How many dimensions vary across the data by more than `threshold` (`active_units`)."""
+    return int((np.asarray(variances) > threshold).sum())
+
+
+def active_units(means: np.ndarray, threshold: float = ACTIVE_THRESHOLD) -> tuple[int, np.ndarray]:
     """Count the latent dimensions the encoder uses.
 
     Burda et al. 2015: dimension u is active when A_u = Cov_x(E_q(z|x)[z_u]) > threshold (0.01 in the
@@ -41,7 +81,7 @@ def active_units(means: np.ndarray, threshold: float = 0.01) -> tuple[int, np.nd
     if means.shape[0] < 2:
         raise ValueError(f"active units need at least 2 posterior means, got N={means.shape[0]}")
     variances = means.astype(np.float64).var(axis=0, ddof=0)
-    return int((variances > threshold).sum()), variances
+    return count_active(variances, threshold), variances
 
 
 def _check_split(z: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:

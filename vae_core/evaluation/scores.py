@@ -12,6 +12,10 @@ What the per-image numbers are:
 - `mean`, `logvar`: the posterior of the image itself (no binarisation or dequantisation noise), the
   embedding that latent metrics and pictures use and that the registered model's `predict` returns.
 
+A split streams: `score_batches` scores batches as they come and `ScoreTotals` keeps running sums, so the
+split-level numbers need memory for one batch whatever the split's size; `score_split` keeps every image's
+scores, for a split that fits in memory (tests, benchmarks).
+
 Every batch draws its noise from its own generator, seeded from (seed, batch index), so a split scores
 the same whichever devices, and however many, share the batches: two models compared on the same
 split, K and seed see the same binarisation of the same images. Several devices (`devices=["cuda:0",
@@ -21,9 +25,9 @@ split, K and seed see the same binarisation of the same images. Several devices 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -35,46 +39,95 @@ from vae_core.model.vae import ConvVAE
 
 # Decoder passes per IWAE chunk: a GPU wants many at once; on a CPU more only costs memory.
 _DECODES_PER_CHUNK = {"cpu": 5_000, "cuda": 100_000}
+PER_IMAGE = ("log_px", "kl", "iwae", "mse", "psnr", "ssim")
+
+
+@dataclass
+class BatchScores:
+    """Per-image scores of B images; arrays are float32, rows in the batch's order."""
+
+    log_px: np.ndarray  # (B,) log p(x|z) for one posterior sample, nats
+    kl: np.ndarray  # (B,) KL(q(z|x) || p(z)), nats
+    iwae: np.ndarray  # (B,) IWAE bound of log p(x) with K samples, nats
+    mse: np.ndarray  # (B,) mean squared error of the posterior mean's reconstruction, [0, 1] scale
+    psnr: np.ndarray  # (B,) dB, data range 1
+    ssim: np.ndarray  # (B,)
+    kl_per_dim: np.ndarray  # (B, L) KL per latent dimension, nats
+    mean: np.ndarray  # (B, L) posterior means of the images themselves: the embedding
+    logvar: np.ndarray  # (B, L)
+    reconstructions: np.ndarray  # (B, C, H, W) uint8, the posterior mean's decoded image
+
+    def __len__(self) -> int:
+        return len(self.log_px)
+
+
+class ScoreTotals:
+    """Running sums of per-image scores: a split's numbers in memory for one batch, whatever its size."""
+
+    def __init__(self, k: int, dims: int, point: bool = False) -> None:
+        self.k, self.dims, self.point = k, dims, point  # dims: C*H*W, for bits per dimension
+        self.count = 0
+        self.sums = dict.fromkeys(PER_IMAGE, 0.0)
+        self.kl_dim_sums: np.ndarray | None = None  # (L,)
+
+    def add(self, scores: BatchScores) -> None:
+        """Add one batch; ValueError when a score a bound is built on is not finite (a model that cannot be
+        scored), before any more of the split is scored."""
+        bad = [key for key in (("log_px",) if self.point else ("log_px", "kl", "iwae"))
+               if not np.isfinite(getattr(scores, key)).all()]
+        if bad:
+            raise ValueError(f"the model gives non-finite {', '.join(bad)} on this split; it cannot be scored")
+        for key in PER_IMAGE:
+            self.sums[key] += float(getattr(scores, key).sum(dtype=np.float64))
+        dims = scores.kl_per_dim.sum(0, dtype=np.float64)
+        self.kl_dim_sums = dims if self.kl_dim_sums is None else self.kl_dim_sums + dims
+        self.count += len(scores)
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / self.count
+
+    def summary(self) -> dict[str, float]:
+        """Split-level numbers: means of the per-image scores, NLL in nats and bits/dim, KL per dim."""
+        if self.count == 0:
+            raise ValueError("no images to score: the split is empty")
+        if self.point:
+            return {"recon_nll": -self.mean("log_px"), "mse": self.mean("mse"), "psnr": self.mean("psnr"),
+                    "ssim": self.mean("ssim")}
+        neg_elbo = self.mean("kl") - self.mean("log_px")
+        nll = -self.mean("iwae")
+        out = {
+            "neg_elbo": neg_elbo,
+            "recon_nll": -self.mean("log_px"),
+            "kl": self.mean("kl"),
+            "elbo_bits_per_dim": bits_per_dim(neg_elbo, self.dims),
+            f"nll_k{self.k}": nll,
+            f"bits_per_dim_k{self.k}": bits_per_dim(nll, self.dims),
+            "mse": self.mean("mse"),
+            "psnr": self.mean("psnr"),
+            "ssim": self.mean("ssim"),
+        }
+        assert self.kl_dim_sums is not None
+        out.update({f"kl_dim_{i:02d}": float(v) / self.count for i, v in enumerate(self.kl_dim_sums)})
+        return out
 
 
 @dataclass
 class SplitScores:
-    """Per-image scores of one split; arrays are float32 with N rows in the split's order."""
+    """Every image's scores of a split held in memory: `BatchScores`' arrays over N rows, and its totals."""
 
-    log_px: np.ndarray  # (N,) log p(x|z) for one posterior sample, nats
-    kl: np.ndarray  # (N,) KL(q(z|x) || p(z)), nats
-    kl_per_dim: np.ndarray  # (L,) KL per latent dimension of the ELBO's posterior, mean over images, nats
-    iwae: np.ndarray  # (N,) IWAE bound of log p(x) with `k` samples, nats
-    mse: np.ndarray  # (N,) mean squared error of the posterior mean's reconstruction, [0, 1] scale
-    psnr: np.ndarray  # (N,) dB, data range 1
-    ssim: np.ndarray  # (N,)
-    mean: np.ndarray  # (N, L) posterior means of the images themselves: the embedding
-    logvar: np.ndarray  # (N, L)
-    reconstructions: np.ndarray  # (N, C, H, W) uint8, the posterior mean's decoded image
-    k: int
-    dims: int  # C*H*W, for bits per dimension
-    point: bool = False  # an autoencoder's scores: no KL, no IWAE bound
+    scores: BatchScores
+    totals: ScoreTotals
+
+    def __getattr__(self, name: str) -> np.ndarray:  # the per-image arrays: s.mean, s.iwae, ...
+        return getattr(self.__dict__["scores"], name)
+
+    @property
+    def kl_per_dim(self) -> np.ndarray:
+        """(L,) KL per latent dimension, mean over the images, nats."""
+        return self.scores.kl_per_dim.mean(0)
 
     def summary(self) -> dict[str, float]:
-        """Split-level numbers: means of the per-image scores, NLL in nats and bits/dim, KL per dim."""
-        if self.point:
-            return {"recon_nll": float(-self.log_px.mean()), "mse": float(self.mse.mean()),
-                    "psnr": float(self.psnr.mean()), "ssim": float(self.ssim.mean())}
-        neg_elbo = float(-(self.log_px - self.kl).mean())
-        nll = float(-self.iwae.mean())
-        out = {
-            "neg_elbo": neg_elbo,
-            "recon_nll": float(-self.log_px.mean()),
-            "kl": float(self.kl.mean()),
-            "elbo_bits_per_dim": bits_per_dim(neg_elbo, self.dims),
-            f"nll_k{self.k}": nll,
-            f"bits_per_dim_k{self.k}": bits_per_dim(nll, self.dims),
-            "mse": float(self.mse.mean()),
-            "psnr": float(self.psnr.mean()),
-            "ssim": float(self.ssim.mean()),
-        }
-        out.update({f"kl_dim_{i:02d}": float(v) for i, v in enumerate(self.kl_per_dim)})
-        return out
+        return self.totals.summary()
 
 
 def devices_for(gpus: int) -> list[torch.device]:
@@ -97,6 +150,56 @@ def ssim_kernel(height: int, width: int) -> int:
     return side if side % 2 else side - 1
 
 
+def score_batches(
+    model: ConvVAE,
+    batches: Iterable[np.ndarray | torch.Tensor],
+    k: int = 100,
+    seed: int = 0,
+    devices: list[torch.device] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[BatchScores]:
+    """Score uint8 batches (B, H, W, C) with `model` as they come, yielding each batch's scores in order.
+
+    Batch b draws its noise from (seed, b), and with several devices goes to device b mod n; at most one
+    batch per device is in memory. `on_batch(n_images)` is called after each batch (progress bars).
+    Raises ValueError for K below 1, images not in the model's shape, or no images at all.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got k={k}")
+    devices = devices or [next(model.parameters()).device]
+    home = next(model.parameters()).device
+    replicas = [(model if device == home else copy.deepcopy(model).to(device)).eval() for device in devices]
+
+    def run(b: int, images: np.ndarray | torch.Tensor) -> BatchScores:
+        replica = replicas[b % len(devices)]
+        x_u8 = _checked(replica, torch.as_tensor(images)).permute(0, 3, 1, 2)
+        return _score_batch(replica, x_u8, k, _batch_generator(devices[b % len(devices)], seed, b))
+
+    scored = [0]
+
+    def done(scores: BatchScores) -> BatchScores:
+        scored[0] += len(scores)
+        if on_batch:
+            on_batch(len(scores))
+        return scores
+
+    batches = (images for images in batches if len(images))
+    if len(devices) == 1:
+        for b, images in enumerate(batches):
+            yield done(run(b, images))
+    else:
+        with ThreadPoolExecutor(len(devices)) as pool:
+            window: list = []  # one batch in flight per device
+            for b, images in enumerate(batches):
+                window.append(pool.submit(run, b, images))
+                if len(window) == len(devices):
+                    yield from (done(future.result()) for future in window)
+                    window = []
+            yield from (done(future.result()) for future in window)
+    if scored[0] == 0:
+        raise ValueError("no images to score: the split is empty")
+
+
 def score_split(
     model: ConvVAE,
     images: np.ndarray | torch.Tensor,
@@ -106,58 +209,36 @@ def score_split(
     devices: list[torch.device] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> SplitScores:
-    """Score uint8 images (N, H, W, C) with `model`; see the module docstring for what and how.
-
-    `on_batch(n_images)` is called after each batch (progress bars). Raises ValueError for an empty
-    split, a batch size or K below 1, or images not in the model's shape.
-    """
+    """Score uint8 images (N, H, W, C) held in memory, keeping every image's scores (`score_batches` in
+    batches of `batch_size`). Raises ValueError as `score_batches` does, and for a batch size below 1."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     images = torch.as_tensor(images)
+    c, h, w = model.config.input_shape
+    totals = ScoreTotals(k, c * h * w, point=model.config.kind == "ae")
+    parts = []
+    for scores in score_batches(model, images.split(batch_size), k=k, seed=seed, devices=devices,
+                                on_batch=on_batch):
+        totals.add(scores)
+        parts.append(scores)
+    joined = BatchScores(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(BatchScores)})
+    return SplitScores(scores=joined, totals=totals)
+
+
+def _checked(model: ConvVAE, images: torch.Tensor) -> torch.Tensor:
     c, h, w = model.config.input_shape
     if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (h, w, c):
         raise ValueError(f"expected uint8 images of shape (N, {h}, {w}, {c}), got {images.dtype} {tuple(images.shape)}")
-    if len(images) == 0:
-        raise ValueError("no images to score: the split is empty")
-    if k < 1 or batch_size < 1:
-        raise ValueError(f"k and batch_size must be at least 1, got k={k}, batch_size={batch_size}")
-    devices = devices or [next(model.parameters()).device]
-    starts = list(range(0, len(images), batch_size))
-    out = _empty(len(images), model, k)
-
-    def run(rank: int) -> None:
-        device = devices[rank]
-        replica = model if next(model.parameters()).device == device else copy.deepcopy(model).to(device)
-        replica.eval()
-        for b in range(rank, len(starts), len(devices)):
-            batch = images[starts[b] : starts[b] + batch_size].permute(0, 3, 1, 2)
-            _score_batch(replica, batch, k, _batch_generator(device, seed, b), out, starts[b])
-            if on_batch:
-                on_batch(len(batch))
-
-    if len(devices) == 1:
-        run(0)
-    else:
-        with ThreadPoolExecutor(len(devices)) as pool:
-            list(pool.map(run, range(len(devices))))  # list(): re-raises a thread's error here
-    return _finish(out, k, c * h * w, point=model.config.kind == "ae")
+    return images
 
 
 def _batch_generator(device: torch.device, seed: int, batch: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch)
 
 
-def _empty(n: int, model: ConvVAE, k: int) -> dict[str, np.ndarray]:
-    c, h, w = model.config.input_shape
-    latent = model.latent_dim
-    out = {key: np.empty(n, np.float32) for key in ("log_px", "kl", "iwae", "mse", "psnr", "ssim")}
-    out.update(mean=np.empty((n, latent), np.float32), logvar=np.empty((n, latent), np.float32),
-               kl_per_dim=np.empty((n, latent), np.float32), reconstructions=np.empty((n, c, h, w), np.uint8))
-    return out
-
-
 @torch.no_grad()
-def _score_batch(model: ConvVAE, x_u8: torch.Tensor, k: int, generator: torch.Generator,
-                 out: dict[str, np.ndarray], at: int) -> None:
-    """Score one uint8 batch (B, C, H, W) into rows [at, at + B) of `out`."""
+def _score_batch(model: ConvVAE, x_u8: torch.Tensor, k: int, generator: torch.Generator) -> BatchScores:
+    """Score one uint8 batch (B, C, H, W)."""
     device = generator.device
     x_u8 = x_u8.to(device, non_blocking=True)
     b = len(x_u8)
@@ -173,30 +254,19 @@ def _score_batch(model: ConvVAE, x_u8: torch.Tensor, k: int, generator: torch.Ge
     embedding = model.encode(model.prepare_eval(x_u8))
     recon = model.likelihood.mean(model.decode(embedding.mean)).float().clamp(0, 1)
     original = x_u8.float() / 255.0
-    rows = slice(at, at + b)
     fn = import_torchmetrics().functional.image
-    out["psnr"][rows] = _np(fn.peak_signal_noise_ratio(recon, original, data_range=1.0, reduction="none",
-                                                       dim=(1, 2, 3)))
-    out["ssim"][rows] = _np(fn.structural_similarity_index_measure(
-        recon, original, data_range=1.0, reduction="none", kernel_size=ssim_kernel(*recon.shape[-2:])))
-    out["mse"][rows] = _np((recon - original).square().mean(dim=(1, 2, 3)))
-    out["log_px"][rows] = _np(log_px)
-    out["kl_per_dim"][rows] = np.nan if posterior.is_point else _np(posterior.kl_per_dim())
-    out["kl"][rows] = out["kl_per_dim"][rows].sum(-1)
-    out["iwae"][rows] = np.nan if iwae is None else _np(iwae)
-    out["mean"][rows] = _np(embedding.mean)
-    out["logvar"][rows] = _np(embedding.logvar)
-    out["reconstructions"][rows] = _np(recon.mul(255).round()).astype(np.uint8)
+    nan = np.full(b, np.nan, np.float32)
+    kl_per_dim = np.full((b, model.latent_dim), np.nan, np.float32) if posterior.is_point \
+        else _np(posterior.kl_per_dim())
+    return BatchScores(
+        log_px=_np(log_px), kl=kl_per_dim.sum(-1), iwae=nan if iwae is None else _np(iwae),
+        mse=_np((recon - original).square().mean(dim=(1, 2, 3))),
+        psnr=_np(fn.peak_signal_noise_ratio(recon, original, data_range=1.0, reduction="none", dim=(1, 2, 3))),
+        ssim=_np(fn.structural_similarity_index_measure(
+            recon, original, data_range=1.0, reduction="none", kernel_size=ssim_kernel(*recon.shape[-2:]))),
+        kl_per_dim=kl_per_dim, mean=_np(embedding.mean), logvar=_np(embedding.logvar),
+        reconstructions=_np(recon.mul(255).round()).astype(np.uint8))
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
-
-
-def _finish(out: dict[str, np.ndarray], k: int, dims: int, point: bool) -> SplitScores:
-    kl_rows = out.pop("kl_per_dim")
-    bad = [key for key in (("log_px",) if point else ("log_px", "kl", "iwae")) if not np.isfinite(out[key]).all()]
-    if bad:
-        raise ValueError(f"the model gives non-finite {', '.join(bad)} on this split; it cannot be scored")
-    return SplitScores(kl_per_dim=kl_rows.mean(0), k=k, dims=dims, point=point, **out)
-

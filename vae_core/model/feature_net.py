@@ -9,7 +9,6 @@ Distances are only comparable between evaluations that use the same cached class
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +22,9 @@ from vae_core.settings import feature_net_root
 from vae_core.storage import atomic_write_bytes, resolve
 
 FILE_NAME = "feature_net.safetensors"
+# What a classifier is trained and measured on at most: a seeded sample of a larger split (60,000 is all of
+# MNIST's train set) whose pixels stay under SAMPLE_BYTES.
+TRAIN_ROWS, TEST_ROWS, SAMPLE_BYTES = 60_000, 10_000, 256 * 2**20
 
 
 class FeatureNet(nn.Module):
@@ -204,27 +206,44 @@ def _info(meta: dict[str, str], cached: bool, url: str) -> dict[str, Any]:
             "cached": cached, "path": url}
 
 
+Split = tuple[np.ndarray, np.ndarray]
+
+
+def sample_rows(image_bytes: int) -> tuple[int, int]:
+    """How many train and test rows a classifier is trained and measured on: `TRAIN_ROWS` and `TEST_ROWS`,
+    fewer where they would pass `SAMPLE_BYTES` of pixels, so a split of any size trains it in bounded memory."""
+    cap = max(1, SAMPLE_BYTES // max(1, image_bytes))
+    return min(TRAIN_ROWS, cap), min(TEST_ROWS, cap)
+
+
 def load_or_train_feature_net(
-    dataset: str, version: str, train: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray] | None] | None,
+    dataset: str, version: str, train: Split | Callable[[], Split],
+    test: Split | Callable[[], Split | None] | None,
     root: str | None = None, epochs: int = 3, seed: int = 0,
     device: str | torch.device = "cpu", progress: Callable[[str], None] | None = None,
+    shape: tuple[int, int, int] | None = None,
 ) -> tuple[FeatureNet, dict[str, Any]]:
     """The cached classifier for a dataset version, or train, measure and cache one.
 
-    `train`/`test` are (uint8 (N, H, W, C), int (N,)) with -1 for unlabelled rows; `test` may be a function
-    that reads them, called only when a classifier is trained (a cached one needs no test images). A
-    cached file is used when its input shape matches `train`'s images; otherwise it is replaced.
+    `train`/`test` are (uint8 (N, H, W, C), int (N,)) with -1 for unlabelled rows, or functions that read
+    them, called only when a classifier is trained (a cached one needs no images); a function for `train`
+    needs the images' `shape` (H, W, C). A cached file is used when its input shape matches; otherwise it is
+    replaced.
     """
     url = feature_net_url(dataset, version, root)
     fs, path = resolve(url)
-    images, labels = train
-    shape = [int(images.shape[3]), int(images.shape[1]), int(images.shape[2])] if images.ndim == 4 else None
+    if shape is None:
+        if callable(train):
+            raise ValueError("load_or_train_feature_net needs the images' shape when train is read later")
+        shape = tuple(train[0].shape[1:]) if train[0].ndim == 4 else None
+    input_shape = [int(shape[2]), int(shape[0]), int(shape[1])] if shape else None
     if fs.exists(path):
         blob = fs.cat_file(path)
-        if json.loads(_metadata(blob).get("input_shape", "null")) == shape:
+        if json.loads(_metadata(blob).get("input_shape", "null")) == input_shape:
             net, meta = _load(blob, device)
             return net, _info(meta, True, url)
+    train = train() if callable(train) else train
+    images, labels = train
     labelled = np.asarray(labels) >= 0
     if not labelled.any():
         raise ValueError(f"no labelled rows in the train split of {dataset}@{version} (every label is -1)")
@@ -277,16 +296,28 @@ class FrechetScorer:
         self.net.eval()
         self.metric.update(images.to(self.device), real=True)
 
-    @torch.no_grad()
-    def distance(self, fake_batches: Iterable[torch.Tensor]) -> float:
-        """Fréchet distance between the real images and the fake batches (each (B, C, H, W))."""
-        self.net.eval()
+    def reset_fake(self) -> None:
+        """Forget the fake images (the real side stays)."""
         self.metric.reset()  # keeps the real side (reset_real_features=False)
-        for batch in fake_batches:
-            self.metric.update(batch.to(self.device), real=False)
+
+    @torch.no_grad()
+    def add_fake(self, images: torch.Tensor) -> None:
+        """Add fake images, (B, C, H, W): their features join running sums, so a stream of any length fits."""
+        self.net.eval()
+        self.metric.update(images.to(self.device), real=False)
+
+    def compute(self) -> float:
+        """Fréchet distance between the real images and the fake ones added since `reset_fake`."""
         real = int(self.metric.real_features_num_samples)
         fake = int(self.metric.fake_features_num_samples)
         if real < 2 or fake < 2:
             raise ValueError(f"the Fréchet distance needs at least 2 real and 2 fake images, "
                              f"got {real} real and {fake} fake")
         return float(self.metric.compute())
+
+    def distance(self, fake_batches: Iterable[torch.Tensor]) -> float:
+        """Fréchet distance between the real images and the fake batches (each (B, C, H, W))."""
+        self.reset_fake()
+        for batch in fake_batches:
+            self.add_fake(batch)
+        return self.compute()

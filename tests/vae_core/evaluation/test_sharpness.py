@@ -85,11 +85,11 @@ def _untrained(**overrides) -> ConvVAE:
 
 def test_evaluate_model_reports_sharpness_of_the_samples_the_frechet_distance_saw():
     images, labels = load_digits_u8()
-    data = EvalData(images=images[1500:], labels=labels[1500:])  # 297 digits: batches of 128, 128, 41
+    data = EvalData.from_arrays(images[1500:], labels[1500:])  # 297 digits: batches of 128, 128, 41
     model, seed, batch = _untrained(), 5, 128
     torch.manual_seed(0)
     scorer = FrechetScorer(FeatureNet((1, 8, 8), 10))
-    scorer.add_real(torch.from_numpy(data.images).permute(0, 3, 1, 2))
+    scorer.add_real(torch.from_numpy(images[1500:]).permute(0, 3, 1, 2))
 
     metrics = evaluate_model(model, data, k=1, seed=seed, batch_size=batch, frechet=scorer).metrics
     for key in ("sharpness_reconstructions", "sharpness_samples"):
@@ -101,7 +101,7 @@ def test_evaluate_model_reports_sharpness_of_the_samples_the_frechet_distance_sa
     samples = [model.sample(min(batch, len(images) - 1500 - i), generator=generator)
                for i in range(0, len(images) - 1500, batch)]
     real = SharpnessMeter()
-    real.add_real(torch.from_numpy(data.images).permute(0, 3, 1, 2))
+    real.add_real(torch.from_numpy(images[1500:]).permute(0, 3, 1, 2))
     assert metrics["frechet_samples"] == pytest.approx(scorer.distance(samples), rel=1e-6)
     assert metrics["sharpness_samples"] == pytest.approx(real.relative(samples), rel=1e-9)
     # Without a scorer, the same samples and the same number.
@@ -114,9 +114,9 @@ def test_evaluate_model_reports_sharpness_of_the_samples_the_frechet_distance_sa
 def test_evaluate_model_reports_sharpness_for_an_autoencoder_and_notes_a_blank_split():
     images, labels = load_digits_u8()
     ae = _untrained(**{"model.kind": "ae", "train.beta": 0})
-    metrics = evaluate_model(ae, EvalData(images=images[:64], labels=labels[:64]), k=1).metrics
+    metrics = evaluate_model(ae, EvalData.from_arrays(images[:64], labels[:64]), k=1).metrics
     for key in ("sharpness_reconstructions", "sharpness_samples"):
         assert math.isfinite(metrics[key]) and metrics[key] > 0, (key, metrics[key])
-    blank = evaluate_model(ae, EvalData(images=np.zeros((16, 8, 8, 1), np.uint8), labels=np.full(16, -1)), k=1)
+    blank = evaluate_model(ae, EvalData.from_arrays(np.zeros((16, 8, 8, 1), np.uint8), np.full(16, -1)), k=1)
     assert not any(key.startswith("sharpness") for key in blank.metrics)
     assert any("sharpness skipped" in note and "no edges" in note for note in blank.notes)

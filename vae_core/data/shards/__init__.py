@@ -18,6 +18,8 @@ Reader API (what training and encoding build on)::
 
     info = open_dataset("s3://bucket/datasets", "mnist")          # latest version
     images, labels, ids = read_split_u8(info, "train")            # (N,H,W,C) uint8, (N,) int32, list[str]
+    for rows in iter_split(info, "test", batch_size=500): ...      # RowBatch: the same rows, bounded memory
+    sample = sample_split(info, "train", rows=20_000, seed=0)      # a seeded sample, bounded memory
     urls = shard_paths(info, "val", urls=True)                     # full URLs, in row order
     info.shape, info.counts, info.manifest.label_names              # (H, W, C), rows per split, ...
 
@@ -36,11 +38,12 @@ from vae_core.data.shards.format import (COMPRESSION, FORMAT, MANIFEST, SHA256_H
                                          check_sha256, row_group_rows, sha256_hex, shard_schema, writer_options)
 from vae_core.data.shards.manifest import (DuplicateEntry, ItemCounts, Manifest, QuarantineEntry, ShardInfo,
                                            SourceDescription, SplitInfo, load_manifest, read_manifest)
-from vae_core.data.shards.read import images_u8, read_shard_table, read_split_u8, shard_paths, table_to_u8
+from vae_core.data.shards.read import (RowBatch, images_u8, iter_split, read_shard_table, read_split_u8, sample_split,
+                                      shard_paths, table_to_u8)
 
 __all__ = [
     "COMPRESSION", "FORMAT", "MANIFEST", "SHA256_HEX", "SHARD_PATH", "SPLITS", "DatasetInfo", "DuplicateEntry",
-    "ItemCounts", "Manifest", "QuarantineEntry", "ShardInfo", "SourceDescription", "SplitInfo", "build_table",
+    "ItemCounts", "Manifest", "RowBatch", "iter_split", "sample_split", "QuarantineEntry", "ShardInfo", "SourceDescription", "SplitInfo", "build_table",
     "check_sha256", "check_shard_files", "check_shard_schema", "dataset_dir", "fit_model", "images_u8",
     "list_versions", "load_manifest", "open_dataset", "read_manifest", "read_shard_table", "read_split_u8",
     "row_group_rows", "sha256_hex", "shard_paths", "shard_schema", "table_to_u8", "writer_options",
