@@ -23,6 +23,7 @@ from vae_core.training.loop import iterate_batches
 MNIST = Path(__file__).resolve().parents[4] / "shared" / "data" / "mnist"
 SMALL = {"model.hidden_channels": [16, 32], "model.hidden_dim": 64, "model.latent_dim": 8}
 K, SEED, BATCH = 2, 7, 500
+REFERENCE_ROWS = 5_000  # the train rows the probes fit on, in every evaluation here
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +47,19 @@ def mnist(tmp_path_factory):
 
 def in_memory(model: ConvVAE, info, scorer: FrechetScorer) -> dict[str, float]:
     """The numbers as an evaluation held them before it streamed: every image's scores in memory, the
-    probes fitted on every train latent, the Fréchet and sharpness measures over arrays of all images."""
+    probes fitted on the reference rows' latents, the Fréchet and sharpness measures over arrays of all images."""
     from vae_core.model.encode import encode_images
 
     images, labels, _ = read_split_u8(info, "test")
-    train_images, train_labels, _ = read_split_u8(info, "train")
+    reference = sample_split(info, "train", REFERENCE_ROWS, SEED)
+    train_images, train_labels = reference.images, reference.labels
     scores = score_split(model, images, k=K, seed=SEED, batch_size=BATCH)
     c, h, w = model.config.input_shape
     out = {"neg_elbo": float(-(scores.log_px - scores.kl).mean(dtype=np.float64)),
            f"nll_k{K}": float(-scores.iwae.mean(dtype=np.float64)),
            "mse": float(scores.mse.mean(dtype=np.float64)), "ssim": float(scores.ssim.mean(dtype=np.float64)),
            "active_units": float(active_units(scores.mean)[0])}
+    out.update({f"variance_{i}": float(v) for i, v in enumerate(active_units(scores.mean)[1])})
     out.update(latent_probes(encode_images(model, train_images, batch_size=BATCH)[0], train_labels, scores.mean,
                              labels, seed=SEED)[0])
     recon = torch.from_numpy(scores.reconstructions)
@@ -71,9 +74,8 @@ def in_memory(model: ConvVAE, info, scorer: FrechetScorer) -> dict[str, float]:
     return out
 
 
-def streamed(model: ConvVAE, info, scorer: FrechetScorer, sample_rows: int, batch_size: int = BATCH,
-             reference_rows: int | None = None):
-    reference = sample_split(info, "train", reference_rows or sample_rows, SEED)
+def streamed(model: ConvVAE, info, scorer: FrechetScorer, sample_rows: int, batch_size: int = BATCH):
+    reference = sample_split(info, "train", REFERENCE_ROWS, SEED)
     data = EvalData(lambda b: iter_split(info, "test", b), reference, info.counts["train"])
     return evaluate_model(model, data, k=K, seed=SEED, batch_size=batch_size, frechet=scorer,
                           sample_rows=sample_rows)
@@ -101,21 +103,22 @@ def test_streamed_numbers_equal_the_in_memory_numbers_on_mnist_test(mnist, score
     assert info.counts["test"] == 10_000
     expected = in_memory(model, info, scorer)
     assert whole.images == 10_000 and len(whole.sample) == 10_000
+    got = {**whole.metrics, **{f"variance_{i}": float(v) for i, v in enumerate(whole.unit_variance)}}
     for key, value in expected.items():
-        assert whole.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-    assert not any("sample" in note for note in whole.notes)
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.slow
 def test_sampled_probes_are_within_their_sampling_error(mnist, scorer, whole):
     info, model = mnist
-    # 2,000 of the 10,000 test rows, the probes fitted on the whole train split: only the test side is sampled.
-    sampled = streamed(model, info, scorer, sample_rows=2_000, reference_rows=100_000)
+    # 2,000 of the 10,000 test rows, the probes fitted on the same train rows: only the test side is sampled.
+    sampled = streamed(model, info, scorer, sample_rows=2_000)
     for key in ("knn_accuracy", "linear_probe_accuracy"):
         p = whole.metrics[key]
         # An accuracy over n sampled rows has a standard error of sqrt(p(1-p)/n): allow four of them.
         assert abs(sampled.metrics[key] - p) <= 4 * np.sqrt(p * (1 - p) / 2000), (key, p, sampled.metrics[key])
     assert any("seeded sample" in note and "2,000 of the 10,000" in note for note in sampled.notes)
+    assert not any("seeded sample" in note for note in whole.notes)
     # Numbers over the whole split are not sampled: the same as without a sample.
     for key in ("neg_elbo", "mse", "frechet_reconstructions", "active_units"):
         assert sampled.metrics[key] == pytest.approx(whole.metrics[key], rel=1e-6), key
