@@ -44,15 +44,17 @@ def reduce_bucket(job: Job, bucket: int, shape: tuple[int, int, int]) -> dict[st
     record: dict[str, Any] = {"bucket": bucket, "shards": [], "duplicates": 0, "label_conflicts": 0,
                               "repeats": 0, "sums": {}}
     if table is not None and len(table):
-        # label last: an entry listed twice with two labels keeps the smaller one, whatever the listing order
-        table = table.take(pc.sort_indices(table, [("digest", "ascending"), ("source", "ascending"),
-                                                   ("label", "ascending")]))
-        digests = np.frombuffer(table.column("digest").combine_chunks().buffers()[1], np.uint8).reshape(-1, 32)
+        # label last: an entry listed twice with two labels keeps the smaller one, whatever the listing order.
+        # Only row numbers are sorted and filtered: the pixels are copied one shard at a time, when written,
+        # so a reduce task holds its bucket and one shard, not several copies of the bucket.
+        order = pc.sort_indices(table.select(["digest", "source", "label"]),
+                                [("digest", "ascending"), ("source", "ascending"), ("label", "ascending")])
+        sorted_digests = table.column("digest").take(order).combine_chunks()
+        digests = np.frombuffer(sorted_digests.buffers()[1], np.uint8).reshape(-1, 32)
         first = np.ones(len(table), bool)
         first[1:] = (digests[1:] != digests[:-1]).any(axis=1)
-        record.update(_drop_copies(fs, work, bucket, table, first))
-        kept = table.filter(pa.array(first))
-        record["shards"], record["sums"] = _write_shards(fs, work, job, kept, shape)
+        record.update(_drop_copies(fs, work, bucket, table.select(["id", "source", "label"]).take(order), first))
+        record["shards"], record["sums"] = _write_shards(fs, work, job, table, order.to_numpy()[first], shape)
     write_record(fs, record_path, record)
     return record
 
@@ -99,35 +101,35 @@ def _drop_copies(fs: Any, work: str, bucket: int, table: pa.Table, first: np.nda
             "label_conflicts": sum(1 for d in dups if d[3] != d[4])}
 
 
-def _write_shards(fs: Any, work: str, job: Job, kept: pa.Table, shape: tuple[int, int, int]
+def _write_shards(fs: Any, work: str, job: Job, table: pa.Table, kept: np.ndarray, shape: tuple[int, int, int]
                   ) -> tuple[list[dict[str, Any]], dict[str, list[int]]]:
-    """Split, sort by id and cut the kept rows into shards; -> (shard entries, per split [rows, sum per
-    channel..., sum of squares per channel...] of the pixels)."""
+    """Split, sort by id and cut the kept rows (row numbers of `table`) into shards; -> (shard entries, per
+    split [rows, sum per channel..., sum of squares per channel...] of the pixels)."""
     req = job.request
-    ids = kept.column("id").to_pylist()
-    own = kept.column("split").to_pylist()
-    codes = assign_splits(ids, None if all(s is None for s in own) else own, req.val_fraction, req.test_fraction,
-                          job.carve_val)
-    row = shape[0] * shape[1] * shape[2]
-    per_shard = rows_per_shard(req.shard_mb, row)
+    small = table.select(["id", "split"]).take(kept)
+    own = small.column("split").to_pylist()
+    codes = assign_splits(small.column("id").to_pylist(), None if all(s is None for s in own) else own,
+                          req.val_fraction, req.test_fraction, job.carve_val)
+    per_shard = rows_per_shard(req.shard_mb, shape[0] * shape[1] * shape[2])
     shards, sums = [], {}
     for code, split in enumerate(SPLITS):
-        part = kept.filter(pa.array(codes == code))
-        if not len(part):
+        rows = kept[codes == code]
+        if not len(rows):
             continue
-        part = part.take(pc.sort_indices(part, [("id", "ascending")]))
-        images = np.frombuffer(part.column("image").combine_chunks().buffers()[1], np.uint8).reshape(-1, *shape)
-        sums[split] = [len(part), *_pixel_sums(images)]
-        labels = part.column("label").fill_null(-1).to_numpy().astype(np.int32)
-        for start in range(0, len(part), per_shard):
-            stop = start + per_shard
-            table = build_table(part.column("id").slice(start, per_shard).to_pylist(), images[start:stop],
-                                labels[start:stop], part.column("source").slice(start, per_shard).to_pylist())
-            data = _parquet(table, **writer_options())
+        rows = rows[pc.sort_indices(small.column("id").take(np.flatnonzero(codes == code))).to_numpy()]
+        totals = np.zeros(2 * shape[2], np.uint64)
+        for start in range(0, len(rows), per_shard):
+            part = table.take(rows[start : start + per_shard])  # one shard's rows: the only copy of pixels
+            images = np.frombuffer(part.column("image").combine_chunks().buffers()[1], np.uint8).reshape(-1, *shape)
+            totals += np.array(_pixel_sums(images), np.uint64)
+            data = _parquet(build_table(part.column("id").to_pylist(), images,
+                                        part.column("label").fill_null(-1).to_numpy().astype(np.int32),
+                                        part.column("source").to_pylist()), **writer_options())
             sha = sha256_hex(data)
             path = f"{split}/{sha}.parquet"
             write_file(fs, f"{work}/shards/{path}", data, replace=False)
-            shards.append({"path": path, "rows": table.num_rows, "bytes": len(data), "sha256": sha})
+            shards.append({"path": path, "rows": part.num_rows, "bytes": len(data), "sha256": sha})
+        sums[split] = [len(rows), *(int(x) for x in totals)]
     return shards, sums
 
 
