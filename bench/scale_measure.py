@@ -105,7 +105,7 @@ class Sampler:
     hwm: dict[int, float] = field(default_factory=dict)  # pid -> MiB
     rss: dict[int, float] = field(default_factory=dict)
     roles: dict[int, str] = field(default_factory=dict)
-    names: dict[int, str] = field(default_factory=dict)  # pid -> the start of its command line
+    names: dict[int, str] = field(default_factory=dict)  # pid -> the start of its latest command line
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def sample(self) -> None:
@@ -114,9 +114,11 @@ class Sampler:
             hwm, rss = _status_kib(pid, "VmHWM") / 1024, _status_kib(pid, "VmRSS") / 1024
             if hwm == 0:
                 continue  # gone, or a kernel thread
-            if pid not in self.roles or self.roles[pid] == "other":  # a worker renames itself after it starts
-                cmdline = _cmdline(pid)
-                self.roles[pid], self.names[pid] = role(cmdline, pid == self.root), cmdline[:80]
+            cmdline = _cmdline(pid)
+            if cmdline:  # the latest: a Ray worker renames itself to the task or actor it runs
+                self.names[pid] = cmdline[:80]
+            if pid not in self.roles or self.roles[pid] == "other":  # a worker may not be renamed yet
+                self.roles[pid] = role(cmdline, pid == self.root)
             self.hwm[pid] = max(self.hwm.get(pid, 0.0), hwm)
             self.rss[pid] = max(self.rss.get(pid, 0.0), rss)
 
@@ -133,7 +135,8 @@ class Sampler:
 
     def processes(self) -> list[tuple[str, str, float]]:
         """(role, start of the command line, peak MiB) of every process seen, largest first."""
-        return sorted(((self.roles[p], self.names[p], round(m, 1)) for p, m in self.hwm.items()), key=lambda t: -t[2])
+        return sorted(((self.roles[p], self.names.get(p, ""), round(m, 1)) for p, m in self.hwm.items()),
+                      key=lambda t: -t[2])
 
 
 def _cmdline(pid: int) -> str:

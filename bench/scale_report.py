@@ -4,6 +4,7 @@ and the two plots (scale_time.png, scale_memory.png)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from bench.scale_measure import ROLES, exponent
@@ -154,12 +155,11 @@ def plot(rows: list[dict], out: Path) -> None:
         pts = [(r["images"], r["steady_s"]) for r in rows if r["stage"] == stage and (r["steady_s"] or 0) > 0]
         if pts:
             ax.plot(*zip(*pts), "o-", color=f"C{i}", label=stage)
-    xs = [r["images"] for r in rows]
-    if xs:
-        lo, hi = min(xs), max(xs)
-        ys = [r["steady_s"] for r in rows if (r["steady_s"] or 0) > 0]
-        anchor = sorted(ys)[len(ys) // 2] if ys else 1.0
-        ax.plot([lo, hi], [anchor, anchor * hi / lo], "k--", lw=1, label="slope 1 (linear)")
+    pts = [(r["images"], r["steady_s"]) for r in rows if (r["steady_s"] or 0) > 0]
+    if pts:  # through the points' geometric centre
+        lo, hi = min(x for x, _ in pts), max(x for x, _ in pts)
+        cx, cy = (math.exp(sum(math.log(v[i]) for v in pts) / len(pts)) for i in (0, 1))
+        ax.plot([lo, hi], [cy * lo / cx, cy * hi / cx], "k--", lw=1, label="slope 1 (linear)")
     ax.set(xscale="log", yscale="log", xlabel="images", ylabel="steady seconds (wall - start-up)",
            title="Time per stage against images")
     ax.legend()
