@@ -126,7 +126,8 @@ def nightly_table(raw: dict) -> list[str]:
 
 
 def write_results(raw: dict, lines: list[str], out: Path) -> None:
-    """scale.md and scale.json (a list of runs' raw numbers) with this run first, and this run's two plots."""
+    """scale.md and scale.json (a list of runs' raw numbers) with this run first, and this run's two plots when it
+    ran several sizes."""
     out.mkdir(parents=True, exist_ok=True)
     rows = steady_rows(raw)
     raw = raw | {"rows": rows, "targets": targets(rows)}
@@ -138,7 +139,8 @@ def write_results(raw: dict, lines: list[str], out: Path) -> None:
     text = section(raw, lines)
     md.write_text(f"{TITLE}\n\n{text}\n{earlier}".rstrip("\n") + "\n")
     print("\n" + text)
-    plot(rows, out)
+    if len(raw["sizes"]) > 1:  # a one-size run has no curve: the plots of the last run with several stay
+        plot(rows, out)
 
 
 def plot(rows: list[dict], out: Path) -> None:
