@@ -146,17 +146,64 @@ def classifier_data(info: DatasetInfo, seed: int) -> tuple[Any, Any]:
 
 
 @task(name="score", cache_policy=NO_CACHE)
-def score_task(model: Any, data: Any, req: EvaluateRequest, scorer: Any, label: str, images: int,
-               progress: bool) -> Any:
+def score_task(model: Any, target: Target, data: Any, req: EvaluateRequest, scorer: Any, net_info: dict[str, Any],
+               label: str, progress: bool) -> Any:
+    """One model's evaluation: in this process, or over a Ray Data actor pool with `workers` > 1."""
     from tqdm.auto import tqdm
 
     from vae_core.evaluation.evaluate import evaluate_model
     from vae_core.evaluation.scores import devices_for
 
     devices = devices_for(req.gpus)
-    with tqdm(total=images, desc=f"score {label} (K={req.iw_samples})", unit="img", disable=not progress) as bar:
+    with tqdm(total=_images(req, target), desc=f"score {label} (K={req.iw_samples})", unit="img",
+              disable=not progress) as bar:
+        if req.workers > 1:
+            return _score_on_ray(model, target.dataset, data, req, scorer, net_info.get("path"), bar.update)
         return evaluate_model(model.to(devices[0]), data, k=req.iw_samples, seed=req.seed, batch_size=req.batch_size,
                               devices=devices, frechet=scorer, on_batch=bar.update, sample_rows=req.sample_rows)
+
+
+def _score_on_ray(model: Any, info: DatasetInfo, data: Any, req: EvaluateRequest, scorer: Any,
+                  feature_net: str | None, on_batch: Any) -> Any:
+    """The scoring pass as Ray Data `map_batches` over `workers` actors (`BatchScorer`: the same code as in
+    process), each batch's pass merged here as it arrives; then the prior samples and probes here."""
+    import copy
+    import pickle
+
+    import ray.data
+
+    from flows.distributed.cluster import data_context, ray_session, read_shards, reserve
+    from flows.distributed.evaluate_worker import BatchScorer
+    from vae_core.data.shards import shard_paths
+    from vae_core.evaluation.evaluate import SplitPass, finish
+    from vae_core.model.weights import model_to_bytes
+    from vae_core.storage import arrow_filesystem
+
+    split = SplitPass(model, req.iw_samples, req.seed, req.sample_rows)
+    if scorer is not None:
+        scorer.reset_fake()
+    block_bytes = max(2**16, 2 * req.batch_size * info.manifest.image_bytes)  # blocks of a few batches
+    options = copy.copy(ray.data.DataContext.get_current().execution_options)
+    options.preserve_order = options.preserve_order or bool(req.limit)  # --limit: the first N rows, as in process
+    with ray_session() as resources, data_context(target_max_block_size=block_bytes, enable_progress_bars=False,
+                                                  execution_options=options):
+        cpus, threads = reserve(resources, req, EvaluateError, spare=1.0, min_cpus=0.5)
+        ds = read_shards(shard_paths(info, req.split), info.manifest.splits[req.split].shards,
+                         arrow_filesystem(info.fs), ["id", "image", "label"])
+        parts = (ds.limit(req.limit) if req.limit else ds).map_batches(
+            BatchScorer, batch_size=req.batch_size, batch_format="pyarrow",
+            fn_constructor_kwargs={"weights": model_to_bytes(model), "feature_net": feature_net if scorer else None,
+                                   "k": req.iw_samples, "seed": req.seed, "sample_rows": req.sample_rows,
+                                   "threads": threads},
+            compute=ray.data.ActorPoolStrategy(size=req.workers), num_cpus=cpus)
+        for batch in parts.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for rows, blob in zip(batch.column("rows").to_pylist(), batch.column("part").to_pylist()):
+                part, sums = pickle.loads(blob)  # written by our own actors
+                split.merge(part)
+                if scorer is not None:
+                    scorer.add_fake_sums(sums)
+                on_batch(rows)
+    return finish(model, split, data, req.seed, req.batch_size, None, scorer)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -208,12 +255,11 @@ def evaluate_vae(request: EvaluateRequest, progress: bool = False) -> EvaluateRe
     target = pin_task(request)
     models, data = load_task(request, target)
     scorer, net_info = feature_task(target, data, request, progress)
-    images = _images(request, target)
-    mine = score_task(models[CHALLENGER], data, request, scorer, f"v{target.model.version}", images, progress)
+    mine = score_task(models[CHALLENGER], target, data, request, scorer, net_info, f"v{target.model.version}", progress)
     theirs = None
     if CHAMPION in models:
-        theirs = score_task(models[CHAMPION], data, request, scorer, f"champion v{target.champion.version}", images,
-                            progress)
+        theirs = score_task(models[CHAMPION], target, data, request, scorer, net_info,
+                            f"champion v{target.champion.version}", progress)
     facts = _facts(request, target, mine.images, net_info)
     log_evaluation(target.model, request, mine, facts)
     if theirs is not None:

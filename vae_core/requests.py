@@ -176,6 +176,21 @@ class EvaluateRequest(Request):
     sample_rows: int = Field(20_000, ge=10, description="rows of the split, and of the train split, in the seeded "
                              "sample the k-NN and linear probes and the latent maps use (the whole split when "
                              "smaller); every other number is over the whole split")
+    workers: int = Field(1, ge=1, description="scoring actors (a Ray Data actor pool over the split's shards); 1 "
+                         "scores in this process")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs reserved per scoring actor (default: the "
+                                          "cluster's CPUs but one, shared)")
+
+    @property
+    def gpus_per_worker(self) -> float:
+        return 0.0  # scoring actors run on CPUs; --gpus scores on GPUs in this process
+
+    @model_validator(mode="after")
+    def _one_place_to_score(self) -> EvaluateRequest:
+        if self.workers > 1 and self.gpus:
+            raise ValueError(f"--workers {self.workers} scores on CPU actors and --gpus {self.gpus} on GPUs in this "
+                             "process: choose one")
+        return self
 
 
 

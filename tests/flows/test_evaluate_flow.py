@@ -216,3 +216,23 @@ def test_a_shard_deleted_from_the_dataset_is_named_with_what_to_do(home, registe
     with pytest.raises(FileNotFoundError, match=rf"^dataset digits-damaged@{dataset.version}: shard {shard}"
                                                 r" is missing \(.*\); the dataset version is damaged; remove "):
         _evaluate(model=f"models:/vae-digits-damaged/{version}", promote=False)
+
+
+@pytest.mark.slow
+def test_actors_score_the_split_as_this_process_does(home, register):
+    v = register(epochs=1, name="vae-actors")
+    # One batch size: the prior samples are drawn batch by batch from one generator.
+    one = _evaluate(model=f"models:/vae-actors/{v}", promote=False, batch_size=64)
+    two = _evaluate(model=f"models:/vae-actors/{v}", promote=False, workers=2, batch_size=64)
+    assert two.images == one.images > 300
+    # Numbers that draw no noise are the same whoever scores which batch; the seeded per-batch noise of the
+    # likelihood bounds differs with the batches, so those agree within sampling noise.
+    for key in ("mse", "psnr", "ssim", "active_units", "sharpness_reconstructions", "frechet_reconstructions",
+                "frechet_samples", "sharpness_samples", "knn_accuracy", "linear_probe_accuracy"):
+        assert two.metrics[f"test/{key}"] == pytest.approx(one.metrics[f"test/{key}"], rel=1e-4), key
+    for key in (f"nll_k{K}", "neg_elbo"):
+        assert two.metrics[f"test/{key}"] == pytest.approx(one.metrics[f"test/{key}"], rel=0.02), key
+    first = _evaluate(model=f"models:/vae-actors/{v}", promote=False, limit=100, batch_size=32)
+    again = _evaluate(model=f"models:/vae-actors/{v}", promote=False, limit=100, workers=2, batch_size=32)
+    assert again.images == first.images == 100
+    assert again.metrics["test/mse"] == pytest.approx(first.metrics["test/mse"], rel=1e-5)  # the same 100 rows

@@ -36,7 +36,7 @@ from PIL import Image
 from vae_core.data.shards.read import RowBatch
 from vae_core.evaluation.latent_metrics import RunningVariance, count_active, latent_probes
 from vae_core.evaluation.sample import SeededSample
-from vae_core.evaluation.scores import ScoreTotals, score_batches
+from vae_core.evaluation.scores import BatchScores, ScoreTotals, score_batches
 from vae_core.evaluation.sharpness import SharpnessMeter
 from vae_core.model.encode import encode_images
 from vae_core.model.feature_net import FrechetScorer
@@ -86,6 +86,39 @@ class Evaluation:
         return bool((self.sample["label"] >= 0).any())
 
 
+class SplitPass:
+    """What a pass over a split keeps, none of it growing with the split: the scores' running sums, the latent
+    means' running moments, the seeded samples, and the sharpness meter's sums. Passes over disjoint parts of
+    a split (on several workers) `merge` into the pass over the whole."""
+
+    def __init__(self, model: ConvVAE, k: int, seed: int, sample_rows: int = SAMPLE_ROWS) -> None:
+        c, h, w = model.config.input_shape
+        self.totals = ScoreTotals(k, c * h * w, point=model.config.kind == "ae")
+        self.moments = RunningVariance()
+        self.sample = SeededSample(sample_rows, seed)  # "mean", "label"
+        self.pictures = SeededSample(PICTURE_ROWS, seed)  # "image", "recon", "label"
+        self.sharpness = SharpnessMeter()
+
+    def add(self, rows: RowBatch, scores: BatchScores, frechet: FrechetScorer | None) -> None:
+        """Keep what the module docstring says of one scored batch; its reconstructions go to `frechet`."""
+        self.totals.add(scores)
+        self.moments.add(scores.mean)
+        self.sample.add(rows.ids, mean=scores.mean, label=rows.labels)
+        self.pictures.add(rows.ids, image=rows.images, recon=scores.reconstructions, label=rows.labels)
+        recon = torch.from_numpy(scores.reconstructions)
+        self.sharpness.add_real(torch.from_numpy(rows.images).permute(0, 3, 1, 2))
+        self.sharpness.update(recon)
+        if frechet is not None:
+            frechet.add_fake(recon)
+
+    def merge(self, other: SplitPass) -> None:
+        self.totals.merge(other.totals)
+        self.moments.merge(other.moments)
+        self.sample.merge(other.sample)
+        self.pictures.merge(other.pictures)
+        self.sharpness.merge(other.sharpness)
+
+
 def evaluate_model(
     model: ConvVAE,
     data: EvalData,
@@ -100,10 +133,7 @@ def evaluate_model(
     """Every number in the module docstring for `model` on `data`, in one pass over the split and one over
     as many prior samples; `frechet` already holds the real images' features (one scorer serves every
     model compared on the split)."""
-    c, h, w = model.config.input_shape
-    totals, moments = ScoreTotals(k, c * h * w, point=model.config.kind == "ae"), RunningVariance()
-    sample, pictures = SeededSample(sample_rows, seed), SeededSample(PICTURE_ROWS, seed)
-    sharpness = SharpnessMeter()
+    split = SplitPass(model, k, seed, sample_rows)
     if frechet is not None:
         frechet.reset_fake()
     read: deque[RowBatch] = deque()  # the rows of the batches being scored: one per device at most
@@ -114,32 +144,30 @@ def evaluate_model(
             yield rows.images
 
     for scores in score_batches(model, images(), k=k, seed=seed, devices=devices, on_batch=on_batch):
-        rows = read.popleft()
-        totals.add(scores)
-        moments.add(scores.mean)
-        sample.add(rows.ids, mean=scores.mean, label=rows.labels)
-        pictures.add(rows.ids, image=rows.images, recon=scores.reconstructions, label=rows.labels)
-        recon = torch.from_numpy(scores.reconstructions)
-        sharpness.add_real(torch.from_numpy(rows.images).permute(0, 3, 1, 2))
-        sharpness.update(recon)
-        if frechet is not None:
-            frechet.add_fake(recon)
-    metrics = totals.summary()
-    metrics["active_units"] = float(count_active(moments.variance))
+        split.add(read.popleft(), scores, frechet)
+    return finish(model, split, data, seed, batch_size, devices, frechet)
+
+
+def finish(model: ConvVAE, split: SplitPass, data: EvalData, seed: int, batch_size: int,
+           devices: list[torch.device] | None, frechet: FrechetScorer | None) -> Evaluation:
+    """The numbers of a finished pass (`frechet` holding its reconstructions' features), the prior samples'
+    measures and the probes."""
+    metrics = split.totals.summary()
+    metrics["active_units"] = float(count_active(split.moments.variance))
     notes: list[str] = []
     if frechet is not None:
         metrics["frechet_reconstructions"] = frechet.compute()
     try:
-        metrics["sharpness_reconstructions"] = sharpness.compute()
+        metrics["sharpness_reconstructions"] = split.sharpness.compute()
     except ValueError as e:  # a split without edges (blank images): nothing to be as sharp as
         notes.append(f"sharpness skipped: {e}")
-    metrics.update(_prior_metrics(model, totals.count, batch_size, seed, frechet,
-                                  sharpness if "sharpness_reconstructions" in metrics else None))
-    probes, probe_notes = _probes(model, data, sample, seed, batch_size, devices)
+    metrics.update(_prior_metrics(model, split.totals.count, batch_size, seed, frechet,
+                                  split.sharpness if "sharpness_reconstructions" in metrics else None))
+    probes, probe_notes = _probes(model, data, split.sample, seed, batch_size, devices)
     metrics.update(probes)
     notes += probe_notes
-    return Evaluation(metrics=metrics, images=totals.count, sample=sample, pictures=pictures,
-                      unit_variance=moments.variance, notes=notes)
+    return Evaluation(metrics=metrics, images=split.totals.count, sample=split.sample, pictures=split.pictures,
+                      unit_variance=split.moments.variance, notes=notes)
 
 
 def _prior_metrics(model: ConvVAE, n: int, batch_size: int, seed: int, frechet: FrechetScorer | None,

@@ -35,10 +35,15 @@ class RunningVariance:
 
     def add(self, rows: np.ndarray) -> None:
         x = np.asarray(rows, dtype=np.float64)
-        n = len(x)
-        if n == 0:
-            return
-        mean, m2 = x.mean(0), ((x - x.mean(0)) ** 2).sum(0)
+        if len(x):
+            self._combine(len(x), x.mean(0), ((x - x.mean(0)) ** 2).sum(0))
+
+    def merge(self, other: RunningVariance) -> None:
+        """Add the rows another `RunningVariance` saw (another part of the split)."""
+        if other.count and other.mean is not None and other.m2 is not None:
+            self._combine(other.count, other.mean, other.m2)
+
+    def _combine(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return

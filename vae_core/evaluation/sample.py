@@ -28,7 +28,18 @@ class SeededSample:
     def add(self, ids: list[str], **columns: np.ndarray) -> None:
         """Offer rows: their ids and columns with one row per id (every call the same column names)."""
         self.seen += len(ids)
-        keys = np.concatenate([self._keys, sample_keys(ids, self.seed)])
+        self._offer(sample_keys(ids, self.seed), columns)
+
+    def merge(self, other: SeededSample) -> None:
+        """Offer the rows another sample (of another part of the split, same seed) kept."""
+        if other.seed != self.seed:
+            raise ValueError(f"cannot merge samples of seeds {other.seed} and {self.seed}")
+        self.seen += other.seen
+        if len(other):
+            self._offer(other._keys, other._columns)
+
+    def _offer(self, keys: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+        keys = np.concatenate([self._keys, keys])
         joined = {name: np.concatenate([self._columns[name], col]) if name in self._columns else np.asarray(col)
                   for name, col in columns.items()}
         keep = np.arange(len(keys)) if len(keys) <= self.size else np.argpartition(keys, self.size - 1)[: self.size]

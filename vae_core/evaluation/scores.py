@@ -83,6 +83,14 @@ class ScoreTotals:
         self.kl_dim_sums = dims if self.kl_dim_sums is None else self.kl_dim_sums + dims
         self.count += len(scores)
 
+    def merge(self, other: ScoreTotals) -> None:
+        """Add the sums of another part of the split (scored elsewhere)."""
+        for key in PER_IMAGE:
+            self.sums[key] += other.sums[key]
+        if other.kl_dim_sums is not None:
+            self.kl_dim_sums = other.kl_dim_sums if self.kl_dim_sums is None else self.kl_dim_sums + other.kl_dim_sums
+        self.count += other.count
+
     def mean(self, key: str) -> float:
         return self.sums[key] / self.count
 
@@ -157,11 +165,12 @@ def score_batches(
     seed: int = 0,
     devices: list[torch.device] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    first_batch: int = 0,
 ) -> Iterator[BatchScores]:
     """Score uint8 batches (B, H, W, C) with `model` as they come, yielding each batch's scores in order.
 
-    Batch b draws its noise from (seed, b), and with several devices goes to device b mod n; at most one
-    batch per device is in memory. `on_batch(n_images)` is called after each batch (progress bars).
+    Batch b draws its noise from (seed, first_batch + b), and with several devices goes to device b mod n; at
+    most one batch per device is in memory. `on_batch(n_images)` is called after each batch (progress bars).
     Raises ValueError for K below 1, images not in the model's shape, or no images at all.
     """
     if k < 1:
@@ -173,7 +182,7 @@ def score_batches(
     def run(b: int, images: np.ndarray | torch.Tensor) -> BatchScores:
         replica = replicas[b % len(devices)]
         x_u8 = _checked(replica, torch.as_tensor(images)).permute(0, 3, 1, 2)
-        return _score_batch(replica, x_u8, k, _batch_generator(devices[b % len(devices)], seed, b))
+        return _score_batch(replica, x_u8, k, _batch_generator(devices[b % len(devices)], seed, first_batch + b))
 
     scored = [0]
 

@@ -64,6 +64,12 @@ class SharpnessMeter:
         """Add a batch of real images, (B, C, H, W) uint8 or floats in [0, 1]."""
         self._real.add(laplacian_variance(images))
 
+    def merge(self, other: SharpnessMeter) -> None:
+        """Add the real and measured images another meter saw (another part of the split)."""
+        for mine, theirs in ((self._real, other._real), (self._measured, other._measured)):
+            mine.total += theirs.total
+            mine.count += theirs.count
+
     def reset(self) -> None:
         """Forget the measured images (the real ones stay)."""
         self._measured = _RunningMean()

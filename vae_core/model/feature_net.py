@@ -306,6 +306,18 @@ class FrechetScorer:
         self.net.eval()
         self.metric.update(images.to(self.device), real=False)
 
+    def fake_sums(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The fake side's running sums (features (F,), feature outer products (F, F), images), on the CPU:
+        what a scorer elsewhere adds with `add_fake_sums`, as if it had seen these images itself."""
+        m = self.metric
+        return m.fake_features_sum.cpu(), m.fake_features_cov_sum.cpu(), int(m.fake_features_num_samples)
+
+    def add_fake_sums(self, sums: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        total, outer, n = sums
+        self.metric.fake_features_sum += total.to(self.device)
+        self.metric.fake_features_cov_sum += outer.to(self.device)
+        self.metric.fake_features_num_samples += n
+
     def compute(self) -> float:
         """Fréchet distance between the real images and the fake ones added since `reset_fake`."""
         real = int(self.metric.real_features_num_samples)

@@ -135,3 +135,21 @@ def test_latent_probes_caps_k_at_the_labelled_train_rows():
     metrics, notes = latent_probes(train_z, train_y, test_z, test_y, k=10)
     assert "knn_accuracy" in metrics
     assert any("k=4" in n for n in notes)
+
+
+def test_running_variance_of_batches_and_of_merged_parts_is_the_variance_of_all_rows():
+    from vae_core.evaluation.latent_metrics import RunningVariance
+
+    rows = np.random.default_rng(1).normal(5.0, [0.1, 1.0, 30.0], (1_000, 3))
+    batched, merged = RunningVariance(), RunningVariance()
+    for start in range(0, 1_000, 64):
+        batched.add(rows[start : start + 64])
+    for part in (rows[:10], rows[10:700], rows[700:]):
+        other = RunningVariance()
+        other.add(part)
+        merged.merge(other)
+    for r in (batched, merged):
+        assert r.count == 1_000
+        np.testing.assert_allclose(r.variance, rows.var(axis=0), rtol=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        RunningVariance().variance

@@ -38,3 +38,14 @@ def test_another_seed_another_sample_and_a_short_stream_is_kept_whole():
     assert "300 of the 5,000 rows" in _fed(IDS, 100).describe("the split")
     with pytest.raises(ValueError, match="at least 1 row"):
         SeededSample(0, 0)
+
+
+def test_samples_of_parts_merge_into_the_sample_of_the_whole():
+    whole = _fed(IDS, 100)
+    merged = SeededSample(300, 3)
+    for part in (IDS[:1234], IDS[1234:4000], IDS[4000:]):  # e.g. scored on three workers
+        merged.merge(_fed(part, 77))
+    assert merged.seen == 5_000
+    np.testing.assert_array_equal(merged["row"], whole["row"])
+    with pytest.raises(ValueError, match="seeds"):
+        merged.merge(_fed(IDS[:10], 5, seed=4))
