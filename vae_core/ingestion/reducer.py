@@ -111,6 +111,8 @@ def _write_shards(fs: Any, work: str, job: Job, table: pa.Table, kept: np.ndarra
     codes = assign_splits(small.column("id").to_pylist(), None if all(s is None for s in own) else own,
                           req.val_fraction, req.test_fraction, job.carve_val)
     per_shard = rows_per_shard(req.shard_mb, shape[0] * shape[1] * shape[2])
+    pixels = _Pixels(table.column("image"), shape)
+    rest = table.select(["id", "label", "source"])
     shards, sums = [], {}
     for code, split in enumerate(SPLITS):
         rows = kept[codes == code]
@@ -119,8 +121,9 @@ def _write_shards(fs: Any, work: str, job: Job, table: pa.Table, kept: np.ndarra
         rows = rows[pc.sort_indices(small.column("id").take(np.flatnonzero(codes == code))).to_numpy()]
         totals = np.zeros(2 * shape[2], np.uint64)
         for start in range(0, len(rows), per_shard):
-            part = table.take(rows[start : start + per_shard])  # one shard's rows: the only copy of pixels
-            images = np.frombuffer(part.column("image").combine_chunks().buffers()[1], np.uint8).reshape(-1, *shape)
+            chosen = rows[start : start + per_shard]
+            images = pixels.gather(chosen)  # one shard's pixels: the only copy the task makes
+            part = rest.take(chosen)
             totals += np.array(_pixel_sums(images), np.uint64)
             data = _parquet(build_table(part.column("id").to_pylist(), images,
                                         part.column("label").fill_null(-1).to_numpy().astype(np.int32),
@@ -131,6 +134,29 @@ def _write_shards(fs: Any, work: str, job: Job, table: pa.Table, kept: np.ndarra
             shards.append({"path": path, "rows": part.num_rows, "bytes": len(data), "sha256": sha})
         sums[split] = [len(rows), *(int(x) for x in totals)]
     return shards, sums
+
+
+class _Pixels:
+    """A bucket's image column as views of its chunks (one per bucket file, no copy), from which a shard's
+    rows are gathered into one new array: Arrow's `take` on a chunked column first joins every chunk, a
+    second copy of the whole bucket."""
+
+    def __init__(self, column: pa.ChunkedArray, shape: tuple[int, int, int]) -> None:
+        self.shape = shape
+        self.width = width = shape[0] * shape[1] * shape[2]
+        self.views = [np.frombuffer(c.buffers()[1], np.uint8, count=len(c) * width, offset=c.offset * width)
+                      .reshape(len(c), width) for c in column.chunks]
+        self.starts = np.cumsum([0] + [len(v) for v in self.views])
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 (len(rows), H, W, C): the pixels of bucket rows `rows`, in that order."""
+        rows = rows.astype(np.int64)  # Arrow's sort indices are unsigned
+        out = np.empty((len(rows), self.width), np.uint8)
+        chunk = np.searchsorted(self.starts, rows, side="right") - 1
+        for c in np.unique(chunk):
+            at = np.flatnonzero(chunk == c)
+            out[at] = self.views[c][rows[at] - self.starts[c]]
+        return out.reshape(len(rows), *self.shape)
 
 
 def _pixel_sums(images: np.ndarray) -> list[int]:
