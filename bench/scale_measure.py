@@ -4,6 +4,11 @@ While the command runs, a thread reads `/proc` every SAMPLE_S seconds: the comma
 descendants (by the parent links in `/proc/<pid>/stat`: Ray's workers are children of the raylet the driver
 starts), each one's peak resident memory (VmHWM) and role from its command line. A process's VmHWM only grows,
 so the last value read before it exits is its peak, up to one sampling interval.
+
+Resident memory counts the pages of Ray's object store a process has touched (shared memory, `RssShmem`):
+a worker that reads many blocks over an epoch keeps touching new pages of the store's arena, so its resident
+size grows with the data read even where its own memory is flat. The largest private resident memory
+(`RssAnon`, sampled) is recorded beside it: what the process itself holds.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class Sampler:
     root: int
     hwm: dict[int, float] = field(default_factory=dict)  # pid -> MiB
     rss: dict[int, float] = field(default_factory=dict)
+    private: dict[int, float] = field(default_factory=dict)  # pid -> largest RssAnon seen, MiB
     roles: dict[int, str] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)  # pid -> the start of its latest command line
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -121,6 +127,7 @@ class Sampler:
                 self.roles[pid] = role(cmdline, pid == self.root)
             self.hwm[pid] = max(self.hwm.get(pid, 0.0), hwm)
             self.rss[pid] = max(self.rss.get(pid, 0.0), rss)
+            self.private[pid] = max(self.private.get(pid, 0.0), _status_kib(pid, "RssAnon") / 1024)
 
     def run(self) -> None:
         while not self._stop.wait(SAMPLE_S):
@@ -132,6 +139,10 @@ class Sampler:
     def peaks(self) -> dict[str, float]:
         """Role -> the largest VmHWM of its processes, MiB."""
         return peaks_by_role((self.roles[pid], mib) for pid, mib in self.hwm.items())
+
+    def private_peaks(self) -> dict[str, float]:
+        """Role -> the largest private resident memory (RssAnon) of its processes, MiB."""
+        return peaks_by_role((self.roles[pid], mib) for pid, mib in self.private.items())
 
     def processes(self) -> list[tuple[str, str, float]]:
         """(role, start of the command line, peak MiB) of every process seen, largest first."""
@@ -156,6 +167,7 @@ class Measured:
     stderr: str
     peaks_mib: dict[str, float]
     processes: list[tuple[str, str, float]]
+    private_mib: dict[str, float] = field(default_factory=dict)
 
 
 def measure(argv: list[str], env: dict[str, str], timeout: float) -> Measured:
@@ -180,4 +192,4 @@ def measure(argv: list[str], env: dict[str, str], timeout: float) -> Measured:
         os.killpg(proc.pid, signal.SIGKILL)
     sampler.stop()
     thread.join()
-    return Measured(proc.returncode, wall, out, err, sampler.peaks(), sampler.processes())
+    return Measured(proc.returncode, wall, out, err, sampler.peaks(), sampler.processes(), sampler.private_peaks())

@@ -26,7 +26,8 @@ def steady_rows(raw: dict) -> list[dict]:
             rows.append({"n": n, "stage": stage, "wall_s": rec["wall_s"], "startup_s": fixed, "steady_s": steady,
                          "own_steady_s": own_steady(rec.get("own", {})),
                          "images": rec["images"], "images_per_s": rec["images"] / steady if steady and steady > 0
-                         else None, "peaks_mib": rec["peaks_mib"], "error": rec.get("error")})
+                         else None, "peaks_mib": rec["peaks_mib"], "private_mib": rec.get("private_mib") or {},
+                         "error": rec.get("error")})
     return rows
 
 
@@ -46,7 +47,7 @@ def targets(rows: list[dict]) -> list[dict]:
         top = max(by_n, default=None)
         low = by_n.get(top // 10) if top else None
         t = {"stage": stage, "exponent": exponent([r["images"] for r in mine], [r["steady_s"] for r in mine]),
-             "sizes": [low["n"], top] if low else None, "time_ratio": None, "memory_ratio": {}}
+             "sizes": [low["n"], top] if low else None, "time_ratio": None, "memory_ratio": {}, "private_ratio": {}}
         owned = [r for r in rows if r["stage"] == stage and (r["own_steady_s"] or 0) > 0]
         t["own_exponent"] = exponent([r["images"] for r in owned], [r["own_steady_s"] for r in owned])
         t["own_time_ratio"] = None
@@ -57,6 +58,8 @@ def targets(rows: list[dict]) -> list[dict]:
                 t["own_time_ratio"] = (hi["own_steady_s"] / hi["images"]) / (low["own_steady_s"] / low["images"])
             t["memory_ratio"] = {r: hi["peaks_mib"][r] / low["peaks_mib"][r] for r in SHOWN_ROLES
                                  if low["peaks_mib"][r] > 0}
+            t["private_ratio"] = {r: hi["private_mib"][r] / low["private_mib"][r] for r in SHOWN_ROLES[:2]
+                                  if low["private_mib"].get(r, 0) > 0 and r in hi["private_mib"]}
         out.append(t)
     return out
 
@@ -80,19 +83,22 @@ def section(raw: dict, lines: list[str]) -> str:
           + ", ".join(f"{s} {r['wall_s']:.1f}" + (" (failed)" if "error" in r else "") for s, r in startup.items()),
           "", "Own steady s: the stage's steady seconds as the command reports them itself (train: the epoch loop, "
           "`elapsed_s`; encode: `seconds.encode`), free of the start-up's noise.", "",
+          "Peak MiB: resident (VmHWM), the largest process of each role; private: the largest RssAnon, what a "
+          "process holds without the object store's shared pages it touched (bench/scale_measure.py).", "",
           "| N | stage | wall s | steady s | own steady s | images | images/s | peak MiB driver | ray worker | "
-          "ray system |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "ray system | private MiB driver | ray worker |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [f"{r['n']:,}", r["stage"], f"{r['wall_s']:.1f}", _num(r["steady_s"], ".1f"),
                  _num(r["own_steady_s"], ".1f"), f"{r['images']:,}", _num(r["images_per_s"], ",.0f"),
-                 *(f"{r['peaks_mib'][x]:.0f}" for x in SHOWN_ROLES)]
+                 *(f"{r['peaks_mib'][x]:.0f}" for x in SHOWN_ROLES),
+                 *(_num(r["private_mib"].get(x), ".0f") for x in SHOWN_ROLES[:2])]
         if r["error"]:
             cells[3:7] = ["FAILED: " + r["error"].replace("|", "/")[:300], "", "", ""]
         md.append("| " + " | ".join(cells) + " |")
     md += ["", f"Per stage: exponent of steady time against images (1 = linear); time per image and peak memory per "
                f"role at the largest N over the N 10x below (targets <= {TIME_TARGET} and <= {MEMORY_TARGET}).", "",
            "| stage | exponent (own) | sizes | time/image ratio (own) | | peak ratio driver / ray worker / ray system "
-           "| |", "|---|---:|---|---:|---|---|---|"]
+           "| | private ratio driver / ray worker | |", "|---|---:|---|---:|---|---|---|---|---|"]
     for t in targets(rows):
         mem = t["memory_ratio"]
         worst = max(mem.values(), default=None)
@@ -102,7 +108,9 @@ def section(raw: dict, lines: list[str]) -> str:
                   f"{_num(t['time_ratio'], '.2f')}{own_r} | "
                   f"{_verdict(t['time_ratio'], TIME_TARGET)} | "
                   f"{' / '.join(_num(mem.get(x), '.2f') for x in SHOWN_ROLES) if mem else '-'} | "
-                  f"{_verdict(worst, MEMORY_TARGET)} |")
+                  f"{_verdict(worst, MEMORY_TARGET)} | "
+                  f"{' / '.join(_num(t['private_ratio'].get(x), '.2f') for x in SHOWN_ROLES[:2]) or '-'} | "
+                  f"{_verdict(max(t['private_ratio'].values(), default=None), MEMORY_TARGET)} |")
     md += nightly_table(raw)
     return "\n".join(md + ["", "Raw output:", "", "```", *lines, "```", ""])
 
