@@ -11,6 +11,10 @@ as `<split>/<metric>` (`test/nll_k100`), pictures and the HTML report to that ru
 `evaluation/<split>_k<K>/` and to `$VAE_HOME/reports/<model>/<version>/`; the decision is recorded as
 `gate.*` tags on the model version before `champion` moves, so `@champion` only ever names a version
 that was evaluated.
+
+The split is never held whole: `load` gives a stream of its batches (`iter_split`) and a seeded sample of the
+reference split; scoring keeps running sums (`vae_core.evaluation.evaluate`), in this process or, with
+`workers` > 1, over a Ray Data actor pool (`flows.distributed.evaluate_worker`) whose passes merge here.
 """
 
 from __future__ import annotations
