@@ -127,7 +127,10 @@ class SplitScores:
     totals: ScoreTotals
 
     def __getattr__(self, name: str) -> np.ndarray:  # the per-image arrays: s.mean, s.iwae, ...
-        return getattr(self.__dict__["scores"], name)
+        scores = self.__dict__.get("scores")
+        if scores is None:  # not built yet (copy, pickle): no per-image arrays to give
+            raise AttributeError(name)
+        return getattr(scores, name)
 
     @property
     def kl_per_dim(self) -> np.ndarray:
