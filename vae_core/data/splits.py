@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vae_core.data.shards import SPLITS
+from vae_core.data.shards.format import SPLITS
 
 
 def id_hash_unit(ids: list[str]) -> np.ndarray:

@@ -145,7 +145,7 @@ def sample_split(info: DatasetInfo, split: str, rows: int, seed: int, verify: bo
     The sample is the rows with the smallest `sample_keys` (id, seed). Two passes keep memory bounded by
     the sample: the first reads only the id column to find the cut, the second reads the chosen rows.
     """
-    from vae_core.data.splits import sample_keys
+    from vae_core.data.splits import sample_keys  # late: splits imports this package's format
 
     shards = _split_shards(info, split)
     if rows >= sum(sh.rows for sh in shards):
