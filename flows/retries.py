@@ -12,6 +12,7 @@ from typing import TypeVar
 import httpx
 
 from flows.tracking import registry
+from vae_core import retry
 from vae_core.errors import VAEError
 
 T = TypeVar("T")
@@ -40,16 +41,7 @@ def call_with_retries(fn: Callable[[], T], *, retries: int, delay_s: float, what
                       sleep: Callable[[float], None] = time.sleep,
                       log: logging.Logger | logging.LoggerAdapter | None = None) -> T:
     """`fn()`, tried again up to `retries` times when it raises a transient error (`is_transient`), after
-    `delay_s` seconds, doubling each time. Any other error, or the last try's, is raised as it is."""
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except Exception as e:
-            if attempt == retries or not is_transient(e):
-                raise
-            wait = delay_s * 2**attempt
-            if log is not None:
-                log.warning("%s failed (%s: %s); try %d of %d in %.0f s", what, type(e).__name__, e, attempt + 2,
-                            retries + 1, wait)
-            sleep(wait)
-    raise AssertionError("unreachable")  # the loop returns or raises
+    `delay_s` seconds, doubling each time (`vae_core.retry`). Any other error, or the last try's, is raised as
+    it is."""
+    return retry.call_with_retries(fn, retries=retries, delay_s=delay_s, transient=is_transient, what=what,
+                                   sleep=sleep, log=log)
