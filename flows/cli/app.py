@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from pydantic import BaseModel
@@ -117,7 +117,8 @@ def encode(req: EncodeRequest, as_json: bool, debug: bool) -> None:
 
 stack_app = typer.Typer(no_args_is_help=True)
 app.add_typer(stack_app, name="stack", help="Start, check or stop the local stack for deployments on this machine: "
-              "Prefect server and worker, MLflow server, Ray head; state under $VAE_HOME/stack (docs/stack.md).")
+              "Prefect server and worker, MLflow server, Ray head, and PostgreSQL with --db postgres; state under "
+              "$VAE_HOME/stack (docs/stack.md).")
 
 
 @stack_app.command("up")
@@ -134,6 +135,12 @@ def stack_up(
     pool: Annotated[Optional[str], typer.Option(help="Process work pool the worker polls, created if missing "
                                                 "(default vae-local).")] = None,
     ray_cpus: Annotated[Optional[int], typer.Option(min=1, help="CPUs the Ray head offers (default: all).")] = None,
+    db: Annotated[Optional[Literal["sqlite", "postgres"]], typer.Option(help="Where MLflow and "
+                                              "Prefect keep their state: SQLite files under $VAE_HOME, or a private "
+                                              "PostgreSQL started with the stack, for several writers at once "
+                                              "(default sqlite).")] = None,
+    postgres_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="PostgreSQL port, with --db postgres "
+                                                         "(default 5432).")] = None,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for every service to be healthy.")] = 180.0,
     env: Annotated[bool, typer.Option("--env", help="Print only the export lines: no progress or summary.")] = False,
     as_json: AS_JSON[0] = False,
@@ -146,7 +153,7 @@ def stack_up(
 
         say = (lambda line: None) if as_json or env else (lambda line: typer.echo(line, err=True))
         stack = up(prefect_port, mlflow_port, ray_port, pool=pool, ray_cpus=ray_cpus,
-                   ray_dashboard_port=ray_dashboard_port, timeout=timeout, say=say)
+                   ray_dashboard_port=ray_dashboard_port, db=db, postgres_port=postgres_port, timeout=timeout, say=say)
     if as_json:
         typer.echo(json.dumps(stack.to_json()))
         return
@@ -177,7 +184,8 @@ def stack_down(
     timeout: Annotated[float, typer.Option(min=0, help="Seconds between SIGTERM and SIGKILL.")] = 20.0,
     debug: DEBUG[0] = False,
 ) -> None:
-    """Stop what `vae stack up` started (worker first), children included, and remove the state file."""
+    """Stop what `vae stack up` started (worker first, Postgres last, its data kept), children included, and
+    remove the state file."""
     with outcome(debug):
         from flows.stack.control import down
 

@@ -1,5 +1,7 @@
 """The local stack for deployments on one machine: a Prefect server, a Prefect worker for a process work
-pool, an MLflow tracking server over the project's own SQLite store, and a Ray head (`vae stack up`).
+pool, an MLflow tracking server over the project's own SQLite store, and a Ray head (`vae stack up`). With
+`db="postgres"`, a private PostgreSQL cluster (`flows.stack.postgres`, data in `stack/postgres/`) holds
+MLflow's and Prefect's stores instead: it starts first and stops last.
 
 Everything is under `$VAE_HOME/stack/`: `stack.json` (what `up` started: PIDs, ports, command lines),
 `logs/<service>.log`, `prefect/` (the server's PREFECT_HOME). `up` starts nothing while the recorded stack
@@ -21,23 +23,27 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flows.stack import services, state
+from flows.stack import postgres, services, state
 from flows.stack.services import HOST
 from flows.stack.state import Service, Stack, StackError
 
-ORDER = ("prefect", "mlflow", "ray", "worker")
+ORDER = ("postgres", "prefect", "mlflow", "ray", "worker")
+DATABASES = ("sqlite", "postgres")
 RAY_GRACE_S = 3.0  # seconds Ray's processes get between SIGTERM and SIGKILL
 # What `up` takes; an option left out is the running stack's, else this default.
 DEFAULTS: dict[str, int | str | None] = {"prefect_port": 4200, "mlflow_port": 5000, "ray_port": 6379,
-                                         "ray_dashboard_port": 8265, "pool": "vae-local", "ray_cpus": None}
+                                         "ray_dashboard_port": 8265, "pool": "vae-local", "ray_cpus": None,
+                                         "db": "sqlite", "postgres_port": 5432}
 _LABELS = {"prefect_port": "prefect port", "mlflow_port": "mlflow port", "ray_port": "ray port",
-           "ray_dashboard_port": "ray dashboard port", "pool": "pool", "ray_cpus": "ray CPUs"}
+           "ray_dashboard_port": "ray dashboard port", "pool": "pool", "ray_cpus": "ray CPUs", "db": "db",
+           "postgres_port": "postgres port"}
 _POOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def up(prefect_port: int | None = None, mlflow_port: int | None = None, ray_port: int | None = None,
        pool: str | None = None, ray_cpus: int | None = None, ray_dashboard_port: int | None = None,
-       timeout: float = 180.0, say: Callable[[str], None] | None = None) -> Stack:
+       db: str | None = None, postgres_port: int | None = None, timeout: float = 180.0,
+       say: Callable[[str], None] | None = None) -> Stack:
     """Start the stack under the current $VAE_HOME and wait until every service answers its health check.
     An option left None is the running stack's, else its value in `DEFAULTS`.
 
@@ -46,19 +52,21 @@ def up(prefect_port: int | None = None, mlflow_port: int | None = None, ray_port
     service fails or `timeout` s pass, what this call started is stopped. `say` gets progress lines.
 
     Raises:
-        StackError: a port is taken, the recorded stack is running but unhealthy or with other ports, pool or
-            CPUs than asked, a service did not come up.
+        StackError: a port is taken, the recorded stack is running but unhealthy or with other ports, pool,
+            CPUs or db than asked, Postgres's programs are missing (db "postgres"), a service did not come up.
     """
     say = say or (lambda _line: None)
     home = state.stack_home()
     asked = {key: value for key, value in {"prefect_port": prefect_port, "mlflow_port": mlflow_port,
              "ray_port": ray_port, "ray_dashboard_port": ray_dashboard_port, "pool": pool,
-             "ray_cpus": ray_cpus}.items() if value is not None}
+             "ray_cpus": ray_cpus, "db": db, "postgres_port": postgres_port}.items() if value is not None}
     settings = {**DEFAULTS, **asked}
     if not _POOL.fullmatch(settings["pool"]):
         raise StackError(f"work pool name {settings['pool']!r} must use only letters, digits, '.', '_', '-'")
     if ray_cpus is not None and ray_cpus < 1:
         raise StackError(f"ray_cpus must be at least 1, got {ray_cpus}")
+    if settings["db"] not in DATABASES:
+        raise StackError(f"db must be one of {', '.join(DATABASES)}, got {settings['db']!r}")
     with state.locked(home):
         if (record := state.read(home)) is not None:
             current = _inspect(home, record)
@@ -75,6 +83,8 @@ def up(prefect_port: int | None = None, mlflow_port: int | None = None, ray_port
         record, plan = _plan(home, settings)
         deadline = time.monotonic() + timeout
         try:
+            if "postgres" in plan:
+                _start_postgres(home, record, plan["postgres"], deadline, timeout, say)
             for name in services.SERVERS:
                 _start(home, record, name, plan[name], say)
             _wait(record, ["prefect"], deadline, timeout, say)
@@ -95,7 +105,7 @@ def up(prefect_port: int | None = None, mlflow_port: int | None = None, ray_port
 def down(timeout: float = 20.0) -> list[str]:
     """Stop the stack recorded under the current $VAE_HOME: the worker first, then Prefect, MLflow and Ray,
     each with SIGTERM, then SIGKILL for what is left after `timeout` s (Ray: `RAY_GRACE_S` at most), their
-    children and process groups included. Removes the state file. Returns what was stopped ("worker (pid 123)", ...); [] if nothing ran.
+    children and process groups included, and Postgres last (its data stays). Removes the state file. Returns what was stopped ("worker (pid 123)", ...); [] if nothing ran.
 
     Raises:
         StackError: a process survived SIGKILL (the state file is kept, so `down` can be run again).
@@ -131,8 +141,11 @@ def _plan(home: Path, settings: dict) -> tuple[dict, dict[str, dict]]:
     ports = {"prefect": prefect_port, "mlflow": mlflow_port, "ray": ray_port}
     if missing is None:
         ports["ray dashboard"] = ray_dashboard_port
+    if settings["db"] == "postgres":
+        postgres.bin_dir()  # missing programs: one line before anything starts
+        ports["postgres"] = settings["postgres_port"]
     flags = {"prefect": "--prefect-port", "mlflow": "--mlflow-port", "ray": "--ray-port",
-             "ray dashboard": "--ray-dashboard-port"}
+             "ray dashboard": "--ray-dashboard-port", "postgres": "--postgres-port"}
     for name, port in ports.items():
         if list(ports.values()).count(port) > 1:
             raise StackError(f"port {port} is given to more than one service ({name}); pick another with {flags[name]}")
@@ -149,7 +162,8 @@ def _plan(home: Path, settings: dict) -> tuple[dict, dict[str, dict]]:
     specs = services.commands(home, ports, pool, worker_name, ray_cpus, None if missing else ray_dashboard_port, env)
     ray_url = f"http://{HOST}:{ray_dashboard_port}" if missing is None else env["RAY_ADDRESS"]
     urls = {"prefect": f"http://{HOST}:{prefect_port}", "mlflow": env["MLFLOW_TRACKING_URI"], "ray": ray_url,
-            "worker": f"http://{HOST}:{prefect_port}/work-pools/work-pool/{pool}"}
+            "worker": f"http://{HOST}:{prefect_port}/work-pools/work-pool/{pool}",
+            "postgres": f"postgresql://{postgres.USER}@{HOST}:{settings['postgres_port']}"}
     plan = {name: {"cmd": cmd, "env": cmd_env, "port": ports.get(name),
                    "url": urls[name]} for name, (cmd, cmd_env) in specs.items()}
     record = {"version": 1, "home": str(home), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cwd": os.getcwd(),
@@ -163,7 +177,7 @@ def _plan(home: Path, settings: dict) -> tuple[dict, dict[str, dict]]:
 def _check_same(home: Path, record: dict, asked: dict) -> None:
     """Raise StackError when `asked` names ports, a pool or CPUs other than the running stack's: `up` would
     otherwise print exports for ports nobody asked for."""
-    running = {**{f"{name}_port": s["port"] for name, s in record["services"].items() if s["port"]},
+    running = {"db": "sqlite", **{f"{name}_port": s["port"] for name, s in record["services"].items() if s["port"]},
                "pool": record["pool"], **record["settings"]}  # state files without settings name fewer
     differ = {key: value for key, value in asked.items() if key in running and running[key] != value}
     if not differ:
@@ -187,6 +201,17 @@ def _start(home: Path, record: dict, name: str, plan: dict, say: Callable) -> No
                                 "descendants": []}
     state.write(home, record)
     say(f"{name}: started (pid {child.pid}), log {log}")
+
+
+def _start_postgres(home: Path, record: dict, plan: dict, deadline: float, timeout: float, say: Callable) -> None:
+    """Make the cluster (once), start it, wait for it, then create the databases the servers use."""
+    data = services.postgres_data(home)
+    if not (data / "PG_VERSION").exists():
+        say(f"postgres: creating a cluster in {data}")
+    postgres.initdb(data)
+    _start(home, record, "postgres", plan, say)
+    _wait(record, ["postgres"], deadline, timeout, say)
+    postgres.create_databases(HOST, plan["port"])
 
 
 def _check(record: dict, name: str) -> tuple[bool, str]:
@@ -237,7 +262,8 @@ def _inspect(home: Path, record: dict) -> Stack:
 
 
 def _stop(record: dict, timeout: float) -> tuple[list[str], list]:
-    """Stop the recorded services, the worker before the rest. Returns (what was stopped, survivors)."""
+    """Stop the recorded services, the worker before the rest, Postgres after. Returns (what was stopped,
+    survivors)."""
     groups = []
     for name in services.STOP_ORDER:
         if (svc := record["services"].get(name)) is not None:
@@ -249,4 +275,5 @@ def _stop(record: dict, timeout: float) -> tuple[list[str], list]:
     # Ray's GCS and raylet outlive SIGTERM for good after a Ray Train or Ray Data job (their detached actors),
     # and `ray stop` kills them after a grace period too; a head node's state is not kept, so the grace is short.
     left += services.stop([g for g in groups if g[0] == "ray"], min(timeout, RAY_GRACE_S))
+    left += services.stop([g for g in groups if g[0] == "postgres"], timeout)  # last: the servers used it
     return [f"{name} (pid {pid})" for name, pid, _ in groups], left

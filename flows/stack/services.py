@@ -27,9 +27,11 @@ from pathlib import Path
 
 import psutil
 
+from flows.stack import postgres
+
 HOST = "127.0.0.1"
-SERVERS = ("prefect", "mlflow", "ray")  # started together; the worker follows once Prefect answers
-STOP_ORDER = ("worker", "prefect", "mlflow", "ray")
+SERVERS = ("prefect", "mlflow", "ray")  # started together (after Postgres); the worker follows once Prefect answers
+STOP_ORDER = ("worker", "prefect", "mlflow", "ray", "postgres")
 # Inherited settings that would point a service elsewhere (another Prefect profile or database, another
 # tracking server or Ray cluster): dropped, then set for the stack.
 _DROPPED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
@@ -49,6 +51,11 @@ def mlflow_artifacts(home: Path) -> str:
     set. The stack's server records locations under it that clients write and read directly, so a model
     registered through the server loads from the same store once the server is gone."""
     return (home / "mlartifacts").as_uri()
+
+
+def postgres_data(home: Path) -> Path:
+    """The Postgres cluster of `--db postgres`, kept across `down` and `up`."""
+    return home / "stack" / "postgres"
 
 
 def ray_temp_dir(home: Path) -> Path:
@@ -83,9 +90,15 @@ def tool(name: str) -> str:
 
 def commands(home: Path, ports: dict[str, int], pool: str, worker_name: str, ray_cpus: int | None,
              dashboard_port: int | None, env: dict[str, str]) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """(command line, environment) of each service; `env` is what the stack exports (PREFECT_API_URL, ...)."""
+    """(command line, environment) of each service; `env` is what the stack exports (PREFECT_API_URL, ...).
+    With a "postgres" port, Postgres is a service too and holds MLflow's and the Prefect server's stores."""
     prefect_home = str(home / "stack" / "prefect")
     quiet = {"PREFECT_HOME": prefect_home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
+    store, prefect_db, specs = mlflow_store(home), {}, {}
+    if (pg_port := ports.get("postgres")) is not None:
+        store = postgres.url(HOST, pg_port, "mlflow", "psycopg2")
+        prefect_db = {"PREFECT_API_DATABASE_CONNECTION_URL": postgres.url(HOST, pg_port, "prefect", "asyncpg")}
+        specs["postgres"] = (postgres.server_command(postgres_data(home), HOST, pg_port), _environ({}))
     ray = [tool("ray"), "start", "--head", "--port", str(ports["ray"]), "--node-ip-address", HOST,
            "--temp-dir", str(ray_temp_dir(home)), "--disable-usage-stats",
            # Workers take ports from the OS, not from 10002-19999, where a chosen head port would clash.
@@ -98,10 +111,11 @@ def commands(home: Path, ports: dict[str, int], pool: str, worker_name: str, ray
         ray += ["--num-cpus", str(ray_cpus)]
     ray.append("--block")  # stays in the foreground: a child that `down` stops with one signal
     return {
+        **specs,
         "prefect": ([tool("prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"])],
-                    _environ(quiet)),
+                    _environ({**quiet, **prefect_db})),
         "mlflow": ([tool("mlflow"), "server", "--host", HOST, "--port", str(ports["mlflow"]),
-                    "--backend-store-uri", mlflow_store(home), "--default-artifact-root", mlflow_artifacts(home),
+                    "--backend-store-uri", store, "--default-artifact-root", mlflow_artifacts(home),
                     # Served artifacts get `mlflow-artifacts:` URIs that only this server resolves.
                     "--no-serve-artifacts", "--workers", "1"],
                    # Its job runner (GenAI scorers: eight more processes) is not needed for training runs.
@@ -161,6 +175,8 @@ def health(name: str, port: int | None, pool: str, worker_name: str, env: dict[s
     detail says what failed, or for Ray how many CPUs the head offers."""
     if name == "ray":
         return _ray_head(port, env)
+    if name == "postgres":
+        return postgres.health(HOST, port)
     if name in ("prefect", "mlflow"):
         ok, text = _http(f"http://{HOST}:{port}/{'api/health' if name == 'prefect' else 'health'}")
         return ok, "" if ok else text
@@ -268,11 +284,15 @@ def descendants(pid: int, created: float) -> list[list[float]]:
 def stop(groups: list[tuple[str, int, list[psutil.Process]]], timeout: float) -> list[psutil.Process]:
     """SIGTERM every process of each (name, root pid, processes) group, root first, wait up to `timeout` s for
     them to end, SIGKILL what is left. Returns the processes still alive after all that. Every process, as
-    `ray stop` does for Ray: signalled alone, `ray start --block` waits for a drain that may never come."""
+    `ray stop` does for Ray: signalled alone, `ray start --block` waits for a drain that may never come. Postgres
+    alone is different: SIGINT to its server process only."""
     everyone = [proc for _, _, procs in groups for proc in procs]
-    for _, root, procs in groups:
+    for name, root, procs in groups:
+        sig = signal.SIGTERM
+        if name == "postgres":  # it stops its own processes; SIGINT is its fast shutdown (SIGTERM waits for clients)
+            sig, procs = signal.SIGINT, [p for p in procs if p.pid == root]
         for proc in sorted(procs, key=lambda p: p.pid != root):
-            _signal(proc, signal.SIGTERM)
+            _signal(proc, sig)
     left = _wait(everyone, timeout)
     for proc in left:
         _signal(proc, signal.SIGKILL)

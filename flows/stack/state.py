@@ -124,7 +124,7 @@ class Record(BaseModel):
     notes: list[str] = []
     ports: dict[str, int] = {}  # every port in use, by service ("ray dashboard" too when it runs)
     settings: dict[str, int | str | None] = {}  # what `up` was given, DEFAULTS filled in
-    services: dict[Literal["prefect", "mlflow", "ray", "worker"], _Service]
+    services: dict[Literal["postgres", "prefect", "mlflow", "ray", "worker"], _Service]
 
 
 def read(home: Path) -> dict | None:
