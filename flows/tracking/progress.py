@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from flows.tracking import runs as tracking
+from flows.tracking.outbox import first_line
 
 if TYPE_CHECKING:
     import torch
@@ -26,16 +27,21 @@ if TYPE_CHECKING:
 class EpochLog:
     """Rank 0's writer of a training run: steps as `train/*`, epochs as `epoch/*`, pictures as artifacts.
 
-    It never logs a step or an epoch twice: a resumed run re-runs the epoch its predecessor died in.
+    It never logs a step or an epoch twice: a resumed run re-runs the epoch its predecessor died in. Its
+    writes are queued (`RunLogger(buffered=True)`): training goes on while the tracking server is away, and
+    the backlog is delivered, in order, once it is back. After the last epoch's pictures (the loop's last
+    call) it waits for the backlog, at most `$VAE_TRACKING_FLUSH_S`, and the run's tag `tracking.undelivered`
+    names what did not arrive.
     """
 
     def __init__(self, run_id: str, log_every: int, images_per_step: int):
-        self.run = tracking.RunLogger(run_id)
+        self.run = tracking.RunLogger(run_id, buffered=True)
         self.log_every = log_every
         self.images_per_step = images_per_step  # over all ranks
         self.last_step = self.run.last_step("train/loss")
         self.last_epoch = self.run.last_step("epoch/loss")
         self._mark: tuple[int, float] | None = None  # (step, time) of the last logged step in this epoch
+        self.planned = 0  # the run's last epoch, as the latest epoch planned it
 
     def on_step(self, metrics: dict[str, float], state: TrainState) -> None:
         """The means since the last logged step, with the images/s over all ranks since then."""
@@ -53,6 +59,7 @@ class EpochLog:
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """An epoch's metrics, unless the run has them already."""
         self._mark = None  # validation and checkpointing are not training throughput
+        self.planned = round(metrics.get("planned_epochs", 0))
         if epoch > self.last_epoch:
             self.run.log_metrics({f"epoch/{k}": v for k, v in metrics.items()}, step=epoch)
             self.last_epoch = epoch
@@ -73,6 +80,8 @@ class EpochLog:
         originals = preview.permute(0, 3, 1, 2) if preview is not None else None
         for kind, image in fit.previews(originals).items():
             self.run.log_image(image, f"{kind}/epoch_{epoch:04d}.png")
+        if epoch >= self.planned:  # the loop's last call: nothing follows that could wait for the backlog
+            self.run.close()
 
 
 class Progress:
@@ -107,7 +116,7 @@ class Progress:
         try:
             self.poll()
         except Exception as e:  # a store briefly unreachable must neither end the lines nor hide fit's error
-            print(f"(progress: {type(e).__name__}: {e})", file=sys.stderr, flush=True)
+            print(f"(progress: {first_line(e)})", file=sys.stderr, flush=True)
 
     def _history(self, key: str) -> dict[int, float]:
         return {m.step: m.value for m in self.run.client.get_metric_history(self.run.run_id, key)}

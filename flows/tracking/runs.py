@@ -20,6 +20,7 @@ import subprocess
 import time
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
@@ -33,6 +34,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from flows.tracking.outbox import Outbox, Write, describe, first_line, flush_timeout_s
 from vae_core.settings import vae_home
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+UNDELIVERED_TAG = "tracking.undelivered"  # what a run's writers could not deliver to the server before its end
 
 
 # --- where the store is -------------------------------------------------------------------------
@@ -227,17 +230,23 @@ def git_commit() -> str:
 class RunLogger:
     """Logs into an existing run by id; safe to build in another process (e.g. a Ray worker).
 
-    Only the run id and tracking URI are kept; the client is made on first use, so the object
-    pickles cleanly to another process.
+    Only the run id, tracking URI and mode are kept; the client is made on first use, so the object
+    pickles cleanly to another process. `buffered=True` queues the writes (metrics, tags, images) for a
+    sender thread (`flows.tracking.outbox`): the caller never waits on the server, a tracking outage delays
+    the writes instead of failing them, and `flush` waits for them at the end. It also turns MLflow's
+    client retries down in this process (`outbox.fail_fast`): use it where the outbox does the retrying.
     """
 
-    def __init__(self, run_id: str, uri: str | None = None) -> None:
+    def __init__(self, run_id: str, uri: str | None = None, buffered: bool = False) -> None:
         self.run_id = run_id
         self.uri = uri or tracking_uri()
+        self.buffered = buffered
         self._client_obj: MlflowClient | None = None
+        self._outbox: Outbox | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "uri": self.uri, "_client_obj": None}
+        return {"run_id": self.run_id, "uri": self.uri, "buffered": self.buffered, "_client_obj": None,
+                "_outbox": None}
 
     @property
     def client(self) -> MlflowClient:
@@ -247,18 +256,32 @@ class RunLogger:
             self._client_obj = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         return self._client_obj
 
+    def _write(self, what: str, send: Callable[[], None], points: tuple[tuple[str, int], ...] = ()) -> None:
+        """Make a write now, or queue it when buffered."""
+        if not self.buffered:
+            send()
+            return
+        if self._outbox is None:
+            self._outbox = Outbox(f"mlflow-outbox-{self.run_id[:8]}")
+        self._outbox.put(Write(what, send, points))
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log all `metrics` at `step` in one request (same timestamp)."""
         if not metrics:
             return
-        ts = int(time.time() * 1000)
+        ts = int(time.time() * 1000)  # fixed now: a batch sent again is the same points, which MLflow keeps once
         batch = [Metric(key, float(value), ts, int(step)) for key, value in metrics.items()]
-        for start in range(0, len(batch), 1000):  # log_batch's per-call limit
-            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+        def send() -> None:
+            for start in range(0, len(batch), 1000):  # log_batch's per-call limit
+                self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+        self._write(f"metrics at step {step}", send, tuple((m.key, m.step) for m in batch))
 
     def log_image(self, img: Image.Image, artifact_file: str) -> None:
         """Save a PIL image as an artifact at `artifact_file` (e.g. "samples/epoch_003.png")."""
-        self.client.log_image(self.run_id, img, artifact_file=artifact_file)
+        self._write(f"artifact {artifact_file}",
+                    lambda: self.client.log_image(self.run_id, img, artifact_file=artifact_file))
 
     def last_step(self, key: str) -> int:
         """Largest step logged for metric `key`, -1 if none: resume logging after it, not over it."""
@@ -268,12 +291,37 @@ class RunLogger:
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags in one request."""
         if tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            batch = [RunTag(k, str(v)) for k, v in tags.items()]
+            self._write(f"tags {', '.join(tags)}", lambda: self.client.log_batch(self.run_id, tags=batch))
+
+    def flush(self, timeout_s: float | None = None) -> str:
+        """Wait for the queued writes, at most `timeout_s` (default `$VAE_TRACKING_FLUSH_S`, 300 s); returns
+        what is still undelivered (`outbox.describe`, "" when nothing), after a warning naming it."""
+        if self._outbox is None:
+            return ""
+        timeout_s = flush_timeout_s() if timeout_s is None else timeout_s
+        missing = describe(self._outbox.flush(timeout_s))
+        if missing:
+            log.warning("run %s: not delivered to %s within %.0f s: %s", self.run_id, self.uri, timeout_s, missing)
+        return missing
+
+    def close(self, timeout_s: float | None = None) -> str:
+        """`flush`, then name what is still undelivered in the run's tag `tracking.undelivered`, where the
+        server takes that (it may still be away: the warning `flush` logged names it then); returns it."""
+        missing = self.flush(timeout_s)
+        if missing:
+            try:
+                self.client.set_tag(self.run_id, UNDELIVERED_TAG, missing[:5000])
+            except Exception as e:
+                log.warning("run %s: could not record what is missing either: %s", self.run_id, first_line(e))
+        return missing
 
     def finish(self, status: RunStatus = "FINISHED") -> None:
-        """Mark the run terminated with `status` and stamp its end time."""
+        """`close`, then mark the run terminated with `status` and stamp its end time (MLflow's client retries
+        an unreachable server for about four minutes first: `MLFLOW_HTTP_REQUEST_MAX_RETRIES`)."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
+        self.close()
         self.client.set_terminated(self.run_id, status=status)
 
 
