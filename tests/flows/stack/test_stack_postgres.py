@@ -1,0 +1,210 @@
+"""`vae stack up --db postgres`: a real PostgreSQL under VAE_HOME holding MLflow's and Prefect's stores, started
+first and stopped last; its data outlives `down`; missing server programs are one error line; and Postgres
+restarting while `vae evaluate` runs leaves one gate decision and one alias move.
+
+The slow tests share one stack and run in the order written. As root PostgreSQL runs as the `postgres` user,
+so VAE_HOME is a folder under /tmp that every user can traverse (pytest's own folders are private to root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli.app import app
+from flows.stack import control, postgres, services, state
+from flows.stack.state import StackError
+from tests.flows.conftest import MNIST_DIR
+from tests.ports import free_ports
+
+BIN = Path(sys.executable).parent
+MODEL = "vae-mnist"
+KEY = "test/nll_k5"  # the first metric the evaluation below records (--iw-samples 5)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def home():
+    """VAE_HOME in a folder the `postgres` user can reach, set in os.environ and restored after."""
+    root = Path(tempfile.mkdtemp(dir="/tmp", prefix="vae-pg-"))
+    root.chmod(0o755)
+    before = {k: os.environ.pop(k, None) for k in ("VAE_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["VAE_HOME"] = str(root / ".vae")
+    try:
+        yield root / ".vae"
+    finally:
+        os.environ.pop("VAE_HOME")
+        os.environ.update({key: value for key, value in before.items() if value is not None})
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack(home):
+    """A `--db postgres` stack on free ports; whatever happens, stopped at the end (a second `up` too)."""
+    prefect, mlflow_port, ray, dashboard, pg = free_ports(5)
+    try:
+        yield control.up(prefect, mlflow_port, ray, ray_dashboard_port=dashboard, ray_cpus=1, db="postgres",
+                         postgres_port=pg)
+    finally:
+        control.down()
+
+
+def _client(stack):
+    import mlflow
+
+    uri = stack.env["MLFLOW_TRACKING_URI"]
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _env(stack) -> dict[str, str]:
+    """What `eval "$(vae stack up)"` gives a shell, with the command's own Prefect home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return {**env, **stack.env, "PREFECT_HOME": str(Path(stack.home) / "cli-prefect"),
+            "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_up_starts_postgres_first_and_both_servers_use_it(stack, home):
+    assert list(stack.services) == ["postgres", "prefect", "mlflow", "ray", "worker"], stack.describe()
+    assert stack.healthy, stack.describe()
+    shown = runner.invoke(app, ["stack", "status", "--json"])
+    assert shown.exit_code == 0, shown.output
+    pg = json.loads(shown.output)["services"]["postgres"]
+    assert pg["healthy"] and pg["detail"].startswith("PostgreSQL "), pg
+    assert (home / "stack" / "postgres" / "PG_VERSION").exists()
+    assert not (home / "mlflow.db").exists()  # MLflow's store is the `mlflow` database
+    assert "postgresql+asyncpg://" in " ".join(psutil.Process(stack.services["prefect"].pid).environ().values())
+
+    other = runner.invoke(app, ["stack", "up", "--db", "sqlite"])
+    assert other.exit_code == 1 and "db postgres (asked sqlite)" in other.output, other.output
+
+
+def _train(stack, home) -> str:
+    """A tiny MNIST subset ingested, a model trained for one epoch and registered through the stack's MLflow
+    server (version 1, @challenger); returns its run id."""
+    from tests.flows.conftest import _register
+    from vae_core.ingestion.ingest import run_ingest
+    from vae_core.requests import IngestRequest
+
+    run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist", limit=400, data_root=str(home / "datasets")))
+    os.environ["MLFLOW_TRACKING_URI"] = stack.env["MLFLOW_TRACKING_URI"]
+    try:
+        assert _register(epochs=1, name=MODEL) == 1
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+    return _client(stack).get_model_version(MODEL, "1").run_id
+
+
+def _restart_postgres(home: Path, while_down) -> None:
+    """Stop the stack's Postgres as `down` does (fast shutdown), call `while_down()`, then start it again from its
+    recorded command line and record the new process, so that `status` and `down` follow it."""
+    with state.locked(home):
+        record = state.read(home)
+        svc = record["services"]["postgres"]
+        proc = services.ours(svc["pid"], svc["create_time"])
+        assert services.stop([("postgres", svc["pid"], [proc])], timeout=30) == []
+        while_down()
+        child = services.spawn(svc["cmd"], dict(os.environ), Path(svc["log"]), record["cwd"])
+        svc.update(pid=child.pid, create_time=services.create_time(child.pid), descendants=[])
+        state.write(home, record)
+
+
+def _wait_for(what, timeout: float, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while not (found := what()):
+        assert time.monotonic() < deadline, f"gave up after {timeout} s"
+        time.sleep(every)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_postgres_restart_during_evaluate_leaves_one_decision_and_one_alias_move(stack, home, tmp_path):
+    run_id = _train(stack, home)
+    client = _client(stack)
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        evaluate = subprocess.Popen(
+            [str(BIN / "vae"), "evaluate", "--model", f"models:/{MODEL}@challenger", "--iw-samples", "5", "--limit",
+             "100", "--map-points", "20", "--sample-rows", "100", "--json"], env=_env(stack), stdout=stdout,
+            stderr=stderr)
+    try:
+        # The hook: the evaluation's first metric is in the run, the gate's writes come next. The command is
+        # frozen while Postgres stops, so its next requests meet a database that is down, then restarted.
+        _wait_for(lambda: KEY in client.get_run(run_id).data.metrics or evaluate.poll() is not None, 300)
+        assert evaluate.poll() is None, err.read_text()[-3000:]
+        evaluate.send_signal(signal.SIGSTOP)
+
+        def outage() -> None:
+            evaluate.send_signal(signal.SIGCONT)
+            time.sleep(3)
+
+        _restart_postgres(home, while_down=outage)
+        code = evaluate.wait(timeout=300)
+    finally:
+        evaluate.kill()
+    assert code == 0, err.read_text()[-3000:]
+    result = json.loads(out.read_text().strip().splitlines()[-1])
+    assert result["decision"]["promote"] is True, result["decision"]
+
+    mlflow_log = (home / "stack" / "logs" / "mlflow.log").read_text()
+    assert "OperationalError" in mlflow_log  # the evaluation's requests did meet the database down
+    assert control.status().services["postgres"].healthy
+    tags = client.get_model_version(MODEL, "1").tags
+    assert tags["gate.decision"] == "promoted" and tags["gate.champion"] == "none", tags
+    assert float(tags["gate.challenger"]) == result["metrics"][KEY]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    assert len(client.get_metric_history(run_id, KEY)) == 1
+    gates = httpx.post(f"{stack.env['PREFECT_API_URL']}/task_runs/filter",
+                       json={"task_runs": {"name": {"like_": "champion-gate"}}}).json()
+    assert [g["state_type"] for g in gates] == ["COMPLETED"], gates  # the gate ran once
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_down_stops_postgres_last_keeping_its_data_and_up_finds_the_runs(stack, home):
+    record = state.read(home)
+    pids = [(s["pid"], s["create_time"]) for s in record["services"].values()] + \
+        [tuple(d) for s in record["services"].values() for d in s["descendants"]]
+    stopped = control.down()
+    assert stopped[-1].startswith("postgres (pid "), stopped
+    assert all(services.ours(int(pid), created) is None for pid, created in pids)
+    data = home / "stack" / "postgres"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(data) in " ".join(p.info["cmdline"] or [])]
+    assert (data / "PG_VERSION").exists()
+
+    again = control.up(**record["settings"])
+    assert again.healthy, again.describe()
+    found = _client(again).get_model_version_by_alias(MODEL, "champion")
+    assert found.version == "1" and found.tags["gate.decision"] == "promoted"
+
+
+def test_missing_server_programs_are_one_line_naming_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAE_HOME", str(tmp_path / ".vae"))
+    monkeypatch.setenv("VAE_POSTGRES_BIN", str(tmp_path))  # an empty folder
+    result = runner.invoke(app, ["stack", "up", "--db", "postgres"])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and "apt-get install postgresql" in result.output, result.output
+    assert "--db postgres" in result.output
+    assert not (tmp_path / ".vae" / "stack" / "stack.json").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the data folder to the postgres user")
+def test_a_data_folder_the_postgres_user_cannot_reach_is_one_clear_error(tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(StackError, match="cannot reach .* is not traversable by others.*chmod o\\+x"):
+        postgres.initdb(private / "pg")
