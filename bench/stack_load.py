@@ -39,8 +39,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.scale import OUTSIDE, error_line, machine  # noqa: E402
 from bench.scale_measure import Measured  # noqa: E402
-from bench.stack_load_checks import (db_errors, gate_tag_problems, promotion_problems, run_problems,  # noqa: E402
-                                     versions_problem)
+from bench.stack_load_checks import (champion_tag_problems, db_errors, gate_tag_problems,  # noqa: E402
+                                     promotion_problems, run_problems, versions_problem)
 from bench.stack_load_report import write_results  # noqa: E402
 from bench.stack_load_serve import load_figures, mnist_images, predict_ms, served  # noqa: E402
 from tests.ports import free_ports  # noqa: E402
@@ -69,13 +69,14 @@ LOAD = [("evaluate", evaluate(f"models:/{MODEL}/1"))] * 4 + [("evaluate", evalua
 
 @contextlib.contextmanager
 def stack(home: Path, db: str, say) -> Iterator[dict[str, str]]:
-    """`vae stack up` (with `--db` unless SQLite) in `home` on free ports; yields its exports; `vae stack down`
+    """`vae stack up --db DB` in `home` on free ports; yields its exports; `vae stack down`
     at the end, whatever happened."""
     env = {k: v for k, v in os.environ.items() if k not in OUTSIDE} | {"VAE_HOME": str(home),
                                                                          "MLFLOW_DISABLE_TELEMETRY": "true"}
-    ports = dict(zip(("--prefect-port", "--mlflow-port", "--ray-port", "--ray-dashboard-port"), free_ports(4)))
-    argv = [str(BIN / "vae"), "stack", "up", "--json", "--ray-cpus", "2",
-            *[a for flag, port in ports.items() for a in (flag, str(port))], *(["--db", db] if db != "sqlite" else [])]
+    flags = ["--prefect-port", "--mlflow-port", "--ray-port", "--ray-dashboard-port"]
+    flags += ["--postgres-port"] if db == "postgres" else []
+    argv = [str(BIN / "vae"), "stack", "up", "--json", "--ray-cpus", "2", "--db", db,
+            *[a for flag, port in zip(flags, free_ports(len(flags))) for a in (flag, str(port))]]
     t = time.monotonic()
     try:
         up = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
@@ -182,6 +183,7 @@ def consistency(setup: list[dict], load: list[dict], state: dict) -> dict[str, l
         "versions 1..N": [p for p in [versions_problem(state["versions"])] if p],
         "gate tags from one decision": gate_tag_problems(state["tags"], decisions),
         "promotions chain to @champion": promotion_problems(decisions, state["champion"]),
+        "@champion's tags say promoted": champion_tag_problems(state["tags"], state["champion"]),
     }
 
 
@@ -189,7 +191,8 @@ def one_store(db: str, work: Path, args: argparse.Namespace, say) -> dict:
     """Setup, load, checks and serving on one store's stack; the figures (or the error that stopped it)."""
     home = work / f"home-{db}"
     shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True, mode=0o755)
+    home.mkdir(parents=True)
+    home.chmod(0o755)  # Postgres runs as its own user and must reach its data folder inside
     out: dict = {"db": db}
     try:
         with stack(home, db, say) as env:

@@ -88,6 +88,15 @@ def gate_tag_problems(tags: dict[int, dict[str, str]], decisions: list[dict]) ->
     return problems
 
 
+def champion_tag_problems(tags: dict[int, dict[str, str]], champion: int | None) -> list[str]:
+    """The champion's own gate tags record a promotion: the registry still says why it is served."""
+    mine = tags.get(champion, {}) if champion is not None else {}
+    if champion is None or mine.get("gate.decision") == "promoted":
+        return []
+    return [f"champion version {champion}'s gate tags say {mine.get('gate.decision')!r} "
+            f"({mine.get('gate.reason', '')[:90]!r}): the decision that promoted it was overwritten"]
+
+
 def run_problems(statuses: list[str], expected: int) -> list[str]:
     """Train runs recorded: `expected` of them, every one FINISHED."""
     problems = [] if len(statuses) == expected else [f"{len(statuses)} runs recorded, {expected} expected"]

@@ -85,6 +85,9 @@ def section(raw: dict) -> str:
              "commands in the setup, one at a time).", "", table([load_rows(s) for s in raw["stores"]]), ""]
     if checks:
         parts += ["Consistency of the registry after the load:", "", table(checks), ""]
+        parts += [f"- {s['db']}: versions {s['registry']['versions']}, @champion {s['registry']['champion']}, each "
+                  f"version's gate.decision tag {s['registry']['gate_decisions']}" for s in raw["stores"]
+                  if "registry" in s] + [""]
     if serve:
         parts += ["`mlflow models serve -m models:/vae-mnist@champion` (one uvicorn worker), clients posting "
                   "MNIST test digits after a warm-up:", "", table(serve), ""]

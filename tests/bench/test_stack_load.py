@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.stack_load_checks import (db_errors, gate_tag_problems, promotion_problems, quantile, run_problems,
+from bench.stack_load_checks import (champion_tag_problems, db_errors, gate_tag_problems, promotion_problems, quantile, run_problems,
                                      versions_problem)
 from bench.stack_load_report import TITLE, load_rows, write_results
 from vae_core.evaluation.gate import Decision
@@ -87,6 +87,14 @@ def test_gate_tags_missing_or_mixed_from_two_decisions_fail():
     assert "match none" in problems[0] and "no gate tags" in problems[1]
 
 
+def test_the_champions_tags_must_record_its_promotion():
+    """Version 2 was promoted, then a later gate on version 2 (which saw champion 1 at its start) wrote `kept`."""
+    assert champion_tag_problems({2: _tags(HISTORY[2])}, champion=2) == []
+    assert champion_tag_problems({}, champion=None) == []
+    (problem,) = champion_tag_problems({2: _tags(HISTORY[3])}, champion=2)
+    assert problem.startswith("champion version 2's gate tags say 'kept'"), problem
+
+
 def test_runs_must_all_be_recorded_and_finished():
     assert run_problems(["FINISHED"] * 4, 4) == []
     assert run_problems(["FINISHED"] * 3, 4) == ["3 runs recorded, 4 expected"]
@@ -104,6 +112,7 @@ RAW = {"started": "2026-12-07T10:00:00+00:00", "command": "bench/stack_load.py -
                    + [_run("evaluate", 1, 5.0, ["database is locked"]), _run("train", 0, 90.0)],
                    "load_wall_s": 95.0, "service_db_errors": {"mlflow.log": ["database is locked"] * 2},
                    "checks": {"versions 1..N": [], "promotions chain to @champion": ["champion is 2, ..."]},
+                   "registry": {"versions": [1, 2], "champion": 2, "gate_decisions": {1: "promoted", 2: "kept"}},
                    "serve": [{"batch": 256, "concurrency": 4, "seconds": 12.0, "requests_per_s": 1.0,
                               "images_per_s": 256.0, "p50_ms": 3000.0, "p99_ms": 4000.0, "errors": 0,
                               "in_process_ms": 95.0}]},
@@ -129,4 +138,5 @@ def test_report_prepends_a_dated_section_and_writes_the_raw_json(tmp_path):
     assert "| sqlite | 4 / 5 |" in text and "| sqlite | 256 | 4 |" in text
     assert "- postgres: stopped: vae stack up --db postgres: error: no such option" in text
     assert "- sqlite: mlflow.log: database is locked" in text
+    assert "- sqlite: versions [1, 2], @champion 2, each version's gate.decision tag {1: 'promoted', 2: 'kept'}" in text
     assert json.loads((tmp_path / "stack_load.json").read_text())["stores"][0]["load_wall_s"] == 95.0
