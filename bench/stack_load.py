@@ -63,8 +63,9 @@ def evaluate(model: str) -> list[str]:
     return ["evaluate", "--model", model, *QUICK_EVAL, "--json"]
 
 
-LOAD = [("evaluate", evaluate(f"models:/{MODEL}/1"))] * 4 + [("evaluate", evaluate(f"models:/{MODEL}@challenger"))] * 4 \
-    + [("train", train(3e-3))] * 2
+# Version 1 is the champion when the load starts and @challenger is version 2 (the setup's second train).
+LOAD = [("evaluate", evaluate(f"models:/{MODEL}/1"))] * 4 \
+    + [("evaluate", evaluate(f"models:/{MODEL}@challenger"))] * 4 + [("train", train(3e-3))] * 2
 
 
 @contextlib.contextmanager
@@ -81,7 +82,7 @@ def stack(home: Path, db: str, say) -> Iterator[dict[str, str]]:
     try:
         up = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
         if up.returncode != 0:
-            raise RuntimeError(f"vae stack up --db {db}: {error_line(_measured(up, 0.0))}")
+            raise RuntimeError(f"vae stack up --db {db}: {_error(up.returncode, up.stdout, up.stderr)}")
         say(f"{db}: stack up in {time.monotonic() - t:.1f} s")
         yield env | json.loads(up.stdout)["env"] | {"PREFECT_HOME": str(home / "cli-prefect")}
     finally:
@@ -89,8 +90,9 @@ def stack(home: Path, db: str, say) -> Iterator[dict[str, str]]:
         say(f"{db}: vae stack down: {(down.stdout + down.stderr).strip()[-200:]}")
 
 
-def _measured(proc: subprocess.CompletedProcess, wall: float) -> Measured:
-    return Measured(proc.returncode, wall, proc.stdout, proc.stderr, {}, [])
+def _error(rc: int, out: str, err: str) -> str:
+    """A command's one-line error, as bench/scale.py reads it."""
+    return error_line(Measured(rc, 0.0, out, err, {}, []))
 
 
 def record(kind: str, argv: list[str], rc: int, wall: float, out: str, err: str) -> dict:
@@ -101,7 +103,7 @@ def record(kind: str, argv: list[str], rc: int, wall: float, out: str, err: str)
     except (ValueError, IndexError):
         rec["result"] = None
     if rec["result"] is None:
-        rec["error"] = error_line(Measured(rc, wall, out, err, {}, []))
+        rec["error"] = _error(rc, out, err)
     return rec
 
 
@@ -166,7 +168,8 @@ def registry_state(uri: str) -> dict:
     experiment = client.get_experiment_by_name("train-vae")
     runs = client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
     champion = client.get_registered_model(MODEL).aliases.get("champion")
-    return {"versions": sorted(int(v.version) for v in versions), "champion": None if champion is None else int(champion),
+    return {"versions": sorted(int(v.version) for v in versions),
+            "champion": None if champion is None else int(champion),
             "tags": {int(v.version): dict(v.tags) for v in versions}, "run_statuses": [r.info.status for r in runs]}
 
 

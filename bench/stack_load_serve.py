@@ -49,7 +49,8 @@ def served(model_uri: str, port: int, env: dict[str, str], log: Path) -> Iterato
     bin_dir = str(Path(sys.executable).parent)
     # It execs `uvicorn` by name: the environment's bin folder must be on PATH, as in an activated virtualenv.
     env = env | {"PATH": os.pathsep.join([bin_dir, env.get("PATH", "")])}
-    argv = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    argv = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "-h", "127.0.0.1", "-p", str(port)]
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

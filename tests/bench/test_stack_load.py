@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from bench.stack_load_checks import (champion_tag_problems, db_errors, gate_tag_problems, promotion_problems, quantile, run_problems,
-                                     versions_problem)
+from bench.stack_load_checks import (champion_tag_problems, db_errors, gate_tag_problems, promotion_problems,
+                                     quantile, run_problems, versions_problem)
 from bench.stack_load_report import TITLE, load_rows, write_results
 from vae_core.evaluation.gate import Decision
 
