@@ -42,7 +42,7 @@ def serve_rows(store: dict) -> list[dict[str, str]]:
     return [{"store": store["db"], "batch": str(s["batch"]), "clients": str(s["concurrency"]),
              "seconds": f"{s['seconds']:.1f}", "requests/s": f"{s['requests_per_s']:.1f}",
              "images/s": f"{s['images_per_s']:.0f}", "p50 ms": f"{s['p50_ms']}", "p99 ms": f"{s['p99_ms']}",
-             "predict in process ms": f"{s.get('in_process_ms', '-')}",
+             "in process: predict / JSON parse ms": f"{s.get('predict_ms', '-')} / {s.get('parse_ms', '-')}",
              "errors": str(s["errors"])} for s in store.get("serve", [])]
 
 

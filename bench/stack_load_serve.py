@@ -128,23 +128,34 @@ def load_figures(url: str, images: np.ndarray, concurrency: int, seconds: float,
             "error_examples": errors[:3], "request_kib": round(len(body) / 1024, 1)}
 
 
-def predict_ms(model_uri: str, tracking_uri: str, batches: list[np.ndarray], repeats: int = 5) -> list[float]:
-    """The bare baseline: the median milliseconds of `predict` on each batch, the model loaded in this process
-    (no HTTP, no JSON), after one warm-up call."""
+def in_process_ms(model_uri: str, tracking_uri: str, batches: list[np.ndarray], repeats: int = 3) -> list[dict]:
+    """Where a request's time goes without HTTP, the model loaded in this process, median milliseconds after one
+    warm-up call, per batch: `predict` (the bare baseline), and turning the request's JSON into the input array
+    (`json.loads`, then the parser the scoring server uses, with the model's input schema)."""
     import mlflow
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(model_uri)
-    out = []
-    for images in batches:
-        times = []
-        for _ in range(repeats + 1):
-            t = time.perf_counter()
-            model.predict(images, params={"batch_size": len(images)})
-            times.append((time.perf_counter() - t) * 1000)
-        out.append(round(quantile(times[1:], 0.5), 1))
-    return out
+    schema = model.metadata.get_input_schema()
+
+    def parse(body: bytes) -> None:
+        data = json.loads(body)
+        data.pop("params")  # the server takes them apart before parsing the inputs
+        infer_and_parse_data(data, schema)
+
+    return [{"predict_ms": _median_ms(lambda: model.predict(x, params={"batch_size": len(x)}), repeats),
+             "parse_ms": _median_ms(lambda: parse(body), repeats)} for x, body in zip(batches, map(payload, batches))]
+
+
+def _median_ms(call, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1000)
+    return round(quantile(times[1:], 0.5), 1)
 
 
 def _round(x: float | None) -> float | None:

@@ -115,7 +115,7 @@ RAW = {"started": "2026-12-07T10:00:00+00:00", "command": "bench/stack_load.py -
                    "registry": {"versions": [1, 2], "champion": 2, "gate_decisions": {1: "promoted", 2: "kept"}},
                    "serve": [{"batch": 256, "concurrency": 4, "seconds": 12.0, "requests_per_s": 1.0,
                               "images_per_s": 256.0, "p50_ms": 3000.0, "p99_ms": 4000.0, "errors": 0,
-                              "in_process_ms": 95.0}]},
+                              "predict_ms": 95.0, "parse_ms": 1500.0}]},
                   {"db": "postgres", "error": "vae stack up --db postgres: error: no such option"}]}
 
 
@@ -135,7 +135,7 @@ def test_report_prepends_a_dated_section_and_writes_the_raw_json(tmp_path):
     text = (tmp_path / "stack_load.md").read_text()
     assert text.startswith(TITLE) and text.count(TITLE) == 1
     assert text.index("## 2026-12-07T10:00") < text.index("## 2026-12-01") and "older run" in text
-    assert "| sqlite | 4 / 5 |" in text and "| sqlite | 256 | 4 |" in text
+    assert "| sqlite | 4 / 5 |" in text and "| sqlite | 256 | 4 |" in text and "| 95.0 / 1500.0 |" in text
     assert "- postgres: stopped: vae stack up --db postgres: error: no such option" in text
     assert "- sqlite: mlflow.log: database is locked" in text
     assert "- sqlite: versions [1, 2], @champion 2, each version's gate.decision tag {1: 'promoted', 2: 'kept'}" in text
