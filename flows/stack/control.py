@@ -105,7 +105,8 @@ def up(prefect_port: int | None = None, mlflow_port: int | None = None, ray_port
 def down(timeout: float = 20.0) -> list[str]:
     """Stop the stack recorded under the current $VAE_HOME: the worker first, then Prefect, MLflow and Ray,
     each with SIGTERM, then SIGKILL for what is left after `timeout` s (Ray: `RAY_GRACE_S` at most), their
-    children and process groups included, and Postgres last (its data stays). Removes the state file. Returns what was stopped ("worker (pid 123)", ...); [] if nothing ran.
+    children and process groups included, and Postgres last (its data stays). Removes the state file. Returns
+    what was stopped ("worker (pid 123)", ...); [] if nothing ran.
 
     Raises:
         StackError: a process survived SIGKILL (the state file is kept, so `down` can be run again).
