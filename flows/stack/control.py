@@ -142,8 +142,7 @@ def _plan(home: Path, settings: dict) -> tuple[dict, dict[str, dict]]:
     ports = {"prefect": prefect_port, "mlflow": mlflow_port, "ray": ray_port}
     if missing is None:
         ports["ray dashboard"] = ray_dashboard_port
-    if settings["db"] == "postgres":
-        postgres.bin_dir()  # missing programs: one line before anything starts
+    if settings["db"] == "postgres":  # missing server programs: `services.commands` says so, before any start
         ports["postgres"] = settings["postgres_port"]
     flags = {"prefect": "--prefect-port", "mlflow": "--mlflow-port", "ray": "--ray-port",
              "ray dashboard": "--ray-dashboard-port", "postgres": "--postgres-port"}

@@ -196,6 +196,9 @@ def test_down_stops_postgres_last_keeping_its_data_and_up_finds_the_runs(stack, 
         [tuple(d) for s in record["services"].values() for d in s["descendants"]]
     stopped = control.down()
     assert stopped[-1].startswith("postgres (pid "), stopped
+    # Stopped after its clients: its fast shutdown cut no server's connection.
+    last_start = (home / "stack" / "logs" / "postgres.log").read_text().rsplit("ready to accept connections", 1)[1]
+    assert "received fast shutdown request" in last_start and "terminating connection" not in last_start
     assert all(services.ours(int(pid), created) is None for pid, created in pids)
     data = home / "stack" / "postgres"
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(data) in " ".join(p.info["cmdline"] or [])]
