@@ -30,9 +30,25 @@ TEMPORARY = re.compile(r"\A\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a
 FOREIGN_TEMPORARY_AGE_S = 24 * 3600.0
 
 
+class StorageUnavailableError(ConnectionError):
+    """An object store that did not answer through every retry (`vae_core.s3`); the message names the object
+    and the last error."""
+
+
 def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """URL (local path, file://, memory://, s3://, ...) -> (filesystem, path without protocol)."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    """URL (local path, file://, memory://, s3://, ...) -> (filesystem, path without protocol).
+
+    An s3:// URL gets `vae_core.s3`'s filesystem: retries configured (`$VAE_S3_MAX_ATTEMPTS`), and one
+    `StorageUnavailableError` naming the object when the store stays unreachable through them.
+    """
+    options = storage_options or {}
+    if fsspec.core.split_protocol(url)[0] in ("s3", "s3a"):
+        from vae_core import s3  # s3fs and botocore load only for S3
+
+        fs = s3.S3FileSystem(**{**s3.S3FileSystem._get_kwargs_from_urls(url), **s3.options(options)})
+        path = s3.S3FileSystem._strip_protocol(url)
+    else:
+        fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path.rstrip("/") or path
 
 
@@ -77,11 +93,15 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], No
     A rename locally; on object stores a server-side copy, which also appears all at once. Readers see
     either nothing or the whole file.
     """
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = temporary_name(path)
     try:  # the write too: an interrupt halfway through it must not leave the partial temporary behind
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
         write(tmp)
         return _move(fs, tmp, path, replace)
+    except StorageUnavailableError as e:  # it names the request that failed last: say which file that was for
+        with contextlib.suppress(Exception):
+            fs.rm_file(tmp)
+        raise StorageUnavailableError(f"writing {to_url(fs, path)}: {e}") from e
     except BaseException:
         with contextlib.suppress(Exception):  # best effort: the original error is the one worth reporting
             fs.rm_file(tmp)
