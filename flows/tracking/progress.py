@@ -74,6 +74,8 @@ class EpochLog:
         have come between checkpoint and log) and a point of `resumed_from_epoch`."""
         self.on_epoch(epoch, metrics)
         self.run.log_metrics({"resumed_from_epoch": epoch}, step=step)
+        if epoch >= self.planned:  # no epoch left to train: no pictures call will wait for the backlog
+            self.run.close()
 
     def pictures(self, fit: Fit, preview: torch.Tensor | None, epoch: int) -> None:
         """Samples, reconstructions of uint8 previews (P, H, W, C) and an interpolation, as artifacts."""
