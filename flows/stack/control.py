@@ -158,6 +158,10 @@ def _plan(home: Path, settings: dict) -> tuple[dict, dict[str, dict]]:
            # Ray listens on every interface whatever it is told (docs/stack.md): joining takes this stack's token.
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state.ray_token(home)),
            "VAE_HOME": str(home)}
+    if settings["db"] == "postgres":
+        # Prefect's server answers 500, not 503, while its database refuses connections (asyncpg's connect
+        # errors reach it unwrapped): its clients retry those too, with backoff, through a database restart.
+        env["PREFECT_CLIENT_RETRY_EXTRA_CODES"] = "500"
     worker_name = f"{pool}-{secrets.token_hex(3)}"
     specs = services.commands(home, ports, pool, worker_name, ray_cpus, None if missing else ray_dashboard_port, env)
     ray_url = f"http://{HOST}:{ray_dashboard_port}" if missing is None else env["RAY_ADDRESS"]

@@ -31,6 +31,20 @@ from tests.ports import free_ports
 BIN = Path(sys.executable).parent
 MODEL = "vae-mnist"
 KEY = "test/nll_k5"  # the gate's metric in the evaluation below (--iw-samples 5)
+# A Prefect client that asks the API for flow runs once told to (a line on stdin).
+ASK_PREFECT = """
+import sys, anyio
+from prefect.client.orchestration import get_client
+
+async def ask():
+    async with get_client() as client:
+        return await client.read_flow_runs(limit=1)
+
+print("ready", flush=True)
+sys.stdin.readline()
+anyio.run(ask)
+print("answered")
+"""
 WAITING = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
            "AND query ILIKE '%model_version_tags%'")  # a write to the tags of a model version, waiting on a lock
 runner = CliRunner()
@@ -109,16 +123,16 @@ def _train(stack, home) -> str:
     return _client(stack).get_model_version(MODEL, "1").run_id
 
 
-def _restart_postgres(home: Path, down_s: float) -> None:
-    """Stop the stack's Postgres as `down` does (fast shutdown: open transactions are rolled back), wait `down_s`
-    s, then start it again from its recorded command line and record the new process, so that `status` and
-    `down` follow it."""
+def _restart_postgres(home: Path, while_down) -> None:
+    """Stop the stack's Postgres as `down` does (fast shutdown: open transactions are rolled back), call
+    `while_down()`, then start it again from its recorded command line and record the new process, so that
+    `status` and `down` follow it."""
     with state.locked(home):
         record = state.read(home)
         svc = record["services"]["postgres"]
         proc = services.ours(svc["pid"], svc["create_time"])
         assert services.stop([("postgres", svc["pid"], [proc])], timeout=30) == []
-        time.sleep(down_s)
+        while_down()
         child = services.spawn(svc["cmd"], dict(os.environ), Path(svc["log"]), record["cwd"])
         svc.update(pid=child.pid, create_time=services.create_time(child.pid), descendants=[])
         state.write(home, record)
@@ -143,6 +157,8 @@ def _wait_for(what, timeout: float, every: float = 0.1) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_a_postgres_restart_during_evaluate_leaves_one_decision_and_one_alias_move(stack, home, tmp_path):
+    asker = subprocess.Popen([sys.executable, "-c", ASK_PREFECT], env=_env(stack), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
     run_id = _train(stack, home)
     # The hook: a transaction of this test holds the table of model-version tags against writes (reads go on),
     # so the evaluation runs up to the gate's first write, which then waits in Postgres until the restart.
@@ -157,13 +173,23 @@ def test_a_postgres_restart_during_evaluate_leaves_one_decision_and_one_alias_mo
     try:
         _wait_for(lambda: evaluate.poll() is not None or _count(watcher, WAITING) > 0, 300)
         assert evaluate.poll() is None, err.read_text()[-3000:]
-        _restart_postgres(home, down_s=2.0)
+        assert asker.stdout.readline() == "ready\n"
+
+        def outage() -> None:
+            asker.stdin.write("now\n")  # Prefect's API, while its database is down
+            asker.stdin.flush()
+            time.sleep(2)
+
+        _restart_postgres(home, outage)
         code = evaluate.wait(timeout=300)
+        asked = asker.communicate(timeout=120)[0]
     finally:
         evaluate.kill()
+        asker.kill()
         for conn in (holder, watcher):
             conn.close()
     assert code == 0, err.read_text()[-3000:]
+    assert asker.returncode == 0 and asked.endswith("answered\n"), asked
     result = json.loads(out.read_text().strip().splitlines()[-1])
     assert result["decision"]["promote"] is True, result["decision"]
 
