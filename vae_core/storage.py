@@ -98,9 +98,9 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], No
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         write(tmp)
         return _move(fs, tmp, path, replace)
-    except StorageUnavailableError as e:  # it names the request that failed last: say which file that was for
-        with contextlib.suppress(Exception):
-            fs.rm_file(tmp)
+    except StorageUnavailableError as e:
+        # It names the request that failed last: say which file that was for. The temporary stays (removing
+        # it would wait out the retries again); `remove_temporaries` takes it once this process is gone.
         raise StorageUnavailableError(f"writing {to_url(fs, path)}: {e}") from e
     except BaseException:
         with contextlib.suppress(Exception):  # best effort: the original error is the one worth reporting
