@@ -239,7 +239,8 @@ def gate_task(req: EvaluateRequest, target: Target, mine: dict[str, float],
         # Someone moved champion while this ran: what was compared is no longer what is served.
         decision = dataclasses.replace(decision, promote=False, reason=f"champion moved to version {now} during "
                                        "this evaluation; re-run to compare against it")
-    registry.set_version_tags(target.model.name, target.model.version, decision.tags())
+    if champion is None or champion.version != target.model.version:  # the champion keeps the record that promoted it
+        registry.set_version_tags(target.model.name, target.model.version, decision.tags())
     if decision.promote:
         registry.set_alias(target.model.name, CHAMPION, target.model.version)
     return decision
