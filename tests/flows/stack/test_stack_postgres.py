@@ -252,3 +252,27 @@ def test_a_data_folder_the_postgres_user_cannot_reach_is_one_clear_error(tmp_pat
     private.mkdir(mode=0o700)
     with pytest.raises(StackError, match="cannot reach .* is not traversable by others.*chmod o\\+x"):
         postgres.initdb(private / "pg")
+
+
+@pytest.mark.slow
+def test_a_gate_run_again_on_the_champion_keeps_the_decision_that_promoted_it(tmp_path, monkeypatch,
+                                                                           register_model):
+    """An evaluation tried again once its alias moved (the nightly retries a stage that failed late, after a
+    database restart say) finds the version already champion: the recorded decision stays the one that
+    promoted it."""
+    from flows.evaluate import Target, gate_task
+    from flows.tracking import registry
+    from vae_core.ingestion.ingest import run_ingest
+    from vae_core.requests import EvaluateRequest, IngestRequest
+
+    monkeypatch.setenv("VAE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_ingest(IngestRequest(source="builtin:digits", name="digits"))
+    version = register_model(epochs=0, name="vae-digits", preset="digits", dataset="digits")
+    pinned = registry.pin_model(f"models:/vae-digits/{version}")
+    request = EvaluateRequest(model=pinned.uri, iw_samples=5)
+    for champion in (None, pinned):  # the first try, then the try again
+        gate_task.fn(request, Target(pinned, champion, None), {"nll_k5": 90.0}, None)
+    tags = registry.client().get_model_version("vae-digits", str(version)).tags
+    assert (tags["gate.decision"], tags["gate.reason"]) == ("promoted", "there is no champion yet"), tags
+    assert registry.alias_version("vae-digits", "champion") == version
