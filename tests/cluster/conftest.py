@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.harness import (BIN, Compose, Host, Service, contract_names, make_hosts, netns_works, process_env,
-                                   python_in, remove_hosts, run_in, wait_ports)
+from tests.cluster.harness import (BIN, RAY_HEALTH, Compose, Host, Service, contract_names, make_hosts, netns_works,
+                                   process_env, python_in, remove_hosts, run_in, wait_ports)
 from tests.processes import eventually
 
 # What infra/.env would hold; the CPU counts make each Ray node fit exactly one 2-CPU training rank.
@@ -53,7 +53,7 @@ class Cluster:
         c, quiet = self.compose, process_env({})
         # Ray Client's server needs `ray[client]`, which this environment lacks (the image has ray[default]).
         self.start("ray-head", self.a, c.command("ray-head", drop=("--ray-client-server-port",)) + self._ray_node(self.a),
-                   process_env(c.environment("ray-head")))
+                   process_env(c.environment("ray-head"), **RAY_HEALTH))
         self._storage()
         # MLflow's job runner (GenAI scorers: more processes) is not needed by training runs.
         self.start("mlflow", self.a, c.command("mlflow"),
@@ -121,8 +121,11 @@ class Cluster:
 
     def deployment(self, name: str, request: dict, timeout: float = 300) -> str:
         """`prefect deployment run NAME --param request=... --watch`: fails unless the run ends Completed."""
-        return self.cli("prefect", "deployment", "run", name, "--param", f"request={json.dumps(request)}", "--watch",
-                        timeout=timeout)
+        try:
+            return self.cli("prefect", "deployment", "run", name, "--param", f"request={json.dumps(request)}",
+                            "--watch", timeout=timeout)
+        except AssertionError as e:  # the flow run's own output is in the worker's log
+            raise AssertionError(f"{e}\n--- prefect-worker ---\n{self.services['prefect-worker'].tail(40)}") from None
 
     def stored(self) -> dict:
         """What the cluster holds (tests.cluster.harness.stored_state), read from host A."""

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -36,6 +37,9 @@ LOCAL_ADDITIONS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PYTHONUNBUFFERED": "1",  # logs arrive as written
 }
+# The head declares a silent node dead after about 5 s, not Ray's default of about 30 s (a faster fault test).
+RAY_HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+              "RAY_health_check_failure_threshold": "3"}
 # The one machine's basics (an image sets these), passed on from the test's own environment.
 BASE = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")
 
@@ -149,7 +153,9 @@ def make_hosts(tag: str) -> tuple[Host, Host]:
             _ip("-n", h.ns, "link", "set", "lo", "up")
             hosts = Path("/etc/netns") / h.ns / "hosts"
             hosts.parent.mkdir(parents=True, exist_ok=True)
-            hosts.write_text(f"127.0.0.1 localhost\n{a.ip} {' '.join(SERVICES_ON_A)} {a.ns}\n{b.ip} {b.ns}\n")
+            # Each host resolves the machine's name to its own address, as separate machines would: Gloo
+            # (torch.distributed on CPUs) gives its peers the address the host name resolves to.
+            hosts.write_text(f"127.0.0.1 localhost\n{h.ip} {socket.gethostname()}\n{a.ip} {' '.join(SERVICES_ON_A)}\n")
     except BaseException:
         remove_hosts(a, b)
         raise
@@ -224,7 +230,11 @@ class Service:
 
 def run_in(host: Host, cmd: list[str], env: dict[str, str], timeout: float) -> str:
     """Run `cmd` on `host` to the end; its stdout, or AssertionError with its output's tail."""
-    proc = subprocess.run(host.prefix() + cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(host.prefix() + cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"{' '.join(cmd)[:300]} on {host.ns}: no end after {timeout} s\n"
+                             f"{(e.stdout or b'')[-3000:].decode(errors='replace')}") from None
     assert proc.returncode == 0, f"{' '.join(cmd)[:300]} on {host.ns}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 

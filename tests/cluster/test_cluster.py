@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.harness import (BASE, LOCAL_ADDITIONS, ComposeError, Compose, contract_names, python_in,
-                                   substitute)
+from tests.cluster.harness import (BASE, LOCAL_ADDITIONS, RAY_HEALTH, Compose, ComposeError, contract_names,
+                                   python_in, substitute)
 from tests.flows.conftest import MNIST_DIR, SMALL
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -47,7 +47,7 @@ def test_processes_get_only_compose_environment_and_local_additions(cluster):
     compose = cluster.compose
     for name, service in cluster.services.items():
         given = compose.environment(name) if "environment" in compose.doc["services"][name] else {}
-        extra = set(_environ(service.proc.pid)) - set(given) - set(BASE) - set(LOCAL_ADDITIONS)
+        extra = set(_environ(service.proc.pid)) - set(given) - set(BASE) - set(LOCAL_ADDITIONS) - set(RAY_HEALTH)
         assert extra <= {"PREFECT_HOME", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"}, (name, extra)
     worker = _environ(cluster.services["prefect-worker"].proc.pid)
     assert worker["VAE_HOME"] == "s3://vae" and worker["RAY_ADDRESS"] == "ray-head:6379", worker
@@ -69,7 +69,10 @@ def test_ingest_and_two_host_training_with_checkpoints_on_s3(cluster):
 def test_evaluate_sets_the_champion_and_encode_writes_embeddings_to_s3(cluster):
     cluster.deployment("evaluate-vae/default", {"model": "models:/vae-mnist@challenger", "iw_samples": 5,
                                                 "limit": 200, "map_points": 50})
-    cluster.deployment("encode-dataset/default", {"model": "models:/vae-mnist@champion", "dataset": "mnist"})
+    # One actor of 1 CPU: the default reservation (the cluster's CPUs less one, 3) fits no single 2-CPU node,
+    # and Ray waits for such a node forever.
+    cluster.deployment("encode-dataset/default", {"model": "models:/vae-mnist@champion", "dataset": "mnist",
+                                                  "cpus_per_worker": 1})
     state = cluster.stored()
     assert state["champions"] == {"vae-mnist": "1"}, state["champions"]
     parquet = [key for key in state["embeddings"] if key.endswith(".parquet")]
