@@ -72,6 +72,7 @@ class Outbox:
         self._dropped: list[Write] = []  # refused for good (a bad value, a deleted run): never retried
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def put(self, write: Write) -> None:
         """Queue `write` behind the others; the sender starts with the first one."""
@@ -90,21 +91,32 @@ class Outbox:
                 self._cond.wait(left)
             return [*self._dropped, *self._queue]
 
+    def close(self) -> None:
+        """Stop the sender (within one request); what is still queued is left undelivered: `flush` first."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue:
+                while not self._queue and not self._stop.is_set():
                     self._cond.wait()
+                if self._stop.is_set():
+                    return
                 head = self._queue[0]
             delivered = self._deliver(head)
+            if delivered is None:
+                return
             with self._cond:
                 self._queue.popleft()
                 if not delivered:
                     self._dropped.append(head)
                 self._cond.notify_all()
 
-    def _deliver(self, write: Write) -> bool:
-        """Send `write` until the server takes it (True) or refuses it for good (False, with a warning)."""
+    def _deliver(self, write: Write) -> bool | None:
+        """Send `write` until the server takes it (True), refuses it for good (False, with a warning) or the
+        outbox is closed (None)."""
         waits = backoff(RETRY_FIRST_S, RETRY_MAX_S)
         failures = 0
         while True:
@@ -121,7 +133,8 @@ class Outbox:
                     log.warning("tracking server unreachable (%s); %s and what follows wait in the queue",
                                 first_line(e), write.what)
                 failures += 1
-                time.sleep(next(waits))
+                if self._stop.wait(next(waits)):
+                    return None
 
 
 def first_line(exc: BaseException) -> str:

@@ -306,9 +306,13 @@ class RunLogger:
         return missing
 
     def close(self, timeout_s: float | None = None) -> str:
-        """`flush`, then name what is still undelivered in the run's tag `tracking.undelivered`, where the
-        server takes that (it may still be away: the warning `flush` logged names it then); returns it."""
+        """`flush`, stop the sender, then name what is still undelivered in the run's tag `tracking.undelivered`,
+        where the server takes that (it may still be away: the warning `flush` logged names it then); returns
+        it. A later write starts a new sender."""
         missing = self.flush(timeout_s)
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
         if missing:
             try:
                 self.client.set_tag(self.run_id, UNDELIVERED_TAG, missing[:5000])

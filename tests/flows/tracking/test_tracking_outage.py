@@ -1,20 +1,24 @@
 """A tracking server that goes away: training goes on, the metrics of the outage arrive once it is back, each
 once, and what never arrives is named.
 
-The outage is real: a local `mlflow server` (SQLite store in a temp folder) killed with SIGKILL while `vae
-train` runs against it, and started again on the same port and store 20 s later.
+The outage is real: a local `mlflow server` (SQLite store in a temp folder) killed with SIGKILL while the
+train-vae flow (Prefect, a local Ray) runs against it, and started again on the same port and store 20 s later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -85,33 +89,43 @@ def _first_epoch_logged(client: MlflowClient) -> str | None:
         return None
 
 
+def _outage(server: Server, client: MlflowClient, times: dict[str, float]) -> None:
+    """Once the run has its first epoch: SIGKILL the server, keep it down OUTAGE_S, start it again."""
+    if not eventually(lambda: _first_epoch_logged(client), 240, every=0.3):
+        raise AssertionError("no epoch was logged")
+    server.kill()
+    times["down"] = time.time()
+    time.sleep(OUTAGE_S)
+    server.start()
+    times["up"] = time.time()
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
+@pytest.mark.usefixtures("prefect_server")
 def test_training_goes_on_through_a_tracking_outage_and_every_point_arrives_once(server, tmp_path, mnist_home,
                                                                                    monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # this process's polls only, not the command's
+    from flows.train import train_vae
+    from vae_core.requests import TrainRequest
+
     client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
+    times: dict[str, float] = {}
+    errors: list[BaseException] = []
     with mnist_home(tmp_path / "home", limit=1200) as home:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_")}
-        env.update({"VAE_HOME": str(home), "MLFLOW_TRACKING_URI": server.url, "MLFLOW_DISABLE_TELEMETRY": "true"})
-        args = [sys.executable, "-m", "flows.cli.app", "train", "--dataset", "mnist", "--epochs", str(EPOCHS),
-                "--max-failures", "0"] + [a for o in SMALL for a in ("--set", o)]
-        with open(tmp_path / "train.out", "w+") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
-            try:
-                assert eventually(lambda: _first_epoch_logged(client) or proc.poll() is not None, 150, every=0.3)
-                assert proc.poll() is None, "training ended before the outage: " + (tmp_path / "train.out").read_text()
-                server.kill()
-                down = time.time()
-                time.sleep(OUTAGE_S)
-                server.start()
-                up = time.time()
-                rc = proc.wait(timeout=200)
-            finally:
-                proc.kill()
-        printed = (tmp_path / "train.out").read_text()
-        assert rc == 0, printed[-4000:]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        outage = threading.Thread(target=lambda: _catch(errors, _outage, server, client, times), daemon=True)
+        outage.start()
+        try:  # progress=True: the driver polls the run through the outage too
+            with open(tmp_path / "stderr", "w+") as f, contextlib.redirect_stderr(f):
+                train_vae(TrainRequest(dataset="mnist", overrides=SMALL, epochs=EPOCHS, max_failures=0), progress=True)
+        finally:
+            outage.join()
+            mlflow.set_tracking_uri(None)  # the flow pointed mlflow's globals at this server: later tests follow the env
+            mlflow.set_registry_uri(None)
+        assert not errors, errors
         train_rows = _train_rows(home)
+    printed = (tmp_path / "stderr").read_text()
+    assert re.findall(r"^epoch (\d+)/", printed, re.M) == [str(e) for e in range(1, EPOCHS + 1)], printed
 
     exp = client.get_experiment_by_name("train-vae")
     (run,) = client.search_runs([exp.experiment_id])  # one run, whatever the outage did
@@ -126,10 +140,19 @@ def test_training_goes_on_through_a_tracking_outage_and_every_point_arrives_once
     for key in (k for k in run.data.metrics if k.startswith("epoch/")):
         assert _steps(client, run_id, key) == list(range(1, EPOCHS + 1)), key
     # Training went on while the server was away: points stamped during the outage, delivered after it.
+    down, up = times["down"], times["up"]
     during = {m.step for m in client.get_metric_history(run_id, "train/loss") if down + 1 < m.timestamp / 1000 < up - 1}
     assert len(during) >= 2, f"no training while the server was away ({down=}, {up=})"
     (version,) = client.search_model_versions("name='vae-mnist'")
     assert version.run_id == run_id
+
+
+def _catch(errors: list[BaseException], fn, *args) -> None:
+    """`fn(*args)` in a thread, its error kept for the test to raise."""
+    try:
+        fn(*args)
+    except BaseException as e:
+        errors.append(e)
 
 
 def _train_rows(home: Path) -> int:
@@ -151,3 +174,4 @@ def test_what_never_reaches_the_server_is_named(caplog, monkeypatch):
     missing = logger.close(timeout_s=1.0)
     assert missing == "train/loss steps 5, 10; train/kl steps 5, 10; tags ray.nodes"
     assert missing in caplog.text
+    assert eventually(lambda: not [t for t in threading.enumerate() if t.name.startswith("mlflow-outbox-")], 10)
