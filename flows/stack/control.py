@@ -98,7 +98,7 @@ def up(prefect_port: int | None = None, mlflow_port: int | None = None, ray_port
             state.forget(home, record)
             raise
     stack = _inspect(home, record)
-    stack.started = list(ORDER)
+    stack.started = [name for name in ORDER if name in record["services"]]
     return stack
 
 

@@ -93,7 +93,7 @@ def _env(stack) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_up_starts_postgres_first_and_both_servers_use_it(stack, home):
-    assert list(stack.services) == ["postgres", "prefect", "mlflow", "ray", "worker"], stack.describe()
+    assert stack.started == list(stack.services) == ["postgres", "prefect", "mlflow", "ray", "worker"]
     assert stack.healthy, stack.describe()
     shown = runner.invoke(app, ["stack", "status", "--json"])
     assert shown.exit_code == 0, shown.output
