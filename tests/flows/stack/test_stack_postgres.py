@@ -107,17 +107,16 @@ def test_up_starts_postgres_first_and_both_servers_use_it(stack, home):
     assert other.exit_code == 1 and "db postgres (asked sqlite)" in other.output, other.output
 
 
-def _train(stack, home) -> str:
+def _train(stack, home, register_model) -> str:
     """A tiny MNIST subset ingested, a model trained for one epoch and registered through the stack's MLflow
     server (version 1, @challenger); returns its run id."""
-    from tests.flows.conftest import _register
     from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
     run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist", limit=400, data_root=str(home / "datasets")))
     os.environ["MLFLOW_TRACKING_URI"] = stack.env["MLFLOW_TRACKING_URI"]
     try:
-        assert _register(epochs=1, name=MODEL) == 1
+        assert register_model(epochs=1, name=MODEL) == 1
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI")
     return _client(stack).get_model_version(MODEL, "1").run_id
@@ -156,10 +155,11 @@ def _wait_for(what, timeout: float, every: float = 0.1) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_a_postgres_restart_during_evaluate_leaves_one_decision_and_one_alias_move(stack, home, tmp_path):
+def test_a_postgres_restart_during_evaluate_leaves_one_decision_and_one_alias_move(stack, home, tmp_path,
+                                                                                   register_model):
     asker = subprocess.Popen([sys.executable, "-c", ASK_PREFECT], env=_env(stack), stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
-    run_id = _train(stack, home)
+    run_id = _train(stack, home, register_model)
     # The hook: a transaction of this test holds the table of model-version tags against writes (reads go on),
     # so the evaluation runs up to the gate's first write, which then waits in Postgres until the restart.
     holder, watcher = _mlflow_db(stack, autocommit=False), _mlflow_db(stack, autocommit=True)
