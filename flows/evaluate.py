@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.tracking import registry, runs as tracking
 from flows.tracking.evaluation import log_evaluation, summary_markdown, write_report
 from flows.tracking.registry import CHALLENGER, CHAMPION, PinnedModel
+from flows.tracking.registry_lock import gate_lock
 from vae_core.data.shards import DatasetInfo, fit_model, open_dataset
 from vae_core.errors import EvaluateError
 from vae_core.names import parse_dataset_ref
@@ -234,15 +235,16 @@ def gate_task(req: EvaluateRequest, target: Target, mine: dict[str, float],
     decision = decide(f"{req.split}/{key}", mine[key], target.model.version,
                       None if champion is None or theirs is None else theirs.get(key, float("nan")),
                       None if champion is None else champion.version, req.margin, req.metric in HIGHER_IS_BETTER)
-    now = registry.alias_version(target.model.name, CHAMPION)
-    if decision.promote and now != (champion.version if champion else None):
-        # Someone moved champion while this ran: what was compared is no longer what is served.
-        decision = dataclasses.replace(decision, promote=False, reason=f"champion moved to version {now} during "
-                                       "this evaluation; re-run to compare against it")
-    if champion is None or champion.version != target.model.version:  # the champion keeps the record that promoted it
-        registry.set_version_tags(target.model.name, target.model.version, decision.tags())
-    if decision.promote:
-        registry.set_alias(target.model.name, CHAMPION, target.model.version)
+    with gate_lock(target.model.name):  # read, record and move as one step among concurrent gates
+        now = registry.alias_version(target.model.name, CHAMPION)
+        if decision.promote and now != (champion.version if champion else None):
+            # Someone moved champion while this ran: what was compared is no longer what is served.
+            decision = dataclasses.replace(decision, promote=False, reason=f"champion moved to version {now} "
+                                           "during this evaluation; re-run to compare against it")
+        if now != target.model.version:  # the champion keeps the record that promoted it
+            registry.set_version_tags(target.model.name, target.model.version, decision.tags())
+        if decision.promote:
+            registry.set_alias(target.model.name, CHAMPION, target.model.version)
     return decision
 
 

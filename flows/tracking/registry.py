@@ -20,6 +20,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
+from flows.tracking.registry_lock import SUFFIX
 from flows.tracking.runs import client
 from vae_core.errors import ModelNotFoundError
 
@@ -162,7 +163,8 @@ def pin_model(uri: str) -> PinnedModel:
     except MlflowException as e:
         if not _missing(e):  # a server away, a permission: not "no such model"
             raise
-        names = sorted(m.name for m in mlflow_client.search_registered_models(max_results=1000))
+        names = sorted(m.name for m in mlflow_client.search_registered_models(max_results=1000)
+                       if not m.name.endswith(SUFFIX))  # a champion gate's lock is no model
         raise ModelNotFoundError(f"no registered model {name!r} in {mlflow_client.tracking_uri}; registered "
                                  f"models: {', '.join(names) or 'none'}") from None
     if alias is not None:
