@@ -214,16 +214,6 @@ class Service:
         if self.alive():
             os.killpg(self.proc.pid, sig)
 
-    def stop(self, timeout: float = 20) -> None:
-        self.kill(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill(signal.SIGKILL)
-            self.proc.wait(10)
-        except AttributeError:  # never started
-            pass
-
     def tail(self, n: int = 20) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
 

@@ -71,7 +71,7 @@ def test_evaluate_sets_the_champion_and_encode_writes_embeddings_to_s3(cluster):
     cluster.deployment("evaluate-vae/default", {"model": "models:/vae-mnist@challenger", "iw_samples": 5,
                                                 "limit": 200, "map_points": 50})
     # One actor of 1 CPU: the default reservation (the cluster's CPUs less one, 3) fits no single 2-CPU node,
-    # and Ray waits for such a node forever.
+    # so Ray never places the actor and the run hangs.
     cluster.deployment("encode-dataset/default", {"model": "models:/vae-mnist@champion", "dataset": "mnist",
                                                   "cpus_per_worker": 1})
     state = cluster.stored()
