@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import fsspec
 import torch
 from safetensors.torch import load as st_load, save as st_save
 
@@ -42,5 +41,5 @@ def save_model(model: ConvVAE, url: str, extra: dict[str, str] | None = None) ->
 
 def load_model(url: str, map_location: str | torch.device = "cpu") -> ConvVAE:
     """Read a model written by `save_model` from any fsspec URL."""
-    with fsspec.open(url, "rb") as f:
-        return model_from_bytes(f.read()).to(map_location)
+    fs, path = resolve(url)  # the storage layer's filesystem: S3's retries and its error naming the object
+    return model_from_bytes(fs.cat_file(path)).to(map_location)
