@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import signal
 import socket
@@ -35,6 +36,28 @@ def job_runtime_env() -> dict[str, dict[str, str]]:
     return {"env_vars": {"RAY_worker_niceness": "0", **{k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}}}
 
 
+# Not Ray resources: each alive node's CPUs, as `node_CPU:<i>` keys that `ray_session` adds to what it yields.
+# One worker runs on one node, so a reservation no node can hold is never placed: Ray waits for it, a hang.
+NODE_CPUS = "node_CPU:"
+
+
+def with_node_cpus(resources: dict[str, float], nodes: list[dict[str, Any]]) -> dict[str, float]:
+    """`resources` (`ray.cluster_resources()`) plus each alive node's CPUs from `nodes` (`ray.nodes()`)."""
+    cpus = [n.get("Resources", {}).get("CPU", 0.0) for n in nodes if n.get("Alive")]
+    return {**resources, **{f"{NODE_CPUS}{i}": c for i, c in enumerate(cpus)}}
+
+
+def _placeable(nodes: list[float], cpus: float) -> int:
+    """How many workers of `cpus` CPUs the nodes hold."""
+    return sum(int(n / cpus + 1e-9) for n in nodes)
+
+
+def _fitting(nodes: list[float], workers: int, cpus: float) -> float:
+    """The largest reservation up to `cpus` of which the nodes hold `workers` (0.0 if none)."""
+    shares = {n / k for n in nodes for k in range(1, workers + 1)} | {cpus}
+    return max((c for c in shares if c <= cpus and _placeable(nodes, c) >= workers), default=0.0)
+
+
 class WorkerRequest(Protocol):
     """What a stage's request says about its Ray workers (TrainRequest's ranks, EncodeRequest's actors)."""
 
@@ -57,13 +80,19 @@ def reserve(resources: dict[str, float], req: WorkerRequest, error: type[VAEErro
     Raises `error` naming the numbers when the request asks for more than the cluster has.
     """
     total = resources.get("CPU", os.cpu_count() or 1)
+    nodes = [v for k, v in resources.items() if k.startswith(NODE_CPUS)] or [total]
     left = 0.1 * total if spare is None else spare
-    cpus = req.cpus_per_worker or max(min_cpus, round((total - left) / req.workers, 2))
+    # A worker's share of the cluster, cut to what the nodes hold `workers` of (never below `min_cpus`).
+    fitting = _fitting(nodes, req.workers, (total - left) / req.workers)
+    cpus = req.cpus_per_worker or max(min_cpus, math.floor(fitting * 100 + 1e-6) / 100)  # down: still fits
     if data_cpu is not None and cpus * req.workers > total - 1:
         raise error(f"{req.workers} workers x {cpus} CPUs leave less than one CPU of the cluster's {total:g} for "
                     f"Ray Data, {data_cpu}")
     if cpus * req.workers > total:
         raise error(f"{req.workers} workers x {cpus} CPUs exceed the cluster's {total:g} CPUs")
+    if _placeable(nodes, cpus) < req.workers:
+        raise error(f"{req.workers} workers x {cpus:g} CPUs: the cluster's nodes ({', '.join(f'{n:g}' for n in nodes)} "
+                    f"CPUs) hold {_placeable(nodes, cpus)} of them, and one worker runs on one node")
     if req.gpus_per_worker * req.workers > resources.get("GPU", 0):
         raise error(f"{req.workers} workers x {req.gpus_per_worker} GPUs exceed the cluster's "
                     f"{resources.get('GPU', 0):g} GPUs")
@@ -104,7 +133,7 @@ def ray_session() -> Iterator[dict[str, float]]:
             bridge = _SigtermBridge.install(sigterm_before)
         started = True
     try:
-        yield ray.cluster_resources()
+        yield with_node_cpus(ray.cluster_resources(), ray.nodes())
     except KeyboardInterrupt:
         if bridge is not None and bridge.raised is not None:
             raise bridge.raised from None  # what the caller's handler raised, now that Ray let it through

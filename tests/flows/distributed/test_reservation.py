@@ -45,3 +45,25 @@ def test_ray_data_beside_the_workers_keeps_a_whole_cpu_free():
     with pytest.raises(TrainError, match=r"2 workers x 0.9 CPUs leave less than one CPU of the cluster's 2 for "
                                          r"Ray Data, which streams: lower it"):
         reserve({"CPU": 2.0}, req, TrainError, spare=1.0, min_cpus=0.1, data_cpu="which streams: lower it")
+
+
+def test_a_reservation_fits_the_nodes_not_only_the_cluster():
+    """One worker runs on one node. On nodes of 2 and 1 CPUs (3 in all), one encode actor gets the cluster less
+    its spare CPU, 2, which the larger node holds; two ranks of (3 - 0.3) / 2 = 1.35 would fit no second node
+    (a hang in Ray), so they get 1 CPU each; asking for more than a node holds is the stage's error naming the
+    nodes."""
+    from flows.distributed.cluster import with_node_cpus
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 8.0}}]
+    two_hosts = with_node_cpus({"CPU": 3.0}, nodes)
+    assert reserve(two_hosts, EncodeRequest(model=MODEL, dataset="mnist"), EncodeError, spare=1.0,
+                   min_cpus=0.5)[0] == 2.0
+    assert reserve(two_hosts, TrainRequest(dataset="mnist", workers=2), TrainError, spare=None,
+                   min_cpus=0.1)[0] == 1.0
+    one_node = with_node_cpus({"CPU": 2.0}, nodes[:1])
+    assert reserve(one_node, TrainRequest(dataset="mnist", workers=3), TrainError, spare=0.0,
+                   min_cpus=0.1)[0] == 0.66  # 2 / 3 rounded to 0.67 would fit two of them
+    with pytest.raises(EncodeError, match=r"1 workers x 2.5 CPUs: the cluster's nodes \(2, 1 CPUs\) hold 0"):
+        reserve(two_hosts, EncodeRequest(model=MODEL, dataset="mnist", cpus_per_worker=2.5), EncodeError,
+                spare=0.0, min_cpus=0.5)
