@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/vae demo
 
+# Two processes: a test file stays in one of them, in order (its module fixtures start stacks and clusters once).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) bench/train_loop.py

@@ -1,7 +1,7 @@
 """The deployments as users run them: `vae stack up` (real Prefect server and worker, MLflow server, Ray head on
 127.0.0.1), `prefect deploy` of deploy/prefect.yaml, `prefect deployment run ...` for each stage on a small
-MNIST subset, the nightly deployment with an unchanged source, a second Ray node joining for two-node
-training, and `vae stack down` leaving no process behind.
+MNIST subset, the nightly deployment with an unchanged source, and `vae stack down` leaving no process behind.
+Training over two hosts, one rank on each, is tests/cluster's.
 
 The tests share one stack and one VAE_HOME and run in the order written: each stage uses what the previous
 one made, as in production.
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -153,46 +151,6 @@ def test_nightly_with_an_unchanged_source_changes_nothing(stack):
     assert _mtimes(_embeddings_dir(stack)) == files_before
     runs_after = len(client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000))
     assert runs_after == runs_before
-
-
-def _ray_nodes(address: str, env: dict[str, str]) -> int:
-    """Alive nodes of the cluster at `address`, asked from a fresh process as any driver would."""
-    code = ("import ray; ray.init(address=%r, log_to_driver=False); "
-            "print(sum(n['Alive'] for n in ray.nodes())); ray.shutdown()" % address)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return int(proc.stdout.strip().splitlines()[-1])
-
-
-def test_two_worker_training_spreads_over_a_second_node(stack):
-    """A second Ray node joins the head on 127.0.0.1 as on a real cluster (`ray start --address`); a two-worker
-    train-vae whose workers each need a whole node's CPUs puts one rank on each, checkpointing to the shared
-    folder under VAE_HOME."""
-    env = _env(stack)
-    node = subprocess.Popen([str(BIN / "ray"), "start", "--address", stack.env["RAY_ADDRESS"], "--node-ip-address",
-                             "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats", "--block"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while _ray_nodes(stack.env["RAY_ADDRESS"], env) < 2:
-            assert time.monotonic() < deadline and node.poll() is None, "the second node did not join"
-            time.sleep(2)
-        _run(stack, "train-vae/default", {"dataset": "mnist", "overrides": SMALL, "epochs": 1, "workers": 2,
-                                          "cpus_per_worker": 2, "max_failures": 0, "model_name": "vae-mnist-2node"})
-        (version,) = _mlflow(stack).search_model_versions("name='vae-mnist-2node'")
-        run = _mlflow(stack).get_run(version.run_id)
-        ranks = run.data.tags["ray.worker_nodes"].split(",")
-        assert run.data.tags["ray.nodes"] == "2" and len(ranks) == 2 and ranks[0] != ranks[1], run.data.tags
-        assert list((Path(stack.home) / "checkpoints").rglob("*.safetensors")), "no checkpoint on the shared folder"
-    finally:
-        with_children = [node.pid] + [c.pid for c in psutil.Process(node.pid).children(recursive=True)] \
-            if node.poll() is None else []
-        os.killpg(node.pid, signal.SIGTERM) if node.poll() is None else None
-        try:
-            node.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
-        psutil.wait_procs([p for p in map(_process, with_children) if p], timeout=30)
 
 
 def _process(pid: int) -> psutil.Process | None:
