@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-cluster install bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/vae demo
 
-# Two processes: a test file stays in one of them, in order (its module fixtures start stacks and clusters once).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -m "not cluster"
+
+# The production shape on two hosts (network namespaces; as root): tests/cluster, about 6-12 minutes alone.
+test-cluster: $(STAMP)
+	$(PY) -m pytest -q -m cluster tests/cluster
 
 bench: $(STAMP)
 	$(PY) bench/train_loop.py
