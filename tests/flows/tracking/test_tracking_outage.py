@@ -29,7 +29,7 @@ from tests.processes import eventually
 
 OUTAGE_S = 20.0
 LOG_EVERY = 2
-EPOCHS = 3
+EPOCHS = 8  # training goes on for seconds after the first epoch: the outage must see steps
 SMALL = ["model.hidden_channels=[16,32]", "model.hidden_dim=64", "model.latent_dim=8", "train.batch_size=64",
          "train.kl_warmup_steps=50", f"train.log_every={LOG_EVERY}", "train.image_every=100"]
 
