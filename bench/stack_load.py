@@ -190,12 +190,25 @@ def consistency(setup: list[dict], load: list[dict], state: dict) -> dict[str, l
     }
 
 
-def one_store(db: str, work: Path, args: argparse.Namespace, say) -> dict:
-    """Setup, load, checks and serving on one store's stack; the figures (or the error that stopped it)."""
-    home = work / f"home-{db}"
-    shutil.rmtree(home, ignore_errors=True)
+MARK = ".made-by-stack-load"  # what this bench removes on its next run: only folders carrying it
+
+
+def fresh_home(home: Path) -> Path:
+    """An empty VAE_HOME at `home`. A folder already there is removed only if an earlier run of this bench made
+    it (it carries MARK): `--work` may name a folder that holds anything else."""
+    if home.exists():
+        if not (home / MARK).exists():
+            raise SystemExit(f"{home} exists and was not made by bench/stack_load.py: remove it, or pick another --work")
+        shutil.rmtree(home)
     home.mkdir(parents=True)
     home.chmod(0o755)  # Postgres runs as its own user and must reach its data folder inside
+    (home / MARK).touch()
+    return home
+
+
+def one_store(db: str, work: Path, args: argparse.Namespace, say) -> dict:
+    """Setup, load, checks and serving on one store's stack; the figures (or the error that stopped it)."""
+    home = fresh_home(work / f"home-{db}")
     out: dict = {"db": db}
     try:
         with stack(home, db, say) as env:

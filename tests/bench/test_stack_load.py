@@ -140,3 +140,18 @@ def test_report_prepends_a_dated_section_and_writes_the_raw_json(tmp_path):
     assert "- sqlite: mlflow.log: database is locked" in text
     assert "- sqlite: versions [1, 2], @champion 2, each version's gate.decision tag {1: 'promoted', 2: 'kept'}" in text
     assert json.loads((tmp_path / "stack_load.json").read_text())["stores"][0]["load_wall_s"] == 95.0
+
+
+def test_a_home_is_removed_only_when_this_bench_made_it(tmp_path):
+    """`--work` may name any folder: a VAE_HOME there is replaced only if it carries the bench's mark."""
+    from bench.stack_load import fresh_home
+
+    home = fresh_home(tmp_path / "home-sqlite")
+    (home / "mlflow.db").write_text("an earlier run's")
+    assert not (fresh_home(home) / "mlflow.db").exists()
+    theirs = tmp_path / "home-postgres"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="was not made by bench/stack_load.py"):
+        fresh_home(theirs)
+    assert (theirs / "notes.txt").read_text() == "keep"
