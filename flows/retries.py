@@ -11,7 +11,8 @@ from typing import TypeVar
 
 import httpx
 
-from flows.tracking import registry
+from flows.tracking.availability import server_unavailable
+
 from vae_core import retry
 from vae_core.errors import VAEError
 
@@ -27,7 +28,7 @@ def is_transient(exc: BaseException) -> bool:
     data, model or request) and anything else (a bug) are not."""
     if isinstance(exc, VAEError):
         return False
-    if registry.server_unavailable(exc):
+    if server_unavailable(exc):
         return True
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(status, int):  # an HTTP error with an answer (requests, httpx, Prefect's client)

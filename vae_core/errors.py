@@ -35,3 +35,8 @@ class ModelNotFoundError(VAEError, LookupError):
 
 class EncodeError(VAEError, RuntimeError):
     """A dataset cannot be encoded as asked: a model that does not fit it, empty splits, too few resources."""
+
+
+class StorageUnavailableError(ConnectionError):
+    """An object store that did not answer through every retry (`vae_core.s3`); the message names the object
+    and the last error."""

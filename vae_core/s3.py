@@ -22,7 +22,7 @@ import s3fs
 from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
 from s3fs.core import S3_RETRYABLE_ERRORS
 
-from vae_core.storage import StorageUnavailableError
+from vae_core.errors import StorageUnavailableError
 
 ATTEMPTS_ENV = "VAE_S3_MAX_ATTEMPTS"
 ATTEMPTS_DEFAULT = 8  # about 30 s of backoff on average, at most about 70 s

@@ -22,17 +22,14 @@ from typing import Any
 import fsspec
 import pyarrow.fs as pafs
 
+from vae_core.errors import StorageUnavailableError
+
 # The hidden names `_publish` writes to before the move: `.<final name>.tmp-<host key>-<pid>-<random>`.
 # The writer's host and process are part of the name, so that a clean-up can tell a temporary whose
 # writer is gone (removable) from one another process is still writing (never touched).
 TEMPORARY = re.compile(r"\A\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{32}\Z")
 # A temporary written on another host is removed only once it is this old: its writer cannot be asked.
 FOREIGN_TEMPORARY_AGE_S = 24 * 3600.0
-
-
-class StorageUnavailableError(ConnectionError):
-    """An object store that did not answer through every retry (`vae_core.s3`); the message names the object
-    and the last error."""
 
 
 def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

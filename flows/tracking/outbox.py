@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from flows.retries import is_transient
 from vae_core.retry import backoff
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,6 @@ def fail_fast() -> None:
 def flush_timeout_s() -> float:
     """`$VAE_TRACKING_FLUSH_S`, else FLUSH_DEFAULT_S: the bound on waiting for a tracking server at a run's end."""
     return float(os.environ.get(FLUSH_ENV, FLUSH_DEFAULT_S))
-
-
-def _transient(exc: BaseException) -> bool:
-    # Imported here: flows.retries imports the registry, which imports this package's runs module.
-    from flows.retries import is_transient
-
-    return is_transient(exc)
 
 
 class Outbox:
@@ -126,7 +120,7 @@ class Outbox:
                     log.warning("tracking server back: %s delivered after %d failed tries", write.what, failures)
                 return True
             except Exception as e:
-                if not _transient(e):
+                if not is_transient(e):
                     log.warning("tracking server refused %s: %s: %s", write.what, type(e).__name__, e)
                     return False
                 if not failures:

@@ -20,7 +20,6 @@ from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from flows.tracking.registry_lock import SUFFIX
 from flows.tracking.runs import client
 from vae_core.errors import ModelNotFoundError
 
@@ -33,6 +32,7 @@ _MODEL_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "safetensors", "pyd
 _PYFUNC_FILE = Path(__file__).resolve().parent / "pyfunc.py"
 WEIGHTS_ARTIFACT = "weights"  # the artifact key flows.tracking.pyfunc reads (not imported: it pulls in torch)
 CHAMPION, CHALLENGER = "champion", "challenger"  # the aliases: the version served, the one trained last
+GATE_LOCK_SUFFIX = ".gate-lock"  # `<name>.gate-lock`: a registered model only while a champion gate holds it
 
 
 def default_model_name(dataset_name: str) -> str:
@@ -164,7 +164,7 @@ def pin_model(uri: str) -> PinnedModel:
         if not _missing(e):  # a server away, a permission: not "no such model"
             raise
         names = sorted(m.name for m in mlflow_client.search_registered_models(max_results=1000)
-                       if not m.name.endswith(SUFFIX))  # a champion gate's lock is no model
+                       if not m.name.endswith(GATE_LOCK_SUFFIX))  # a champion gate's lock is no model
         raise ModelNotFoundError(f"no registered model {name!r} in {mlflow_client.tracking_uri}; registered "
                                  f"models: {', '.join(names) or 'none'}") from None
     if alias is not None:
@@ -225,9 +225,3 @@ def versions_trained_on(name: str, dataset_version: str) -> list[tuple[int, dict
     found = client().search_model_versions(f"name='{name}'")
     return sorted(((int(mv.version), dict(mv.tags)) for mv in found
                    if mv.tags.get("dataset_version") == dataset_version), reverse=True)
-
-
-def server_unavailable(exc: BaseException) -> bool:
-    """True for an MLflow error that a later try may not meet: the tracking server answered 5xx, or was not
-    reached at all (mlflow reports that as a 500 once its own HTTP retries are spent)."""
-    return isinstance(exc, MlflowException) and exc.get_http_status_code() >= 500

@@ -19,16 +19,16 @@ from contextlib import contextmanager
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
+from flows.tracking.registry import GATE_LOCK_SUFFIX
 from flows.tracking.runs import client
 from vae_core.errors import EvaluateError
 
-SUFFIX = ".gate-lock"
 STALE_S = 600.0  # a gate holds the lock for a few registry calls: ten minutes means its holder is gone
 WAIT_S = 300.0
 
 
 def lock_name(model_name: str) -> str:
-    return f"{model_name}{SUFFIX}"
+    return f"{model_name}{GATE_LOCK_SUFFIX}"
 
 
 @contextmanager
