@@ -1,6 +1,6 @@
-"""One cluster for the session: infra/compose.yaml's services on two hosts (network namespaces), with the
-deployments of deploy/prefect.yaml applied; taken down, namespaces and /etc/netns files included, whatever
-happens.
+"""One cluster per module, down before the rest of the suite runs: infra/compose.yaml's services on two hosts
+(network namespaces), with the deployments of deploy/prefect.yaml applied; taken down, namespaces and
+/etc/netns files included, whatever happens.
 
 Images are replaced by what runs on this machine: moto's S3 server for MinIO, PostgreSQL's packaged server
 (flows/stack/postgres.py) for the postgres image, this checkout's .venv for the project image.
@@ -142,7 +142,7 @@ class Cluster:
             shutil.rmtree(self._ray_node(host)[1], ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """The cluster, up and deployed; skipped with the reason when namespaces cannot be made here."""
     if (why := netns_works()) is not None:
