@@ -187,10 +187,16 @@ def stack_down(
     """Stop what `vae stack up` started (worker first, Postgres last, its data kept), children included, and
     remove the state file."""
     with outcome(debug):
-        from flows.stack.control import down
+        from flows.stack.control import EXITED, down
 
-        stopped = down(timeout=timeout)
-    typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+        said = down(timeout=timeout)
+    if stopped := [entry for entry in said if EXITED not in entry]:
+        typer.echo(f"stopped {', '.join(stopped)}")
+    for entry in said:
+        if EXITED in entry:
+            typer.echo(entry)
+    if not said:
+        typer.echo("nothing was running")
 
 
 @app.command()

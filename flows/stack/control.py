@@ -29,6 +29,7 @@ from flows.stack.state import Service, Stack, StackError
 
 ORDER = ("postgres", "prefect", "mlflow", "ray", "worker")
 DATABASES = ("sqlite", "postgres")
+EXITED = "had already exited"  # how `down` names a service whose process had ended before it ran
 RAY_GRACE_S = 3.0  # seconds Ray's processes get between SIGTERM and SIGKILL
 # What `up` takes; an option left out is the running stack's, else this default.
 DEFAULTS: dict[str, int | str | None] = {"prefect_port": 4200, "mlflow_port": 5000, "ray_port": 6379,
@@ -106,7 +107,8 @@ def down(timeout: float = 20.0) -> list[str]:
     """Stop the stack recorded under the current $VAE_HOME: the worker first, then Prefect, MLflow and Ray,
     each with SIGTERM, then SIGKILL for what is left after `timeout` s (Ray: `RAY_GRACE_S` at most), their
     children and process groups included, and Postgres last (its data stays). Removes the state file. Returns
-    what was stopped ("worker (pid 123)", ...); [] if nothing ran.
+    one entry per recorded service ("worker (pid 123)", or "mlflow (pid 124): had already exited"); [] when
+    no stack is recorded.
 
     Raises:
         StackError: a process survived SIGKILL (the state file is kept, so `down` can be run again).
@@ -157,7 +159,10 @@ def _plan(home: Path, settings: dict) -> tuple[dict, dict[str, dict]]:
            "RAY_ADDRESS": f"{HOST}:{ray_port}",
            # Ray listens on every interface whatever it is told (docs/stack.md): joining takes this stack's token.
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state.ray_token(home)),
-           "VAE_HOME": str(home)}
+           "VAE_HOME": str(home),
+           # For the `prefect` commands of a shell that evals the exports (and the worker's flow runs): a home
+           # of their own under the stack, not ~/.prefect nor the server's PREFECT_HOME.
+           "PREFECT_HOME": str(services.client_prefect_home(home))}
     if settings["db"] == "postgres":
         # Prefect's server answers 500, not 503, while its database refuses connections (asyncpg's connect
         # errors reach it unwrapped): its clients retry those too, with backoff, through a database restart.
@@ -266,18 +271,24 @@ def _inspect(home: Path, record: dict) -> Stack:
 
 
 def _stop(record: dict, timeout: float) -> tuple[list[str], list]:
-    """Stop the recorded services, the worker before the rest, Postgres after. Returns (what was stopped,
-    survivors)."""
-    groups = []
+    """Stop the recorded services, the worker before the rest, Postgres after. Returns (one entry per recorded
+    service: "name (pid N)", or "name (pid N): had already exited" when its root process had ended, survivors)."""
+    groups, said = [], []
     for name in services.STOP_ORDER:
-        if (svc := record["services"].get(name)) is not None:
-            procs = services.members(svc["pid"], svc["create_time"], svc.get("descendants", []))
-            if procs:
-                groups.append((name, svc["pid"], procs))
+        if (svc := record["services"].get(name)) is None:
+            continue
+        procs = services.members(svc["pid"], svc["create_time"], svc.get("descendants", []))
+        if procs:
+            groups.append((name, svc["pid"], procs))
+        if any(proc.pid == svc["pid"] for proc in procs):  # `members` holds the root while it is the recorded one
+            said.append(f"{name} (pid {svc['pid']})")
+        else:  # its recorded descendants, if any are left, are stopped all the same
+            left_over = f" ({len(procs)} of its processes stopped)" if procs else ""
+            said.append(f"{name} (pid {svc['pid']}): {EXITED}{left_over}")
     left = services.stop([g for g in groups if g[0] == "worker"], timeout)
     left += services.stop([g for g in groups if g[0] in ("prefect", "mlflow")], timeout)
     # Ray's GCS and raylet outlive SIGTERM for good after a Ray Train or Ray Data job (their detached actors),
     # and `ray stop` kills them after a grace period too; a head node's state is not kept, so the grace is short.
     left += services.stop([g for g in groups if g[0] == "ray"], min(timeout, RAY_GRACE_S))
     left += services.stop([g for g in groups if g[0] == "postgres"], timeout)  # last: the servers used it
-    return [f"{name} (pid {pid})" for name, pid, _ in groups], left
+    return said, left

@@ -58,6 +58,12 @@ def postgres_data(home: Path) -> Path:
     return home / "stack" / "postgres"
 
 
+def client_prefect_home(home: Path) -> Path:
+    """The PREFECT_HOME the stack exports for its clients (the worker, `prefect` commands); the server's own is
+    `<home>/stack/prefect`."""
+    return home / "stack" / "client-prefect"
+
+
 def ray_temp_dir(home: Path) -> Path:
     """`<home>/stack/ray` when short enough for Ray's unix sockets, else a folder under the system temp
     folder named after `home`."""

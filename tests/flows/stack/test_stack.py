@@ -52,7 +52,7 @@ def gone(pid: int, created: float) -> bool:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without settings that point at other servers, plus `extra`."""
-    drop = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE", "VAE_HOME")
+    drop = ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE", "VAE_HOME")
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
 
 
@@ -96,7 +96,8 @@ def test_up_starts_every_service_healthy_and_prints_the_exports(started, home):
     token = home / "stack" / "ray-token"
     assert env == {"PREFECT_API_URL": f"http://127.0.0.1:{ports[0]}/api",
                    "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports[1]}", "RAY_ADDRESS": f"127.0.0.1:{ports[2]}",
-                   "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "VAE_HOME": str(home)}
+                   "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "VAE_HOME": str(home),
+                   "PREFECT_HOME": str(home / "stack" / "client-prefect")}
     assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
     assert "replaced a stale" in started["stderr"]
     assert f"http://127.0.0.1:{ports[0]}" in started["stderr"] and f"http://127.0.0.1:{ports[1]}" in started["stderr"]
@@ -116,6 +117,18 @@ def test_up_starts_every_service_healthy_and_prints_the_exports(started, home):
         recorded[name]["pid"], recorded[name]["create_time"], [])}
     listening = {c.laddr.ip for c in psutil.net_connections("inet") if c.pid in pids and c.status == "LISTEN"}
     assert listening == {"127.0.0.1"}
+
+
+def test_a_prefect_command_with_the_exports_keeps_its_state_under_the_stack(started, home, tmp_path):
+    """The exports' PREFECT_HOME: a plain `prefect` command in a shell that evals them writes its profile under
+    the stack, not ~/.prefect."""
+    user = tmp_path / "user"
+    user.mkdir()
+    out = subprocess.run([str(Path(sys.executable).parent / "prefect"), "profile", "create", "stack-check"],
+                         capture_output=True, text=True, env=clean_env(**started["env"], HOME=str(user)), timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "stack-check" in (home / "stack" / "client-prefect" / "profiles.toml").read_text()
+    assert list(user.iterdir()) == []
 
 
 def test_a_driver_and_a_second_node_join_the_ray_head_with_its_token(started):
@@ -244,10 +257,18 @@ def test_down_stops_every_process_it_started(started, home):
     processes = [(p.pid, p.create_time()) for s in recorded.values()
                  for p in stack.services.members(s["pid"], s["create_time"], s["descendants"])]
     assert len(processes) > len(recorded)  # Ray's GCS, raylet, agents, ... are there too
+    mlflow = recorded["mlflow"]
+    os.kill(mlflow["pid"], signal.SIGKILL)  # a service that died before `down`: its workers are left behind
+    while not gone(mlflow["pid"], mlflow["create_time"]):
+        time.sleep(0.05)
     t0 = time.monotonic()
     result = runner.invoke(app, ["stack", "down"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith(f"stopped worker (pid {recorded['worker']['pid']}), prefect")
+    pids = {name: s["pid"] for name, s in recorded.items()}
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"stopped worker (pid {pids['worker']}), prefect (pid {pids['prefect']}), ray (pid {pids['ray']})"
+    # "(N of its processes stopped)" follows when its workers had not noticed yet
+    assert len(lines) == 2 and lines[1].startswith(f"mlflow (pid {pids['mlflow']}): had already exited"), lines
     print(f"up took {started['seconds']:.1f} s, down {time.monotonic() - t0:.1f} s")
     assert [pid for pid, created in processes if not gone(pid, created)] == []
     assert not state.exists()
@@ -322,7 +343,8 @@ def test_down_spares_a_live_process_that_reused_a_recorded_pid(tmp_path, monkeyp
         assert result.exit_code == 0, result.output
         time.sleep(0.5)
         assert bystander.poll() is None and not state.exists()
-        assert result.stdout.strip() == "nothing was running"
+        assert result.stdout.splitlines() == [f"prefect (pid {bystander.pid}): had already exited",
+                                              "ray (pid 999999999): had already exited"]
     finally:
         bystander.kill()
         bystander.wait()
