@@ -35,7 +35,6 @@ from vae_core.requests import TrainRequest
 from vae_core.results import TrainResult
 from vae_core.settings import checkpoint_root, data_root
 from vae_core.storage import arrow_filesystem, is_local, resolve
-from vae_core.training.fit import steps_per_epoch
 
 if TYPE_CHECKING:
     from flows.distributed.train_worker import DataPlan, WorkerSpec
@@ -96,6 +95,7 @@ def _scaling(req: TrainRequest, resources: dict[str, float], streaming: bool) ->
 def _worker_spec(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str, threads: int,
                  plan: DataPlan) -> WorkerSpec:
     from flows.distributed.train_worker import WorkerSpec
+    from vae_core.training.fit import steps_per_epoch  # torch: not at import, which the nightly does for every run
 
     return WorkerSpec(config=cfg, run_id=run_id, data_root=data_root(), dataset=info.name, version=info.version,
                       data=plan, steps_per_epoch=steps_per_epoch(info.counts["train"], cfg.train.batch_size,
