@@ -26,13 +26,25 @@ TWO_WORKERS = {"dataset": "mnist", "overrides": SMALL, "epochs": 3, "workers": 2
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, mnist_home):
-    """A VAE_HOME holding 2,400 real MNIST images (train + val carve, test), shared by this module."""
-    with mnist_home(tmp_path_factory.mktemp("train_home"), limit=2400) as root:
-        from flows.tracking import runs as tracking
+def home(tmp_path_factory, mnist_home, s3):
+    """A VAE_HOME holding 2,400 real MNIST images (train + val carve, test), shared by this module, and one
+    local Ray that every training joins instead of starting and stopping its own.
 
+    Ray's processes keep the environment Ray started with, as a cluster node's do (infra/compose.yaml gives
+    every node AWS_*): the S3 endpoint (moto's server) is set before Ray starts. Ray Train's controller polls
+    its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and sees a report, a dead worker or
+    the end of training only then: 0.2 s keeps it from idling between polls.
+    """
+    from flows.distributed.cluster import ray_session
+    from flows.tracking import runs as tracking
+
+    with mnist_home(tmp_path_factory.mktemp("train_home"), limit=2400) as root, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", s3[1]["client_kwargs"]["endpoint_url"])
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        mp.delenv("RAY_ADDRESS", raising=False)
         tracking.configure()
-        yield root
+        with ray_session():
+            yield root
 
 
 def _epoch_steps(run_id: str, key: str = "epoch/loss") -> list[int]:
@@ -165,7 +177,7 @@ def _kill_a_worker_after_a_checkpoint(home: Path, killed: list[int], stop: threa
 
     Registered means named in the controller's snapshot in the run's checkpoint folder (Ray 2.60's
     checkpoint_manager_snapshot.json: if that changes, nothing is killed and the test says so). A report
-    is only collected at the controller's next poll (every 2 s): a worker killed before that, even after
+    is only collected at the controller's next poll (see `home`): a worker killed before that, even after
     its epoch reached MLflow, takes the checkpoint with it, and the new group starts from scratch.
     """
     import json
@@ -301,58 +313,6 @@ def test_shape_mismatch_fails_before_ray_starts(home, monkeypatch):
         train_vae(TrainRequest(dataset="no-such-dataset", epochs=1))
 
 
-
-@pytest.fixture
-def ray_cluster():
-    """A real Ray head started with `ray start` on 127.0.0.1, stopped afterwards."""
-    import socket
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    # A loopback-only test head without token auth: the driver side then needs no token file either
-    # (joining a token-protected cluster takes RAY_AUTH_MODE=token and its token, as Ray documents).
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
-                   timeout=120, env=env)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
-
-
-@pytest.mark.timeout(400)
-def test_vae_train_joins_an_existing_cluster_through_ray_address(home, ray_cluster):
-    """`vae train` in its own process, as a user or a Prefect worker runs it, against a running cluster."""
-    import json
-
-    import ray
-    from prefect.settings import PREFECT_API_URL
-
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PREFECT_API_URL": PREFECT_API_URL.value(),
-           "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-    args = [sys.executable, "-m", "flows.cli.app", "train", "--dataset", "mnist", "--epochs", "1", "--max-failures", "0",
-            "--json"] + [a for o in SMALL for a in ("--set", o)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        stdout, stderr = proc.communicate(timeout=360)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
-    out = json.loads(stdout.strip().splitlines()[-1])
-    assert _epoch_steps(out["run_id"]) == [1] and out["model_name"] == "vae-mnist"
-    ray.init(address=ray_cluster, log_to_driver=False)  # connecting at all: the flow left the cluster running
-    try:
-        from ray._private.state import jobs  # GCS's job table: every driver that joined, with its pid
-
-        assert proc.pid in [job["DriverPid"] for job in jobs()], "the flow did not join the cluster"
-    finally:
-        ray.shutdown()
-
-
 def test_splits_over_the_memory_budget_stream_through_ray_data(home):
     from flows.train import train_vae
     from vae_core.data.shards import open_dataset
@@ -379,15 +339,14 @@ def test_splits_over_the_memory_budget_stream_through_ray_data(home):
 
 
 def test_dataset_streamed_from_s3_and_checkpoints_written_to_s3(home, s3, monkeypatch):
-    """moto's S3 server on 127.0.0.1 stands in for S3; the endpoint reaches every process via AWS_*."""
+    """moto's S3 server on 127.0.0.1 stands in for S3; the endpoint reaches every process via AWS_* (`home`)."""
     import s3fs
 
     from flows.train import train_vae
     from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest, TrainRequest
 
-    fs, options = s3
-    monkeypatch.setenv("AWS_ENDPOINT_URL", options["client_kwargs"]["endpoint_url"])
+    fs, _ = s3
     monkeypatch.setenv("VAE_DATA_ROOT", "s3://vae-bucket/train-ds")
     monkeypatch.setenv("VAE_CHECKPOINT_ROOT", "s3://vae-bucket/ckpt")
     s3fs.S3FileSystem.clear_instance_cache()

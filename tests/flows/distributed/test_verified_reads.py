@@ -56,15 +56,22 @@ def one_line_mismatch(path: str) -> str:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, mnist_home, register_model):
     """1,200 MNIST images in ~10 shards, a small untrained model registered on them, then the first train and
-    test shards tampered with."""
-    with mnist_home(tmp_path_factory.mktemp("verified_home"), limit=1200, shard_mb=0.1) as root:
+    test shards tampered with; one local Ray that every reader joins instead of starting its own (see
+    tests/flows/test_train_flow.py's `home` for the health-check interval)."""
+    from flows.distributed.cluster import ray_session
+
+    with mnist_home(tmp_path_factory.mktemp("verified_home"), limit=1200, shard_mb=0.1) as root, \
+            pytest.MonkeyPatch.context() as mp:
         from vae_core.data.shards import open_dataset
         from vae_core.settings import data_root
 
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        mp.delenv("RAY_ADDRESS", raising=False)
         register_model(epochs=0)
         info = open_dataset(data_root(), "mnist")
         assert len(info.manifest.splits["train"].shards) > 1
-        yield root, info, {split: tamper(info, split) for split in ("train", "test")}
+        with ray_session():
+            yield root, info, {split: tamper(info, split) for split in ("train", "test")}
 
 
 def test_ray_data_reads_verify_every_shard(home):
