@@ -24,15 +24,19 @@ import pytest
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
-SHARD_MB = 0.1  # ~130 MNIST images per shard: many shards, so "halfway" exists
+SHARD_MB = 0.1  # ~130 MNIST images per shard: 17 shards of 2,000 images, so "halfway" exists
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, mnist_home, register_model):
-    """6,000 real MNIST images in ~45 shards, and an untrained small model registered as vae-mnist v1."""
-    with mnist_home(tmp_path_factory.mktemp("encode_home"), limit=6000, shard_mb=SHARD_MB) as root:
+    """2,000 real MNIST images in 17 shards, an untrained small model registered as vae-mnist v1, and one
+    local Ray that the encodes run here join instead of each starting its own."""
+    from flows.distributed.cluster import ray_session
+
+    with mnist_home(tmp_path_factory.mktemp("encode_home"), limit=2000, shard_mb=SHARD_MB) as root:
         register_model(epochs=0)
-        yield root
+        with ray_session():
+            yield root
 
 
 def _encode(**request):
@@ -107,6 +111,8 @@ def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
 
 
 def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
     from vae_core.data.embeddings import read_embeddings
     from vae_core.data.shards import read_split_u8
 
@@ -116,8 +122,10 @@ def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
     info = _dataset()
     total_files = sum(len(s.shards) for s in info.manifest.splits.values())
     log = tmp_path / "driver.log"
+    # The session's Prefect server: the driver's own temporary one would only add its start-up to the wait.
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not list(out_dir.rglob("*.parquet")):
@@ -151,7 +159,7 @@ def test_a_new_dataset_version_encodes_only_the_shards_it_does_not_share(home, t
 
     with gzip.open(MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    for i in range(1000):
+    for i in range(400):
         Image.fromarray(images[i]).save(_mkdir(tmp_path / "grow" / "train" / "digit") / f"{i:04d}.png")
     for tests in (100, 400):  # the second version adds 300 test images
         for i in range(1000, 1000 + tests):
@@ -165,7 +173,7 @@ def test_a_new_dataset_version_encodes_only_the_shards_it_does_not_share(home, t
     assert out.rows_reused == info.counts["train"] + info.counts["val"] and out.rows_encoded == info.counts["test"]
     table = read_embeddings(out.output)
     ids = table.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 1400
+    assert len(ids) == len(set(ids)) == 800
     assert set(table.column("dataset_version").to_pylist()) == {info.version}  # reused rows restamped
 
 
