@@ -31,11 +31,15 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, mnist_home, register_model):
-    """6,000 MNIST images in ~45 shards; vae-a v1 (untrained) and vae-b v1 (one epoch: other weights)."""
-    with mnist_home(tmp_path_factory.mktemp("integrity_home"), limit=6000, shard_mb=0.1) as root:
+    """2,000 MNIST images in 17 shards; vae-a v1 (untrained) and vae-b v1 (one epoch: other weights); one local
+    Ray that the encodes run here join instead of each starting its own (the commands start theirs)."""
+    from flows.distributed.cluster import ray_session
+
+    with mnist_home(tmp_path_factory.mktemp("integrity_home"), limit=2000, shard_mb=0.1) as root:
         register_model(epochs=0, name="vae-a")
         register_model(epochs=1, name="vae-b")
-        yield root
+        with ray_session():
+            yield root
 
 
 def _encode(**request):
