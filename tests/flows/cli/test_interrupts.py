@@ -1,7 +1,8 @@
-"""Ctrl-C ends a `vae` command within seconds with exit code 130 and leaves nothing half-written.
+"""Ctrl-C or SIGTERM ends a `vae` command within seconds with exit code 130 and leaves nothing half-written.
 
 A terminal's Ctrl-C signals the whole foreground process group: the command, its Ray workers and, in
-Prefect mode, Prefect's temporary server. The tests do the same to a command started in its own session.
+Prefect mode, Prefect's temporary server. The tests do the same to a command started in its own session;
+SIGTERM (`kill PID`, a service manager stopping the command) goes to the command's process alone.
 """
 
 from __future__ import annotations
@@ -39,11 +40,33 @@ def slow_source(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory) -> Path:
+    """A data root holding the built-in digits (dataset `digits`), ingested here once for the training tests."""
+    from vae_core.ingestion.ingest import run_ingest
+    from vae_core.requests import IngestRequest
+
+    root = tmp_path_factory.mktemp("digits-root")
+    run_ingest(IngestRequest(source="builtin:digits", name="digits", data_root=str(root)))
+    return root
+
+
+@pytest.fixture
+def scratch(request) -> Path:
+    """A short temp folder for the command (TMPDIR), removed after the test: Ray puts its session's Unix
+    sockets below it, and those paths are limited to 107 bytes."""
+    folder = Path(tempfile.mkdtemp(prefix="vae-i-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(folder, ignore_errors=True))
+    return folder
+
+
 def _interrupt(args: list[str], env: dict[str, str], stderr: Path, working, wait_s: float = 300,
-               settle_s: float = 1.0) -> tuple[int, float]:
-    """Start `vae ARGS` in its own session, wait until `working()` (then `settle_s` more), signal its whole
-    process group as a terminal's Ctrl-C does; returns (exit code, seconds it took to exit). Every process
-    of the group must be gone soon after (Prefect's server, Ray's, decode workers)."""
+               settle_s: float = 1.0, sig: signal.Signals = signal.SIGINT, group: bool = True,
+               gone_s: float = 30) -> tuple[int, float]:
+    """Start `vae ARGS` in its own session, wait until `working()` (then `settle_s` more), send `sig` to its
+    whole process group as a terminal's Ctrl-C does (or, `group=False`, to the command alone, as `kill PID`
+    does); returns (exit code, seconds it took to exit). Every process of the group must be gone within
+    `gone_s` seconds after (Prefect's server, Ray's, decode workers)."""
     with open(stderr, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli.app", *args], env=env, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
@@ -52,13 +75,16 @@ def _interrupt(args: list[str], env: dict[str, str], stderr: Path, working, wait
         # The pause lets the work get going (Ray's tasks start, in Prefect mode) before the signal.
         time.sleep(settle_s)
         assert proc.poll() is None, stderr.read_text()[-3000:]
-        os.killpg(proc.pid, signal.SIGINT)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         start = time.monotonic()
         code = proc.wait(timeout=60)
         took = time.monotonic() - start
         # Ray's per-node agents wind down on their own clock once the raylet is gone (over 10 s once, on a
         # loaded 2-core machine): what must not happen is that any process stays.
-        assert eventually(lambda: not survivors(proc.pid), 30), survivors(proc.pid)
+        assert eventually(lambda: not survivors(proc.pid), gone_s), survivors(proc.pid)
     finally:
         if survivors(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -66,25 +92,23 @@ def _interrupt(args: list[str], env: dict[str, str], stderr: Path, working, wait
     return code, took
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    """No PREFECT_API_URL, so Prefect mode starts its temporary server, as on a user's machine."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
-    return {**env, "VAE_HOME": str(tmp_path / "vae"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+def _env(tmp_path: Path, scratch: Path) -> dict[str, str]:
+    """No PREFECT_API_URL, so Prefect mode starts its temporary server, and no RAY_ADDRESS, so Ray is the
+    command's own, as on a user's machine; TMPDIR is `scratch`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "RAY_ADDRESS")}
+    return {**env, "VAE_HOME": str(tmp_path / "vae"), "MLFLOW_DISABLE_TELEMETRY": "true", "TMPDIR": str(scratch)}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode", ["--prefect", "--no-prefect"])
-def test_ctrl_c_stops_ingest_within_seconds_leaving_nothing_behind(request, tmp_path, slow_source, mode):
-    # A short path: Ray (which decodes a folder in Prefect mode) puts its Unix sockets below TMPDIR, limited
-    # to 107 bytes.
-    scratch, data = Path(tempfile.mkdtemp(prefix="vae-i-", dir="/tmp")), tmp_path / "data"
-    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
+def test_ctrl_c_stops_ingest_within_seconds_leaving_nothing_behind(tmp_path, scratch, slow_source, mode):
+    data = tmp_path / "data"
     args = ["ingest", str(slow_source), "--name", "x", "--data-root", str(data), "--workers", "2", "--image-size",
             "16,16", mode]
     # Its work folder (in the data root) gets a listing as the run starts (after Prefect's server is up, in
     # Prefect mode); decoding follows.
-    code, took = _interrupt(args, {**_env(tmp_path), "TMPDIR": str(scratch)}, tmp_path / "stderr",
+    code, took = _interrupt(args, _env(tmp_path, scratch), tmp_path / "stderr",
                             lambda: any(data.glob("x/.ingest-*/listing/*.parquet")))
     stderr = (tmp_path / "stderr").read_text()
     assert code == 130 and took < 15, (code, took, stderr[-3000:])
@@ -126,29 +150,40 @@ def _kill_workers_while_staging(home: Path, scratch: Path) -> bool:
     return staged
 
 
+def _train(*options: str) -> list[str]:
+    """`vae train` on the digits for far more epochs than a test waits for (stopped at its first checkpoints)."""
+    return ["train", "--dataset", "digits", "--preset", "digits", "--epochs", "200", *options]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ctrl_c_stops_training_within_seconds_leaving_no_checkpoint_temporaries(tmp_path):
+def test_ctrl_c_stops_training_within_seconds_leaving_no_checkpoint_temporaries(tmp_path, scratch, digits_root):
     """Ray Train replaces the SIGINT handler with its own (which aborts the run, then exits 0): the command
     still ends with 130 in seconds, and Ray's processes and Prefect's server with it. The workers stage each
     checkpoint in a `vae-ckpt-*` folder of the temp dir: the signal comes while one is there, its worker
     killed mid-checkpoint, and the folder must be gone once the command has ended."""
-    env = _env(tmp_path)
-    subprocess.run([sys.executable, "-m", "flows.cli.app", "ingest", "builtin:digits", "--name", "digits",
-                    "--no-prefect"], env=env, check=True, capture_output=True)
     checkpoints = tmp_path / "vae" / "checkpoints"
-    # A short path: Ray puts its session's Unix sockets below TMPDIR, and those paths are limited to 107 bytes.
-    scratch = Path(tempfile.mkdtemp(prefix="vae-t-", dir="/tmp"))
-    try:
-        # No restarts: a new worker group would stage checkpoints of its own while the command winds down.
-        code, took = _interrupt(["train", "--dataset", "digits", "--preset", "digits", "--epochs", "200",
-                                 "--max-failures", "0"],
-                                {**env, "TMPDIR": str(scratch)}, tmp_path / "stderr",
-                                lambda: any(checkpoints.glob("*/checkpoint_*"))
-                                and _kill_workers_while_staging(tmp_path / "vae", scratch), settle_s=0)
-        stderr = (tmp_path / "stderr").read_text()
-        assert code == 130 and took < 15, (code, took, stderr[-3000:])
-        assert "interrupted" in stderr.splitlines() and "Traceback" not in stderr, stderr[-3000:]
-        assert not list(scratch.glob("vae-ckpt-*")), list(scratch.glob("vae-ckpt-*/*"))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    # No restarts: a new worker group would stage checkpoints of its own while the command winds down.
+    code, took = _interrupt(_train("--max-failures", "0"),
+                            {**_env(tmp_path, scratch), "VAE_DATA_ROOT": str(digits_root)}, tmp_path / "stderr",
+                            lambda: any(checkpoints.glob("*/checkpoint_*"))
+                            and _kill_workers_while_staging(tmp_path / "vae", scratch), settle_s=0)
+    stderr = (tmp_path / "stderr").read_text()
+    assert code == 130 and took < 15, (code, took, stderr[-3000:])
+    assert "interrupted" in stderr.splitlines() and "Traceback" not in stderr, stderr[-3000:]
+    assert not list(scratch.glob("vae-ckpt-*")), list(scratch.glob("vae-ckpt-*/*"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_stops_training_with_exit_130_after_cleanup(tmp_path, scratch, digits_root):
+    """SIGTERM to the command's process alone (as `kill PID` sends it), once Ray Train has written a
+    checkpoint: the command unwinds as on Ctrl-C, with no stack dump, and nothing of its process group is left."""
+    checkpoints = tmp_path / "vae" / "checkpoints"
+    code, took = _interrupt(_train(), {**_env(tmp_path, scratch), "VAE_DATA_ROOT": str(digits_root)},
+                            tmp_path / "stderr", lambda: any(checkpoints.glob("*/checkpoint_*")), settle_s=0,
+                            sig=signal.SIGTERM, group=False, gone_s=15)
+    stderr = (tmp_path / "stderr").read_text()
+    assert code == 130 and took < 15, (code, took, stderr[-3000:])
+    assert "interrupted" in stderr.splitlines(), stderr[-3000:]
+    assert "Traceback" not in stderr and "SIGABRT" not in stderr and "Stack trace" not in stderr, stderr[-3000:]
