@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.tracking import registry, runs as tracking
 from flows.tracking.evaluation import log_evaluation, summary_markdown, write_report
+from flows.tracking.progress import run_logger, timed
 from flows.tracking.registry import CHALLENGER, CHAMPION, PinnedModel
 from flows.tracking.registry_lock import gate_lock
 from vae_core.data.shards import DatasetInfo, fit_model, open_dataset
@@ -121,11 +122,14 @@ def feature_task(target: Target, data: Any, req: EvaluateRequest, progress: bool
     info = target.dataset
     device = devices_for(req.gpus)[0]
     say = (lambda line: print(line, file=sys.stderr)) if progress else None
-    net, net_info = load_or_train_feature_net(info.name, info.version, *classifier_data(info, req.seed),
-                                              seed=req.seed, device=device, progress=say, shape=info.shape)
-    scorer = FrechetScorer(net, device=device)
-    for rows in data.split(req.batch_size):
-        scorer.add_real(torch.from_numpy(rows.images).permute(0, 3, 1, 2))
+    log = run_logger()
+    with timed(log, f"feature classifier of {info.name}@{info.version} (loaded, or trained once)"):
+        net, net_info = load_or_train_feature_net(info.name, info.version, *classifier_data(info, req.seed),
+                                                  seed=req.seed, device=device, progress=say, shape=info.shape)
+    with timed(log, f"features of the {req.split} split's real images"):
+        scorer = FrechetScorer(net, device=device)
+        for rows in data.split(req.batch_size):
+            scorer.add_real(torch.from_numpy(rows.images).permute(0, 3, 1, 2))
     return scorer, net_info
 
 
@@ -160,8 +164,9 @@ def score_task(model: Any, target: Target, data: Any, req: EvaluateRequest, scor
     from vae_core.evaluation.scores import devices_for
 
     devices = devices_for(req.gpus)
-    with tqdm(total=_images(req, target), desc=f"score {label} (K={req.iw_samples})", unit="img",
-              disable=not progress) as bar:
+    what = f"scoring {label} on {_images(req, target):,} {req.split} images (K={req.iw_samples})"
+    with timed(run_logger(), what), tqdm(total=_images(req, target), desc=f"score {label} (K={req.iw_samples})",
+                                         unit="img", disable=not progress) as bar:
         if req.workers > 1:
             return _score_on_ray(model, target.dataset, data, req, scorer, net_info.get("path"), bar.update)
         return evaluate_model(model.to(devices[0]), data, k=req.iw_samples, seed=req.seed, batch_size=req.batch_size,
@@ -217,8 +222,9 @@ def report_task(req: EvaluateRequest, target: Target, model: Any, evaluation: An
     """Pictures and the HTML report, written under $VAE_HOME/reports and logged to the training run."""
     from vae_core.evaluation.evaluate import draw_pictures
 
-    pictures = draw_pictures(model, evaluation, seed=req.seed, map_points=req.map_points)
-    return write_report(target.model, req, facts, evaluation, pictures)
+    with timed(run_logger(), "pictures and the HTML report"):
+        pictures = draw_pictures(model, evaluation, seed=req.seed, map_points=req.map_points)
+        return write_report(target.model, req, facts, evaluation, pictures)
 
 
 @task(name="champion-gate", cache_policy=NO_CACHE)
@@ -245,7 +251,16 @@ def gate_task(req: EvaluateRequest, target: Target, mine: dict[str, float],
             registry.set_version_tags(target.model.name, target.model.version, decision.tags())
         if decision.promote:
             registry.set_alias(target.model.name, CHAMPION, target.model.version)
+    run_logger().info(_gate_line(decision))
     return decision
+
+
+def _gate_line(d: Any) -> str:
+    """The gate's decision as one log line: the verdict, both versions' numbers, the reason."""
+    theirs = "no champion" if d.champion_version is None else f"champion v{d.champion_version}" + \
+        ("" if d.champion is None else f" {d.champion:.4g}")
+    return (f"champion gate: v{d.challenger_version} {'promoted' if d.promote else 'kept out'}: {d.metric} "
+            f"{d.challenger:.4g} against {theirs} (margin {d.margin:g}): {d.reason}")
 
 
 @flow(name="evaluate-vae")

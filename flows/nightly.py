@@ -156,6 +156,14 @@ class Run:
 
         return self.retried(attempt, self.stage)
 
+    def logged(self, stage: str, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(self, *args)`, the stage's start and outcome logged from this flow: a sub-flow's own log lines
+        are not shown by `prefect deployment run --watch` (a failure is logged by `_stopped`)."""
+        self.log.info("%s: started", stage)
+        out = fn(self, *args)
+        self.log.info("%s: %s", stage, self.rec.notes.get(stage, "done"))
+        return out
+
     def champion(self, model_name: str) -> PinnedModel | None:
         """`champion_of(model_name)`, recorded as the champion after this run so far."""
         champion = self.retried(lambda: champion_of(model_name), "reading the champion")
@@ -263,16 +271,14 @@ def nightly_retrain(request: NightlyRequest, progress: bool = False) -> NightlyR
     try:
         check_data_root(request)
         tracking.configure()
-        ingested = ingest_stage(run)
-        candidate = train_stage(run, ingested)
-        champion = evaluate_stage(run, ingested, candidate)
-        encode_stage(run, ingested, candidate.model_name, champion)
+        ingested = run.logged("ingest", ingest_stage)
+        candidate = run.logged("train", train_stage, ingested)
+        champion = run.logged("evaluate", evaluate_stage, ingested, candidate)
+        run.logged("encode", encode_stage, ingested, candidate.model_name, champion)
     except Exception as e:
         _stopped(run, e)
         raise StageError(run.stage, e) from e
     _publish(run.rec)
-    for s in STAGES:
-        run.log.info("%s: %s", s, run.rec.notes.get(s, ""))
     return run.rec.result()
 
 

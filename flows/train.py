@@ -15,7 +15,6 @@ when a split streams the workers leave one CPU unreserved.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.distributed.cluster import ray_session, read_shards, reserve
 from flows.tracking import registry, runs as tracking
-from flows.tracking.progress import Progress
+from flows.tracking.progress import Progress, run_lines
 from vae_core import VAEConfig, load_config
 from vae_core.data.shards import DatasetInfo, fit_model, open_dataset, shard_paths
 from vae_core.errors import TrainError, VAEError
@@ -144,7 +143,8 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
         plan: DataPlan, progress: bool = False) -> tuple[Any, dict[str, float]]:
     """Run Ray Train; returns (final checkpoint, final metrics) plus start-up timings in the metrics.
 
-    `progress` prints a line per epoch, worker failure and resumption to stderr while it runs.
+    A line per epoch, worker failure and resumption goes to the run's log while it runs (`run_lines`:
+    plain on stderr too with `progress`).
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -180,7 +180,7 @@ def fit(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, run_id: str,
             ),
         )
         try:
-            with Progress(run_id, cfg.train.epochs) if progress else contextlib.nullcontext():
+            with Progress(run_id, cfg.train.epochs, run_lines(progress)):
                 result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors: raise the typed one a worker raised
             raise worker_error(e) from e
@@ -242,8 +242,9 @@ def train_vae(request: TrainRequest, progress: bool = False) -> TrainResult:
     """Train a VAE on a dataset version with Ray Train and register it as `vae-<dataset>@challenger`.
 
     Returns what `vae train --json` prints: run id and URL, model name, version and URI, dataset
-    version, final metrics and start-up timings. Marks the MLflow run FAILED on any error. `progress`
-    prints a line per epoch, worker failure and resumption to stderr (`vae train` without --json).
+    version, final metrics and start-up timings. Marks the MLflow run FAILED on any error. A line per
+    epoch, worker failure and resumption goes to the flow run's log; `progress` shows them plain on stderr
+    instead of in Prefect's console format (`vae demo`).
     """
     info, cfg, run_id, plan = prepare_task(request)
     run = tracking.RunLogger(run_id)

@@ -1,6 +1,7 @@
-"""`vae train`'s progress, both ends: rank 0 writes every step and epoch into the MLflow run (`EpochLog`,
-never the same one twice), and the driver reads them back as a line on stderr per finished epoch, worker
-failure and resumption (`Progress`).
+"""Training's progress, both ends: rank 0 writes every step and epoch into the MLflow run (`EpochLog`,
+never the same one twice), and the driver reads them back as a log line per finished epoch, worker
+failure and resumption (`Progress`), into the Prefect run's log (`run_lines`). `timed` logs a slow
+step's start and duration.
 
 Neither the workers' nor Ray's output reaches the driver (log_to_driver=False keeps Ray's own chatter
 out), but rank 0 logs every epoch to the MLflow run and Ray's controller tags every failure there
@@ -9,9 +10,12 @@ out), but rank 0 logs every epoch to the MLflow run and Ray's controller tags ev
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from flows.tracking import runs as tracking
@@ -87,15 +91,15 @@ class EpochLog:
 
 
 class Progress:
-    """While Ray trains, a line on stderr per finished epoch, worker failure and resumption.
+    """While Ray trains, a line to `say` per finished epoch, worker failure and resumption.
 
     A daemon thread polls the run in MLflow: rank 0 logs every epoch there and Ray's controller tags
     every failure there, while neither's output reaches this process (log_to_driver=False keeps Ray's
     own chatter out). Time left: the epochs to go times the mean time between the epochs seen so far.
     """
 
-    def __init__(self, run_id: str, epochs: int, interval_s: float = 1.5):
-        self.run, self.epochs, self.interval_s = tracking.RunLogger(run_id), epochs, interval_s
+    def __init__(self, run_id: str, epochs: int, say: Callable[[str], None], interval_s: float = 1.5):
+        self.run, self.epochs, self.say, self.interval_s = tracking.RunLogger(run_id), epochs, say, interval_s
         self.shown: set[Any] = set()  # epochs, failure tags and resume points already printed
         self.seen_at: list[float] = []  # when each epoch was first seen
         self._stop = threading.Event()
@@ -118,7 +122,7 @@ class Progress:
         try:
             self.poll()
         except Exception as e:  # a store briefly unreachable must neither end the lines nor hide fit's error
-            print(f"(progress: {first_line(e)})", file=sys.stderr, flush=True)
+            self.say(f"(progress: {first_line(e)})")
 
     def _history(self, key: str) -> dict[int, float]:
         return {m.step: m.value for m in self.run.client.get_metric_history(self.run.run_id, key)}
@@ -126,7 +130,7 @@ class Progress:
     def _show(self, key: Any, line: str) -> None:
         if key not in self.shown:
             self.shown.add(key)
-            print(line, file=sys.stderr, flush=True)
+            self.say(line)
 
     def poll(self) -> None:
         """Print what the run got since the last poll."""
@@ -150,6 +154,58 @@ class Progress:
                               + (f", val loss {val[epoch]:.3f}" if epoch in val else "")
                               + f", {speed.get(epoch, 0):,.0f} images/s, "
                               f"{_duration((total - epoch) * per_epoch)} left")
+
+
+def run_lines(progress: bool) -> Callable[[str], None]:
+    """Where the driver's lines go: the Prefect run's log, which its API keeps (the UI, `prefect flow-run logs`)
+    and its console shows (a deployment's worker, `vae train`). With `progress` the terminal gets each line
+    plain on stderr instead of the console's copy, so it shows once; outside a Prefect run, this module's
+    logger takes the place of the run's."""
+    logger = run_logger(api_only=progress)
+
+    def say(line: str) -> None:
+        if progress:
+            print(line, file=sys.stderr, flush=True)
+        logger.info(line)
+
+    return say
+
+
+def run_logger(api_only: bool = False) -> logging.Logger | logging.LoggerAdapter:
+    """The current Prefect run's logger (its records carry the flow run's id, from any thread); `api_only`: one
+    whose records go to Prefect's API but not to the console. This module's logger outside a Prefect run."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        logger = get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+    if not api_only:
+        return logger
+    return logging.LoggerAdapter(_api_logger(), logger.extra)
+
+
+def _api_logger() -> logging.Logger:
+    """A logger with Prefect's API handler only: a run's loggers also propagate to the console handler on the root."""
+    from prefect.logging.handlers import APILogHandler
+
+    api = logging.getLogger(f"{__name__}.api")
+    if not api.handlers:
+        api.addHandler(APILogHandler())
+        api.setLevel(logging.INFO)
+        api.propagate = False
+    return api
+
+
+@contextlib.contextmanager
+def timed(log: logging.Logger | logging.LoggerAdapter, what: str) -> Iterator[None]:
+    """Log `what` as it starts, and how long it took when it ends (a failure is the caller's to report)."""
+    log.info("%s ...", what)
+    t0 = time.perf_counter()
+    yield
+    took = time.perf_counter() - t0
+    log.info("%s: done in %s", what, f"{took:.1f} s" if took < 10 else _duration(took))
 
 
 def _duration(seconds: float) -> str:
