@@ -235,27 +235,6 @@ def test_killed_worker_is_replaced_and_every_epoch_logged_once(home, uninterrupt
     assert not differ, differ
 
 
-def test_a_time_budget_ends_both_ranks_at_the_same_epoch(home):
-    """train.time_budget_minutes: after the first epoch the budget is spent, so the run ends there with a
-    final picture and a registered model, epochs being only an upper bound. Both ranks plan the end from
-    the same all-reduced time, checked with ranks whose clocks differ in
-    tests/vae_core/training/test_ddp.py::test_ranks_with_different_clocks_plan_the_same_last_epoch (here every rank
-    would stop after one epoch whatever it planned from)."""
-    from flows.train import train_vae
-    from vae_core.requests import TrainRequest
-
-    out = train_vae(TrainRequest(dataset="mnist", overrides=SMALL + ["train.time_budget_minutes=0.001"], epochs=5,
-                                 workers=2, max_failures=0))
-    client = mlflow.MlflowClient()
-    assert client.get_run(out.run_id).data.params["train.time_budget_minutes"] == "0.001"
-    assert _epoch_steps(out.run_id) == [1]
-    assert [m.value for m in client.get_metric_history(out.run_id, "epoch/planned_epochs")] == [1]
-    [elapsed] = client.get_metric_history(out.run_id, "epoch/elapsed_s")
-    assert elapsed.value > 0.06  # the budget, in seconds, was spent
-    assert "samples/epoch_0001.png" in {a.path for a in client.list_artifacts(out.run_id, "samples")}
-    assert client.get_model_version_by_alias("vae-mnist", "challenger").run_id == out.run_id
-
-
 def test_nan_loss_fails_the_run_with_a_clear_error(home):
     from flows.train import train_vae
     from vae_core.errors import NonFiniteLossError, TrainError
@@ -271,24 +250,41 @@ def test_nan_loss_fails_the_run_with_a_clear_error(home):
     assert len(new) == 1 and new[0].info.status == "FAILED"
 
 
-def test_a_perceptual_vae_gan_trains_on_ray_and_logs_every_term(home):
-    """Both extra terms at once, through Ray Train: the perceptual loss's classifier is resolved (trained and
-    cached) before the run and named in its parameters; the discriminator's terms are logged from its start."""
+def test_a_perceptual_vae_gan_logs_every_term_and_a_time_budget_ends_both_ranks_at_one_epoch(home):
+    """One two-rank run on Ray Train checks two things.
+
+    Both extra terms at once: the perceptual loss's classifier is resolved (trained and cached) before the
+    run and named in its parameters; the discriminator's terms are logged from its start.
+
+    train.time_budget_minutes: after the first epoch the budget is spent, so the run ends there with a
+    final picture and a registered model, epochs being only an upper bound. Both ranks plan the end from
+    the same all-reduced time, checked with ranks whose clocks differ in
+    tests/vae_core/training/test_ddp.py::test_ranks_with_different_clocks_plan_the_same_last_epoch (here every rank
+    would stop after one epoch whatever it planned from)."""
     from flows.train import train_vae
     from vae_core.model.feature_net import feature_net_url
     from vae_core.requests import TrainRequest
 
     gan = ["objective.adversarial.weight=0.5", "objective.adversarial.feature_weight=1",
-           "objective.adversarial.start_step=10", "objective.adversarial.channels=[8,16]"]
-    out = train_vae(TrainRequest(dataset="mnist", objective="perceptual", overrides=SMALL + gan, epochs=1))
-    run = mlflow.MlflowClient().get_run(out.run_id)
+           "objective.adversarial.start_step=6", "objective.adversarial.channels=[8,16]"]
+    out = train_vae(TrainRequest(dataset="mnist", objective="perceptual", workers=2, max_failures=0, epochs=5,
+                                 overrides=SMALL + gan + ["train.time_budget_minutes=0.001"]))
+    client = mlflow.MlflowClient()
+    run = client.get_run(out.run_id)
+    assert run.data.params["train.time_budget_minutes"] == "0.001"
+    assert _epoch_steps(out.run_id) == [1]
+    assert [m.value for m in client.get_metric_history(out.run_id, "epoch/planned_epochs")] == [1]
+    [elapsed] = client.get_metric_history(out.run_id, "epoch/elapsed_s")
+    assert elapsed.value > 0.06  # the budget, in seconds, was spent
+    assert "samples/epoch_0001.png" in {a.path for a in client.list_artifacts(out.run_id, "samples")}
+    assert client.get_model_version_by_alias("vae-mnist", "challenger").run_id == out.run_id
     classifier = run.data.params["objective.perceptual.weights"]
     assert classifier == feature_net_url("mnist", out.dataset_version) and run.data.params["name"] == "mnist+perceptual"
     for term in ("recon", "kl", "perceptual", "feature", "adversarial", "adaptive_weight", "disc_loss"):
         assert math.isfinite(run.data.metrics[f"epoch/{term}"]), term
-    steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(out.run_id, "train/disc_loss"))
-    assert steps and steps[0] >= 10  # the discriminator starts at its start step
-    assert len(mlflow.MlflowClient().get_metric_history(out.run_id, "train/perceptual")) > len(steps)
+    steps = sorted(m.step for m in client.get_metric_history(out.run_id, "train/disc_loss"))
+    assert steps and steps[0] >= 6  # the discriminator starts at its start step
+    assert len(client.get_metric_history(out.run_id, "train/perceptual")) > len(steps)
 
 
 def test_shape_mismatch_fails_before_ray_starts(home, monkeypatch):
@@ -313,36 +309,14 @@ def test_shape_mismatch_fails_before_ray_starts(home, monkeypatch):
         train_vae(TrainRequest(dataset="no-such-dataset", epochs=1))
 
 
-def test_splits_over_the_memory_budget_stream_through_ray_data(home):
-    from flows.train import train_vae
-    from vae_core.data.shards import open_dataset
-    from vae_core.requests import TrainRequest
-
-    # ~1,900 training and ~190 validation images of 784 bytes: ~1.4 and ~0.14 MiB, both over 0.1 MiB.
-    out = train_vae(TrainRequest(dataset="mnist", overrides=SMALL + ["train.image_every=2"], epochs=2, workers=2,
-                                 max_failures=0, memory_budget_mb=0.1))
-    client = mlflow.MlflowClient()
-    run = client.get_run(out.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["data.train"] == "stream" and run.data.tags["data.val"] == "stream"
-    assert _epoch_steps(out.run_id) == [1, 2]
-    # Each of the two workers streamed an equal half of the rows, in full batches of 64, every epoch.
-    rows = open_dataset(str(home / "datasets"), "mnist").counts["train"]
-    images = [m.value for m in client.get_metric_history(out.run_id, "epoch/images")]
-    assert images == [2 * (rows // 2 // 64) * 64] * 2
-    losses = [m.value for m in sorted(client.get_metric_history(out.run_id, "epoch/loss"), key=lambda m: m.step)]
-    assert losses[-1] < losses[0], losses
-    assert client.get_metric_history(out.run_id, "epoch/val_loss")
-    artifacts = {a.path for a in client.list_artifacts(out.run_id, "reconstructions")}
-    assert "reconstructions/epoch_0002.png" in artifacts  # the preview came from the validation stream
-    assert client.get_model_version_by_alias("vae-mnist", "challenger").run_id == out.run_id
-
-
-def test_dataset_streamed_from_s3_and_checkpoints_written_to_s3(home, s3, monkeypatch):
-    """moto's S3 server on 127.0.0.1 stands in for S3; the endpoint reaches every process via AWS_* (`home`)."""
+def test_splits_over_the_memory_budget_stream_from_s3_and_checkpoints_go_to_s3(home, s3, monkeypatch):
+    """One streamed two-rank run checks two things: splits over the memory budget stream through Ray Data, an
+    equal half to each rank; the dataset is read from S3 and the checkpoints are written there. moto's S3
+    server on 127.0.0.1 stands in for S3; the endpoint reaches every process via AWS_* (`home`)."""
     import s3fs
 
     from flows.train import train_vae
+    from vae_core.data.shards import open_dataset
     from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest, TrainRequest
 
@@ -350,17 +324,29 @@ def test_dataset_streamed_from_s3_and_checkpoints_written_to_s3(home, s3, monkey
     monkeypatch.setenv("VAE_DATA_ROOT", "s3://vae-bucket/train-ds")
     monkeypatch.setenv("VAE_CHECKPOINT_ROOT", "s3://vae-bucket/ckpt")
     s3fs.S3FileSystem.clear_instance_cache()
-    run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist-s3", limit=600, data_root="s3://vae-bucket/train-ds"))
+    run_ingest(IngestRequest(source=str(MNIST_DIR), name="mnist-s3", limit=2400, data_root="s3://vae-bucket/train-ds"))
 
-    out = train_vae(TrainRequest(dataset="mnist-s3", overrides=SMALL, epochs=2, max_failures=0, memory_budget_mb=0.1))
-    run = mlflow.MlflowClient().get_run(out.run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["data.train"] == "stream"
+    # ~1,900 training and ~190 validation images of 784 bytes: ~1.4 and ~0.14 MiB, both over 0.1 MiB.
+    out = train_vae(TrainRequest(dataset="mnist-s3", overrides=SMALL + ["train.image_every=2"], epochs=2, workers=2,
+                                 max_failures=0, memory_budget_mb=0.1))
+    client = mlflow.MlflowClient()
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["data.train"] == "stream" and run.data.tags["data.val"] == "stream"
     assert _epoch_steps(out.run_id) == [1, 2]
+    # Each of the two workers streamed an equal half of the rows, in full batches of 64, every epoch.
+    rows = open_dataset("s3://vae-bucket/train-ds", "mnist-s3").counts["train"]
+    images = [m.value for m in client.get_metric_history(out.run_id, "epoch/images")]
+    assert images == [2 * (rows // 2 // 64) * 64] * 2
+    losses = [m.value for m in sorted(client.get_metric_history(out.run_id, "epoch/loss"), key=lambda m: m.step)]
+    assert losses[-1] < losses[0], losses
+    assert client.get_metric_history(out.run_id, "epoch/val_loss")
+    artifacts = {a.path for a in client.list_artifacts(out.run_id, "reconstructions")}
+    assert "reconstructions/epoch_0002.png" in artifacts  # the preview came from the validation stream
     keys = fs.find(f"vae-bucket/ckpt/{out.run_id}", refresh=True)
     assert sum(k.endswith("/model.safetensors") for k in keys) == 2, keys  # one per epoch, both kept
     # Registration read the final weights back from S3.
-    mv = mlflow.MlflowClient().get_model_version_by_alias("vae-mnist-s3", "challenger")
-    assert mv.run_id == out.run_id
+    assert client.get_model_version_by_alias("vae-mnist-s3", "challenger").run_id == out.run_id
 
 
 def test_data_plan_and_cpu_reservation_leave_ray_data_a_whole_cpu(home):
