@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.tracking import registry, runs as tracking
 from flows.tracking.evaluation import log_evaluation, summary_markdown, write_report
-from flows.tracking.progress import run_logger, timed
+from flows.run_log import run_logger, timed
 from flows.tracking.registry import CHALLENGER, CHAMPION, PinnedModel
 from flows.tracking.registry_lock import gate_lock
 from vae_core.data.shards import DatasetInfo, fit_model, open_dataset

@@ -26,7 +26,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.distributed.cluster import ray_session, read_shards, reserve
 from flows.tracking import registry, runs as tracking
-from flows.tracking.progress import Progress, run_lines
+from flows.run_log import run_lines
+from flows.tracking.progress import Progress
 from vae_core import VAEConfig, load_config
 from vae_core.data.shards import DatasetInfo, fit_model, open_dataset, shard_paths
 from vae_core.errors import TrainError, VAEError

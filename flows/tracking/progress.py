@@ -1,7 +1,6 @@
 """Training's progress, both ends: rank 0 writes every step and epoch into the MLflow run (`EpochLog`,
 never the same one twice), and the driver reads them back as a log line per finished epoch, worker
-failure and resumption (`Progress`), into the Prefect run's log (`run_lines`). `timed` logs a slow
-step's start and duration.
+failure and resumption (`Progress`), handed to a line writer (the Prefect run's log: `flows.run_log`).
 
 Neither the workers' nor Ray's output reaches the driver (log_to_driver=False keeps Ray's own chatter
 out), but rank 0 logs every epoch to the MLflow run and Ray's controller tags every failure there
@@ -10,12 +9,9 @@ out), but rank 0 logs every epoch to the MLflow run and Ray's controller tags ev
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flows.tracking import runs as tracking
@@ -153,62 +149,10 @@ class Progress:
             self._show(epoch, f"epoch {epoch}/{total}: loss {loss[epoch]:.3f}"
                               + (f", val loss {val[epoch]:.3f}" if epoch in val else "")
                               + f", {speed.get(epoch, 0):,.0f} images/s, "
-                              f"{_duration((total - epoch) * per_epoch)} left")
+                              f"{duration((total - epoch) * per_epoch)} left")
 
 
-def run_lines(progress: bool) -> Callable[[str], None]:
-    """Where the driver's lines go: the Prefect run's log, which its API keeps (the UI, `prefect flow-run logs`)
-    and its console shows (a deployment's worker, `vae train`). With `progress` the terminal gets each line
-    plain on stderr instead of the console's copy, so it shows once; outside a Prefect run, this module's
-    logger takes the place of the run's."""
-    logger = run_logger(api_only=progress)
-
-    def say(line: str) -> None:
-        if progress:
-            print(line, file=sys.stderr, flush=True)
-        logger.info(line)
-
-    return say
-
-
-def run_logger(api_only: bool = False) -> logging.Logger | logging.LoggerAdapter:
-    """The current Prefect run's logger (its records carry the flow run's id, from any thread); `api_only`: one
-    whose records go to Prefect's API but not to the console. This module's logger outside a Prefect run."""
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
-    try:
-        logger = get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
-    if not api_only:
-        return logger
-    return logging.LoggerAdapter(_api_logger(), logger.extra)
-
-
-def _api_logger() -> logging.Logger:
-    """A logger with Prefect's API handler only: a run's loggers also propagate to the console handler on the root."""
-    from prefect.logging.handlers import APILogHandler
-
-    api = logging.getLogger(f"{__name__}.api")
-    if not api.handlers:
-        api.addHandler(APILogHandler())
-        api.setLevel(logging.INFO)
-        api.propagate = False
-    return api
-
-
-@contextlib.contextmanager
-def timed(log: logging.Logger | logging.LoggerAdapter, what: str) -> Iterator[None]:
-    """Log `what` as it starts, and how long it took when it ends (a failure is the caller's to report)."""
-    log.info("%s ...", what)
-    t0 = time.perf_counter()
-    yield
-    took = time.perf_counter() - t0
-    log.info("%s: done in %s", what, f"{took:.1f} s" if took < 10 else _duration(took))
-
-
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """`42 s`, `3 min 5 s`, `2 h 3 min`."""
     s = round(seconds)
     return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"

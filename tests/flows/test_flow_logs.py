@@ -92,7 +92,7 @@ def test_progress_lines_reach_the_api_not_the_console(capsys):
     Prefect's console (whose handler is on the root logger, where the run's other lines arrive)."""
     from prefect import flow, get_run_logger
 
-    from flows.tracking.progress import run_lines
+    from flows.run_log import run_lines
 
     @flow(name="progress-lines")
     def say() -> None:
