@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from bench.scale_corpus import parquet_corpus, png_corpus  # noqa: E402
 from bench.scale_measure import ROLES, Measured, measure  # noqa: E402
 from bench.scale_nightly import run_nightly  # noqa: E402
 from bench.scale_report import write_results  # noqa: E402
+from bench.workdir import fresh_folder, remove_made  # noqa: E402
 
 VAE = str(Path(sys.executable).parent / "vae")
 STARTUP_N = 1_000
@@ -73,9 +73,7 @@ def run_chain(n: int, work: Path, seed: int, with_png: bool, say, out: dict[str,
     `out` by stage as soon as it ends, then `say` a line about it."""
     parquet = parquet_corpus(work, n, seed)
     png = png_corpus(work, n, seed) if with_png else None
-    home = work / f"home-{n}"
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
+    home = fresh_folder(work / f"home-{n}", "bench/scale.py")
     env = stage_env(home)
     for stage, argv in commands(n, parquet, png):
         got = measure(argv, env, STAGE_TIMEOUT_S)
@@ -83,7 +81,7 @@ def run_chain(n: int, work: Path, seed: int, with_png: bool, say, out: dict[str,
         peaks = " / ".join(f"{got.peaks_mib[r]:.0f}" for r in ROLES)
         say(f"N={n:,} {stage}: {got.wall_s:.1f} s, peak MiB {peaks} ({'/'.join(ROLES)})"
             + (f"; FAILED: {out[stage]['error']}" if "error" in out[stage] else ""))
-    shutil.rmtree(home, ignore_errors=True)  # 10^6 images' datasets and embeddings: gigabytes
+    remove_made(home)  # 10^6 images' datasets and embeddings: gigabytes
 
 
 def record(n: int, stage: str, got: Measured) -> dict:

@@ -26,7 +26,6 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from bench.stack_load_checks import (champion_tag_problems, db_errors, gate_tag_
                                      promotion_problems, run_problems, versions_problem)
 from bench.stack_load_report import write_results  # noqa: E402
 from bench.stack_load_serve import in_process_ms, load_figures, mnist_images, served  # noqa: E402
+from bench.workdir import fresh_folder  # noqa: E402
 from tests.ports import free_ports  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -190,19 +190,9 @@ def consistency(setup: list[dict], load: list[dict], state: dict) -> dict[str, l
     }
 
 
-MARK = ".made-by-stack-load"  # what this bench removes on its next run: only folders carrying it
-
-
 def fresh_home(home: Path) -> Path:
-    """An empty VAE_HOME at `home`. A folder already there is removed only if an earlier run of this bench made
-    it (it carries MARK): `--work` may name a folder that holds anything else."""
-    if home.exists():
-        if not (home / MARK).exists():
-            raise SystemExit(f"{home} exists and was not made by bench/stack_load.py: remove it, or pick another --work")
-        shutil.rmtree(home)
-    home.mkdir(parents=True)
-    home.chmod(0o755)  # Postgres runs as its own user and must reach its data folder inside
-    (home / MARK).touch()
+    """An empty VAE_HOME at `home` (bench.workdir.fresh_folder: a folder this bench did not make stays)."""
+    fresh_folder(home, "bench/stack_load.py").chmod(0o755)  # Postgres runs as its own user and must reach inside
     return home
 
 

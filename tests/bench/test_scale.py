@@ -64,3 +64,22 @@ def test_measure_finds_the_peak_of_a_grandchild_that_has_exited():
     assert got.peaks_mib["other"] >= 300, got.processes
     assert got.peaks_mib["driver"] < 200, got.processes
     assert [p[0] for p in got.processes].count("other") == 2, got.processes
+
+
+def test_a_work_folder_is_removed_only_when_a_bench_made_it(tmp_path):
+    """`--work` may name any folder: a home there is replaced, or removed after its chain, only if it carries the
+    benches' mark."""
+    from bench.workdir import fresh_folder, remove_made
+
+    home = fresh_folder(tmp_path / "home-1000", "bench/scale.py")
+    (home / "data").write_text("an earlier run's")
+    assert not (fresh_folder(home, "bench/scale.py") / "data").exists()
+    remove_made(home)
+    assert not home.exists()
+    theirs = tmp_path / "home-2000"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="was not made by bench/scale.py"):
+        fresh_folder(theirs, "bench/scale.py")
+    remove_made(theirs)
+    assert (theirs / "notes.txt").read_text() == "keep"
