@@ -26,6 +26,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's own help layout: typer's rich panels print a type such as `<bool>` beside every flag, --help
+    # included, as if it took a value.
+    rich_markup_mode=None,
 )
 
 
@@ -115,7 +118,7 @@ def encode(req: EncodeRequest, as_json: bool, debug: bool) -> None:
     typer.echo(f"output: {out.output}")
 
 
-stack_app = typer.Typer(no_args_is_help=True)
+stack_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(stack_app, name="stack", help="Start, check or stop the local stack for deployments on this machine: "
               "Prefect server and worker, MLflow server, Ray head, and PostgreSQL with --db postgres; state under "
               "$VAE_HOME/stack (docs/stack.md).")

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -125,3 +126,26 @@ def test_debug_shows_the_tracebacks_and_a_set_prefect_home_is_kept(tmp_path):
     assert f"error: {tmp_path / 'missing'}: source not found" in r.stderr.splitlines(), r.stderr
     assert "Traceback" in r.stderr
     assert (tmp_path / "ph" / "prefect.db").is_file() and not (tmp_path / "vae" / "prefect").exists()
+
+
+def _command_paths(command, path=()):
+    """Every command and subcommand of a click command, as argument lists."""
+    yield list(path)
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _command_paths(sub, (*path, name))
+
+
+def test_no_help_shows_a_flag_as_if_it_took_a_value():
+    """`--json`, `--debug`, `--help`, `--prefect/--no-prefect`: a flag is written without a type, in every
+    command's help."""
+    import typer
+
+    paths = list(_command_paths(typer.main.get_command(app)))
+    assert ["stack", "up"] in paths and ["ingest"] in paths
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"], terminal_width=200)
+        assert result.exit_code == 0, (path, result.output)
+        assert "<bool>" not in result.output, (path, result.output)
+        assert "--help " in result.output, path
+    help_text = runner.invoke(app, ["stack", "up", "--help"], terminal_width=200).output
+    assert re.search(r"^\s+--env\s+Print only", help_text, re.M), help_text
