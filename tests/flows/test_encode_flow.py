@@ -28,9 +28,13 @@ SHARD_MB = 0.1  # ~130 MNIST images per shard: 17 shards of 2,000 images, so "ha
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, mnist_home, register_model):
+def home(tmp_path_factory, mnist_home, register_model, s3):
     """2,000 real MNIST images in 17 shards, an untrained small model registered as vae-mnist v1, and one
-    local Ray that the encodes run here join instead of each starting its own."""
+    local Ray that the encodes run here join instead of each starting its own.
+
+    The S3 server (`s3`, the session's) is up before Ray starts: `ray_session` puts the environment back as it
+    found it when Ray stops, so AWS_* set by a fixture inside the session would be dropped for every later test.
+    """
     from flows.distributed.cluster import ray_session
 
     with mnist_home(tmp_path_factory.mktemp("encode_home"), limit=2000, shard_mb=SHARD_MB) as root:

@@ -134,6 +134,23 @@ def test_first_run_ingests_trains_promotes_and_encodes(home, first):
 
 
 @pytest.mark.slow
+def test_the_nightly_logs_each_stages_start_and_outcome_itself(first):
+    """`prefect deployment run nightly-retrain/nightly --watch` shows the nightly's own log, not its sub-flows':
+    each stage's start and outcome is a line of the parent run, in order."""
+    from flows.nightly import STAGES
+    from tests.flows.test_flow_logs import _logs
+
+    lines = _logs(UUID(first.flow_runs["nightly"]))
+    starts = [lines.index(f"{stage}: started") if f"{stage}: started" in lines else -1 for stage in STAGES]
+    assert -1 not in starts and starts == sorted(starts), lines
+    for stage, start, end in zip(STAGES, starts, [*starts[1:], len(lines)]):
+        outcome = [line for line in lines[start + 1:end] if line.startswith(f"{stage}: ")]
+        assert outcome, f"no outcome line of {stage}: {lines}"
+    text = "\n".join(lines)
+    assert "ingest: new dataset version " in text and "train: trained v1 on " in text, text
+
+
+@pytest.mark.slow
 def test_same_source_runs_nothing_after_ingest(home, first):
     from flows.nightly import nightly_retrain
 
