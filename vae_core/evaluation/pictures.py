@@ -84,14 +84,23 @@ def traversal_grid(model: ConvVAE, base_u8: torch.Tensor, dims: list[int], span:
     return grid(images.cpu(), nrow=steps)
 
 
-def _legend_labels(labels: np.ndarray | None) -> list[str]:
-    """Legend entries of a scatter plot: each class once, sorted, then "unlabelled" if any label is -1
-    (or labels is None)."""
+def _classes(labels: np.ndarray | None) -> list[int]:
+    """Each class index in `labels` once, sorted; -1 (unlabelled) and None have none."""
     if labels is None:
-        return ["unlabelled"]
-    labels = np.asarray(labels)
-    classes = sorted(int(c) for c in np.unique(labels) if c != UNLABELLED)
-    return [str(c) for c in classes] + (["unlabelled"] if np.any(labels == UNLABELLED) else [])
+        return []
+    return sorted(int(c) for c in np.unique(labels) if c != UNLABELLED)
+
+
+def _class_name(c: int, names: list[str] | None) -> str:
+    """Class c's name from the dataset's label names, or its index where it has none."""
+    return names[c] if names is not None and 0 <= c < len(names) else str(c)
+
+
+def _legend_labels(labels: np.ndarray | None, names: list[str] | None = None) -> list[str]:
+    """Legend entries of a scatter plot: each class once, in index order, by its name in `names` (the
+    dataset's label names) or by its index, then "unlabelled" if any label is -1 (or labels is None)."""
+    unlabelled = labels is None or bool(np.any(np.asarray(labels) == UNLABELLED))
+    return [_class_name(c, names) for c in _classes(labels)] + (["unlabelled"] if unlabelled else [])
 
 
 def _class_colours(n: int) -> list[tuple[float, float, float, float]]:
@@ -113,8 +122,9 @@ def _class_colours(n: int) -> list[tuple[float, float, float, float]]:
     return palette[:n]
 
 
-def _scatter_figure(points: np.ndarray, labels: np.ndarray | None, title: str) -> Figure:
-    """A 6x6 inch figure of points (N, 2) coloured by label, with a legend of `_legend_labels(labels)`."""
+def _scatter_figure(points: np.ndarray, labels: np.ndarray | None, title: str,
+                    names: list[str] | None = None) -> Figure:
+    """A 6x6 inch figure of points (N, 2) coloured by label, with a legend of `_legend_labels(labels, names)`."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(_FIGSIZE_IN, _FIGSIZE_IN), dpi=_DPI)
@@ -122,19 +132,22 @@ def _scatter_figure(points: np.ndarray, labels: np.ndarray | None, title: str) -
     # Smaller markers as N grows keep dense clusters readable.
     size = float(np.clip(4000.0 / max(len(points), 1), 2.0, 30.0))
     labels_arr = np.full(len(points), UNLABELLED) if labels is None else np.asarray(labels)
-    entries = _legend_labels(labels)
-    classes = [e for e in entries if e != "unlabelled"]
-    if "unlabelled" in entries:
+    entries = _legend_labels(labels, names)
+    classes = _classes(labels)
+    unlabelled = len(entries) > len(classes)  # the one entry after the classes
+    if unlabelled:
         # Drawn first so labelled points stay on top.
         mask = labels_arr == UNLABELLED
         ax.scatter(points[mask, 0], points[mask, 1], s=size, color=_UNLABELLED_GREY, alpha=0.6,
                    label="unlabelled", linewidths=0)
-    for name, colour in zip(classes, _class_colours(len(classes))):
-        mask = labels_arr == int(name)
-        ax.scatter(points[mask, 0], points[mask, 1], s=size, color=colour, alpha=0.8, label=name, linewidths=0)
-    handles, names = ax.get_legend_handles_labels()
-    order = [names.index(e) for e in entries]  # legend in `entries` order: classes, then "unlabelled"
-    legend = ax.legend([handles[i] for i in order], entries, fontsize="small", loc="best",
+    for c, colour in zip(classes, _class_colours(len(classes))):
+        mask = labels_arr == c
+        ax.scatter(points[mask, 0], points[mask, 1], s=size, color=colour, alpha=0.8, label=str(c), linewidths=0)
+    # The legend in `entries` order, classes then "unlabelled", whichever order the scatters were drawn in.
+    handles, keys = ax.get_legend_handles_labels()
+    by_key = dict(zip(keys, handles))
+    order = [str(c) for c in classes] + (["unlabelled"] if unlabelled else [])
+    legend = ax.legend([by_key[k] for k in order], entries, fontsize="small", loc="best",
                        ncol=1 if len(entries) <= 12 else 2, title="label" if labels is not None else None)
     for handle in legend.legend_handles:
         handle.set_sizes([30.0])  # legible legend markers however small the plotted ones are
@@ -155,8 +168,10 @@ def _to_image(fig: Figure) -> Image.Image:
     return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
 
 
-def scatter_2d(points: np.ndarray, labels: np.ndarray | None, title: str) -> Image.Image:
-    """Points (N, 2) coloured by int label (N,) with a legend; -1 or None is grey "unlabelled".
+def scatter_2d(points: np.ndarray, labels: np.ndarray | None, title: str,
+               label_names: list[str] | None = None) -> Image.Image:
+    """Points (N, 2) coloured by int label (N,) with a legend naming each class by `label_names` (the dataset's,
+    index c -> label_names[c]) or, without names, by its index; -1 or None is grey "unlabelled".
 
     Returns:
         a 600 x 600 RGB image.
@@ -166,7 +181,7 @@ def scatter_2d(points: np.ndarray, labels: np.ndarray | None, title: str) -> Ima
         raise ValueError(f"points must have shape (N, 2), got {points.shape}")
     if labels is not None and np.shape(labels) != (len(points),):
         raise ValueError(f"labels must have shape ({len(points)},), got {np.shape(labels)}")
-    return _to_image(_scatter_figure(points, labels, title))
+    return _to_image(_scatter_figure(points, labels, title, label_names))
 
 
 def _subsample(n: int, max_points: int, seed: int) -> np.ndarray:
@@ -177,11 +192,12 @@ def _subsample(n: int, max_points: int, seed: int) -> np.ndarray:
 
 
 def latent_maps(means: np.ndarray, labels: np.ndarray | None, max_points: int = 2000,
-                seed: int = 0) -> dict[str, Image.Image]:
+                seed: int = 0, label_names: list[str] | None = None) -> dict[str, Image.Image]:
     """2-D maps of latent means (N, L): {"latent_pca": PCA scatter, "latent_tsne": t-SNE scatter}.
 
     Both use the same rows: all N, or `max_points` drawn by `seed` (t-SNE's cost grows with N).
-    Labels (N,) colour the points; -1 or None is unlabelled.
+    Labels (N,) colour the points; -1 or None is unlabelled. The legends name classes by `label_names`
+    (the dataset manifest's), or by index where the dataset has none.
     """
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
@@ -207,4 +223,5 @@ def latent_maps(means: np.ndarray, labels: np.ndarray | None, max_points: int = 
     perplexity = min(30.0, (n - 1) / 3)
     tsne_xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(z)
     tsne_title = f"t-SNE of {n} latent means (perplexity {perplexity:.3g})"
-    return {"latent_pca": scatter_2d(pca_xy, y, pca_title), "latent_tsne": scatter_2d(tsne_xy, y, tsne_title)}
+    return {"latent_pca": scatter_2d(pca_xy, y, pca_title, label_names),
+            "latent_tsne": scatter_2d(tsne_xy, y, tsne_title, label_names)}

@@ -8,7 +8,7 @@ from vae_core import ConvVAE, load_config
 from vae_core.data.sources.digits import load_digits_u8
 from vae_core.evaluation.pictures import (_legend_labels, _scatter_figure, _traversal_latents, interpolation_grid,
                                           latent_maps, scatter_2d, traversal_grid)
-from vae_core.model.pictures import grid
+from vae_core.model.pictures import MIN_WIDTH, grid
 
 
 @pytest.fixture
@@ -17,14 +17,20 @@ def model() -> ConvVAE:
     return ConvVAE(load_config("digits").model).eval()
 
 
+def _scale(cols: int, w: int = 8) -> int:
+    """The whole factor a grid of `cols` tiles `w` wide (padding 2) is scaled up by to reach MIN_WIDTH."""
+    return -(-MIN_WIDTH // (cols * (w + 2) + 2))
+
+
 def _grid_size(rows: int, cols: int, h: int, w: int) -> tuple[int, int]:
-    """(width, height) of torchvision's make_grid with padding=2."""
-    return cols * (w + 2) + 2, rows * (h + 2) + 2
+    """(width, height) of torchvision's make_grid with padding=2, scaled up to MIN_WIDTH."""
+    return _scale(cols, w) * (cols * (w + 2) + 2), _scale(cols, w) * (rows * (h + 2) + 2)
 
 
-def _tile(img, row: int, col: int, h: int = 8, w: int = 8) -> np.ndarray:
-    """Pixels of the tile at (row, col) of a padding-2 grid."""
-    arr = np.asarray(img)
+def _tile(img, row: int, col: int, cols: int, h: int = 8, w: int = 8) -> np.ndarray:
+    """Pixels of the tile at (row, col) of a padding-2 grid of `cols` columns, at their own size."""
+    scale = _scale(cols, w)
+    arr = np.asarray(img)[::scale, ::scale]
     y, x = 2 + row * (h + 2), 2 + col * (w + 2)
     return arr[y : y + h, x : x + w]
 
@@ -35,7 +41,7 @@ def test_interpolation_grid_has_one_row_per_pair(model, digits_u8):
     assert img.size == _grid_size(3, 7, 8, 8)
     expected = grid(model.interpolate(pairs[1, 0], pairs[1, 1], 7), nrow=7)
     for col in range(7):
-        np.testing.assert_array_equal(_tile(img, 1, col), _tile(expected, 0, col))
+        np.testing.assert_array_equal(_tile(img, 1, col, 7), _tile(expected, 0, col, 7))
     with pytest.raises(ValueError, match=r"\(6, 1, 8, 8\)"):
         interpolation_grid(model, digits_u8[:6])
 
@@ -65,8 +71,8 @@ def test_traversal_of_a_dead_decoder_input_is_constant(model, digits_u8):
         model.from_latent[0].weight[:, dead] = 0.0
         model.from_latent[0].weight[:, live] *= 5.0  # a clearly visible effect, even untrained
     img = traversal_grid(model, digits_u8[0], dims=[dead, live], steps=7)
-    dead_tiles = [_tile(img, 0, c) for c in range(7)]
-    live_tiles = [_tile(img, 1, c) for c in range(7)]
+    dead_tiles = [_tile(img, 0, c, 7) for c in range(7)]
+    live_tiles = [_tile(img, 1, c, 7) for c in range(7)]
     assert all(np.array_equal(t, dead_tiles[0]) for t in dead_tiles)
     assert not np.array_equal(live_tiles[0], live_tiles[-1])
 
