@@ -20,7 +20,7 @@ reference split; scoring keeps running sums (`vae_core.evaluation.evaluate`), in
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, task
@@ -28,7 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.tracking import registry, runs as tracking
-from flows.tracking.evaluation import log_evaluation, summary_markdown, write_report
+from flows.tracking.evaluation import log_evaluation, summary_markdown, training_warnings, write_report
 from flows.run_log import run_logger, timed
 from flows.tracking.registry import CHALLENGER, CHAMPION, PinnedModel
 from flows.tracking.registry_lock import gate_lock
@@ -42,21 +42,25 @@ from vae_core.settings import data_root
 
 @dataclass(frozen=True)
 class Target:
-    """What is evaluated, pinned once: the model version, the champion at the start, the dataset."""
+    """What is evaluated, pinned once: the model version, the champion at the start, the dataset, and the
+    version's training warnings ({name: sentence}, its training run's `warning/<name>` tags)."""
 
     model: PinnedModel
     champion: PinnedModel | None
     dataset: DatasetInfo
+    warnings: dict[str, str] = field(default_factory=dict)
 
 
 @task(name="pin-model", cache_policy=NO_CACHE)
 def pin_task(req: EvaluateRequest) -> Target:
-    """Resolve the model URI and the current champion to versions; open the dataset; check the split."""
+    """Resolve the model URI and the current champion to versions; open the dataset; check the split; read the
+    version's training warnings."""
     model = registry.pin_model(req.model)
     champion = None
     if req.promote and (version := registry.alias_version(model.name, CHAMPION)) is not None:
         champion = registry.pin_model(f"models:/{model.name}/{version}")
-    return Target(model=model, champion=champion, dataset=_open_dataset(req, model))
+    return Target(model=model, champion=champion, dataset=_open_dataset(req, model),
+                  warnings=training_warnings(model.run_id))
 
 
 def _open_dataset(req: EvaluateRequest, model: PinnedModel) -> DatasetInfo:
@@ -127,7 +131,7 @@ def feature_task(target: Target, data: Any, req: EvaluateRequest, progress: bool
         net, net_info = load_or_train_feature_net(info.name, info.version, *classifier_data(info, req.seed),
                                                   seed=req.seed, device=device, progress=say, shape=info.shape)
     with timed(log, f"features of the {req.split} split's real images"):
-        scorer = FrechetScorer(net, device=device)
+        scorer = FrechetScorer(net, device=device, accuracy=net_info["test_accuracy"])
         for rows in data.split(req.batch_size):
             scorer.add_real(torch.from_numpy(rows.images).permute(0, 3, 1, 2))
     return scorer, net_info
@@ -247,6 +251,7 @@ def gate_task(req: EvaluateRequest, target: Target, mine: dict[str, float],
             # Someone moved champion while this ran: what was compared is no longer what is served.
             decision = dataclasses.replace(decision, promote=False, reason=f"champion moved to version {now} "
                                            "during this evaluation; re-run to compare against it")
+        decision = decision.with_warnings(target.warnings.values())  # what training warned of stays beside it
         if now != target.model.version:  # the champion keeps the record that promoted it
             registry.set_version_tags(target.model.name, target.model.version, decision.tags())
         if decision.promote:
@@ -277,11 +282,13 @@ def evaluate_vae(request: EvaluateRequest, progress: bool = False) -> EvaluateRe
     target = pin_task(request)
     models, data = load_task(request, target)
     scorer, net_info = feature_task(target, data, request, progress)
+    _check_gate_features(request, net_info)
     mine = score_task(models[CHALLENGER], target, data, request, scorer, net_info, f"v{target.model.version}", progress)
     theirs = None
     if CHAMPION in models:
         theirs = score_task(models[CHAMPION], target, data, request, scorer, net_info,
                             f"champion v{target.champion.version}", progress)
+    mine.notes.extend(f"training warning ({name}): {text}" for name, text in target.warnings.items())
     facts = _facts(request, target, mine.images, net_info)
     log_evaluation(target.model, request, mine, facts)
     if theirs is not None:
@@ -297,6 +304,18 @@ def evaluate_vae(request: EvaluateRequest, progress: bool = False) -> EvaluateRe
     return out
 
 
+def _check_gate_features(req: EvaluateRequest, net_info: dict[str, Any]) -> None:
+    """Stop before scoring when the gate would compare Fréchet distances of a classifier too weak to trust."""
+    from vae_core.evaluation.gate import refusal
+    from vae_core.model.feature_net import unreliable_features
+
+    if not req.promote or "test_accuracy" not in net_info:
+        return
+    why = refusal(req.metric, unreliable_features(net_info["test_accuracy"], net_info["num_classes"]))
+    if why is not None:
+        raise EvaluateError(why)
+
+
 def _facts(req: EvaluateRequest, target: Target, n: int, net_info: dict[str, Any]) -> dict[str, str]:
     facts = {"model": target.model.uri, "asked for": target.model.asked,
              "dataset": f"{target.dataset.name}@{target.dataset.version}", "split": req.split,
@@ -309,13 +328,12 @@ def _facts(req: EvaluateRequest, target: Target, n: int, net_info: dict[str, Any
 
 def _result(req: EvaluateRequest, target: Target, mine: Any, theirs: Any, net_info: dict[str, Any],
             decision: Any, paths: dict[str, str]) -> EvaluateResult:
-    prefix = f"{req.split}/"
     return EvaluateResult(
         model_name=target.model.name, model_version=target.model.version, model_uri=target.model.uri,
         asked=target.model.asked, run_id=target.model.run_id, run_url=tracking.run_url(target.model.run_id),
         dataset=target.dataset.name, dataset_version=target.dataset.version, split=req.split,
         images=mine.images, iw_samples=req.iw_samples, seed=req.seed,
-        metrics={prefix + k: v for k, v in mine.metrics.items()}, notes=mine.notes, feature_classifier=net_info,
+        metrics=mine.keyed(req.split), notes=mine.notes, feature_classifier=net_info,
         champion=None if theirs is None else ChampionScores(
-            version=target.champion.version, metrics={prefix + k: v for k, v in theirs.metrics.items()}),
+            version=target.champion.version, metrics=theirs.keyed(req.split)),
         decision=decision, report=paths)

@@ -1,6 +1,6 @@
 """Where an evaluation's results go: metrics to the model's training run, pictures and the HTML report to
 `$VAE_HOME/reports/<model>/<version>/` and the run's `evaluation/<split>_k<K>/`, and the markdown summary
-that becomes the Prefect artifact."""
+that becomes the Prefect artifact; and what the training run warns of (`warning/<name>` tags)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,19 @@ if TYPE_CHECKING:
     from vae_core.results import EvaluateResult
 
 REPORT = "report.html"
+WARNING_TAG = "warning/"  # a training run's tag `warning/<name>`: one sentence saying what went wrong
+
+
+def training_warnings(run_id: str) -> dict[str, str]:
+    """The training run's warnings, {name: sentence}, from its `warning/<name>` tags, by name."""
+    tags = tracking.client().get_run(run_id).data.tags
+    return {k[len(WARNING_TAG):]: v for k, v in sorted(tags.items()) if k.startswith(WARNING_TAG)}
 
 
 def log_evaluation(model: PinnedModel, req: EvaluateRequest, evaluation: Evaluation, facts: dict[str, str]) -> None:
     """Metrics as `<split>/<name>` into the model's training run, and tags saying what they were measured on."""
     run = tracking.RunLogger(model.run_id)
-    run.log_metrics({f"{req.split}/{k}": v for k, v in evaluation.metrics.items()}, step=0)
+    run.log_metrics(evaluation.keyed(req.split), step=0)
     run.set_tags({f"evaluation.{req.split}.{k}": v for k, v in
                   {"dataset": facts["dataset"], "images": facts["images"], "k": str(req.iw_samples),
                    "seed": str(req.seed)}.items()})
@@ -39,7 +46,7 @@ def write_report(model: PinnedModel, req: EvaluateRequest, facts: dict[str, str]
     `<reports_root>/<model>/<version>/`, and log them to the training run. Returns {name: URL}."""
     from vae_core.evaluation.report import render_html
 
-    metrics = {f"{req.split}/{k}": v for k, v in evaluation.metrics.items()}
+    metrics = evaluation.keyed(req.split)
     html = render_html(f"{model.name} version {model.version}: {req.split} split", facts, metrics, pictures,
                        evaluation.notes)
     files: dict[str, bytes] = {f"{name}.png": _png(image) for name, image in pictures.items()}

@@ -8,6 +8,7 @@ one does not, the better one does.
 from __future__ import annotations
 
 import gzip
+import html
 import json
 from pathlib import Path
 
@@ -70,9 +71,14 @@ def test_first_becomes_champion_worse_does_not_better_does(home, register):
     assert 0 < m["test/ssim"] <= 1 and m["test/psnr"] > 0
     assert 0 <= m["test/active_units"] <= 8 + 16  # the mnist preset has a 16-dim top layer above the 8
     assert m["test/knn_accuracy"] > 0.3  # ten classes: chance is 0.1
-    assert first.feature_classifier.test_accuracy > 0.5 and not first.feature_classifier.cached
+    assert first.feature_classifier.test_accuracy > 0.55 and not first.feature_classifier.cached
+    # Its accuracy beside chance, logged; high enough that no note doubts the Fréchet distances.
+    assert m["features/classifier_accuracy"] == first.feature_classifier.test_accuracy
+    assert m["features/chance_accuracy"] == pytest.approx(0.1)
+    assert not [n for n in first.notes if "Fréchet" in n]
     run = client.get_run(first.run_id)
     assert run.data.metrics[f"test/nll_k{K}"] == pytest.approx(m[f"test/nll_k{K}"])
+    assert run.data.metrics["features/classifier_accuracy"] == pytest.approx(first.feature_classifier.test_accuracy)
     assert run.data.tags["evaluation.test.k"] == str(K)
 
     # Pictures: PNGs of the expected sizes under $VAE_HOME/reports/<model>/<version>/, and logged.
@@ -91,13 +97,21 @@ def test_first_becomes_champion_worse_does_not_better_does(home, register):
     assert json.loads((folder / "metrics.json").read_text())["metrics"] == m
 
     # An untrained model is worse: evaluated against the champion on the same split, K and seed, kept out.
+    # Its training run's warning reaches the notes, the report and the gate's reason.
     v2 = register(epochs=0)
+    warning = "training ended with the KL weight at 0.02, below its target 1.0"
+    client.set_tag(client.get_model_version("vae-mnist", str(v2)).run_id, "warning/kl_warmup", warning)
     worse = _evaluate(model="models:/vae-mnist@challenger")
+    assert f"training warning (kl_warmup): {warning}" in worse.notes
+    assert f"training warning (kl_warmup): {warning}" in (home / "reports" / "vae-mnist" / str(v2) /
+                                                          "report.html").read_text()
+    assert worse.decision.reason.endswith(f"; warning: {warning}")
     assert not worse.decision.promote and worse.champion.version == v1
     assert worse.champion.metrics[f"test/nll_k{K}"] == pytest.approx(m[f"test/nll_k{K}"], rel=1e-6)
     assert int(client.get_registered_model("vae-mnist").aliases["champion"]) == v1
     tags = client.get_model_version("vae-mnist", str(v2)).tags
     assert tags["gate.decision"] == "kept" and tags["gate.champion_version"] == str(v1)
+    assert tags["gate.reason"] == worse.decision.reason
     assert float(tags["gate.challenger"]) == pytest.approx(worse.metrics[f"test/nll_k{K}"])
     assert float(tags["gate.champion"]) == pytest.approx(m[f"test/nll_k{K}"])
 
@@ -163,7 +177,8 @@ def test_errors_name_what_exists(home, register):
             _evaluate(model="models:/vae-other@challenger", gpus=1)
 
 
-def test_unlabelled_dataset_skips_label_metrics_with_a_note(home, register, tmp_path):
+def test_no_labels_skip_label_metrics_and_random_labels_flag_the_frechet_distances(home, register, tmp_path):
+    from vae_core.errors import EvaluateError
     from vae_core.ingestion.ingest import run_ingest
     from vae_core.requests import IngestRequest
 
@@ -174,9 +189,26 @@ def test_unlabelled_dataset_skips_label_metrics_with_a_note(home, register, tmp_
     version = register(epochs=0, name="vae-plain")
     out = _evaluate(model=f"models:/vae-plain/{version}", dataset="plain", promote=False)
     assert "test/knn_accuracy" not in out.metrics and "test/frechet_samples" not in out.metrics
-    assert f"test/nll_k{K}" in out.metrics
+    assert f"test/nll_k{K}" in out.metrics and "features/classifier_accuracy" not in out.metrics
     assert any("k-NN and linear probe skipped" in n for n in out.notes)
     assert out.feature_classifier.skipped.startswith("no labelled")
+
+    # Labels drawn at random: no classifier can learn them, so it stays near chance (0.1) on held-out rows.
+    np.savez(tmp_path / "random.npz", images=images, labels=np.random.default_rng(0).integers(0, 10, len(images)))
+    run_ingest(IngestRequest(source=str(tmp_path / "random.npz"), name="random-labels", test_fraction=0.5))
+    model = f"models:/vae-plain/{version}"
+    with pytest.raises(EvaluateError, match=r"^the champion gate refuses --metric frechet_samples: the feature "
+                                            r"classifier's held-out accuracy is 0\.\d+, below 0\.550 \(chance"):
+        _evaluate(model=model, dataset="random-labels", metric="frechet_samples")
+    assert "champion" not in _client().get_registered_model("vae-plain").aliases
+    flagged = _evaluate(model=model, dataset="random-labels", promote=False, limit=50)
+    accuracy = flagged.metrics["features/classifier_accuracy"]
+    assert accuracy < 0.3 and flagged.metrics["features/chance_accuracy"] == pytest.approx(0.1)
+    assert "test/frechet_samples" in flagged.metrics  # shown, with the note beside it
+    note = next(n for n in flagged.notes if n.startswith("Fréchet distances unreliable: "))
+    assert f"held-out accuracy is {accuracy:.3f}, below 0.550" in note
+    report = (home / "reports" / "vae-plain" / str(version) / "report.html").read_text()
+    assert html.escape(note, quote=True) in report
 
 
 def test_an_autoencoder_is_evaluated_like_any_model_without_likelihood_numbers(home, register):

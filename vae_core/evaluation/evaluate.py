@@ -9,7 +9,9 @@ The numbers, all on the split's images and keyed without the split (the flow add
   on the train split's latent means (`vae_core.evaluation.latent_metrics`);
 - with a feature classifier, `frechet_samples` and `frechet_reconstructions`: the Fréchet distance of
   prior samples and of reconstructions to the real images, in the classifier's feature space
-  (`vae_core.model.feature_net`, the offline stand-in for FID);
+  (`vae_core.model.feature_net`, the offline stand-in for FID); where the classifier's held-out accuracy
+  is known, it and chance (1/K) are kept apart from the split's numbers (`Evaluation.classifier`), and a
+  note says when it is too low for the distances to be trusted (`feature_net.unreliable_features`);
 - `sharpness_reconstructions` and `sharpness_samples`: the mean Laplacian variance of reconstructions and
   of prior samples over the real images' (`vae_core.evaluation.sharpness`; 1.0 is as sharp as the split, blurry
   below). Every model has them: they need neither labels nor a feature classifier.
@@ -39,7 +41,7 @@ from vae_core.evaluation.sample import SeededSample
 from vae_core.evaluation.scores import BatchScores, ScoreTotals, score_batches
 from vae_core.evaluation.sharpness import SharpnessMeter
 from vae_core.model.encode import encode_images
-from vae_core.model.feature_net import FrechetScorer
+from vae_core.model.feature_net import FrechetScorer, unreliable_features
 from vae_core.model.pictures import grid, reconstruction_grid
 from vae_core.model.vae import ConvVAE
 
@@ -80,10 +82,17 @@ class Evaluation:
     pictures: SeededSample  # "image" (P, H, W, C), "recon" (P, C, H, W) uint8 and "label" (P,)
     unit_variance: np.ndarray  # (L,) variance of each latent mean across the split
     notes: list[str] = field(default_factory=list)
+    # The feature classifier's own numbers (features/classifier_accuracy, features/chance_accuracy): measured
+    # on its held-out rows, not on the split, so they are keyed apart from `metrics`.
+    classifier: dict[str, float] = field(default_factory=dict)
 
     @property
     def labelled(self) -> bool:
         return bool((self.sample["label"] >= 0).any())
+
+    def keyed(self, split: str) -> dict[str, float]:
+        """Every number as it is logged and reported: the split's as `<split>/<name>`, then the classifier's."""
+        return {f"{split}/{k}": v for k, v in self.metrics.items()} | self.classifier
 
 
 class SplitPass:
@@ -166,8 +175,20 @@ def finish(model: ConvVAE, split: SplitPass, data: EvalData, seed: int, batch_si
     probes, probe_notes = _probes(model, data, split.sample, seed, batch_size, devices)
     metrics.update(probes)
     notes += probe_notes
+    classifier, classifier_notes = _classifier(frechet)
     return Evaluation(metrics=metrics, images=split.totals.count, sample=split.sample, pictures=split.pictures,
-                      unit_variance=split.moments.variance, notes=notes)
+                      unit_variance=split.moments.variance, notes=notes + classifier_notes, classifier=classifier)
+
+
+def _classifier(frechet: FrechetScorer | None) -> tuple[dict[str, float], list[str]]:
+    """The feature classifier's held-out accuracy beside chance, and a note when it is too low for the
+    Fréchet distances to be trusted; nothing when there is no classifier or its accuracy is not known."""
+    if frechet is None or frechet.accuracy is None:
+        return {}, []
+    classes = frechet.net.num_classes
+    numbers = {"features/classifier_accuracy": frechet.accuracy, "features/chance_accuracy": 1.0 / classes}
+    problem = unreliable_features(frechet.accuracy, classes)
+    return numbers, [] if problem is None else [f"Fréchet distances unreliable: {problem}"]
 
 
 def _prior_metrics(model: ConvVAE, n: int, batch_size: int, seed: int, frechet: FrechetScorer | None,

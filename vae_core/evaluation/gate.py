@@ -7,13 +7,25 @@ model-version tags that record it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 GateMetric = Literal["nll", "bits_per_dim", "neg_elbo", "frechet_samples", "frechet_reconstructions", "mse",
                      "psnr", "ssim", "knn_accuracy", "linear_probe_accuracy"]
 HIGHER_IS_BETTER = frozenset({"psnr", "ssim", "knn_accuracy", "linear_probe_accuracy"})
+FRECHET_METRICS = frozenset({"frechet_samples", "frechet_reconstructions"})
+
+
+def refusal(metric: str, unreliable_features: str | None) -> str | None:
+    """Why the gate cannot compare on `metric` (one line), or None: a Fréchet distance in features that
+    `feature_net.unreliable_features` found unreliable would promote on noise."""
+    if metric not in FRECHET_METRICS or unreliable_features is None:
+        return None
+    return (f"the champion gate refuses --metric {metric}: {unreliable_features}; choose another --metric "
+            "(nll, ssim, knn_accuracy, ...) or --no-promote")
 
 
 def metric_key(metric: GateMetric, k: int) -> str:
@@ -33,6 +45,10 @@ class Decision:
     champion: float | None
     champion_version: int | None
     margin: float
+
+    def with_warnings(self, warnings: Iterable[str]) -> Decision:
+        """This decision with each warning (one sentence) appended to its reason: "...; warning: <text>"."""
+        return dataclasses.replace(self, reason=self.reason + "".join(f"; warning: {w}" for w in warnings))
 
     def tags(self) -> dict[str, str]:
         """Model-version tags that record the decision (`gate.*`)."""

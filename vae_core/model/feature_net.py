@@ -25,6 +25,12 @@ FILE_NAME = "feature_net.safetensors"
 # What a classifier is trained and measured on at most: a seeded sample of a larger split (60,000 is all of
 # MNIST's train set) whose pixels stay under SAMPLE_BYTES.
 TRAIN_ROWS, TEST_ROWS, SAMPLE_BYTES = 60_000, 10_000, 256 * 2**20
+# How much of the way from chance (1/K) to perfect accuracy a classifier's held-out accuracy must go before
+# Fréchet distances in its features are trusted: half (Cohen's kappa 0.5 on balanced classes). Features that
+# cannot separate the classes measure noise, not what the images show; a threshold relative to chance holds
+# for any K (10 classes: 0.55, 2: 0.75, where a fixed 0.5 or twice chance would pass guessing or nothing).
+# The small CNN reaches ~0.98 on MNIST; a classifier that learned nothing sits at chance.
+MIN_SKILL = 0.5
 
 
 class FeatureNet(nn.Module):
@@ -138,6 +144,21 @@ def accuracy(net: FeatureNet, images_u8: np.ndarray, labels: np.ndarray, batch_s
     for batch, target in zip(images.split(batch_size), targets.split(batch_size)):
         correct += int((net(batch).argmax(dim=1).cpu() == target).sum())
     return correct / len(targets)
+
+
+def min_accuracy(num_classes: int) -> float:
+    """The held-out accuracy a classifier of `num_classes` classes needs for trusted Fréchet distances."""
+    chance = 1.0 / num_classes
+    return chance + MIN_SKILL * (1.0 - chance)
+
+
+def unreliable_features(accuracy: float, num_classes: int) -> str | None:
+    """Why Fréchet distances in a classifier's features are unreliable (one sentence), or None if they are not."""
+    if accuracy >= min_accuracy(num_classes):
+        return None
+    return (f"the feature classifier's held-out accuracy is {accuracy:.3f}, below {min_accuracy(num_classes):.3f} "
+            f"(chance is {1 / num_classes:.3f} for {num_classes} classes; trusted from halfway between chance and "
+            "1.0): its features barely tell the classes apart, so the Fréchet distances say little about the images")
 
 
 def _metadata(blob: bytes) -> dict[str, str]:
@@ -279,7 +300,8 @@ class _Extractor(nn.Module):
 class FrechetScorer:
     """Fréchet distance between one real image set (features computed once) and any number of fake sets."""
 
-    def __init__(self, net: FeatureNet, device: str | torch.device = "cpu") -> None:
+    def __init__(self, net: FeatureNet, device: str | torch.device = "cpu", accuracy: float | None = None) -> None:
+        """`accuracy`: the classifier's held-out accuracy, when known (`unreliable_features`)."""
         from vae_core.model.tv import import_torchmetrics
 
         import_torchmetrics()  # torchvision needs its shim before torchmetrics imports it
@@ -287,6 +309,7 @@ class FrechetScorer:
 
         self.net = net.to(device).eval()
         self.device = torch.device(device)
+        self.accuracy = accuracy
         self.metric = FrechetInceptionDistance(
             feature=_Extractor(self.net), reset_real_features=False).to(self.device)
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from vae_core.evaluation.gate import decide, metric_key
+from vae_core.evaluation.gate import decide, metric_key, refusal
 
 
 def test_first_model_becomes_champion():
@@ -41,3 +41,27 @@ def test_higher_is_better_metrics_and_non_numbers():
 def test_metric_keys_carry_k_only_where_k_matters():
     assert metric_key("nll", 1000) == "nll_k1000" and metric_key("bits_per_dim", 5) == "bits_per_dim_k5"
     assert metric_key("frechet_samples", 1000) == "frechet_samples"
+
+
+def test_the_gate_refuses_frechet_distances_of_a_classifier_that_learned_too_little():
+    from vae_core.model.feature_net import min_accuracy, unreliable_features
+
+    assert min_accuracy(10) == pytest.approx(0.55) and min_accuracy(2) == pytest.approx(0.75)
+    assert unreliable_features(0.55, 10) is None and unreliable_features(0.98, 10) is None
+    weak = unreliable_features(0.098, 10)
+    assert weak.startswith("the feature classifier's held-out accuracy is 0.098, below 0.550 (chance is 0.100")
+    assert unreliable_features(0.7, 2).startswith("the feature classifier's held-out accuracy is 0.700, below 0.750")
+    for metric in ("frechet_samples", "frechet_reconstructions"):
+        assert refusal(metric, weak) == (f"the champion gate refuses --metric {metric}: {weak}; choose another "
+                                         "--metric (nll, ssim, knn_accuracy, ...) or --no-promote")
+        assert refusal(metric, None) is None
+    assert refusal("nll", weak) is None  # other metrics do not depend on the classifier
+
+
+def test_training_warnings_follow_the_reason():
+    d = decide("test/nll_k100", 88.0, 3, 90.0, 2).with_warnings(["β ended at 0.1, below its target 1.0",
+                                                                  "one worker restarted"])
+    assert d.promote and d.reason.endswith("; warning: β ended at 0.1, below its target 1.0; warning: one worker "
+                                           "restarted")
+    assert d.tags()["gate.reason"] == d.reason
+    assert decide("test/nll_k100", 1.0, 1, None, None).with_warnings([]).reason == "there is no champion yet"
