@@ -4,10 +4,19 @@ import base64
 import io
 from html.parser import HTMLParser
 
+import typing
+
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
-from vae_core.evaluation.report import format_value, render_html
+from vae_core import ConvVAE, load_config
+from vae_core.data.shards.read import RowBatch
+from vae_core.evaluation.evaluate import EvalData, evaluate_model
+from vae_core.evaluation.gate import HIGHER_IS_BETTER, GateMetric
+from vae_core.evaluation.report import CAPTIONS, HIGHER, LOWER, METRICS, format_value, metric_unit, render_html
+from vae_core.model.pictures import ROW_NAMES, upscale
 
 
 class _Page(HTMLParser):
@@ -82,27 +91,66 @@ def test_format_value_keeps_four_significant_digits():
     assert format_value(3) == "3"
 
 
-def test_pictures_are_inlined_pngs_of_the_same_size():
+def _decoded(attrs: dict[str, str | None]) -> np.ndarray:
+    src = attrs["src"] or ""
+    assert src.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
+
+
+def test_pictures_are_inlined_pngs_as_saved():
     pictures = _pictures()
     page = _parse(_render())
     imgs = [attrs for tag, attrs in page.tags if tag == "img"]
     assert len(imgs) == len(pictures)
     for attrs, (name, original) in zip(imgs, pictures.items()):
-        src = attrs["src"]
-        assert src.startswith("data:image/png;base64,")
-        decoded = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
-        assert decoded.size == original.size
-        np.testing.assert_array_equal(np.asarray(decoded), np.asarray(original))
+        np.testing.assert_array_equal(_decoded(attrs), np.asarray(upscale(original)))
         assert attrs["alt"] == name
         assert name in page.text
 
 
-def test_small_pictures_are_scaled_up_pixelated():
+def test_small_pictures_are_scaled_up_by_the_artifacts_function():
     page = _parse(_render())
     small, large = [attrs for tag, attrs in page.tags if tag == "img"]
-    assert "pixelated" in small["style"] and int(small["width"]) >= 256
-    assert int(small["width"]) % 102 == 0  # a whole multiple keeps source pixels square
-    assert "style" not in large and large["width"] == "600"
+    original = np.asarray(_pictures()["interpolation"])  # 102 x 42
+    assert small["width"] == "306" and small["height"] == "126"  # a whole multiple keeps source pixels square
+    np.testing.assert_array_equal(_decoded(small), np.kron(original, np.ones((3, 3), dtype=original.dtype)))
+    assert large["width"] == "600"
+
+
+def test_every_metric_shows_its_unit_and_which_way_is_better():
+    rows = _parse(_render(metrics={"test/nll_k100": 80.0, "test/psnr": 20.0, "test/kl_dim_03": 0.5,
+                                   "test/sharpness_samples": 0.7, "mystery": 1.0})).text
+    assert rows[rows.index("test/nll_k100"):][:4] == ["test/nll_k100", "80", "nats/image", LOWER]
+    assert rows[rows.index("test/psnr"):][:4] == ["test/psnr", "20", "dB", HIGHER]
+    assert rows[rows.index("test/kl_dim_03"):][2] == "nats/image"
+    assert rows[rows.index("test/sharpness_samples"):][3] == "closer to 1 is better"
+    assert metric_unit("mystery") == ("", "")
+
+
+def test_the_gates_metrics_read_their_direction_from_the_gate():
+    for metric in typing.get_args(GateMetric):
+        unit, better = METRICS[metric]
+        assert unit and better == (HIGHER if metric in HIGHER_IS_BETTER else LOWER), metric
+
+
+@pytest.mark.parametrize("kind", ["vae", "ae"])
+def test_every_number_an_evaluation_reports_has_a_unit(digits_u8, kind):
+    torch.manual_seed(0)
+    config = load_config("digits").model.model_copy(update={"kind": kind})
+    images = digits_u8[:40].permute(0, 2, 3, 1).numpy()
+    labels = np.arange(40) % 4
+    reference = RowBatch(images[:20], labels[:20].astype(np.int32), [str(i) for i in range(20)])
+    evaluation = evaluate_model(ConvVAE(config).eval(), EvalData.from_arrays(images[20:], labels[20:], reference),
+                                k=2, batch_size=20)
+    names = [*evaluation.metrics, "frechet_samples", "frechet_reconstructions"]  # no feature net here
+    assert [n for n in names if not all(metric_unit(n))] == []
+
+
+def test_reconstructions_caption_says_which_rows_are_originals():
+    page = _parse(_render(pictures={"reconstructions": Image.new("L", (300, 100))}))
+    caption = CAPTIONS["reconstructions"]
+    assert caption in page.text
+    assert all(f'"{name}"' in caption for name in ROW_NAMES) and "row below" in caption
 
 
 def test_page_is_self_contained():
