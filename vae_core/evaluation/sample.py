@@ -91,3 +91,11 @@ class SeededSample:
             return f"all {self.seen:,} rows of {what}"
         by = "" if self.stratify is None else f", stratified by {self.stratify}"
         return f"a seeded sample (seed {self.seed}{by}) of {len(self):,} of the {self.seen:,} rows of {what}"
+
+
+def stratified_rows(ids: list[str], labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Row numbers into `ids` of the seeded sample of `size` rows stratified by label (the classes in turn):
+    the images a grid shows of a split held in memory, the same for the same seed."""
+    sample = SeededSample(size, seed, stratify="label")
+    sample.add(ids, row=np.arange(len(ids)), label=np.asarray(labels))
+    return sample["row"]

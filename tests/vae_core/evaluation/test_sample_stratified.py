@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vae_core.data.splits import sample_keys
-from vae_core.evaluation.sample import SeededSample
+from vae_core.evaluation.sample import SeededSample, stratified_rows
 
 # A split stored one class folder after another: 10 classes of 200 rows, in class order.
 IDS = [f"class{c}/img-{i:03d}.png" for c in range(10) for i in range(200)]
@@ -39,6 +39,7 @@ def test_every_class_is_drawn_from_a_split_stored_class_by_class():
     assert len(set(s["label"][:10])) == 10  # the first row of a grid already spans the classes
     np.testing.assert_array_equal(s["label"], LABELS[s["row"]])
     assert "stratified by label" in s.describe("the split")
+    assert list(stratified_rows(IDS, LABELS, 32, 5)) == _expected(32, 5)  # a split held in memory: the same rows
 
 
 def test_same_seed_same_rows_whatever_the_batches_order_and_workers():
