@@ -105,7 +105,7 @@ class SplitPass:
         self.totals = ScoreTotals(k, c * h * w, point=model.config.kind == "ae")
         self.moments = RunningVariance()
         self.sample = SeededSample(sample_rows, seed)  # "mean", "label"
-        self.pictures = SeededSample(PICTURE_ROWS, seed)  # "image", "recon", "label"
+        self.pictures = SeededSample(PICTURE_ROWS, seed, stratify="label")  # "image", "recon", "label"
         self.sharpness = SharpnessMeter()
 
     def add(self, rows: RowBatch, scores: BatchScores, frechet: FrechetScorer | None) -> None:
@@ -238,11 +238,13 @@ def _measured(batches: Iterable[torch.Tensor], meter: SharpnessMeter) -> Iterato
         yield batch
 
 
-def draw_pictures(model: ConvVAE, evaluation: Evaluation, seed: int = 0, map_points: int = 2000) -> dict[str, Image.Image]:
+def draw_pictures(model: ConvVAE, evaluation: Evaluation, seed: int = 0, map_points: int = 2000,
+                  label_names: list[str] | None = None) -> dict[str, Image.Image]:
     """What a person looks at: "reconstructions" (originals above reconstructions), "samples" from the prior,
     "interpolations" between pairs of split images, "traversals" of the most active latent dimensions and
-    "latent_pca" / "latent_tsne" maps of the latent means coloured by label; all from the evaluation's
-    seeded samples of the split."""
+    "latent_pca" / "latent_tsne" maps of the latent means coloured by label, their legends naming classes by
+    `label_names` (the dataset's); all from the evaluation's seeded samples of the split (the pictures' one
+    stratified by label, so every class is shown)."""
     from vae_core.evaluation.pictures import interpolation_grid, latent_maps, traversal_grid
 
     device = next(model.parameters()).device
@@ -261,7 +263,8 @@ def draw_pictures(model: ConvVAE, evaluation: Evaluation, seed: int = 0, map_poi
     sample = evaluation.sample
     if len(sample) >= 3:
         labels = sample["label"] if evaluation.labelled else None
-        pictures.update(latent_maps(sample["mean"], labels, max_points=map_points, seed=seed))
+        pictures.update(latent_maps(sample["mean"], labels, max_points=map_points, seed=seed,
+                                    label_names=label_names))
     return pictures
 
 
