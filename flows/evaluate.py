@@ -227,7 +227,8 @@ def report_task(req: EvaluateRequest, target: Target, model: Any, evaluation: An
     from vae_core.evaluation.evaluate import draw_pictures
 
     with timed(run_logger(), "pictures and the HTML report"):
-        pictures = draw_pictures(model, evaluation, seed=req.seed, map_points=req.map_points)
+        pictures = draw_pictures(model, evaluation, seed=req.seed, map_points=req.map_points,
+                                 label_names=target.dataset.manifest.label_names)
         return write_report(target.model, req, facts, evaluation, pictures)
 
 
