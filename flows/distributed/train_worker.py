@@ -29,6 +29,7 @@ import ray.train.torch
 import torch
 
 from vae_core.data.shards import DatasetInfo, images_u8, open_dataset, read_split_u8
+from vae_core.evaluation.sample import stratified_rows
 from vae_core.model.config import VAEConfig
 from vae_core.training.fit import MODEL, Fit, weights_file
 from vae_core.training.hooks import Hooks, Ranks
@@ -64,10 +65,11 @@ class SplitSource:
     equal size, so every rank takes the same number of steps (DDP needs that).
     """
 
-    def __init__(self, shape: tuple[int, int, int], tensor: torch.Tensor | None = None, stream: Any = None):
+    def __init__(self, shape: tuple[int, int, int], tensor: torch.Tensor | None = None, stream: Any = None,
+                 preview: torch.Tensor | None = None):
         self.shape, self.tensor, self.stream = shape, tensor, stream
         # uint8 (P, H, W, C): what the reconstruction grids show; a stream fills it on its first batch.
-        self.preview = tensor[:PREVIEW] if tensor is not None else None
+        self.preview = preview
 
     @classmethod
     def open(cls, info: DatasetInfo, split: str, how: str, device: torch.device,
@@ -77,11 +79,13 @@ class SplitSource:
         so copies run asynchronously."""
         if how == "stream":
             return cls(info.shape, stream=ray.train.get_dataset_shard(split))
-        images, _, _ = read_split_u8(info, split)  # once per worker, checksums verified
+        images, labels, ids = read_split_u8(info, split)  # once per worker, checksums verified
         tensor = torch.from_numpy(np.ascontiguousarray(images))
+        # Every class, by a seeded sample: a split stored one class after another starts with one class only.
+        preview = tensor[torch.from_numpy(stratified_rows(ids, labels, PREVIEW, seed=0))]
         if device.type == "cuda":
             tensor = tensor.to(device) if tensor.nbytes <= device_data_mb * 2**20 else tensor.pin_memory()
-        return cls(info.shape, tensor=tensor)
+        return cls(info.shape, tensor=tensor, preview=preview)
 
     def batches(self, batch_size: int, rank: int, world: int, shuffle_seed: int | None,
                 drop_last: bool) -> Iterator[torch.Tensor]:
