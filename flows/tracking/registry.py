@@ -6,24 +6,26 @@ loads the registered model is in `flows.tracking.pyfunc`.
 
 from __future__ import annotations
 
+import json
 import tempfile
-import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from flows.tracking.runs import client
 from vae_core.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
+    from vae_core.evaluation.gate import Decision
     from vae_core.model.vae import ConvVAE
 
 MODEL_ARTIFACT_NAME = "model"
@@ -33,6 +35,7 @@ _PYFUNC_FILE = Path(__file__).resolve().parent / "pyfunc.py"
 WEIGHTS_ARTIFACT = "weights"  # the artifact key flows.tracking.pyfunc reads (not imported: it pulls in torch)
 CHAMPION, CHALLENGER = "champion", "challenger"  # the aliases: the version served, the one trained last
 GATE_LOCK_SUFFIX = ".gate-lock"  # `<name>.gate-lock`: a registered model only while a champion gate holds it
+_GATE_HEAD = "Champion gate:"  # a version description's last paragraph, rewritten by each gate decision
 
 
 def default_model_name(dataset_name: str) -> str:
@@ -68,11 +71,10 @@ def log_and_register_model(
 ) -> int:
     """Log `model` as a pyfunc into the run, register it as a new version of `model_name`, set `alias`.
 
-    The version carries tags dataset_version and run_id. Returns the new version number.
+    The version carries tags dataset_version and run_id and a description of what it was trained on; the
+    registered model, when this creates it, a description of what it is and how to load it. Returns the new
+    version number.
     """
-    import vae_core  # torch-heavy; only this function needs it
-    from vae_core.model.weights import save_model
-
     mlflow_client = client()
     tags = {"dataset_version": dataset_version, "run_id": run_id}
     run = mlflow_client.get_run(run_id)
@@ -85,34 +87,118 @@ def log_and_register_model(
         tags=tags,
         params={k: v[:6000] for k, v in run.data.params.items()},
     )
+    _log_pyfunc(run_id, logged.model_id, model, tags)
+    dataset = run.data.tags.get("dataset_name", "?")
+    _ensure_registered_model(model_name, dataset)
+    mv = mlflow_client.create_model_version(
+        model_name, f"models:/{logged.model_id}", run_id=run_id, tags=tags, model_id=logged.model_id,
+        description=version_description(model, f"{dataset}@{dataset_version}", run.data.params.get("name"), run_id))
+    _list_version(logged.model_id, model_name, int(mv.version))
+    mlflow_client.set_registered_model_alias(model_name, alias, str(mv.version))
+    return int(mv.version)
+
+
+def _log_pyfunc(run_id: str, model_id: str, model: ConvVAE, tags: dict[str, str]) -> None:
+    """Write the pyfunc's files (weights, code, requirements, signature, input example) into the logged model."""
+    import vae_core  # torch-heavy; only registration needs it
+    from vae_core.model.weights import save_model
+
     with tempfile.TemporaryDirectory(prefix="vae-model-") as tmp:
         weights = Path(tmp) / "model.safetensors"
-        save_model(model, str(weights), extra={"run_id": run_id, "dataset_version": dataset_version})
-        with warnings.catch_warnings():
-            # An input example would only silence this: mlflow validates one by loading the model
-            # in this process, which leaves the model's code folder on sys.path.
-            warnings.filterwarnings("ignore", message=".*input example was not provided")
-            # Model.log is what mlflow.pyfunc.log_model calls, with the run id passed explicitly; the
-            # fluent form needs a global active run, and leaving one (`with start_run(run_id)`) would
-            # mark the still-training run FINISHED.
-            info = Model.log(
-                artifact_path=None,
-                name=MODEL_ARTIFACT_NAME,
-                flavor=mlflow.pyfunc,
-                run_id=run_id,
-                model_id=logged.model_id,
-                python_model=str(_PYFUNC_FILE),  # a "model from code": no pickled class
-                artifacts={WEIGHTS_ARTIFACT: str(weights)},
-                code_paths=[vae_core.__path__[0]],  # the library travels with the model
-                signature=model_signature(model),
-                # Explicit requirements skip mlflow's inference, which loads the model in a subprocess (~7 s).
-                pip_requirements=_pip_requirements(),
-                registered_model_name=model_name,
-                tags=tags,
-            )
-    version = int(info.registered_model_version)
-    mlflow_client.set_registered_model_alias(model_name, alias, str(version))
-    return version
+        save_model(model, str(weights), extra={"run_id": run_id, "dataset_version": tags["dataset_version"]})
+        # Model.log is what mlflow.pyfunc.log_model calls, with the run id passed explicitly; the fluent
+        # form needs a global active run, and leaving one (`with start_run(run_id)`) would mark the
+        # still-training run FINISHED. No registered_model_name: registering is done apart (see
+        # _list_version for why).
+        Model.log(
+            artifact_path=None,
+            name=MODEL_ARTIFACT_NAME,
+            flavor=_UnvalidatedPyfunc,
+            run_id=run_id,
+            model_id=model_id,
+            python_model=str(_PYFUNC_FILE),  # a "model from code": no pickled class
+            artifacts={WEIGHTS_ARTIFACT: str(weights)},
+            code_paths=[vae_core.__path__[0]],  # the library travels with the model
+            signature=model_signature(model),
+            input_example=input_example(model),
+            # The example is checked against the signature only: mlflow's serving check would load and run
+            # the model in this process, which costs time and leaves the model's code folder on sys.path.
+            validate_serving_input=False,
+            # Explicit requirements skip mlflow's inference, which loads the model in a subprocess (~7 s).
+            pip_requirements=_pip_requirements(),
+            tags=tags,
+        )
+
+
+class _UnvalidatedPyfunc:
+    """mlflow.pyfunc as a flavor for Model.log, taking its `validate_serving_input` option: Model.log reads it,
+    then hands every option to the flavor's save_model, and mlflow.pyfunc.save_model refuses unknown ones."""
+
+    @staticmethod
+    def save_model(validate_serving_input: bool = True, **kwargs: Any) -> None:
+        mlflow.pyfunc.save_model(**kwargs)
+
+
+def input_example(model: ConvVAE) -> np.ndarray:
+    """One mid-grey uint8 image in the model's (1, H, W, C) input shape: the input example logged with it."""
+    c, h, w = model.config.input_shape
+    return np.full((1, h, w, c), 128, np.uint8)
+
+
+def _ensure_registered_model(name: str, dataset: str) -> None:
+    """Create registered model `name` with its description, or describe it if it exists without one (a
+    description someone wrote is kept)."""
+    mlflow_client = client()
+    description = model_description(name, dataset)
+    try:
+        mlflow_client.create_registered_model(name, description=description)
+    except MlflowException as e:
+        if e.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+            raise
+        if not mlflow_client.get_registered_model(name).description:
+            mlflow_client.update_registered_model(name, description=description)
+
+
+def model_description(name: str, dataset: str) -> str:
+    """The registered model's description: what it is and how to load it."""
+    return (f"A variational autoencoder (VAE) trained on the `{dataset}` dataset: one version per train-vae run. "
+            f"`@{CHAMPION}` is the version evaluate-vae's gate promoted, `@{CHALLENGER}` the newest.\n\n"
+            f"Load: `mlflow.pyfunc.load_model(\"{model_uri(name, CHAMPION)}\")`; its `predict(images)` takes uint8 "
+            "images (N, H, W, C) and returns {\"mean\", \"logvar\"} float32 (N, latent_dim). "
+            "`.unwrap_python_model().model` is the torch module, for decode and sample (docs/models.md).")
+
+
+def version_description(model: ConvVAE, dataset: str, config: str | None, run_id: str) -> str:
+    """A version's description at registration: its data (`name@version`), config, run and shapes; the
+    gate's outcome follows (`describe_gate`)."""
+    c, h, w = model.config.input_shape
+    return (f"Trained on `{dataset}` with the `{config or 'unnamed'}` config in MLflow run `{run_id}`. Takes uint8 "
+            f"images (N, {h}, {w}, {c}) to latents of {model.latent_dim} dimensions.\n\n"
+            f"{_GATE_HEAD} not evaluated yet.")
+
+
+def describe_gate(name: str, version: int, decision: Decision) -> None:
+    """Put the champion gate's outcome (promoted or kept, and why) in the version's description, in place
+    of the one before."""
+    mlflow_client = client()
+    before = mlflow_client.get_model_version(name, str(version)).description or ""
+    kept = before.split(f"\n\n{_GATE_HEAD}")[0] if before else ""
+    outcome = f"{_GATE_HEAD} {'promoted' if decision.promote else 'kept'}: {decision.reason}."
+    mlflow_client.update_model_version(name, str(version), description=f"{kept}\n\n{outcome}".strip())
+
+
+def _list_version(model_id: str, name: str, version: int) -> None:
+    """List `name` version `version` once in the logged model's `mlflow.modelVersions` tag.
+
+    A tracking server adds the version to that tag itself when it creates one; mlflow's log_model then adds it
+    again on the client, so a version listed itself twice. A local store adds nothing.
+    """
+    mlflow_client = client()
+    listed = json.loads(mlflow_client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if any(v["name"] == name and str(v["version"]) == str(version) for v in listed):
+        return
+    listed.append({"name": name, "version": version})
+    mlflow_client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
 
 
 def _pip_requirements() -> list[str]:

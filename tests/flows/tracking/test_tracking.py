@@ -193,9 +193,13 @@ def test_system_metrics_unavailable_is_a_warning_not_an_error(monkeypatch, caplo
 
 
 def test_register_creates_versions_and_moves_challenger(store, model):
+    from vae_core.evaluation.gate import decide
+
     run_id = _start("exp-register")
     name = "vae-register-test"
+    path_before = list(sys.path)
     assert registry.log_and_register_model(run_id, model, name, "v123") == 1
+    assert sys.path == path_before  # the input example is not checked by loading the model in this process
     assert registry.log_and_register_model(run_id, model, name, "v123") == 2
     client = _client()
     newest = client.get_model_version_by_alias(name, "challenger")
@@ -204,6 +208,26 @@ def test_register_creates_versions_and_moves_challenger(store, model):
     assert newest.run_id == run_id
     # Registering must not end the run: training may still be going on.
     assert client.get_run(run_id).info.status == "RUNNING"
+    _check_listed_once(client, name, newest)
+
+    described = client.get_registered_model(name).description
+    assert "trained on the `digits` dataset" in described and f"models:/{name}@champion" in described
+    about = newest.description
+    assert f"`digits@v123` with the `{CONFIG.name}` config in MLflow run `{run_id}`" in about
+    assert "uint8 images (N, 8, 8, 1) to latents of 8 dimensions" in about and about.endswith("not evaluated yet.")
+    # Each gate decision replaces the one before; what registration wrote stays.
+    registry.describe_gate(name, 2, decide("test/nll_k100", 90.0, 2, 80.0, 1))
+    registry.describe_gate(name, 2, decide("test/nll_k100", 70.0, 2, 80.0, 1))
+    gated = client.get_model_version(name, "2").description
+    assert gated.startswith(about.split("Champion gate:")[0]) and gated.count("Champion gate:") == 1
+    assert gated.endswith("Champion gate: promoted: test/nll_k100 70.0000 is 10.0000 lower (better) than the "
+                          "champion's 80.0000 (version 1); margin 0.")
+
+
+def _check_listed_once(client, name: str, version) -> None:
+    """The version's logged model lists it once in its `mlflow.modelVersions` tag."""
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))  # a local store leaves model_id None
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": name, "version": int(version.version)}]
 
 
 def test_a_version_beyond_what_a_registry_holds_is_one_clear_error(store, model):
@@ -255,6 +279,8 @@ _PULL = textwrap.dedent(
     # A one-column DataFrame of flattened pixel lists is reshaped by MLflow's schema enforcement.
     from_frame = loaded.predict(pd.DataFrame({"pixels": [im.ravel().tolist() for im in images]}))
     assert np.allclose(from_frame["mean"], out["mean"], atol=1e-6)
+    example = loaded.input_example  # logged with the model, with its serving form beside it
+    serving = loaded.metadata.saved_input_example_info["serving_input_path"]
     vae = loaded.unwrap_python_model().model
     decoded = vae.decode(torch.from_numpy(out["mean"]))
     samples = vae.sample(3)
@@ -268,6 +294,7 @@ _PULL = textwrap.dedent(
         "types": [type(out).__name__, str(out["mean"].dtype)],
         "decoded": list(decoded.shape), "samples": list(samples.shape), "error": error[-200:],
         "flows_imported": "flows" in sys.modules,
+        "example": [list(example.shape), str(example.dtype), list(loaded.predict(example)["mean"].shape), serving],
     }))
     """
 )
@@ -295,6 +322,7 @@ def _check_pulled(result: dict, model: ConvVAE, images: np.ndarray) -> None:
     assert result["decoded"] == [len(images), 1, 8, 8] and result["samples"] == [3, 1, 8, 8]
     assert "does not match expected shape (-1, 8, 8, 1)" in result["error"]
     assert not result["flows_imported"]  # the model needs vae_core and mlflow, not the flows package
+    assert result["example"] == [[1, 8, 8, 1], "uint8", [1, 8], "serving_input_example.json"]
 
 
 def test_registered_model_loads_in_a_fresh_process(store, model, images, tmp_path):
@@ -379,6 +407,7 @@ def test_tracking_server_end_to_end(mlflow_server, model, images, tmp_path, monk
     assert run.info.status == "FINISHED" and run.inputs.dataset_inputs[0].dataset.digest == "srv1"
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
     assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
+    _check_listed_once(client, name, client.get_model_version(name, "2"))  # the server lists it too
     assert not (tmp_path / "home" / "mlflow.db").exists()  # nothing written to the local default
 
     result = _pull_in_fresh_process(mlflow_server, registry.model_uri(name, "challenger"), images, tmp_path)
