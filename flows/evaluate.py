@@ -255,6 +255,7 @@ def gate_task(req: EvaluateRequest, target: Target, mine: dict[str, float],
         decision = decision.with_warnings(target.warnings.values())  # what training warned of stays beside it
         if now != target.model.version:  # the champion keeps the record that promoted it
             registry.set_version_tags(target.model.name, target.model.version, decision.tags())
+            registry.describe_gate(target.model.name, target.model.version, decision)
         if decision.promote:
             registry.set_alias(target.model.name, CHAMPION, target.model.version)
     run_logger().info(_gate_line(decision))
