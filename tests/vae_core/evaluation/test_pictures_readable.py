@@ -67,3 +67,21 @@ def test_latent_maps_pass_the_label_names_to_their_legends():
     plain = latent_maps(means, labels)
     for key in ("latent_pca", "latent_tsne"):
         assert not np.array_equal(np.asarray(named[key]), np.asarray(plain[key])), key
+
+
+def test_an_evaluations_pictures_show_every_class_and_name_them(digits_u8):
+    from vae_core.data.sources.digits import load_digits_u8
+    from vae_core.evaluation.evaluate import EvalData, draw_pictures, evaluate_model
+
+    _, labels = load_digits_u8()
+    torch.manual_seed(0)
+    model = ConvVAE(load_config("digits").model).eval()
+    images = digits_u8[:100].permute(0, 2, 3, 1).numpy()
+    evaluation = evaluate_model(model, EvalData.from_arrays(images, labels[:100]), k=1, batch_size=100)
+    counts = np.bincount(evaluation.pictures["label"], minlength=10)
+    assert counts.min() == 3 and counts.max() == 4  # 32 reconstructions, every class in turn
+    names = [f"digit {i}" for i in range(10)]
+    drawn = draw_pictures(model, evaluation, map_points=10, label_names=names)
+    sample = evaluation.sample
+    named = latent_maps(sample["mean"], sample["label"], max_points=10, label_names=names)["latent_pca"]
+    np.testing.assert_array_equal(np.asarray(drawn["latent_pca"]), np.asarray(named))
