@@ -85,7 +85,7 @@ def test_first_becomes_champion_worse_does_not_better_does(home, register):
     folder = home / "reports" / "vae-mnist" / str(v1)
     sizes = {name: Image.open(folder / f"{name}.png").size for name in
              ("reconstructions", "samples", "interpolations", "traversals", "latent_pca", "latent_tsne")}
-    assert sizes["samples"] == (8 * 30 + 2, 8 * 30 + 2)  # 64 images of 28 px, padding 2
+    assert sizes["samples"] == (484, 484)  # 64 images of 28 px, padding 2 (242 px), scaled x2 to be >= 256 wide
     assert sizes["interpolations"] == (10 * 30 + 2, 8 * 30 + 2)  # 8 pairs, 10 steps
     assert sizes["traversals"] == (9 * 30 + 2, 8 * 30 + 2)  # 8 dimensions, 9 steps
     assert sizes["latent_pca"] == sizes["latent_tsne"] == (600, 600)
