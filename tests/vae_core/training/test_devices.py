@@ -92,8 +92,9 @@ def test_sample_reconstruct_interpolate_and_pictures(bars, device):
     torch.testing.assert_close(line[[0, -1]], recon[:2], atol=1e-5, rtol=1e-4)
     pictures = fit.previews(x)
     assert set(pictures) == {"samples", "reconstructions", "interpolation"}
-    assert pictures["samples"].size == (8 * 10 + 2, 8 * 10 + 2)  # 8 per row, 2 px padding
-    assert pictures["interpolation"].size == (10 * 10 + 2, 10 + 2)
+    # 8 per row, 2 px padding, scaled up by the whole factor that makes them at least 256 px wide.
+    assert pictures["samples"].size == (4 * (8 * 10 + 2), 4 * (8 * 10 + 2))
+    assert pictures["interpolation"].size == (3 * (10 * 10 + 2), 3 * (10 + 2))
 
 
 @pytest.mark.parametrize("device", DEVICES)
