@@ -112,6 +112,7 @@ def test_first_becomes_champion_worse_does_not_better_does(home, register):
     tags = client.get_model_version("vae-mnist", str(v2)).tags
     assert tags["gate.decision"] == "kept" and tags["gate.champion_version"] == str(v1)
     assert tags["gate.reason"] == worse.decision.reason
+    assert client.get_model_version("vae-mnist", str(v2)).description.endswith(f"gate: kept: {worse.decision.reason}.")
     assert float(tags["gate.challenger"]) == pytest.approx(worse.metrics[f"test/nll_k{K}"])
     assert float(tags["gate.champion"]) == pytest.approx(m[f"test/nll_k{K}"])
 
