@@ -7,6 +7,7 @@ loads the registered model is in `flows.tracking.pyfunc`.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -270,7 +271,14 @@ def pin_model(uri: str) -> PinnedModel:
     return PinnedModel(name=name, version=int(mv.version), run_id=mv.run_id, asked=uri,
                        dataset_name=run_tags.get("dataset_name"),
                        dataset_version=mv.tags.get("dataset_version") or run_tags.get("dataset_version"),
-                       model_id=getattr(mv, "model_id", None))
+                       model_id=getattr(mv, "model_id", None) or _logged_model_id(mv.source))
+
+
+def _logged_model_id(source: str | None) -> str | None:
+    """The LoggedModel id in a version's source `models:/m-<hex>`: MLflow's SQL registries keep no model_id
+    column, so a version read back from them has none."""
+    name = (source or "").removeprefix("models:/")
+    return name if name != source and re.fullmatch(r"m-[0-9a-f]+", name) else None
 
 
 def _missing(e: MlflowException) -> bool:

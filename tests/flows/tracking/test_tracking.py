@@ -209,6 +209,7 @@ def test_register_creates_versions_and_moves_challenger(store, model):
     # Registering must not end the run: training may still be going on.
     assert client.get_run(run_id).info.status == "RUNNING"
     _check_listed_once(client, name, newest)
+    assert registry.pin_model(f"models:/{name}@challenger").model_id == newest.source.removeprefix("models:/")
 
     described = client.get_registered_model(name).description
     assert "trained on the `digits` dataset" in described and f"models:/{name}@champion" in described
