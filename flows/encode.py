@@ -210,10 +210,15 @@ def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) 
                 publish_batches(plan, todo, latents.iter_batches(batch_size=None, batch_format="pyarrow"), arrived)
         end = time.perf_counter()
         elapsed = end - t0 - ray_s
-    steady = (total - first_rows) / (end - first[0]) if first and end > first[0] else 0.0
     return {"rows_encoded": float(total), "images_per_s": total / max(elapsed, 1e-9), "encode_s": elapsed,
-            "steady_images_per_s": steady, "startup/ray_s": ray_s,
-            "startup/first_latents_s": (first[0] - t0 - ray_s) if first else 0.0}
+            "startup/ray_s": ray_s, "startup/first_latents_s": (first[0] - t0 - ray_s) if first else 0.0,
+            **steady_rate(total - first_rows, end - first[0] if first else 0.0)}
+
+
+def steady_rate(rows: int, seconds: float) -> dict[str, float]:
+    """`steady_images_per_s` of the `rows` that came back in the `seconds` after the first latents; nothing
+    when none did (every row in the first batch: a run too short to have a steady state, not a rate of 0)."""
+    return {"steady_images_per_s": rows / seconds} if rows > 0 and seconds > 0 else {}
 
 
 @contextlib.contextmanager

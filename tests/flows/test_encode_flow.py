@@ -95,6 +95,9 @@ def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
     # Throughput in an MLflow run linked to the model version.
     run = mlflow.MlflowClient().get_run(out.run_id)
     assert run.data.metrics["images_per_s"] > 0 and run.data.tags["model_version"] == "1"
+    assert [m.model_id for m in run.inputs.model_inputs] == [loaded.metadata.model_id]
+    # 2,000 images come back in two batches at least (1,024 each at most): a steady rate after the first.
+    assert out.steady_images_per_s > 0 and run.data.metrics["steady_images_per_s"] == out.steady_images_per_s
 
     before = _files(out.output)
     again = _encode()
@@ -103,6 +106,9 @@ def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
 
     redo = _encode(splits=["test"], overwrite=True)
     assert redo.rows_encoded == info.counts["test"] and redo.rows == {"test": info.counts["test"]}
+    # Where every row came in the first batch there is no steady rate at all, rather than one of 0.
+    redo_rate = mlflow.MlflowClient().get_run(redo.run_id).data.metrics.get("steady_images_per_s")
+    assert redo_rate == redo.steady_images_per_s != 0.0
     assert read_embeddings(out.output).num_rows == sum(info.counts.values())  # other splits stay listed
 
     from prefect.client.orchestration import get_client
@@ -112,6 +118,13 @@ def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
         arts = prefect_client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["encode-dataset-summary"])))
     assert any(out.output in a.data and f"| train | {info.counts['train']:,} |" in a.data for a in arts)
+
+
+def test_a_steady_rate_needs_rows_after_the_first_batch():
+    from flows.encode import steady_rate
+
+    assert steady_rate(0, 0.0) == steady_rate(0, 2.5) == {}  # all rows in the first batch
+    assert steady_rate(300, 1.5) == {"steady_images_per_s": 200.0}
 
 
 def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
