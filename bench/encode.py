@@ -91,8 +91,9 @@ def main() -> None:
                                            batch_size=args.batch, workers=args.workers))
         wall = time.perf_counter() - t0
         s = out.seconds
-        print(f"{len(images):>7,} {bare:>11,.0f} {out.images_per_s:>9,.0f} {out.steady_images_per_s:>8,.0f} "
-              f"{out.steady_images_per_s / bare:>12.2f} {out.images_per_s / bare:>10.2f} {s.plan:>7.1f} "
+        steady = out.steady_images_per_s or float("nan")  # None: every row came in the first batch
+        print(f"{len(images):>7,} {bare:>11,.0f} {out.images_per_s:>9,.0f} {steady:>8,.0f} "
+              f"{steady / bare:>12.2f} {out.images_per_s / bare:>10.2f} {s.plan:>7.1f} "
               f"{s.ray_start:>6.1f} {s.first_latents:>10.1f} {s.encode:>9.1f} {wall:>7.1f}")
 
 
