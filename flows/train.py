@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.distributed.cluster import ray_session, read_shards, reserve
 from flows.tracking import registry, runs as tracking
-from flows.run_log import run_lines
+from flows.run_log import run_lines, run_logger
 from flows.tracking.progress import Progress
 from vae_core import VAEConfig, load_config
 from vae_core.data.shards import DatasetInfo, fit_model, open_dataset, shard_paths
@@ -228,6 +228,15 @@ def register_task(run_id: str, checkpoint: Any, model_name: str, dataset_version
     return version, time.perf_counter() - t0
 
 
+def kl_warning(req: TrainRequest, info: DatasetInfo, cfg: VAEConfig, metrics: dict[str, float]) -> str | None:
+    """The sentence a run ending with β below its target gets (`kl_shortfall`), for the epochs it trained."""
+    from vae_core.model.losses import kl_shortfall  # torch: not at import, which the nightly does for every run
+    from vae_core.training.fit import steps_per_epoch
+
+    steps = steps_per_epoch(info.counts["train"], cfg.train.batch_size, req.workers)
+    return kl_shortfall(cfg.train, steps, round(metrics.get("epoch", cfg.train.epochs)))
+
+
 def _summary_markdown(out: TrainResult) -> str:
     rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(out.metrics.items()))
     return (
@@ -252,6 +261,9 @@ def train_vae(request: TrainRequest, progress: bool = False) -> TrainResult:
     monitor = tracking.start_system_metrics(run_id)  # CPU, memory, GPU of the driver's node
     try:
         checkpoint, metrics = fit_task(request, info, cfg, run_id, plan, progress)
+        if warning := kl_warning(request, info, cfg, metrics):  # evaluate-vae carries `warning/*` to its gate
+            run.set_tags({"warning/kl_warmup": warning})
+            run_logger(api_only=progress).warning("warning: %s", warning)  # `vae train` prints the result's
         name = request.model_name or registry.default_model_name(info.name)
         version, register_s = register_task(run_id, checkpoint, name, info.version)
         metrics["startup/register_s"] = register_s
@@ -264,7 +276,7 @@ def train_vae(request: TrainRequest, progress: bool = False) -> TrainResult:
     run.finish("FINISHED")
     out = TrainResult(run_id=run_id, run_url=tracking.run_url(run_id), model_name=name, model_version=version,
                       model_uri=registry.model_uri(name, registry.CHALLENGER), dataset=info.name,
-                      dataset_version=info.version, metrics=metrics)
+                      dataset_version=info.version, metrics=metrics, warnings=[warning] if warning else [])
     create_markdown_artifact(markdown=_summary_markdown(out), key="train-vae-summary",
                              description=f"MLflow run {run_id}, model {name} v{version}")
     return out

@@ -60,6 +60,7 @@ class TrainResult(Result):
     dataset: str
     dataset_version: str
     metrics: dict[str, float]  # the final epoch's metrics and start-up timings (`startup/...`)
+    warnings: list[str] = []  # what makes this model less than its config promises (the run's `warning/*` tags)
 
 
 class FeatureClassifier(Result):

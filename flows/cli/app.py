@@ -82,7 +82,10 @@ def train(req: TrainRequest, as_json: bool, debug: bool) -> None:
         return echo_json(out)
     m = out.metrics
     typer.echo(f"run {out.run_id}: {out.model_uri} (version {out.model_version})")
-    typer.echo(f"final loss {m.get('loss', float('nan')):.3f}, val loss {m.get('val_loss', float('nan')):.3f}")
+    typer.echo(f"final loss {m.get('loss', float('nan')):.3f}, val loss {m.get('val_loss', float('nan')):.3f} "
+               "(both at beta = 1: see docs/train.md)")
+    for warning in out.warnings:
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @request_command(app, EvaluateRequest, extra={"as_json": AS_JSON})

@@ -163,11 +163,11 @@ def _hooks(fit: Fit, spec: WorkerSpec, ranks: Ranks, log: EpochLog | None,
                  on_rank_weights=log.rank_weights, pictures=lambda epoch: log.pictures(fit, preview(), epoch))
 
 
-def _epoch_log(run_id: str, log_every: int, images_per_step: int) -> EpochLog:
+def _epoch_log(run_id: str, images_per_step: int) -> EpochLog:
     """Rank 0's MLflow writer; imported here, so the other ranks never load MLflow."""
     from flows.tracking.progress import EpochLog
 
-    return EpochLog(run_id, log_every, images_per_step)
+    return EpochLog(run_id, images_per_step)
 
 
 def _fit(spec: WorkerSpec, device: torch.device, rank: int,
@@ -202,7 +202,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
 
     ranks = Ranks(world, device)
     nodes = ranks.gather(ray.get_runtime_context().get_node_id())  # where the group was placed
-    log = _epoch_log(spec.run_id, tcfg.log_every, tcfg.batch_size * world) if rank == 0 else None
+    log = _epoch_log(spec.run_id, tcfg.batch_size * world) if rank == 0 else None
     if log is not None:  # which node each rank ran on: what a multi-node run is checked by
         log.run.set_tags({"ray.worker_nodes": ",".join(nodes), "ray.nodes": str(len(set(nodes)))})
         if last_metrics:

@@ -34,9 +34,8 @@ class EpochLog:
     names what did not arrive.
     """
 
-    def __init__(self, run_id: str, log_every: int, images_per_step: int):
+    def __init__(self, run_id: str, images_per_step: int):
         self.run = tracking.RunLogger(run_id, buffered=True)
-        self.log_every = log_every
         self.images_per_step = images_per_step  # over all ranks
         self.last_step = self.run.last_step("train/loss")
         self.last_epoch = self.run.last_step("epoch/loss")
@@ -44,9 +43,8 @@ class EpochLog:
         self.planned = 0  # the run's last epoch, as the latest epoch planned it
 
     def on_step(self, metrics: dict[str, float], state: TrainState) -> None:
-        """The means since the last logged step, with the images/s over all ranks since then."""
-        if state.step % self.log_every:
-            return
+        """The means since the last logged step (every `log_every` steps and each epoch's last), with the images/s
+        over all ranks since then."""
         out = {f"train/{k}": v for k, v in metrics.items()}
         now = time.perf_counter()
         if self._mark is not None:  # throughput over the steps since the last log
@@ -138,8 +136,8 @@ class Progress:
         loss = self._history("epoch/loss")
         if not loss.keys() - self.shown:
             return
-        val, speed, images, planned = (self._history(f"epoch/{k}")
-                                       for k in ("val_loss", "images_per_s", "images", "planned_epochs"))
+        val, beta, speed, images, planned = (self._history(f"epoch/{k}") for k in
+                                             ("val_loss", "beta", "images_per_s", "images", "planned_epochs"))
         for epoch in sorted(loss.keys() - self.shown):
             total = round(planned.get(epoch, self.epochs))  # a time budget re-plans the last epoch as it goes
             self.seen_at.append(time.monotonic())
@@ -148,6 +146,7 @@ class Progress:
                 else images.get(epoch, 0) / max(speed.get(epoch, 0), 1e-9)
             self._show(epoch, f"epoch {epoch}/{total}: loss {loss[epoch]:.3f}"
                               + (f", val loss {val[epoch]:.3f}" if epoch in val else "")
+                              + (f", beta {beta[epoch]:.3g}" if epoch in beta else "")
                               + f", {speed.get(epoch, 0):,.0f} images/s, "
                               f"{duration((total - epoch) * per_epoch)} left")
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 SMALL = ["model.hidden_channels=[16,32]", "model.hidden_dim=64", "model.latent_dim=8", "train.batch_size=64",
          "train.kl_warmup_steps=20", "train.log_every=5"]
-EPOCH = r"^epoch (\d+)/2: loss [\d.]+, val loss [\d.]+, [\d,]+ images/s, (\d+ min )?\d+ s left$"
+EPOCH = r"^epoch (\d+)/2: loss [\d.]+, val loss [\d.]+, beta [\d.]+, [\d,]+ images/s, (\d+ min )?\d+ s left$"
 
 
 def _logs(flow_run_id: UUID) -> list[str]:
@@ -39,7 +39,7 @@ def _run(flow, *args, **kwargs) -> tuple[object, list[str]]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mnist_home):
     """train-vae, 2 epochs of 600 MNIST images on one Ray worker, as a deployment runs it (progress off):
-    (result, its run's log lines)."""
+    (result, its run's log lines). 16 steps in all, against a KL warm-up of 20: training ends with β 0.8."""
     from flows.train import train_vae
     from vae_core.requests import TrainRequest
 
@@ -53,8 +53,20 @@ def trained(tmp_path_factory, mnist_home):
 @pytest.mark.slow
 def test_train_logs_a_line_per_epoch(trained):
     """One line per finished epoch, with its loss, val loss, images/s and time left."""
-    _, lines = trained
+    out, lines = trained
     assert [int(m[1]) for line in lines if (m := re.match(EPOCH, line))] == [1, 2], lines
+
+
+@pytest.mark.slow
+def test_a_run_ending_below_its_kl_target_says_so_in_the_log_the_run_and_the_result(trained):
+    import mlflow
+
+    out, lines = trained
+    (warning,) = out.warnings
+    assert warning.startswith("training ended with beta 0.8, below its target 1 (its KL warm-up is 20 steps "
+                              "and the run 16)"), warning
+    assert f"warning: {warning}" in lines
+    assert mlflow.MlflowClient().get_run(out.run_id).data.tags["warning/kl_warmup"] == warning
 
 
 @pytest.mark.slow

@@ -71,6 +71,10 @@ class ModelConfig(Strict):
         return (self.channels, *self.image_size)
 
 
+#: The KL warm-up's length, in one of three units: an override of one replaces whichever the preset set.
+KL_WARMUP = ("kl_warmup_steps", "kl_warmup_epochs", "kl_warmup_fraction")
+
+
 class TrainConfig(Strict):
     """Optimisation, objective and schedule."""
 
@@ -87,7 +91,13 @@ class TrainConfig(Strict):
     grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 disables clipping")
     beta: float = Field(1.0, ge=0)
     kl_schedule: Literal["constant", "linear", "cyclical"] = "linear"
-    kl_warmup_steps: int = Field(0, ge=0, description="linear: steps to ramp beta from 0")
+    kl_warmup_steps: int = Field(0, ge=0, description="linear: optimizer steps to ramp beta from 0 (a count that "
+                                 "means more epochs on less data: prefer kl_warmup_epochs or kl_warmup_fraction)")
+    kl_warmup_epochs: float = Field(0.0, ge=0, description="linear: epochs to ramp beta from 0, whatever the "
+                                    "data's size")
+    kl_warmup_fraction: float = Field(0.0, ge=0, le=1, description="linear: share of the planned steps (epochs x "
+                                      "steps per epoch; under a time budget, the epochs it plans) to ramp beta "
+                                      "from 0")
     kl_cycle_steps: int = Field(1000, ge=1, description="cyclical: length of one cycle")
     kl_cycle_ratio: float = Field(0.5, gt=0, le=1, description="cyclical: fraction of a cycle spent ramping")
     free_bits: float = Field(0.0, ge=0, description="nats per latent dim below which KL is not penalised")
@@ -101,6 +111,27 @@ class TrainConfig(Strict):
     log_every: int = Field(50, ge=1)
     image_every: int = Field(5, ge=1, description="epochs between sample/reconstruction grids")
     eval_iw_samples: int = Field(0, ge=0, description="IWAE samples for validation NLL; 0 skips it")
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "TrainConfig":
+        named = [k for k in KL_WARMUP if getattr(self, k)]
+        if len(named) > 1:
+            raise ValueError(f"{' and '.join(named)} are both set: each is the KL warm-up's length, set one")
+        return self
+
+    def kl_warmup(self, steps_per_epoch: int, epochs: int) -> int:
+        """The linear warm-up's length in optimizer steps, for epochs of `steps_per_epoch` steps and a run
+        planned to end after `epochs` (0: no warm-up)."""
+        if self.kl_warmup_epochs:
+            return max(1, round(self.kl_warmup_epochs * steps_per_epoch))
+        if self.kl_warmup_fraction:
+            return max(1, round(self.kl_warmup_fraction * steps_per_epoch * epochs))
+        return self.kl_warmup_steps
+
+    def for_run(self, steps_per_epoch: int, epochs: int) -> "TrainConfig":
+        """This config with the warm-up counted in steps (`kl_warmup`), what `beta_at` reads."""
+        return self.model_copy(update={"kl_warmup_steps": self.kl_warmup(steps_per_epoch, epochs),
+                                       "kl_warmup_epochs": 0.0, "kl_warmup_fraction": 0.0})
 
 
 class PerceptualConfig(Strict):
@@ -222,6 +253,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
             if not isinstance(node, dict):
                 raise ValueError(f"override {key}={value!r}: {p!r} is not a section")
         node[parts[-1]] = value
+        if parts[-1] in KL_WARMUP:  # one warm-up length: the one named last
+            for other in set(KL_WARMUP) - {parts[-1]}:
+                node.pop(other, None)
     return data
 
 

@@ -21,13 +21,32 @@ class LossTerms(TypedDict):
 
 
 def beta_at(step: int, cfg: TrainConfig) -> float:
-    """KL weight at an optimiser step: constant, linear warm-up, or cyclical (Fu et al. 2019)."""
+    """KL weight at an optimiser step: constant, linear warm-up, or cyclical (Fu et al. 2019). A warm-up given
+    in epochs or as a fraction is counted in steps first (`TrainConfig.for_run`, as `Fit` does)."""
+    if cfg.kl_warmup_epochs or cfg.kl_warmup_fraction:
+        raise ValueError("the KL warm-up is in epochs or a fraction of the run: count it in steps first "
+                         "(TrainConfig.for_run(steps_per_epoch, epochs))")
     if cfg.kl_schedule == "linear" and cfg.kl_warmup_steps > 0:
         return cfg.beta * min(1.0, step / cfg.kl_warmup_steps)
     if cfg.kl_schedule == "cyclical":
         phase = (step % cfg.kl_cycle_steps) / cfg.kl_cycle_steps
         return cfg.beta * min(1.0, phase / cfg.kl_cycle_ratio)
     return cfg.beta
+
+
+def kl_shortfall(cfg: TrainConfig, steps_per_epoch: int, epochs: int) -> str | None:
+    """One sentence when a run of `epochs` epochs of `steps_per_epoch` optimizer steps ends with β below
+    `cfg.beta` (a warm-up longer than the run, or a cyclical schedule stopped mid-ramp): such a model was
+    trained on a weaker KL term than the one it is scored by. None when β reached its target."""
+    steps = steps_per_epoch * epochs
+    run = cfg.for_run(steps_per_epoch, epochs)
+    end = beta_at(steps, run)
+    if cfg.beta == 0 or end >= cfg.beta * (1 - 1e-6):
+        return None
+    why = (f"its KL warm-up is {run.kl_warmup_steps:,} steps and the run {steps:,}" if cfg.kl_schedule == "linear"
+           else f"its {cfg.kl_schedule} KL schedule stopped mid-ramp")
+    return (f"training ended with beta {end:.3g}, below its target {cfg.beta:g} ({why}): the KL term was "
+            "under-weighted; train longer or shorten the warm-up (train.kl_warmup_fraction)")
 
 
 def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:

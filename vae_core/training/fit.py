@@ -143,6 +143,12 @@ class Fit:
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = field(default_factory=dict)
     state: TrainState = field(default_factory=TrainState)
     objective: Objective | None = None
+    steps_per_epoch: int = 1
+    #: `config.train` with the KL warm-up counted in steps for the epochs planned (`plan` keeps it current)
+    schedule: TrainConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.schedule = self.config.train.for_run(self.steps_per_epoch, self.config.train.epochs)
 
     @classmethod
     def create(cls, config: VAEConfig, steps_per_epoch: int, device: str | torch.device = "cpu",
@@ -178,16 +184,19 @@ class Fit:
             perceptual = load_perceptual(obj.perceptual, config.model.input_shape, perceptual_weights, device)
         objective = Objective(obj, perceptual, modules.get(DISCRIMINATOR),  # type: ignore[arg-type]
                               optimizers.get(DISCRIMINATOR))
-        return cls(config, modules, device, rank, optimizers, schedulers, objective=objective)
+        return cls(config, modules, device, rank, optimizers, schedulers, objective=objective,
+                   steps_per_epoch=steps_per_epoch)
 
     @property
     def model(self) -> ConvVAE:
         return self.modules[MODEL]  # type: ignore[return-value]
 
     def plan(self) -> int:
-        """The epoch this run ends at (`planned_epochs` from the counters); the schedule now runs down to it."""
+        """The epoch this run ends at (`planned_epochs` from the counters); the learning rate's schedule now runs
+        down to it, and a KL warm-up given as a fraction is a fraction of it."""
         last = planned_epochs(self.config.train, self.state.epoch, self.state.elapsed_s)
         self.schedulers[MODEL].lr_lambdas[0].epochs = last  # type: ignore[attr-defined]
+        self.schedule = self.config.train.for_run(self.steps_per_epoch, last)
         return last
 
     def noise(self, epoch: int, stream: int = 0) -> torch.Generator:
@@ -208,7 +217,7 @@ class Fit:
         on_step: Callable[[dict[str, float], TrainState], None] | None = None,
     ) -> dict[str, float]:
         """One pass over uint8 batches (B, C, H, W); `forward` is the DDP wrapper when there is one."""
-        return train_epoch(forward or self.model, self.optimizers[MODEL], batches, self.state, self.config.train,
+        return train_epoch(forward or self.model, self.optimizers[MODEL], batches, self.state, self.schedule,
                            self.schedulers[MODEL], self.noise(self.state.epoch + 1), on_step, self.objective)
 
     def evaluate(self, batches: Iterable[torch.Tensor], iw_samples: int | None = None) -> dict[str, float]:

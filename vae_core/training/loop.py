@@ -93,12 +93,12 @@ def step(
     log_px = vae.likelihood.log_prob(params, target)
     terms = objective.vae_loss(vae, x_u8, params, posterior, log_px, beta, cfg.free_bits, state.step, generator)
     optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
+    terms["objective"].backward()
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
     # Checked after backward: under DDP a NaN on one rank reaches every rank's gradients through the
     # all-reduce, so every rank skips the same steps and raises at the same read.
-    guard.check(state.step, 0, terms["loss"], terms["grad_norm"])
+    guard.check(state.step, 0, terms["objective"], terms["grad_norm"])
     guard.before_step(optimizer, state.epoch + 1)
     optimizer.step()
     terms.update(objective.discriminator_step(state.step, guard))
@@ -150,10 +150,11 @@ def train_epoch(
 ) -> dict[str, float]:
     """Run one pass over `batches`; returns image-weighted means of the step metrics plus images/s.
 
-    The host reads the device once every `cfg.log_every` steps, when it calls `on_step` with the means over
-    the steps since the last read, and once at the end. A non-finite loss raises `NonFiniteLossError` at the
-    read after it, naming its step; no update lands from that step on. A term that only some steps have
-    (the adversarial ones, from their start step) is averaged over the steps that have it.
+    The host reads the device once every `cfg.log_every` steps and at the epoch's last step, when it calls
+    `on_step` with the means over the steps since the last read (so a run shorter than `log_every` steps still
+    has per-step metrics), and once at the end. A non-finite loss raises `NonFiniteLossError` at the read after
+    it, naming its step; no update lands from that step on. A term that only some steps have (the adversarial
+    ones, from their start step) is averaged over the steps that have it.
     """
     device = next(model.parameters()).device
     disc_opt = objective.disc_optimizer if objective else None
@@ -163,7 +164,20 @@ def train_epoch(
     host: dict[str, float] = {}  # beta and lr: known on the host, averaged there
     seen = 0
     start = time.perf_counter()
+
+    def read_window(beta: float, lr: float) -> None:
+        """Read the steps since the last read, hand their means to `on_step`, and count them in the epoch."""
+        nonlocal window
+        values = read_scalars([guard.first, *window.tensors()])
+        guard.raise_if_bad(values[:4], state.epoch + 1)
+        if on_step is not None:
+            means = window.means(values[4:])
+            on_step({**means, **({"beta": beta} if "kl" in means else {}), "lr": lr}, state)
+        epoch.merge(window)
+        window = MetricSums()
+
     try:
+        beta = lr = 0.0
         for x_u8 in batches:
             b = x_u8.shape[0]
             beta, lr = beta_at(state.step, cfg), optimizer.param_groups[0]["lr"]
@@ -176,14 +190,9 @@ def train_epoch(
                 host["beta"] = host.get("beta", 0.0) + beta * b
             host["lr"] = host.get("lr", 0.0) + lr * b
             if state.step % cfg.log_every == 0:
-                values = read_scalars([guard.first, *window.tensors()])
-                guard.raise_if_bad(values[:4], state.epoch + 1)
-                if on_step is not None:
-                    means = window.means(values[4:])
-                    on_step({**means, **({"beta": beta} if "kl" in means else {}), "lr": lr}, state)
-                epoch.merge(window)
-                window = MetricSums()
-        epoch.merge(window)
+                read_window(beta, lr)
+        if window.images:  # the epoch's last steps since the last read
+            read_window(beta, lr)
         values = read_scalars([guard.first, *epoch.tensors()])
     finally:
         guard.disarm(optimizer, disc_opt)

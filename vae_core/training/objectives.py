@@ -101,7 +101,9 @@ class Objective:
     def vae_loss(self, vae: ConvVAE, x_u8: torch.Tensor, params: torch.Tensor, posterior: Posterior,
                  log_px: torch.Tensor, beta: float, free_bits: float, step: int,
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """The VAE's loss and every term of it, scalars; `loss` is what is minimised.
+        """The VAE's loss and every term of it, scalars. `objective` is what is minimised (β-weighted, with
+        free bits and any perceptual or adversarial term); `loss` is the -ELBO at β = 1 (an autoencoder's: its
+        reconstruction term), the number validation's `val_loss` is, so the two compare.
 
         x_u8: the uint8 batch (B, C, H, W) on the device; params: the decoder's output for one posterior
         sample, (B, P*C, H, W); log_px: (B,) nats.
@@ -110,14 +112,15 @@ class Objective:
         recon = -log_px.mean()
         terms: dict[str, torch.Tensor] = {"recon": recon}
         loss = cfg.recon_weight * recon  # kept in the graph at weight 0: DDP wants every parameter used
+        terms["loss"] = recon.detach()
         if not posterior.is_point:
             kl_per_dim = posterior.kl_per_dim()
             terms["kl"] = kl_per_dim.sum(-1).mean()
-            terms["elbo"] = -(recon + terms["kl"])
+            terms["loss"] = (recon + terms["kl"]).detach()
             loss = loss + beta * free_bits_kl(kl_per_dim, free_bits)
         needs_images = self.perceptual is not None or self.discriminator is not None
         if not needs_images:
-            terms["loss"] = loss
+            terms["objective"] = loss
             return terms
         dims = math.prod(x_u8.shape[1:])
         real = x_u8.float() / 255.0
@@ -127,7 +130,7 @@ class Objective:
             loss = loss + cfg.perceptual.weight * dims * terms["perceptual"]
         if self.adversarial_on(step):
             loss = self._adversarial(vae, real, fake, loss, dims, terms, generator)
-        terms["loss"] = loss
+        terms["objective"] = loss
         return terms
 
     def _adversarial(self, vae: ConvVAE, real: torch.Tensor, fake: torch.Tensor, rec: torch.Tensor, dims: int,

@@ -131,8 +131,10 @@ def test_training_goes_on_through_a_tracking_outage_and_every_point_arrives_once
     (run,) = client.search_runs([exp.experiment_id])  # one run, whatever the outage did
     run_id = run.info.run_id
     assert run.info.status == "FINISHED" and tracking.UNDELIVERED_TAG not in run.data.tags
-    last = EPOCHS * math.ceil(train_rows / 64)
-    every_step = list(range(LOG_EVERY, last + 1, LOG_EVERY))
+    per_epoch = math.ceil(train_rows / 64)
+    # every LOG_EVERY steps, and each epoch's last step
+    every_step = sorted({*range(LOG_EVERY, EPOCHS * per_epoch + 1, LOG_EVERY),
+                         *(e * per_epoch for e in range(1, EPOCHS + 1))})
     train_keys = [k for k in run.data.metrics if k.startswith("train/") and k != "train/images_per_s"]
     assert "train/loss" in train_keys
     for key in train_keys:  # every logged step, once: no gap from the outage, no point sent twice

@@ -4,7 +4,8 @@ import torch
 from vae_core import ConvVAE, load_config
 from vae_core.model.config import TrainConfig
 from vae_core.model.iwae import iwae_log_likelihood
-from vae_core.model.losses import beta_at, free_bits_kl, negative_elbo
+from vae_core.errors import ConfigError
+from vae_core.model.losses import beta_at, free_bits_kl, kl_shortfall, negative_elbo
 
 
 def test_beta_schedules():
@@ -13,6 +14,39 @@ def test_beta_schedules():
     cyc = TrainConfig(kl_schedule="cyclical", kl_cycle_steps=100, kl_cycle_ratio=0.5)
     assert [beta_at(s, cyc) for s in (0, 25, 50, 99, 100, 125)] == [0.0, 0.5, 1.0, 1.0, 0.0, 0.5]
     assert beta_at(0, TrainConfig(beta=0.3, kl_schedule="constant")) == 0.3
+
+
+def test_a_warm_up_in_epochs_or_as_a_fraction_is_counted_in_steps_of_the_run():
+    epochs = TrainConfig(beta=2.0, kl_warmup_epochs=2).for_run(steps_per_epoch=10, epochs=5)
+    assert epochs.kl_warmup_steps == 20 and [beta_at(s, epochs) for s in (0, 10, 20, 49)] == [0.0, 1.0, 2.0, 2.0]
+    share = TrainConfig(kl_warmup_fraction=0.25)
+    assert share.for_run(10, 8).kl_warmup_steps == 20 and share.for_run(10, 40).kl_warmup_steps == 100
+    assert TrainConfig(kl_warmup_steps=7).for_run(10, 8).kl_warmup_steps == 7  # steps stay steps
+    with pytest.raises(ValueError, match="count it in steps first"):  # never read as "no warm-up"
+        beta_at(5, share)
+
+
+def test_one_warm_up_length_and_an_override_replaces_the_presets():
+    with pytest.raises(ValueError, match="kl_warmup_steps and kl_warmup_epochs are both set"):
+        TrainConfig(kl_warmup_steps=5, kl_warmup_epochs=1)
+    preset = load_config("mnist").train
+    assert preset.kl_warmup_fraction == 0.15 and preset.kl_warmup_steps == 0
+    steps = load_config("mnist", ["train.kl_warmup_steps=50"]).train
+    assert steps.kl_warmup_steps == 50 and steps.kl_warmup_fraction == 0
+    with pytest.raises(ConfigError, match="kl_warmup_fraction=1.5"):
+        load_config("mnist", ["train.kl_warmup_fraction=1.5"])
+
+
+def test_a_run_that_ends_before_its_warm_up_does_is_named():
+    """1,579 images in batches of 128 for 3 epochs (39 steps) against a warm-up of 2,000 steps: beta 0.0195."""
+    short = kl_shortfall(TrainConfig(kl_warmup_steps=2000), steps_per_epoch=13, epochs=3)
+    assert short.startswith("training ended with beta 0.0195, below its target 1 (its KL warm-up is 2,000 steps "
+                            "and the run 39)"), short
+    assert kl_shortfall(load_config("mnist").train, 13, 3) is None  # the preset's fraction: any size of data
+    assert kl_shortfall(TrainConfig(kl_warmup_steps=39), 13, 3) is None
+    assert "cyclical KL schedule stopped mid-ramp" in kl_shortfall(
+        TrainConfig(kl_schedule="cyclical", kl_cycle_steps=100), 13, 3)  # 39 of a 50-step ramp
+    assert kl_shortfall(TrainConfig(beta=0.0, kl_warmup_steps=2000), 13, 3) is None  # no KL term to weigh
 
 
 def test_free_bits_only_penalises_dims_above_the_floor():

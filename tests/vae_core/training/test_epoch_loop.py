@@ -68,7 +68,7 @@ def test_two_epochs_call_each_hook_once_per_epoch_in_order():
 
     reported = calls.of("report")[-1][2]
     assert reported is last and calls.of("epoch")[-1][2] is last  # one dict: what is checkpointed is what is logged
-    for key in ("loss", "recon", "kl", "elbo", "grad_norm", "beta", "lr", "val_loss", "val_recon", "val_kl"):
+    for key in ("loss", "objective", "recon", "kl", "grad_norm", "beta", "lr", "val_loss", "val_recon", "val_kl"):
         assert math.isfinite(last[key]), key
     assert last["images"] == TRAIN and last["images_per_s"] > 0 and last["planned_epochs"] == 2
     assert last["elapsed_s"] == fit.state.elapsed_s > 0

@@ -85,7 +85,7 @@ def test_the_autoencoder_has_a_point_posterior_and_no_kl(digits_u8):
         posterior.kl_per_dim()
     assert fit.model.to_posterior.out_features == fit.config.model.latent_dim  # no log-variance head
 
-    step = train_step(fit.model, fit.optimizers[MODEL], digits_u8[:64], TrainState(), fit.config.train,
+    step = train_step(fit.model, fit.optimizers[MODEL], digits_u8[:64], TrainState(), fit.schedule,
                       fit.noise(1), fit.objective)
     assert "kl" not in step and "elbo" not in step and "beta" not in step
     assert step["loss"] == pytest.approx(step["recon"], rel=1e-6)  # nothing but the reconstruction term
@@ -114,7 +114,7 @@ def test_the_discriminator_and_the_vae_never_update_each_other(digits_u8):
     params, posterior = vae(x, generator=fit.noise(1))
     terms = objective.vae_loss(vae, x_u8, params, posterior, vae.likelihood.log_prob(params, target), 1.0, 0.0,
                                step=0, generator=fit.noise(1))
-    assert {"recon", "kl", "feature", "adversarial", "adaptive_weight", "loss"} <= set(terms)
+    assert {"recon", "kl", "feature", "adversarial", "adaptive_weight", "loss", "objective"} <= set(terms)
 
     # Each term reaches the VAE; none reaches the discriminator.
     for name in ("recon", "feature", "adversarial"):
@@ -128,7 +128,7 @@ def test_the_discriminator_and_the_vae_never_update_each_other(digits_u8):
 
     # The discriminator's step: its weights move, the VAE's weights and gradients do not.
     vae.zero_grad(set_to_none=True)
-    terms["loss"].backward()
+    terms["objective"].backward()
     vae_before = {k: v.clone() for k, v in vae.state_dict().items()}
     grads_before = [p.grad.clone() for p in vae.parameters()]
     disc_before = {k: v.clone() for k, v in disc.state_dict().items()}
@@ -153,7 +153,7 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
 def test_adversarial_terms_wait_for_their_start_step(digits_u8):
     fit = _fit([*GAN[:2], "objective.adversarial.start_step=3", "objective.adversarial.channels=[8,16]"])
     state = TrainState()
-    steps = [train_step(fit.model, fit.optimizers[MODEL], digits_u8[:64], state, fit.config.train, fit.noise(1),
+    steps = [train_step(fit.model, fit.optimizers[MODEL], digits_u8[:64], state, fit.schedule, fit.noise(1),
                         fit.objective) for _ in range(5)]
     assert ["adversarial" in s for s in steps] == [False, False, False, True, True]
     assert ["disc_loss" in s for s in steps] == [False, False, False, True, True]

@@ -12,7 +12,9 @@ from vae_core.training.loop import TrainState, evaluate, iterate_batches, train_
 
 
 def _tiny(overrides=()):
-    return load_config("digits", ["model.hidden_channels=[8,16]", "model.hidden_dim=32", *overrides])
+    # the digits preset's warm-up counted in steps, as the loop functions called here on their own need it
+    return load_config("digits", ["model.hidden_channels=[8,16]", "model.hidden_dim=32", "train.kl_warmup_steps=200",
+                                  *overrides])
 
 
 def _images(n=64, seed=0):
@@ -39,6 +41,16 @@ def test_same_seed_same_loss_and_different_seed_differs(extra):
     c, _ = _run_steps(_tiny(["train.seed=1", *extra]))
     assert a == b
     assert a != c
+
+
+def test_the_logged_loss_is_the_elbo_at_beta_one_and_the_objective_is_what_is_minimised():
+    """`loss` compares with validation's -ELBO whatever β is; the β-weighted objective has its own name."""
+    cfg = _tiny(["train.beta=0.25", "train.kl_warmup_steps=0"])
+    model = ConvVAE(cfg.model)
+    step = train_step(model, make_optimizer(model, cfg.train), _images(32).permute(0, 3, 1, 2), TrainState(),
+                      cfg.train, torch.Generator().manual_seed(0))
+    assert step["loss"] == pytest.approx(step["recon"] + step["kl"], rel=1e-5)
+    assert step["objective"] == pytest.approx(step["recon"] + 0.25 * step["kl"], rel=1e-5)
 
 
 @pytest.mark.parametrize("likelihood,extra", [("bernoulli", ""), ("gaussian", ""), ("logistic", ""),
@@ -154,7 +166,7 @@ def _fit_and_data(overrides=()):
     return Fit.create(cfg, steps_per_epoch(len(data), 16)), data
 
 
-def test_an_epoch_reads_the_device_once_per_log_every_steps(monkeypatch):
+def test_an_epoch_reads_the_device_once_per_log_every_steps_and_at_its_last(monkeypatch):
     import vae_core.training.loop as train_module
 
     fit, data = _fit_and_data(["train.log_every=4"])
@@ -165,7 +177,9 @@ def test_an_epoch_reads_the_device_once_per_log_every_steps(monkeypatch):
         m = fit.train_epoch(iterate_batches(data, 16, generator=fit.order(1)),
                             on_step=lambda metrics, state: logged.append(state.step))
     assert scalar_reads.count == 0  # no .item(), float() or bool() of a tensor in any step
-    assert len(reads) == 3 and logged == [4, 8]  # steps 4 and 8, and the epoch's end: 10 steps, 3 reads
+    # 10 steps: steps 4, 8 and the epoch's last (so a run shorter than log_every has per-step metrics too),
+    # then the epoch's sums
+    assert len(reads) == 4 and logged == [4, 8, 10]
     assert m["images"] == 160 and {"loss", "recon", "kl", "grad_norm", "beta", "lr"} <= set(m)
 
 
@@ -176,10 +190,10 @@ def test_epoch_metrics_equal_the_step_by_step_ones():
     noise = alone.noise(1)  # one generator for the epoch, as train_epoch draws from
     steps = []
     for x in iterate_batches(data, 16, generator=alone.order(1)):
-        steps.append(train_step(alone.model, alone.optimizers["model"], x, alone.state, alone.config.train, noise,
+        steps.append(train_step(alone.model, alone.optimizers["model"], x, alone.state, alone.schedule, noise,
                                 alone.objective))
         alone.schedulers["model"].step()
-    for key in ("loss", "recon", "kl", "elbo", "grad_norm", "beta"):
+    for key in ("loss", "objective", "recon", "kl", "grad_norm", "beta"):
         assert m[key] == pytest.approx(sum(s[key] for s in steps) / len(steps), rel=1e-5), key
     assert all(torch.equal(a, b) for a, b in zip(batched.model.state_dict().values(),
                                                  alone.model.state_dict().values()))
@@ -244,15 +258,18 @@ def test_a_budgeted_cosine_runs_down_over_the_planned_epochs_and_resumes_with_th
     continues the same cosine towards the same end."""
     from vae_core.training.fit import Fit
 
-    cfg = _tiny(["train.epochs=100", "train.time_budget_minutes=1", "train.lr=1e-3", "train.lr_floor=0"])
+    cfg = _tiny(["train.epochs=100", "train.time_budget_minutes=1", "train.lr=1e-3", "train.lr_floor=0",
+                 "train.kl_warmup_fraction=0.5"])
     data = _images(64)
     fit = Fit.create(cfg, steps_per_epoch=4)
     assert fit.plan() == 100
+    assert fit.schedule.kl_warmup_steps == 200  # half of 100 epochs of 4 steps
     fit.train_epoch(iterate_batches(data, 16, generator=fit.order(1)))
     schedule = fit.schedulers["model"].lr_lambdas[0]
     assert schedule(fit.state.step) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 400)))
     fit.state.elapsed_s = 15.0  # as if the epoch had taken 15 s: four fit in a minute
     assert fit.plan() == 4
+    assert fit.schedule.kl_warmup_steps == 8  # the KL warm-up, a fraction of the run, follows the plan too
     # Step 4 of 16 planned: a quarter of the way down the cosine.
     assert schedule(fit.state.step) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     fit.save(str(tmp_path), {})
@@ -261,7 +278,7 @@ def test_a_budgeted_cosine_runs_down_over_the_planned_epochs_and_resumes_with_th
     resumed.restore(str(tmp_path))
     assert resumed.state.elapsed_s == 15.0 and resumed.state.epoch == 1
     assert resumed.schedulers["model"].lr_lambdas[0].epochs == 4
-    assert resumed.plan() == 4
+    assert resumed.plan() == 4 and resumed.schedule.kl_warmup_steps == 8
     for epoch in range(2, 5):
         resumed.train_epoch(iterate_batches(data, 16, generator=resumed.order(epoch)))
     assert resumed.optimizers["model"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # at the floor
