@@ -272,8 +272,13 @@ def stored_state() -> dict:
         "models": models,
         "champions": {m: v.version for m in models for a, v in [("champion", _alias(client, m))] if v},
         "runs": {r.info.run_id: {"status": r.info.status, "resumed": r.data.metrics.get("resumed_from_epoch"),
-                                 "failures": sorted(k for k in r.data.tags if k.startswith("failure/")),
-                                 "nodes": r.data.tags.get("ray.worker_nodes")} for r in runs},
+                                 "failures": {k: v[:300] for k, v in sorted(r.data.tags.items())
+                                              if k.startswith("failure/")},
+                                 "nodes": r.data.tags.get("ray.worker_nodes"),
+                                 # when a run failed: the epochs it logged, and when, to read the story from
+                                 "epochs": [(m.step, m.timestamp) for m in client.get_metric_history(
+                                     r.info.run_id, "epoch/loss")] if any(k.startswith("failure/") for k in r.data.tags)
+                                 else None} for r in runs},
     }
 
 

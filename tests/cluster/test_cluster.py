@@ -106,6 +106,7 @@ def test_ingest_then_a_two_host_training_outlives_a_pulled_cable_in_one_run(clus
     # in the middle of a later epoch.
     assert _new_checkpoints(cluster, set(before["checkpoints"]), 2, 240), "training wrote no two checkpoints"
     cluster.b.link(False)
+    print(f"\nhost B's link down at {time.time() * 1000:.0f} ms")
     time.sleep(LINK_DOWN_S)
     cluster.b.link(True)
     # Compose restarts a Ray node that exits (`restart: unless-stopped`); a node the head declared dead exits
@@ -120,6 +121,7 @@ def test_ingest_then_a_two_host_training_outlives_a_pulled_cable_in_one_run(clus
     new = {k: r for k, r in after["runs"].items() if k not in before["runs"] and r["nodes"] is not None}
     assert len(new) == 1, f"training made {len(new)} MLflow runs: {new}"
     ((run_id, training),) = new.items()
+    print(f"training run: {training}")
     assert final == "COMPLETED" and training["status"] == "FINISHED", (final, training, node.tail())
     assert training["resumed"] is not None and training["failures"], training
     nodes = training["nodes"].split(",")
