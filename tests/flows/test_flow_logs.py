@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 SMALL = ["model.hidden_channels=[16,32]", "model.hidden_dim=64", "model.latent_dim=8", "train.batch_size=64",
          "train.kl_warmup_steps=20", "train.log_every=5"]
-EPOCH = r"^epoch (\d+)/2: loss [\d.]+, val loss [\d.]+, beta [\d.]+, [\d,]+ images/s, (\d+ min )?\d+ s left$"
+EPOCH = r"^epoch (\d+)/2: loss [\d.]+, val loss [\d.]+, beta [\d.e-]+, [\d,]+ images/s, (\d+ min )?\d+ s left$"
 
 
 def _logs(flow_run_id: UUID) -> list[str]:

@@ -70,8 +70,8 @@ def _train_with_progress(tmp: Path, **request) -> tuple[TrainResult, str]:
 
 
 def _progress_epochs(printed: str) -> list[int]:
-    return [int(m[1]) for m in re.finditer(r"^epoch (\d+)/3: loss [\d.]+, val loss [\d.]+, [\d,]+ images/s, "
-                                           r"(\d+ min )?\d+ s left$", printed, re.M)]
+    return [int(m[1]) for m in re.finditer(r"^epoch (\d+)/3: loss [\d.]+, val loss [\d.]+, beta [\d.e-]+, "
+                                           r"[\d,]+ images/s, (\d+ min )?\d+ s left$", printed, re.M)]
 
 
 def _registered_file(out: dict) -> Path:
