@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import signal
@@ -99,6 +100,22 @@ def reserve(resources: dict[str, float], req: WorkerRequest, error: type[VAEErro
     return cpus, max(1, round(threads or total / req.workers))
 
 
+#: Ray's logger of the "Token authentication is enabled for this Ray cluster" notice
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Logger `name` passes errors only, for the duration."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class RayUnreachableError(ConnectionError):
     """RAY_ADDRESS names a cluster where nothing answers; the message names the address and what to do."""
 
@@ -126,9 +143,12 @@ def ray_session() -> Iterator[dict[str, float]]:
                 _check_answers(address)
                 ray.init(address=address, log_to_driver=False, runtime_env=job_runtime_env())
             else:
-                # A local Ray listens on loopback only; a cluster is joined through RAY_ADDRESS instead.
-                ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
-                         _node_ip_address="127.0.0.1", runtime_env=job_runtime_env())
+                # A local Ray listens on loopback only; a cluster is joined through RAY_ADDRESS instead. Its
+                # notice that it turned token authentication on (a line amid the progress of every command)
+                # is about a cluster others could reach, which this one is not.
+                with _quiet(TOKEN_NOTICE_LOGGER):
+                    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+                             _node_ip_address="127.0.0.1", runtime_env=job_runtime_env())
         finally:
             bridge = _SigtermBridge.install(sigterm_before)
         started = True

@@ -87,6 +87,8 @@ def test_a_stale_address_file_does_not_stop_a_local_ray_from_starting(ray_tmp):
     assert out.returncode == 0, out.stderr[-3000:]
     assert lines[0]["cpus"] and lines[0]["seconds"] < 120, lines  # minutes of GCS retries before
     assert stale.exists()  # not ours to remove
+    # A local Ray turns token authentication on; its notice, amid every command's progress, is not printed.
+    assert "Token authentication" not in out.stderr, out.stderr[-3000:]
     # Ray's driver installs a SIGTERM handler that kills its processes mid-job (exit 134), and Ray's blocking
     # calls drop what a handler raises unless it is a KeyboardInterrupt: the caller's own handler is obeyed.
     assert lines[1]["stopped_after"] < 15 and lines[1]["mine_after"], lines
