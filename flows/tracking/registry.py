@@ -148,16 +148,21 @@ def input_example(model: ConvVAE) -> np.ndarray:
 
 def _ensure_registered_model(name: str, dataset: str) -> None:
     """Create registered model `name` with its description, or describe it if it exists without one (a
-    description someone wrote is kept)."""
+    description someone wrote is kept). Reads first: the model exists for every version but the first."""
     mlflow_client = client()
     description = model_description(name, dataset)
     try:
-        mlflow_client.create_registered_model(name, description=description)
-    except MlflowException as e:
-        if e.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
-            raise
         if not mlflow_client.get_registered_model(name).description:
             mlflow_client.update_registered_model(name, description=description)
+        return
+    except MlflowException as e:
+        if not _missing(e):
+            raise
+    try:
+        mlflow_client.create_registered_model(name, description=description)
+    except MlflowException as e:  # a concurrent registration created it in between: it describes it
+        if e.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+            raise
 
 
 def model_description(name: str, dataset: str) -> str:
