@@ -200,8 +200,12 @@ def test_register_creates_versions_and_moves_challenger(store, model):
     path_before = list(sys.path)
     assert registry.log_and_register_model(run_id, model, name, "v123") == 1
     assert sys.path == path_before  # the input example is not checked by loading the model in this process
-    assert registry.log_and_register_model(run_id, model, name, "v123") == 2
     client = _client()
+    described = client.get_registered_model(name).description
+    assert "trained on the `digits` dataset" in described and f"models:/{name}@champion" in described
+    client.update_registered_model(name, description="ours")  # a description someone wrote is kept
+    assert registry.log_and_register_model(run_id, model, name, "v123") == 2
+    assert client.get_registered_model(name).description == "ours"
     newest = client.get_model_version_by_alias(name, "challenger")
     assert int(newest.version) == 2  # an int from SQLite, a str over REST
     assert newest.tags["dataset_version"] == "v123" and newest.tags["run_id"] == run_id
@@ -211,8 +215,6 @@ def test_register_creates_versions_and_moves_challenger(store, model):
     _check_listed_once(client, name, newest)
     assert registry.pin_model(f"models:/{name}@challenger").model_id == newest.source.removeprefix("models:/")
 
-    described = client.get_registered_model(name).description
-    assert "trained on the `digits` dataset" in described and f"models:/{name}@champion" in described
     about = newest.description
     assert f"`digits@v123` with the `{CONFIG.name}` config in MLflow run `{run_id}`" in about
     assert "uint8 images (N, 8, 8, 1) to latents of 8 dimensions" in about and about.endswith("not evaluated yet.")
