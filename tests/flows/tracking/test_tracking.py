@@ -44,18 +44,6 @@ def store(tmp_path_factory):
         yield home
 
 
-@pytest.fixture(autouse=True)
-def _forget_mlflow_uris():
-    """configure() leaves the URI in mlflow's globals; clear them so later tests follow the env."""
-    yield
-    import mlflow
-
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    os.environ.update({k: v for k, v in saved.items() if v is not None})
-
-
 @pytest.fixture(scope="module")
 def model() -> ConvVAE:
     torch.manual_seed(0)
@@ -83,36 +71,6 @@ def _start(experiment: str, version: str = "v123") -> str:
 def _encode_reference(model: ConvVAE, images: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     return model.encode(model.likelihood.to_input(x)).mean.numpy()
-
-
-# --- configuration ------------------------------------------------------------------------------
-
-
-def test_tracking_uri_is_absolute_sqlite_under_vae_home(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("VAE_HOME", "rel/home")
-    uri = tracking.tracking_uri()
-    assert uri == f"sqlite:////{(tmp_path / 'rel' / 'home' / 'mlflow.db').as_posix().lstrip('/')}"
-    assert (tmp_path / "rel" / "home").is_dir()
-    # configure() must not pin the URI into the environment: a new VAE_HOME is followed.
-    assert tracking.configure() == uri and "MLFLOW_TRACKING_URI" not in os.environ
-    monkeypatch.setenv("VAE_HOME", str(tmp_path / "other"))
-    assert tracking.configure().endswith("/other/mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
-    assert tracking.tracking_uri() == "http://127.0.0.1:1"
-
-
-def test_remote_vae_home_without_tracking_uri_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("VAE_HOME", "s3://bucket/vae")
-    with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI"):
-        tracking.tracking_uri()
-
-
-def test_names_and_uris():
-    assert registry.default_model_name("mnist") == "vae-mnist"
-    assert registry.model_uri("vae-mnist", "champion") == "models:/vae-mnist@champion"
 
 
 # --- runs ---------------------------------------------------------------------------------------
