@@ -197,17 +197,26 @@ def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) 
         total = sum(j.shard.rows for j in todo)
         first: list[float] = []  # when the first latents came back: what follows is the steady state
         first_rows = 0
-        with tqdm(total=total, desc=f"encode {plan.info.name}@{plan.info.version}", unit="img",
-                  disable=not progress) as bar:
-            def arrived(batch: pa.Table) -> None:
-                nonlocal first_rows
-                if not first:
-                    first.append(time.perf_counter())
-                    first_rows = batch.num_rows
-                bar.update(batch.num_rows)
+        bars: list[tqdm] = []
 
+        def arrived(batch: pa.Table) -> None:
+            nonlocal first_rows
+            if not first:
+                first.append(time.perf_counter())
+                first_rows = batch.num_rows
+                # The bar starts with the first latents, after the actors started: Ray's core worker prints a
+                # line on stderr as it creates each one (restartable actors with arguments in its object store),
+                # which would cut a bar already drawn.
+                bars.append(tqdm(total=total, desc=f"encode {plan.info.name}@{plan.info.version}", unit="img",
+                                 disable=not progress))
+            bars[0].update(batch.num_rows)
+
+        try:
             with _shard_errors():
                 publish_batches(plan, todo, latents.iter_batches(batch_size=None, batch_format="pyarrow"), arrived)
+        finally:
+            for bar in bars:
+                bar.close()
         end = time.perf_counter()
         elapsed = end - t0 - ray_s
     return {"rows_encoded": float(total), "images_per_s": total / max(elapsed, 1e-9), "encode_s": elapsed,
