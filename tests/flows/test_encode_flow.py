@@ -135,7 +135,7 @@ def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
 
     out_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "flows.cli.app", "encode", "--model", "models:/vae-mnist/1", "--dataset", "mnist",
-           "--out", str(out_dir), "--batch-size", "8", "--json"]
+           "--out", str(out_dir), "--batch-size", "8"]
     info = _dataset()
     total_files = sum(len(s.shards) for s in info.manifest.splits.values())
     log = tmp_path / "driver.log"
@@ -154,6 +154,10 @@ def test_killed_driver_then_rerun_encodes_only_what_is_missing(home, tmp_path):
         proc.wait()
     done = len(list(out_dir.rglob("*.parquet")))
     assert 0 < done < total_files, f"{done} of {total_files} files written when killed"
+    # The progress bar is drawn from the first latents on, after Ray's core worker printed its line per actor.
+    printed = log.read_text()
+    bar = printed.find(f"encode mnist@{info.version}")
+    assert bar >= 0 and "core_worker.cc" not in printed[bar:], printed[-3000:]
     resumed = _encode(out=str(out_dir))
     assert resumed.rows_already_there > 0
     assert resumed.rows_encoded + resumed.rows_already_there == sum(info.counts.values())
