@@ -1,6 +1,6 @@
 """The `nightly-retrain` flow: keep the champion model and its embeddings fresh as data arrives.
 
-    ingest-dataset  ->  train-vae  ->  evaluate-vae (champion gate)  ->  encode-dataset (with the champion)
+    ingest-dataset  ->  train-vae  ->  evaluate-vae (champion gate)  ->  encode-dataset (with the champion)  ->  drift
 
 Each stage is the stage's own flow, called here as a sub-flow (a child run in Prefect's UI), with the
 request `NightlyRequest` builds for it. A stage runs only when something calls for it (`flows.nightly_rules`):
@@ -16,6 +16,10 @@ request `NightlyRequest` builds for it. A stage runs only when something calls f
 - encode runs with the champion, pinned, when the champion changed, the dataset changed, or that
   champion's embeddings of this dataset version are missing or incomplete (its manifest against the
   dataset's row counts); encoding is incremental and exactly once per row anyway.
+
+- drift runs on a new dataset version: its outlier scores and latent means by the champion against those of
+  the champion's training data (`flows.nightly_drift`), a table in the artifact and a picture beside the
+  champion's report.
 
 With nothing changed, nothing runs after ingest: no model version, no alias move, no MLflow run, no file.
 
@@ -58,6 +62,7 @@ from prefect.runtime import flow_run
 from flows.encode import encode_dataset
 from flows.evaluate import evaluate_vae
 from flows.ingest import ingest_dataset
+from flows.nightly_drift import measure_drift, write_drift
 from flows.nightly_rules import (champion_of, check_data_root, decision_note, embeddings_gap, encode_reasons,
                                  plan_training)
 from flows.retries import call_with_retries
@@ -69,7 +74,7 @@ from vae_core.results import IngestResult, NightlyDataset, NightlyResult
 
 T = TypeVar("T")
 R = TypeVar("R")
-STAGES = ("ingest", "train", "evaluate", "encode")
+STAGES = ("ingest", "train", "evaluate", "encode", "drift")
 ARTIFACT_KEY = "nightly-retrain-summary"
 
 
@@ -91,6 +96,7 @@ class Record(NightlyResult):
     dataset_name: str
     dataset: NightlyDataset | None = None
     model_name: str | None = None
+    drift_table: str | None = None  # the drift check's table, for the artifact
 
     def skip(self, stage: str, reason: str) -> None:
         self.skipped[stage] = reason
@@ -102,7 +108,7 @@ class Record(NightlyResult):
 
     def result(self) -> NightlyResult:
         """The flow's result (once every stage ran or was skipped: the dataset and the model are known)."""
-        return NightlyResult.model_validate(self.model_dump(exclude={"dataset_name"}))
+        return NightlyResult.model_validate(self.model_dump(exclude={"dataset_name", "drift_table"}))
 
     def markdown(self) -> str:
         """The run's Prefect artifact: per stage, what ran or was skipped and why, or where it failed."""
@@ -122,6 +128,8 @@ class Record(NightlyResult):
         lines += [f"- MLflow run ({stage}): `{run_id}`" for stage, run_id in self.mlflow_runs.items()]
         if self.flow_runs.get("nightly"):
             lines.append(f"- This run: `{self.flow_runs['nightly']}`")
+        if self.drift_table:
+            lines += ["", "## Drift against the champion's training data", "", self.drift_table]
         return "\n".join(lines) + "\n"
 
 
@@ -254,6 +262,26 @@ def encode_stage(run: Run, ingested: IngestResult, model_name: str, champion: Pi
                                f"{encoded.rows_already_there:,} already there) because " + "; ".join(reasons))
 
 
+def drift_stage(run: Run, ingested: IngestResult, champion: PinnedModel | None) -> None:
+    """A new dataset version against the champion's training data, in the champion's terms (`flows.nightly_drift`).
+    Only for a new version: with nothing changed, the nightly writes nothing."""
+    run.stage = "drift"
+    if not ingested.created or champion is None or run.rec.embeddings is None:
+        run.rec.skip("drift", "the dataset is unchanged" if not ingested.created else "no champion's embeddings")
+        return
+    drift, note = run.retried(lambda: measure_drift(champion, ingested.name, ingested.version, run.rec.embeddings),
+                              "reading the embeddings to compare")
+    if drift is None:
+        run.rec.skip("drift", note.removeprefix("no drift measured: "))
+        return
+    files = run.retried(lambda: write_drift(champion, ingested.version, drift), "writing the drift report")
+    run.rec.drift = drift.summary()
+    run.rec.drift_table = drift.markdown() + f"\n![drift]({files['png']})\n"
+    run.rec.notes["drift"] = f"{note} (picture: {files['png']})"
+    if drift.flagged:
+        run.log.warning("drift: %s", "; ".join(drift.reasons))
+
+
 # --- the flow ------------------------------------------------------------------------------------
 
 
@@ -275,6 +303,7 @@ def nightly_retrain(request: NightlyRequest, progress: bool = False) -> NightlyR
         candidate = run.logged("train", train_stage, ingested)
         champion = run.logged("evaluate", evaluate_stage, ingested, candidate)
         run.logged("encode", encode_stage, ingested, candidate.model_name, champion)
+        run.logged("drift", drift_stage, ingested, champion)
     except Exception as e:
         _stopped(run, e)
         raise StageError(run.stage, e) from e

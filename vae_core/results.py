@@ -171,6 +171,8 @@ class NightlyResult(Result):
     encoded: int | None = None  # rows of the champion's embeddings of the dataset version, when encode ran
     embeddings: str | None = None  # their folder
     report: str | None = None  # the evaluation's HTML report, when evaluate ran
+    # a new dataset version against the champion's training data (vae_core.evaluation.drift's summary), when measured
+    drift: dict[str, float | bool] | None = None
     notes: dict[str, str] = Field(default_factory=dict)  # stage -> what it did, in one line
     skipped: dict[str, str] = Field(default_factory=dict)  # stage -> why it did not run
     failed: dict[str, str] = Field(default_factory=dict)  # stage -> its error (a returned result has none)

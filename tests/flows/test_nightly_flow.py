@@ -113,7 +113,8 @@ def test_first_run_ingests_trains_promotes_and_encodes(home, first):
     assert out.trained == out.evaluated == 1 and out.promoted
     assert out.champion.model_dump() == {"before": None, "after": 1} and _champion() == 1 and _versions() == [1]
     assert out.decision.reason == "there is no champion yet"
-    assert out.skipped == {} and out.failed == {}
+    # Nothing to measure drift against: the champion was trained on this very version.
+    assert out.skipped == {"drift": f"the champion v1 was trained on mnist@{version}"} and out.failed == {}
     # The embeddings of every split, by the champion: one row per image of the dataset version.
     assert out.embeddings.endswith(f"embeddings/vae-mnist/1/mnist/{version}")
     table = read_embeddings(out.embeddings)
@@ -166,7 +167,8 @@ def test_same_source_runs_nothing_after_ingest(home, first):
         "train": f"champion v1 trained on this version (mnist@{version}): no retraining",
         "evaluate": "no new model version to evaluate",
         "encode": f"champion v1 unchanged, dataset unchanged, and its embeddings of mnist@{version} are complete "
-                  f"({FIRST:,} rows)"}
+                  f"({FIRST:,} rows)",
+        "drift": "the dataset is unchanged"}
     art = _artifact(out)
     assert f"dataset unchanged: mnist@{version} already ingested" in art
     assert "skipped: champion v1 trained on this version" in art and "Champion of `vae-mnist`: v1 -> v1" in art
@@ -249,6 +251,15 @@ def test_changed_source_trains_evaluates_and_encodes_with_the_champion(home, fir
     assert "dataset changed" in out.notes["encode"]
     # The first version's embeddings by v1 are still all there.
     assert read_embeddings(first.embeddings).num_rows == FIRST
+    if champion == 1:  # v1 scored the new version: its outlier scores and latents against v1's training data
+        assert out.notes["drift"].startswith(f"against mnist@{first.dataset.version} (the champion's training "
+                                             "data), by v1: "), out.notes
+        assert out.drift["current_rows"] == CHANGED and 0 <= out.drift["share_above_p99"] <= 1
+        picture = home / "reports" / "vae-mnist" / "1" / "drift" / f"{version}.png"
+        assert picture.is_file() and str(picture) in out.notes["drift"]
+        assert "## Drift against the champion's training data" in _artifact(out)
+    else:
+        assert out.skipped["drift"] == f"the champion v2 was trained on mnist@{version}"
 
     # The night after, the same source: whether v2 won or lost, it is not trained again.
     versions, runs, files = _versions(), _runs(), _files(home)
