@@ -52,12 +52,14 @@ class Posterior:
     def std(self) -> torch.Tensor:
         return torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Reparameterised draw z = mean + std * eps, (B, L); differentiable in mean and logvar.
+        `noise` (B, L), standard normal, is used as eps instead of drawing it (draws fixed per image).
         A point mass returns its mean and draws nothing."""
         if self.is_point:
             return self.mean
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype) \
+            if noise is None else noise
         return self.mean + self.std * eps
 
     def sample_n(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -111,11 +113,13 @@ class HierarchicalPosterior(Posterior):
         return cls(torch.cat([at_mean.mean, top.mean], -1), torch.cat([at_mean.logvar, top.logvar], -1),
                    top=top, bottom=bottom, prior=prior)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        z2 = self.top.sample(generator)
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """[z1 | z2], top layer first; `noise` (B, L1 + L2) is [eps1 | eps2] (see `Posterior.sample`)."""
+        eps1, eps2 = (None, None) if noise is None else split_layers(noise, self.top.mean.shape[-1])
+        z2 = self.top.sample(generator, eps2)
         q1 = self.bottom(z2)
         self._drawn = (q1, self.prior(z2))
-        return torch.cat([q1.sample(generator), z2], -1)
+        return torch.cat([q1.sample(generator, eps1), z2], -1)
 
     def sample_n(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         z2 = self.top.sample_n(n, generator)
