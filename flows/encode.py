@@ -1,5 +1,5 @@
-"""The `encode-dataset` flow: a registered model version and a dataset version in; the latent of every image
-out, as one Parquet file per input shard plus a manifest.
+"""The `encode-dataset` flow: a registered model version and a dataset version in; the latent and the outlier
+score (negative ELBO) of every image out, as one Parquet file per input shard plus a manifest.
 
     plan (check the output location, pin the model, download it once, check shapes, sort shards into
           done / reuse / encode)
@@ -57,7 +57,7 @@ class ShardJob:
     split: str
     shard: ShardInfo
     source: str  # the shard's path on the dataset's filesystem
-    name: str  # "<split>/<sha256>-v<model version>-<model key>.parquet", relative to the output folder
+    name: str  # "<split>/<sha256>-v<model version>-<model key>-f3.parquet", relative to the output folder
     state: State
     reuse_from: str | None = None  # path of an identical shard's encoding under another dataset version
 
@@ -298,7 +298,8 @@ def _by_source(batch: pa.Table) -> Iterator[tuple[str, pa.Table]]:
 def _publish(plan: Plan, job: ShardJob, rows: pa.Table) -> None:
     """Write one shard's encodings, in the shard's row order, after checking every id is there once.
 
-    `rows`: the shard's latents in any order, columns id, label, mean and logvar (others are ignored).
+    `rows`: the shard's latents in any order, columns id, label, mean, logvar, neg_elbo and recon_error
+    (others are ignored).
     """
     with plan.info.fs.open(job.source, "rb") as f:
         order = pq.read_table(f, columns=["id"]).column("id").to_pylist()

@@ -2,7 +2,8 @@
 
 Each actor builds the model once from the weights the driver downloaded (passed as bytes through Ray's
 object store, so no actor pulls from the registry) and then turns Arrow batches of shard rows into
-latents with `vae_core.model.encode.encode_images`, the same function the registered model's `predict` calls.
+latents and outlier scores with `vae_core.model.encode.encode_and_score`, built on the same encoder the
+registered model's `predict` calls.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import torch
 
 from vae_core.data.embeddings import vectors
 from vae_core.data.shards import images_u8
-from vae_core.model.encode import encode_images
+from vae_core.model.encode import encode_and_score
 from vae_core.model.weights import model_from_bytes
 
 
 class ShardEncoder:
-    """Ray Data callable class: a batch of (path, id, image, label) rows -> (path, id, label, mean, logvar)."""
+    """Ray Data callable class: a batch of (path, id, image, label) rows -> (path, id, label, mean, logvar,
+    neg_elbo, recon_error)."""
 
     def __init__(self, weights: bytes, threads: int, use_gpu: bool) -> None:
         torch.set_num_threads(max(1, threads))
@@ -33,6 +35,8 @@ class ShardEncoder:
     def __call__(self, batch: pa.Table) -> pa.Table:
         # images_u8 is a read-only view of Arrow's buffer; torch wants a writable array (one memcpy per batch).
         images = np.array(images_u8(batch, self.shape))
-        mean, logvar = encode_images(self.model, images, batch_size=max(1, len(images)), amp=self.amp)
+        out = encode_and_score(self.model, images, batch_size=max(1, len(images)), amp=self.amp)
         return pa.table({"path": batch.column("path"), "id": batch.column("id"), "label": batch.column("label"),
-                         "mean": vectors(mean), "logvar": vectors(logvar)})
+                         "mean": vectors(out.mean), "logvar": vectors(out.logvar),
+                         "neg_elbo": pa.array(out.neg_elbo, pa.float32()),
+                         "recon_error": pa.array(out.recon_error, pa.float32())})

@@ -24,7 +24,7 @@ from vae_core.data.embeddings import (EmbeddingFile, EmbeddingManifest, ModelIde
 from vae_core.data.output_location import check_output_location
 from vae_core.data.shards import DatasetInfo, open_dataset, read_shard_table, read_split_u8, table_to_u8
 from vae_core.ingestion.ingest import run_ingest
-from vae_core.model.encode import encode_images
+from vae_core.model.encode import encode_and_score
 from vae_core.model.vae import ConvVAE
 from vae_core.requests import IngestRequest
 from vae_core.storage import resolve
@@ -46,10 +46,12 @@ class Encoded:
     labels: np.ndarray  # int32 (N,)
     mean: np.ndarray  # float32 (N, L)
     logvar: np.ndarray  # float32 (N, L)
+    neg_elbo: np.ndarray  # float32 (N,)
+    recon_error: np.ndarray  # float32 (N,)
 
     def table(self, dataset_version: str, model_version: int = 1) -> pa.Table:
         return build_table(self.ids, self.split, self.labels, self.mean, self.logvar, MODEL, model_version,
-                           dataset_version)
+                           dataset_version, neg_elbo=self.neg_elbo, recon_error=self.recon_error)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +65,9 @@ def digits(tmp_path_factory) -> tuple[DatasetInfo, list[Encoded]]:
     for split, s in info.manifest.splits.items():
         for shard in s.shards:
             images, labels, ids = table_to_u8(read_shard_table(info, shard), info.shape)
-            mean, logvar = encode_images(model, images)
-            encoded.append(Encoded(split, shard.sha256, ids, labels, mean, logvar))
+            out = encode_and_score(model, images)
+            encoded.append(Encoded(split, shard.sha256, ids, labels, out.mean, out.logvar, out.neg_elbo,
+                                   out.recon_error))
     assert sum(e.split == "train" for e in encoded) > 1, "the test needs several shards in a split"
     return info, encoded
 
@@ -98,8 +101,11 @@ def published(digits, tmp_path_factory) -> tuple[str, EmbeddingManifest]:
 
 def test_schema_is_the_contract():
     s = embedding_schema(8)
-    assert s.names == ["id", "split", "label", "mean", "logvar", "model_name", "model_version", "dataset_version"]
-    assert [f.nullable for f in s] == [False, False, True, False, False, False, False, False]
+    assert s.names == ["id", "split", "label", "mean", "logvar", "neg_elbo", "recon_error", "model_name",
+                       "model_version", "dataset_version"]
+    assert [f.nullable for f in s] == [False, False, True, False, False, True, False, False, False, False]
+    assert s.field("neg_elbo").type == pa.float32() == s.field("recon_error").type
+    assert embedding_schema(8, table_format=2).names == [n for n in s.names if n not in ("neg_elbo", "recon_error")]
     assert s.field("label").type == pa.int32() and s.field("model_version").type == pa.int32()
     assert s.field("mean").type == pa.list_(pa.float32(), 8) == s.field("logvar").type
     with pytest.raises(ValueError, match="0"):
@@ -111,7 +117,8 @@ def test_a_shard_file_reads_with_pyarrow_and_pandas(digits, tmp_path):
     e = encoded[0]
     labels = e.labels.copy()
     labels[[1, 4]] = -1  # digits are all labelled; a source without labels gives -1
-    table = build_table(e.ids, e.split, labels, e.mean, e.logvar, MODEL, 3, info.version)
+    table = build_table(e.ids, e.split, labels, e.mean, e.logvar, MODEL, 3, info.version, neg_elbo=e.neg_elbo,
+                        recon_error=e.recon_error)
     fs, root = resolve(str(tmp_path))
     path = posixpath.join(root, e.split, file_name(e.sha256, identity(3)))
     write_file(fs, path, table)
@@ -132,7 +139,7 @@ def test_a_shard_file_reads_with_pyarrow_and_pandas(digits, tmp_path):
 def test_build_table_refuses_mismatches_and_non_finite_latents(digits):
     e = digits[1][0]
     args = dict(split="train", labels=e.labels, mean=e.mean, logvar=e.logvar, model_name=MODEL, model_version=1,
-                dataset_version="v1")
+                dataset_version="v1", neg_elbo=e.neg_elbo, recon_error=e.recon_error)
     with pytest.raises(ValueError, match="ids need mean"):
         build_table(e.ids[:-1], **args)
     with pytest.raises(ValueError, match="labels"):
@@ -145,12 +152,20 @@ def test_build_table_refuses_mismatches_and_non_finite_latents(digits):
         build_table(e.ids, **{**args, "mean": bad})
     with pytest.raises(ValueError, match="'holdout'"):
         build_table(e.ids, **{**args, "split": "holdout"})
+    with pytest.raises(ValueError, match=r"ids need recon_error of shape"):
+        build_table(e.ids, **{**args, "recon_error": e.recon_error[:-1]})
+    for score in ("neg_elbo", "recon_error"):  # a VAE's scores are numbers: NaN is a broken model, not "none"
+        bad = getattr(e, score).copy()
+        bad[3] = np.nan
+        with pytest.raises(ValueError, match=f"non-finite {score} for 1 row.*{e.ids[3]}"):
+            build_table(e.ids, **{**args, score: bad})
 
 
 def test_file_name_and_default_dir():
     sha = "ab" * 32
     model = identity(4)
-    assert file_name(sha, model) == f"{sha}-v4-{model.key}.parquet" and len(model.key) == 16
+    assert file_name(sha, model) == f"{sha}-v4-{model.key}-f3.parquet" and len(model.key) == 16
+    assert file_name(sha, model, table_format=2) == f"{sha}-v4-{model.key}.parquet"  # names of format 2
     # Name, version and weights are each part of the key: a re-created registry cannot alias two models.
     assert len({model.key, identity(4, b"other weights").key, identity(5).key, identity(4, name="vae-x").key}) == 4
     for bad in ("xyz", sha + "\n", sha.upper()):  # a checksum names a file: nothing but 64 lowercase hex digits
@@ -178,11 +193,12 @@ def test_manifest_round_trip_and_counts(published, tmp_path):
 def test_shard_table_puts_latent_rows_in_shard_order_each_id_once(digits):
     info, encoded = digits
     e = encoded[0]
-    rows = e.table(info.version).select(["id", "label", "mean", "logvar"])
+    rows = e.table(info.version).select(["id", "label", "mean", "logvar", "neg_elbo", "recon_error"])
     shuffled = pa.concat_tables([rows.slice(3), rows.slice(0, 3)])  # latents come back in any order, chunked
     table = shard_table(shuffled, e.ids, "train/x.parquet", e.split, identity(2), info.version)
     assert table.column("id").to_pylist() == e.ids and table.schema == embedding_schema(e.mean.shape[1])
     np.testing.assert_array_equal(latents(table)[1], e.mean)
+    np.testing.assert_array_equal(table.column("neg_elbo").to_numpy(), e.neg_elbo)
     assert set(table.column("model_version").to_pylist()) == {2}
     with pytest.raises(RuntimeError, match=r"train/x.parquet: the encoded rows are not the shard's ids, each once"):
         shard_table(pa.concat_tables([rows, rows.slice(0, 1)]), e.ids, "train/x.parquet", e.split, identity(2),
@@ -294,7 +310,7 @@ def test_a_format_1_manifest_still_reads(digits, tmp_path):
     fs, out = resolve(str(tmp_path / "old"))
     e = encoded[0]
     rel = f"{e.split}/{e.sha256}-v1.parquet"
-    write_file(fs, posixpath.join(out, rel), e.table(info.version))
+    write_file(fs, posixpath.join(out, rel), e.table(info.version).drop_columns(["neg_elbo", "recon_error"]))
     manifest = EmbeddingManifest(format=1, model_name=MODEL, model_version=1, model_uri=f"models:/{MODEL}/1",
                                  dataset="digits", dataset_version=info.version, latent_dim=e.mean.shape[1],
                                  splits={e.split: [EmbeddingFile(path=rel, rows=len(e.ids), source_sha256=e.sha256)]},

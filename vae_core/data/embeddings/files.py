@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vae_core.data.embeddings.format import build_table, matrix, restamp
+from vae_core.data.embeddings.format import FORMAT, build_table, matrix, restamp
 from vae_core.data.embeddings.identity import ModelIdentity
 from vae_core.data.embeddings.manifest import EmbeddingManifest
 from vae_core.data.shards import COMPRESSION, MANIFEST
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def parquet_bytes(table: pa.Table) -> bytes:
     """One embeddings table as zstd Parquet bytes (a single row group below ~64 MiB of latents)."""
-    row_bytes = 8 * max(1, table.schema.field("mean").type.list_size)  # mean + logvar, float32 each
+    row_bytes = 8 * max(1, table.schema.field("mean").type.list_size) + 8  # mean + logvar, scores: float32 each
     sink = pa.BufferOutputStream()
     # Dictionaries pay off only for the repeated stamps; the float vectors are all distinct.
     pq.write_table(table, sink, compression=COMPRESSION, row_group_size=max(1, (64 << 20) // row_bytes),
@@ -43,8 +43,8 @@ def reusable_files(fs: fsspec.AbstractFileSystem, out_path: str, model: ModelIde
     says they were encoded by exactly `model` (name, version and weights digest).
 
     `out_path` is a path on `fs` (as `resolve` gives it). Only files a finished sibling's manifest lists
-    count: a folder without a manifest (an unfinished run), of another model or of a manifest format that
-    recorded no weights digest offers nothing. The caller still checks a file's rows (`check_rows`) before
+    count: a folder without a manifest (an unfinished run), of another model or of an earlier format (no
+    weights digest, or no scores) offers nothing. The caller still checks a file's rows (`check_rows`) before
     copying it. Where several siblings hold a shard, the first folder in sorted order wins.
     """
     out_path = out_path.rstrip("/")
@@ -59,7 +59,7 @@ def reusable_files(fs: fsspec.AbstractFileSystem, out_path: str, model: ModelIde
             manifest = EmbeddingManifest.model_validate_json(fs.cat_file(path))
         except (ValueError, OSError):
             continue  # not an embeddings folder (or unreadable): nothing to reuse from it
-        if manifest.identity != model:
+        if manifest.identity != model or manifest.format != FORMAT:
             continue
         for files in manifest.splits.values():
             for f in files:
@@ -123,8 +123,10 @@ def in_order(rows: pa.Table, order: list[str], where: str) -> pa.Table:
 def shard_table(rows: pa.Table, order: list[str], where: str, split: str, model: ModelIdentity,
                 dataset_version: str) -> pa.Table:
     """One input shard's embeddings table, in the shard's id order `order`, from its latent rows in any order
-    (columns id, label, mean and logvar; others are ignored), after checking every id is there once."""
+    (columns id, label, mean, logvar, neg_elbo and recon_error, NaN for none; others are ignored), after
+    checking every id is there once."""
     rows = in_order(rows, order, where)
     labels = rows.column("label").fill_null(-1).to_numpy().astype(np.int32)
+    scores = {k: rows.column(k).to_numpy(zero_copy_only=False) for k in ("neg_elbo", "recon_error")}
     return build_table(rows.column("id").to_pylist(), split, labels, matrix(rows, "mean"), matrix(rows, "logvar"),
-                       model.name, model.version, dataset_version)
+                       model.name, model.version, dataset_version, **scores)

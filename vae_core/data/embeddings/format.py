@@ -1,5 +1,5 @@
-"""The embeddings table: its Arrow schema, building one from latents, restamping a reused one, and latent
-columns as float32 matrices."""
+"""The embeddings table: its Arrow schema, building one from latents and scores, restamping a reused one, and
+latent columns as float32 matrices."""
 
 from __future__ import annotations
 
@@ -11,18 +11,28 @@ import pyarrow as pa
 from vae_core.data.shards import SPLITS
 from vae_core.names import check_name
 
+#: The format of the files and manifest written now. 3 added the per-image scores (`SCORES`); files of an
+#: earlier format are still read, never reused or completed.
+FORMAT = 3
+#: Per-image scores of format 3 on, float32 nats: the negative ELBO (null for an autoencoder, which has no
+#: KL) and the reconstruction term -log p(x|z) of the same posterior sample.
+SCORES = ("neg_elbo", "recon_error")
 
-def embedding_schema(latent_dim: int) -> pa.Schema:
-    """Arrow schema of one embeddings file whose latents have `latent_dim` = L dimensions."""
+
+def embedding_schema(latent_dim: int, table_format: int = FORMAT) -> pa.Schema:
+    """Arrow schema of one embeddings file of `table_format` whose latents have `latent_dim` = L dimensions."""
     if latent_dim < 1:
         raise ValueError(f"latent_dim must be positive, got {latent_dim}")
     vector = pa.list_(pa.float32(), latent_dim)
+    scores = [pa.field("neg_elbo", pa.float32(), nullable=True),
+              pa.field("recon_error", pa.float32(), nullable=False)] if table_format >= 3 else []
     return pa.schema([
         pa.field("id", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
         pa.field("label", pa.int32(), nullable=True),
         pa.field("mean", vector, nullable=False),
         pa.field("logvar", vector, nullable=False),
+        *scores,
         pa.field("model_name", pa.string(), nullable=False),
         pa.field("model_version", pa.int32(), nullable=False),
         pa.field("dataset_version", pa.string(), nullable=False),
@@ -55,11 +65,13 @@ def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
 
 
 def build_table(ids: list[str], split: str, labels: np.ndarray, mean: np.ndarray, logvar: np.ndarray,
-                model_name: str, model_version: int, dataset_version: str) -> pa.Table:
-    """Latents of one shard's rows -> Arrow table in `embedding_schema(L)`.
+                model_name: str, model_version: int, dataset_version: str, *, neg_elbo: np.ndarray,
+                recon_error: np.ndarray) -> pa.Table:
+    """Latents and scores of one shard's rows -> Arrow table in `embedding_schema(L)`.
 
     ids: N strings; labels: int (N,) with -1 meaning "no label" (stored as null); mean, logvar:
-    float (N, L), both finite.
+    float (N, L), both finite; neg_elbo, recon_error: float (N,) nats, finite, except an autoencoder's
+    neg_elbo (its logvar is -inf throughout), which is stored as null.
     """
     n = len(ids)
     # Cast first: a float64 beyond float32's range only becomes inf here.
@@ -75,6 +87,7 @@ def build_table(ids: list[str], split: str, labels: np.ndarray, mean: np.ndarray
     for what, x in (("mean", mean),) + (() if point else (("logvar", logvar),)):
         if (bad := np.flatnonzero(~np.isfinite(x).all(axis=1))).size:
             raise ValueError(f"non-finite {what} for {bad.size} row(s), e.g. id {ids[bad[0]]!r}")
+    neg_elbo, recon_error = _scores(ids, neg_elbo, recon_error, point)
     check_split(split)
     check_name(model_name, "model name")
     check_name(dataset_version, "dataset version")
@@ -85,11 +98,25 @@ def build_table(ids: list[str], split: str, labels: np.ndarray, mean: np.ndarray
         pa.array(labels, type=pa.int32(), mask=labels < 0),
         vectors(mean),
         vectors(logvar),
+        pa.array(neg_elbo, type=pa.float32(), mask=np.full(n, point)),
+        pa.array(recon_error, type=pa.float32()),
         _constant(model_name, pa.string(), n),
         _constant(check_model_version(model_version), pa.int32(), n),
         _constant(dataset_version, pa.string(), n),
     ]
     return pa.Table.from_arrays(columns, schema=embedding_schema(mean.shape[1]))
+
+
+def _scores(ids: list[str], neg_elbo: np.ndarray, recon_error: np.ndarray, point: bool
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The scores as float32 (N,), checked finite (an autoencoder's neg_elbo is not looked at: it has none)."""
+    scores = {"neg_elbo": np.asarray(neg_elbo, dtype=np.float32), "recon_error": np.asarray(recon_error, np.float32)}
+    for what, x in scores.items():
+        if x.shape != (len(ids),):
+            raise ValueError(f"{len(ids)} ids need {what} of shape ({len(ids)},), got {x.shape}")
+        if (bad := np.flatnonzero(~np.isfinite(x))).size and not (point and what == "neg_elbo"):
+            raise ValueError(f"non-finite {what} for {bad.size} row(s), e.g. id {ids[bad[0]]!r}")
+    return scores["neg_elbo"], scores["recon_error"]
 
 
 def restamp(table: pa.Table, split: str, dataset_version: str) -> pa.Table:

@@ -7,7 +7,7 @@ import hashlib
 import posixpath
 from dataclasses import dataclass
 
-from vae_core.data.embeddings.format import check_model_version
+from vae_core.data.embeddings.format import FORMAT, check_model_version
 from vae_core.data.shards import check_sha256, sha256_hex
 from vae_core.names import check_name
 
@@ -44,11 +44,13 @@ class ModelIdentity:
         return f"{self.name} v{self.version} (weights sha256 {self.weights_sha256[:12]})"
 
 
-def file_name(shard_sha256: str, model: ModelIdentity) -> str:
+def file_name(shard_sha256: str, model: ModelIdentity, table_format: int = FORMAT) -> str:
     """Name of the embeddings file of the input shard with checksum `shard_sha256`, encoded by `model`:
-    ``<shard sha256>-v<model version>-<model key>.parquet``."""
+    ``<shard sha256>-v<model version>-<model key>-f<format>.parquet`` (format 2: no ``-f2``). The format is
+    part of the name so that a run never counts a file of another schema as done."""
     check_sha256(shard_sha256, "shard checksum")
-    return f"{shard_sha256}-v{model.version}-{model.key}.parquet"
+    marker = f"-f{table_format}" if table_format >= 3 else ""
+    return f"{shard_sha256}-v{model.version}-{model.key}{marker}.parquet"
 
 
 def legacy_file_name(shard_sha256: str, model_version: int) -> str:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import fsspec
 from pydantic import Field, field_validator, model_validator
 
+from vae_core.data.embeddings.format import FORMAT
 from vae_core.data.embeddings.identity import ModelIdentity, file_name, legacy_file_name
 from vae_core.data.shards import MANIFEST, SPLITS, check_sha256, load_manifest
 from vae_core.model.config import Strict
@@ -20,7 +21,7 @@ from vae_core.storage import atomic_write_bytes, resolve
 class EmbeddingFile(Strict):
     """One embeddings file: path relative to the output folder, rows, and the input shard's checksum."""
 
-    path: str = Field(description="e.g. train/<shard sha256>-v<model version>.parquet")
+    path: str = Field(description="e.g. train/<shard sha256>-v<model version>-<model key>-f3.parquet")
     rows: int = Field(ge=1)
     source_sha256: str
     reused_from: str | None = Field(None, description="dataset version whose file was copied, if any")
@@ -41,7 +42,7 @@ class EmbeddingFile(Strict):
 class EmbeddingManifest(Strict):
     """Contents of ``manifest.json`` of one embeddings folder; counts are rows per split."""
 
-    format: Literal[1, 2] = 2
+    format: Literal[1, 2, 3] = FORMAT  # 3: files carry neg_elbo and recon_error
     model_name: str
     model_version: int = Field(ge=1)
     model_uri: str
@@ -89,7 +90,9 @@ class EmbeddingManifest(Strict):
     def file_name(self, source_sha256: str) -> str:
         """The name this manifest's model gives the encoding of input shard `source_sha256`."""
         identity = self.identity
-        return file_name(source_sha256, identity) if identity else legacy_file_name(source_sha256, self.model_version)
+        if identity is None:
+            return legacy_file_name(source_sha256, self.model_version)
+        return file_name(source_sha256, identity, self.format)
 
     @field_validator("created_at")
     @classmethod
@@ -119,12 +122,14 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Em
 def with_earlier_splits(manifest: EmbeddingManifest, url: str,
                         storage_options: dict[str, Any] | None = None) -> EmbeddingManifest:
     """`manifest` plus the splits it does not list that an earlier run of the same model on the same dataset
-    version wrote into the folder `url`: a run encodes only the splits it is asked for, the others stay."""
+    version wrote into the folder `url` in the same format: a run encodes only the splits it is asked for, the
+    others stay (files of an earlier format lack columns: they are left out, not listed beside the new ones)."""
     try:
         before = read_manifest(url, storage_options)
     except ValueError:
         return manifest  # no earlier manifest, or one no reader could use
-    if (before.identity, before.dataset_version) != (manifest.identity, manifest.dataset_version):
+    if (before.identity, before.dataset_version, before.format) != (manifest.identity, manifest.dataset_version,
+                                                                    manifest.format):
         return manifest
     splits = {**{s: f for s, f in before.splits.items() if s not in manifest.splits}, **manifest.splits}
     counts = {s: sum(f.rows for f in files) for s, files in splits.items()}

@@ -1,4 +1,5 @@
-"""Reading an embeddings folder through its manifest, and joining its rows with the dataset's images."""
+"""Reading an embeddings folder through its manifest, joining its rows with the dataset's images, and the
+images a model finds least like its training data (`outliers`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vae_core.data.embeddings.format import check_split, embedding_schema
+from vae_core.data.embeddings.format import FORMAT, SCORES, check_split, embedding_schema
 from vae_core.data.embeddings.manifest import read_manifest
 from vae_core.data.shards import SPLITS, DatasetInfo, images_u8, read_shard_table
 from vae_core.storage import resolve, to_url
@@ -19,13 +21,14 @@ def read_embeddings(url: str, splits: list[str] | None = None,
                     storage_options: dict[str, Any] | None = None) -> pa.Table:
     """The rows of the files the manifest at `url` lists (of `splits`, default all), in manifest order.
 
-    Every file must hold the rows the manifest says, in the manifest's schema (ValueError naming it).
+    Every file must hold the rows the manifest says, in the schema of the manifest's format (ValueError naming
+    it): an output of format 1 or 2 reads without the `SCORES` columns.
     """
     manifest = read_manifest(url, storage_options)
     wanted = set(SPLITS if splits is None else [check_split(s) for s in splits])
     fs, base = resolve(url, storage_options)
     files = [f for split, fl in manifest.splits.items() if split in wanted for f in fl]
-    schema = embedding_schema(manifest.latent_dim)
+    schema = embedding_schema(manifest.latent_dim, manifest.format)
     paths = [posixpath.join(base, f.path) for f in files]
     try:  # one call for all files: object stores fetch them concurrently
         data = fs.cat(paths) if paths else {}
@@ -38,8 +41,8 @@ def read_embeddings(url: str, splits: list[str] | None = None,
         if table.num_rows != f.rows:
             raise ValueError(f"{to_url(fs, path)}: manifest says {f.rows} rows, file has {table.num_rows}")
         if not table.schema.equals(schema):
-            raise ValueError(f"{to_url(fs, path)}: schema is not the embeddings schema with latent_dim "
-                             f"{manifest.latent_dim}:\n{table.schema}")
+            raise ValueError(f"{to_url(fs, path)}: schema is not the format {manifest.format} embeddings schema "
+                             f"with latent_dim {manifest.latent_dim}:\n{table.schema}")
         tables.append(table)
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
@@ -77,3 +80,30 @@ def join_images(table: pa.Table, info: DatasetInfo, verify: bool = True) -> np.n
     repeated = source != np.arange(len(ids))
     out[repeated] = out[source[repeated]]  # rows whose (split, id) came earlier in the table
     return out
+
+
+def outliers(table: pa.Table, info: DatasetInfo, n: int = 16, by: str = "neg_elbo"
+             ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The `n` rows of `table` scoring highest on `by` (``neg_elbo`` or ``recon_error``, nats per image:
+    higher is less like the model's training data), highest first, ties by id; with their images from
+    dataset version `info` (`join_images`).
+
+    Returns (ids, scores float32 (n,), images uint8 (n, H, W, C)); fewer than `n` when the table has fewer
+    scored rows. Rows whose score is null (an autoencoder's neg_elbo) are left out. ValueError, before any
+    image is read, for `n` below 1, another `by`, a table written before the scores existed, or a table
+    with no scored row.
+    """
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    if by not in SCORES:
+        raise ValueError(f"by must be one of {', '.join(SCORES)}, got {by!r}")
+    if by not in table.column_names:
+        raise ValueError(f"the embeddings have no {by!r} column: they were written before format {FORMAT}; "
+                         "encode them again (vae encode) to score every image")
+    scored = table.filter(pc.is_valid(table.column(by)))
+    if table.num_rows and not scored.num_rows:
+        raise ValueError(f"no row has a {by} (an autoencoder's rows have no ELBO): rank by recon_error instead")
+    order = pc.sort_indices(scored, sort_keys=[(by, "descending"), ("id", "ascending")])
+    top = scored.take(order[:n])
+    scores = top.column(by).to_numpy(zero_copy_only=False).astype(np.float32)
+    return top.column("id").to_pylist(), scores, join_images(top, info)
