@@ -189,8 +189,9 @@ def test_an_autoencoders_embeddings_carry_its_zero_variance(digits_u8):
     fit = _fit(objective="ae")
     mean, logvar = encode_images(fit.model, _nhwc(digits_u8, 8).numpy())
     assert np.isfinite(mean).all() and np.isneginf(logvar).all()
-    table = build_table([f"i{k}" for k in range(8)], "test", np.arange(8), mean, logvar, "vae-d-ae", 1, "v1")
+    scores = {"neg_elbo": np.full(8, np.nan), "recon_error": np.zeros(8)}  # an autoencoder has no ELBO
+    table = build_table([f"i{k}" for k in range(8)], "test", np.arange(8), mean, logvar, "vae-d-ae", 1, "v1", **scores)
     assert np.isneginf(latents(table)[2]).all()
     logvar[0, 0] = 0.0  # one finite entry among -inf: a broken model, not a point mass
     with pytest.raises(ValueError, match="non-finite logvar for 8 row"):
-        build_table([f"i{k}" for k in range(8)], "test", np.arange(8), mean, logvar, "vae-d-ae", 1, "v1")
+        build_table([f"i{k}" for k in range(8)], "test", np.arange(8), mean, logvar, "vae-d-ae", 1, "v1", **scores)
