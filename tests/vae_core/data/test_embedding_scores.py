@@ -2,7 +2,7 @@
 on average to training's -ELBO, null for an autoencoder, ranked by `outliers`; outputs written before the
 scores (format 2) still read but are neither reused, merged nor ranked.
 
-Real data: scikit-learn's digits, ingested and encoded by the fixtures of test_embeddings.py.
+Real data: scikit-learn's digits, ingested and encoded by this folder's fixtures (conftest.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from tests.vae_core.data.test_embeddings import MODEL, digits, identity, published  # noqa: F401 (fixtures)
+from tests.vae_core.data.conftest import MODEL, identity
 from vae_core import load_config
 from vae_core.data.embeddings import (EmbeddingFile, EmbeddingManifest, build_table, file_name, join_images,
                                       latents, outliers, read_embeddings, reusable_files, with_earlier_splits,
