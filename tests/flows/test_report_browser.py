@@ -84,7 +84,7 @@ def _broken_copies(page: str, folder: Path) -> tuple[Path, Path]:
 def test_report_renders_in_chromium_and_its_screenshot_is_logged(browser, evaluated, tmp_path):
     from flows.tracking import runs as tracking
 
-    report = Path(evaluated.report["report"].removeprefix("file://"))
+    report = Path(evaluated.report["report"])
     shot = tmp_path / "report.png"
     state, errors = _render(browser, report, shot)
     assert len(state["images"]) == 6 and all(width > 0 for _, width in state["images"]), state["images"]
