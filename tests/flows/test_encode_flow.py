@@ -1,7 +1,8 @@
 """encode-dataset end to end on real MNIST: Prefect's engine, a local Ray with Ray Data, a SQLite MLflow store.
 
-Every id once per split, the registered model's `predict` reproduced, a driver killed halfway and run
-again, a new dataset version that shares shards, S3 output through moto's server.
+Every id once per split, the registered model's `predict` and the in-process scores reproduced, a driver
+killed halfway and run again, a new dataset version that shares shards, S3 output through moto's server,
+planted noise images found as the top outliers.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def _files(out: str) -> dict[str, float]:
 def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
     from vae_core.data.embeddings import latents, read_embeddings
     from vae_core.data.shards import read_split_u8
+    from vae_core.model.encode import encode_and_score
 
     out = _encode()
     info = _dataset()
@@ -80,12 +82,16 @@ def test_every_id_once_equal_to_predict_and_a_rerun_does_nothing(home):
         expected = loaded.predict(images)
         np.testing.assert_allclose(mean, expected["mean"], rtol=0, atol=1e-5)
         np.testing.assert_allclose(logvar, expected["logvar"], rtol=0, atol=1e-5)
+        # An image's score does not depend on the batch or the worker it was scored in.
+        scored = encode_and_score(loaded.unwrap_python_model().model, images, batch_size=100)
+        np.testing.assert_allclose(table.column("neg_elbo").to_numpy(), scored.neg_elbo, rtol=1e-5)
+        np.testing.assert_allclose(table.column("recon_error").to_numpy(), scored.recon_error, rtol=1e-5)
     # Plain pyarrow and pandas read the output as it is: one file per input shard.
     files = sorted(Path(out.output).rglob("*.parquet"))
     assert len(files) == sum(len(s.shards) for s in info.manifest.splits.values())
     frame = pd.read_parquet(files[0])
-    assert list(frame.columns) == ["id", "split", "label", "mean", "logvar", "model_name", "model_version",
-                                   "dataset_version"]
+    assert list(frame.columns) == ["id", "split", "label", "mean", "logvar", "neg_elbo", "recon_error", "model_name",
+                                   "model_version", "dataset_version"]
     # The mnist preset has a second stochastic layer: the embedding is [z1 | z2], 8 + 16 wide.
     assert expected["mean"].shape[1] == 8 + 16
     assert len(frame["mean"].iloc[0]) == 8 + 16 and frame["model_version"].iloc[0] == 1
@@ -221,3 +227,23 @@ def test_output_on_s3(home, s3, monkeypatch):
     table = read_embeddings(out.output, storage_options=options)
     assert table.num_rows == out.rows["test"] == len(set(table.column("id").to_pylist()))
     assert fs.exists("vae-bucket/embeddings/mnist-test/manifest.json")
+
+
+def test_planted_noise_images_are_the_top_outliers(home, register_model, tmp_path):
+    """300 MNIST test images and 3 of uniform noise, ingested from an .npz and encoded by a model trained for
+    one epoch on MNIST: `outliers` ranks the 3 noise images first, with their pixels."""
+    from vae_core.data.embeddings import outliers, read_embeddings
+    from vae_core.ingestion.ingest import run_ingest
+    from vae_core.requests import IngestRequest
+
+    with gzip.open(MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
+        digits = np.frombuffer(f.read(), np.uint8, offset=16, count=300 * 28 * 28).reshape(300, 28, 28)
+    noise = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    ids = [f"digit-{i:03d}" for i in range(300)] + [f"noise-{i}" for i in range(3)]
+    np.savez(tmp_path / "planted.npz", images=np.concatenate([digits, noise]), ids=np.array(ids))
+    run_ingest(IngestRequest(source=str(tmp_path / "planted.npz"), name="planted"))
+    version = register_model(epochs=1, name="vae-mnist-e1")
+    out = _encode(model=f"models:/vae-mnist-e1/{version}", dataset="planted")
+    top, scores, images = outliers(read_embeddings(out.output), _dataset("planted"), n=4)
+    assert sorted(top[:3]) == ["noise-0", "noise-1", "noise-2"] and top[3].startswith("digit-"), (top, scores)
+    np.testing.assert_array_equal(images[:3, ..., 0], noise[[int(i[-1]) for i in top[:3]]])

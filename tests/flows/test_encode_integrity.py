@@ -189,7 +189,8 @@ def plan(digits, tmp_path):
 
 
 def _latents(job) -> pa.Table:
-    """Made-up latents of every row of `job`'s shard, in shard order: mean = [row, row, row], logvar = -row."""
+    """Made-up latents of every row of `job`'s shard, in shard order: mean = [row, row, row], logvar = -row,
+    neg_elbo = 100 + row, recon_error = 90 + row."""
     import pyarrow.parquet as pq
 
     ids = pq.read_table(job.source, columns=["id"]).column("id")
@@ -197,7 +198,8 @@ def _latents(job) -> pa.Table:
     row = np.repeat(np.arange(n, dtype=np.float32), 3)
     vectors = lambda x: pa.FixedSizeListArray.from_arrays(pa.array(x), 3)  # noqa: E731
     return pa.table({"path": [job.source] * n, "id": ids, "label": pa.array(np.zeros(n, np.int32)),
-                     "mean": vectors(row), "logvar": vectors(-row)})
+                     "mean": vectors(row), "logvar": vectors(-row),
+                     "neg_elbo": pa.array(100 + row[::3]), "recon_error": pa.array(90 + row[::3])})
 
 
 def _published(plan) -> dict[str, pa.Table]:
@@ -227,6 +229,7 @@ def test_shuffled_rows_of_several_shards_are_published_in_shard_order(plan):
         assert ids == expected.column("id").to_pylist()
         np.testing.assert_array_equal(mean[:, 0], np.arange(len(ids)))
         np.testing.assert_array_equal(logvar[:, 0], -np.arange(len(ids)))
+        np.testing.assert_array_equal(files[job.name].column("neg_elbo").to_numpy(), 100 + np.arange(len(ids)))
         assert set(files[job.name].column("dataset_version").to_pylist()) == {plan.info.version}
 
 
