@@ -6,7 +6,8 @@ In a throwaway VAE_HOME it ingests MNIST once per size (`--limit`, spread over t
 an untrained `mnist`-preset model (the weights do not change the work) and runs the `encode-dataset` flow
 on every split, as `vae encode` does. For each size it prints:
 
-- bare: `vae_core.model.encode.encode_images` on the same images held in memory, same model, batch and threads;
+- bare: `vae_core.model.encode.encode_and_score` (latents and outlier scores, as the job's actors) on the same
+  images held in memory, same model, batch and threads;
 - pipeline: rows / encode seconds (Ray Data read, actor pool, driver publishing files, after Ray is up);
 - steady: rows after the first latents came back / seconds since then (actor start-up excluded; with few
   blocks, as at 10,000 images, it is rough: rows already encoded when the first block arrives count);
@@ -32,12 +33,12 @@ MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 def bare_images_per_s(model, images: np.ndarray, batch: int, threads: int) -> float:
-    from vae_core.model.encode import encode_images
+    from vae_core.model.encode import encode_and_score
 
     torch.set_num_threads(threads)
-    encode_images(model, images[:batch], batch_size=batch)  # warm-up
+    encode_and_score(model, images[:batch], batch_size=batch)  # warm-up
     t0 = time.perf_counter()
-    encode_images(model, images, batch_size=batch)
+    encode_and_score(model, images, batch_size=batch)
     return len(images) / (time.perf_counter() - t0)
 
 
