@@ -82,6 +82,8 @@ def embeddings_gap(champion: PinnedModel, dataset: str, version: str, counts: di
     if manifest.identity != (identity := _identity(champion)):
         return out, f"{out} holds embeddings of {manifest.identity or 'a model whose weights were not recorded'}, " \
                     f"not of {identity}"
+    if manifest.format != embeddings.FORMAT:  # written before the per-image scores: the drift check needs them
+        return out, f"{what} are of format {manifest.format}, without the scores of format {embeddings.FORMAT}"
     short = [f"{s} {manifest.counts.get(s, 0):,} of {counts.get(s, 0):,} rows" for s in req.splits
              if manifest.counts.get(s, 0) != counts.get(s, 0)]
     if short:
