@@ -11,18 +11,13 @@ to the champion's training run (artifacts `drift/<dataset version>/`), and the n
 
 from __future__ import annotations
 
-import io
 import json
-import posixpath
-import tempfile
-from pathlib import Path
 
-from flows.tracking import runs as tracking
+from flows.tracking.evaluation import png_bytes, publish
 from flows.tracking.registry import PinnedModel
 from vae_core.data import embeddings
 from vae_core.evaluation.drift import Drift, compare
-from vae_core.settings import embeddings_root, reports_root
-from vae_core.storage import atomic_write_bytes, resolve, to_url
+from vae_core.settings import embeddings_root
 
 HELD_OUT = ["val", "test"]
 
@@ -50,18 +45,8 @@ def measure_drift(champion: PinnedModel, dataset: str, version: str, current: st
 def write_drift(champion: PinnedModel, version: str, drift: Drift) -> dict[str, str]:
     """The picture, the numbers and the table under the champion's reports folder and in its training run's
     artifacts; returns {"png" | "json" | "md": URL}."""
-    buf = io.BytesIO()
-    drift.picture().save(buf, format="PNG")
-    files = {f"{version}.png": buf.getvalue(), f"{version}.json": json.dumps(drift.summary(), indent=2).encode(),
+    files = {f"{version}.png": png_bytes(drift.picture()), f"{version}.json": json.dumps(drift.summary(),
+                                                                                         indent=2).encode(),
              f"{version}.md": drift.markdown().encode()}
-    fs, folder = resolve(posixpath.join(reports_root(), champion.name, str(champion.version), "drift"))
-    fs.makedirs(folder, exist_ok=True)
-    written = {}
-    for name, data in files.items():
-        atomic_write_bytes(fs, posixpath.join(folder, name), data)
-        written[name.rsplit(".", 1)[1]] = to_url(fs, posixpath.join(folder, name))
-    with tempfile.TemporaryDirectory(prefix="vae-drift-") as tmp:
-        for name, data in files.items():
-            Path(tmp, name).write_bytes(data)
-        tracking.client().log_artifacts(champion.run_id, tmp, artifact_path=f"drift/{version}")
-    return written
+    written = publish(champion, "drift", f"drift/{version}", files)
+    return {name.rsplit(".", 1)[1]: url for name, url in written.items()}

@@ -49,21 +49,28 @@ def write_report(model: PinnedModel, req: EvaluateRequest, facts: dict[str, str]
     metrics = evaluation.keyed(req.split)
     html = render_html(f"{model.name} version {model.version}: {req.split} split", facts, metrics, pictures,
                        evaluation.notes)
-    files: dict[str, bytes] = {f"{name}.png": _png(image) for name, image in pictures.items()}
+    files: dict[str, bytes] = {f"{name}.png": png_bytes(image) for name, image in pictures.items()}
     files["metrics.json"] = json.dumps({"facts": facts, "metrics": metrics, "notes": evaluation.notes},
                                        indent=2).encode()
     files[REPORT] = html.encode()
-    fs, folder = resolve(posixpath.join(reports_root(), model.name, str(model.version)))
+    written = publish(model, "", f"evaluation/{req.split}_k{req.iw_samples}", files)
+    return {name.rsplit(".", 1)[0]: url for name, url in written.items()}
+
+
+def publish(model: PinnedModel, subfolder: str, artifact_path: str, files: dict[str, bytes]) -> dict[str, str]:
+    """Write `files` ({name: bytes}) under `<reports_root>/<model>/<version>/<subfolder>` (atomically, each) and
+    log them to the model's training run under `artifact_path`; returns {name: URL}."""
+    fs, folder = resolve(posixpath.join(reports_root(), model.name, str(model.version), *filter(None, [subfolder])))
     fs.makedirs(folder, exist_ok=True)
     written = {}
     for name, data in files.items():
         atomic_write_bytes(fs, posixpath.join(folder, name), data)
-        written[name.rsplit(".", 1)[0]] = to_url(fs, posixpath.join(folder, name))
-    _log_artifacts(model.run_id, f"evaluation/{req.split}_k{req.iw_samples}", files)
+        written[name] = to_url(fs, posixpath.join(folder, name))
+    _log_artifacts(model.run_id, artifact_path, files)
     return written
 
 
-def _png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
