@@ -14,10 +14,10 @@ from vae_core.evaluation.drift import SHARE_LIMIT, compare
 def _table(rng: np.random.Generator, rows: int, score_shift: float = 0.0, outliers: float = 0.0,
            latent_shift: dict[int, float] | None = None) -> pa.Table:
     """`rows` embeddings: neg_elbo ~ N(100 + score_shift, 5) with a share `outliers` at +60 nats, and 4-dim
-    latent means ~ N(0, 1), dimension d moved by latent_shift[d]."""
+    latent means ~ N(0, 2), dimension d moved by latent_shift[d] (raw units: 2 is one standard deviation)."""
     scores = rng.normal(100 + score_shift, 5, rows)
     scores[: int(rows * outliers)] += 60
-    mean = rng.normal(0, 1, (rows, 4))
+    mean = rng.normal(0, 2, (rows, 4))
     for d, s in (latent_shift or {}).items():
         mean[:, d] += s
     return pa.table({"mean": vectors(mean), "neg_elbo": pa.array(scores, pa.float32())})
@@ -40,7 +40,7 @@ def test_planted_outliers_and_a_moved_latent_dimension_are_flagged_naming_each()
     outliers = compare(reference, _table(rng, 2000, outliers=0.08))  # 8% unlike anything trained on
     assert outliers.share_above_p99 > SHARE_LIMIT and len(outliers.reasons) == 1
     assert "of the images score above the training data's 99th percentile" in outliers.reasons[0]
-    moved = compare(reference, _table(rng, 2000, latent_shift={2: 1.0}))
+    moved = compare(reference, _table(rng, 2000, latent_shift={2: 2.0}))  # one reference std
     assert len(moved.reasons) == 1 and "1 latent dimension(s) moved by more than 0.5 std: 2 (+" in moved.reasons[0]
     assert moved.shift[2] == pytest.approx(1.0, abs=0.1)
     assert "**drift**" in moved.markdown() and "(dim 2)" in moved.markdown()
