@@ -20,7 +20,6 @@ are `vae_core.data.embeddings`.
 from __future__ import annotations
 
 import contextlib
-import logging
 import posixpath
 import time
 from collections import defaultdict
@@ -35,7 +34,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.distributed.cluster import ShardMismatchError, data_context, ray_session, read_shards, reserve
+from flows.distributed.cluster import ShardMismatchError, data_context, quiet, ray_session, read_shards, reserve
 from flows.tracking import registry, runs as tracking
 from flows.tracking.registry import PinnedModel
 from vae_core.data import embeddings
@@ -183,7 +182,7 @@ def encode_task(plan: Plan, weights: bytes, req: EncodeRequest, progress: bool) 
     # bar that jumps from 0 to 100%).
     block_bytes = max(2**16, 2 * req.batch_size * plan.info.manifest.image_bytes)
     with ray_session() as resources, data_context(target_max_block_size=block_bytes, enable_progress_bars=False), \
-            _quiet("ray.data", progress):
+            quiet("ray.data", progress):
         ray_s = time.perf_counter() - t0
         cpus, threads = _scaling(req, resources)
         ds = read_shards([j.source for j in todo], [j.shard for j in todo], arrow_filesystem(plan.info.fs),
@@ -272,20 +271,6 @@ def publish_batches(plan: Plan, todo: list[ShardJob], batches: Iterable[pa.Table
     if missing:
         raise RuntimeError(f"{len(missing)} shards came back incomplete, first {missing[0]}; nothing of them was "
                            "published: run again")
-
-
-@contextlib.contextmanager
-def _quiet(logger: str, quiet: bool) -> Iterator[None]:
-    """Only errors from `logger` while the block runs when `quiet` (its INFO lines would cut through the
-    progress bar); its level as it was after."""
-    log = logging.getLogger(logger)
-    level = log.level
-    if quiet:
-        log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def _by_source(batch: pa.Table) -> Iterator[tuple[str, pa.Table]]:

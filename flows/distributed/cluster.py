@@ -105,11 +105,12 @@ TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 @contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """Logger `name` passes errors only, for the duration."""
+def quiet(name: str, on: bool = True) -> Iterator[None]:
+    """Logger `name` passes errors only while the block runs, when `on`; its level as it was after."""
     logger = logging.getLogger(name)
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    if on:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
@@ -146,7 +147,7 @@ def ray_session() -> Iterator[dict[str, float]]:
                 # A local Ray listens on loopback only; a cluster is joined through RAY_ADDRESS instead. Its
                 # notice that it turned token authentication on (a line amid the progress of every command)
                 # is about a cluster others could reach, which this one is not.
-                with _quiet(TOKEN_NOTICE_LOGGER):
+                with quiet(TOKEN_NOTICE_LOGGER):
                     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                              _node_ip_address="127.0.0.1", runtime_env=job_runtime_env())
         finally:

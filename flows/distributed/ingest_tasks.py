@@ -10,14 +10,13 @@ small (counts, checksums); the rows themselves go straight from the tasks to the
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import pickle
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from flows.distributed.cluster import data_context
+from flows.distributed.cluster import data_context, quiet
 from vae_core.errors import IngestError
 from vae_core.requests import IngestRequest
 
@@ -65,12 +64,6 @@ def ray_runner(cpus: float, workers: int | None) -> Callable[[Callable[[Any], di
 def _quiet() -> Iterator[None]:
     """Ray Data's INFO lines and its warning about fewer blocks than tasks would cut through the progress
     bar and fill the flow's log: errors only while the job runs."""
-    log = logging.getLogger("ray.data")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
-            yield
-    finally:
-        log.setLevel(level)
+    with quiet("ray.data"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
+        yield
