@@ -57,9 +57,12 @@ def _dataset():
 
 
 def _env(home: Path) -> dict[str, str]:
-    """A `vae` command's environment: this VAE_HOME, Prefect's temporary server as on a user's machine."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
-    return {**env, "VAE_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    """A `vae` command's environment: this VAE_HOME, and the session's Prefect server (a temporary one per
+    command would add its start-up, about 20 s, and nothing these tests look at: tests/flows/cli/ stop those)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"}
+    return {**env, "VAE_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_API_URL": PREFECT_API_URL.value()}
 
 
 def _vae(*args: str) -> list[str]:

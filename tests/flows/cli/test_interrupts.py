@@ -157,15 +157,20 @@ def _train(*options: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ctrl_c_stops_training_within_seconds_leaving_no_checkpoint_temporaries(tmp_path, scratch, digits_root):
+def test_ctrl_c_stops_training_within_seconds_leaving_no_checkpoint_temporaries(tmp_path, scratch, digits_root,
+                                                                                prefect_server):
     """Ray Train replaces the SIGINT handler with its own (which aborts the run, then exits 0): the command
-    still ends with 130 in seconds, and Ray's processes and Prefect's server with it. The workers stage each
-    checkpoint in a `vae-ckpt-*` folder of the temp dir: the signal comes while one is there, its worker
-    killed mid-checkpoint, and the folder must be gone once the command has ended."""
+    still ends with 130 in seconds, and Ray's processes with it. The workers stage each checkpoint in a
+    `vae-ckpt-*` folder of the temp dir: the signal comes while one is there, its worker killed
+    mid-checkpoint, and the folder must be gone once the command has ended. The flow reports to the session's
+    Prefect server: the ingest test above stops a temporary one with Ctrl-C, the SIGTERM test below with
+    `kill PID`, and a third would add only its start-up (about 20 s)."""
+    from prefect.settings import PREFECT_API_URL
+
     checkpoints = tmp_path / "vae" / "checkpoints"
+    env = {**_env(tmp_path, scratch), "VAE_DATA_ROOT": str(digits_root), "PREFECT_API_URL": PREFECT_API_URL.value()}
     # No restarts: a new worker group would stage checkpoints of its own while the command winds down.
-    code, took = _interrupt(_train("--max-failures", "0"),
-                            {**_env(tmp_path, scratch), "VAE_DATA_ROOT": str(digits_root)}, tmp_path / "stderr",
+    code, took = _interrupt(_train("--max-failures", "0"), env, tmp_path / "stderr",
                             lambda: any(checkpoints.glob("*/checkpoint_*"))
                             and _kill_workers_while_staging(tmp_path / "vae", scratch), settle_s=0)
     stderr = (tmp_path / "stderr").read_text()

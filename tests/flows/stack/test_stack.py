@@ -276,10 +276,12 @@ def test_down_stops_every_process_it_started(started, home):
     assert runner.invoke(app, ["stack", "down"]).stdout.strip() == "nothing was running"
 
 
-def test_a_model_registered_through_the_stack_is_used_after_down(registered, home):
+def test_a_model_registered_through_the_stack_is_used_after_down(registered, home, prefect_server):
     """Once `down` ran: `mlflow.pyfunc.load_model` on VAE_HOME's store, then `vae evaluate` and `vae encode` as a
-    user runs them, with no MLFLOW_TRACKING_URI."""
+    user runs them, with no MLFLOW_TRACKING_URI. Their flows report to the session's Prefect server: a temporary
+    one of their own would add its start-up (about 20 s each) and nothing this test looks at."""
     import mlflow
+    from prefect.settings import PREFECT_API_URL
 
     from flows.tracking import runs as tracking
     from vae_core.data.embeddings import read_embeddings
@@ -295,7 +297,7 @@ def test_a_model_registered_through_the_stack_is_used_after_down(registered, hom
         mlflow.set_registry_uri(None)
     assert latents["mean"].shape[0] == 16 and np.isfinite(latents["mean"]).all()
 
-    env = clean_env(VAE_HOME=str(home))
+    env = clean_env(VAE_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value())
     for args in (["evaluate", "--iw-samples", "5", "--limit", "50", "--map-points", "10", "--no-promote"],
                  ["encode", "--splits", "test"]):
         out = subprocess.run([VAE, *args, "--model", "models:/vae-digits@champion", "--dataset", "digits", "--json"],
