@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The production shape on two hosts (network namespaces; as root) alone: tests/cluster, about 4-5 minutes.
+# The production shape on two hosts (network namespaces; as root) alone: tests/cluster, about 4 minutes.
 test-cluster: $(STAMP)
 	$(PY) -m pytest -q -m cluster tests/cluster
 
