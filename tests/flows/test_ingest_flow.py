@@ -24,7 +24,18 @@ from typer.testing import CliRunner
 from flows.cli.app import app
 from vae_core.data.shards import open_dataset, read_split_u8
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = pytest.mark.usefixtures("prefect_server", "one_ray")
+
+
+@pytest.fixture(scope="module")
+def one_ray():
+    """One local Ray that this module's in-process flows join (`ray_session` joins an initialised Ray), instead
+    of each starting and stopping its own, seconds each; the commands run as processes start theirs. Every
+    request names its data root, so no worker needs an environment set after the Ray started."""
+    from flows.distributed.cluster import ray_session
+
+    with ray_session():
+        yield
 
 
 def _folder(root, n=30):
