@@ -51,8 +51,13 @@ def where_to_look(out: NightlyResult) -> dict[str, str]:
 
 
 def run_demo(source: Path | str | None = None, epochs: int | None = None, progress: bool = True) -> DemoResult:
-    """Run the chain (see the module docstring); returns the nightly flow's result plus `where` (where_to_look)."""
+    """Run the chain (see the module docstring); returns the nightly flow's result plus `where` (where_to_look).
+
+    The stages join one Ray (`ray_session`: the local one started here, or $RAY_ADDRESS's cluster) instead of
+    each starting and stopping a local Ray of its own, which costs seconds a stage."""
+    from flows.distributed.cluster import ray_session
     from flows.nightly import nightly_retrain
 
-    out = nightly_retrain(demo_request(None if source is None else str(source), epochs), progress=progress)
+    with ray_session():
+        out = nightly_retrain(demo_request(None if source is None else str(source), epochs), progress=progress)
     return DemoResult(**dict(out), where=where_to_look(out))
