@@ -136,7 +136,7 @@ def ray_session() -> Iterator[dict[str, float]]:
     import ray
 
     started, bridge = False, None
-    env_before = dict(os.environ)
+    env_before, env_by_ray = dict(os.environ), {}
     sigterm_before = signal.getsignal(signal.SIGTERM)
     if not ray.is_initialized():
         try:
@@ -152,6 +152,7 @@ def ray_session() -> Iterator[dict[str, float]]:
                              _node_ip_address="127.0.0.1", runtime_env=job_runtime_env())
         finally:
             bridge = _SigtermBridge.install(sigterm_before)
+            env_by_ray = _changed(env_before)
         started = True
     try:
         yield with_node_cpus(ray.cluster_resources(), ray.nodes())
@@ -164,11 +165,26 @@ def ray_session() -> Iterator[dict[str, float]]:
             ray.shutdown()
             # ray.init writes to os.environ (RAY_AUTH_MODE=token for a local head, ...); left behind, it
             # breaks a later job of this process, or a child process, that joins a cluster without tokens.
-            for key in set(os.environ) - set(env_before):
-                del os.environ[key]
-            os.environ.update(env_before)
+            # Only Ray's is put back (what ray.init wrote and nobody changed since, and any RAY_* variable Ray
+            # set later): what the block set stays.
+            for key, value in _changed(env_before).items():
+                if key.startswith("RAY_") or env_by_ray.get(key, object()) == value:
+                    _put_env(key, env_before.get(key))
             if sigterm_before is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, sigterm_before)  # the bridge, or Ray's handler, goes with Ray
+
+
+def _changed(before: dict[str, str]) -> dict[str, str | None]:
+    """The variables of os.environ that differ from `before`, with their values now (None: removed)."""
+    keys = set(before) | set(os.environ)
+    return {k: os.environ.get(k) for k in keys if os.environ.get(k) != before.get(k)}
+
+
+def _put_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 class _SigtermBridge:

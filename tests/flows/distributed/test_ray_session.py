@@ -41,15 +41,19 @@ def slow():
     time.sleep(60)
 
 signal.signal(signal.SIGTERM, mine)
+before = dict(os.environ)
 t0 = time.monotonic()
 try:
     with ray_session() as resources:
         print(json.dumps({"seconds": time.monotonic() - t0, "cpus": resources.get("CPU")}), flush=True)
+        os.environ["SET_DURING"] = "kept"  # the block's own setting outlives the session
         threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
         t1 = time.monotonic()
         ray.get(slow.remote())
 except Stop:
-    print(json.dumps({"stopped_after": time.monotonic() - t1, "mine_after": signal.getsignal(signal.SIGTERM) is mine}))
+    print(json.dumps({"stopped_after": time.monotonic() - t1, "mine_after": signal.getsignal(signal.SIGTERM) is mine,
+                      "env_after": {k: v for k, v in os.environ.items() if before.get(k) != v},
+                      "env_gone": sorted(set(before) - set(os.environ))}))
 except Exception as e:
     print(json.dumps({"seconds": time.monotonic() - t0, "error": f"{type(e).__name__}: {e}"}))
     sys.exit(1)
@@ -92,6 +96,9 @@ def test_a_stale_address_file_does_not_stop_a_local_ray_from_starting(ray_tmp):
     # Ray's driver installs a SIGTERM handler that kills its processes mid-job (exit 134), and Ray's blocking
     # calls drop what a handler raises unless it is a KeyboardInterrupt: the caller's own handler is obeyed.
     assert lines[1]["stopped_after"] < 15 and lines[1]["mine_after"], lines
+    # What ray.init wrote to the environment (RAY_AUTH_MODE, ...) is gone after the session; what the block set
+    # is not.
+    assert lines[1]["env_after"] == {"SET_DURING": "kept"} and lines[1]["env_gone"] == [], lines
 
 
 @pytest.mark.timeout(120)
