@@ -8,6 +8,8 @@ A stage's options come from its request (`vae_core.requests`), declared there on
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -229,5 +231,14 @@ def demo(
             typer.echo(f"  {key:<12} {where[key]}")
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The `vae` command. MLflow's INFO lines (its database set-up, "Skip logging GPU metrics", ...) would sit
+    among the progress of every stage: they are off unless --debug (or VAE_DEBUG) or MLFLOW_LOGGING_LEVEL says
+    otherwise. Its warnings stay. Set before MLflow is imported, which reads it then (and so do Ray's workers)."""
+    if "--debug" not in sys.argv and not os.environ.get("VAE_DEBUG"):
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     app()
+
+
+if __name__ == "__main__":
+    main()
