@@ -231,15 +231,13 @@ def demo(
             typer.echo(f"  {key:<12} {where[key]}")
 
 
-STAGES = ("ingest", "train", "evaluate", "encode", "demo")
-
-
 def main() -> None:
     """The `vae` command. MLflow's INFO lines (its database set-up, "Skip logging GPU metrics", ...) would sit
     among a stage's progress: they are off unless --debug (or VAE_DEBUG) or MLFLOW_LOGGING_LEVEL says otherwise.
     Its warnings stay. Set before MLflow is imported, which reads it then (and so do Ray's workers); not for
     `vae stack`, whose servers keep their logs as they are."""
-    if sys.argv[1:2] and sys.argv[1] in STAGES and "--debug" not in sys.argv and not os.environ.get("VAE_DEBUG"):
+    stages = {c.name or c.callback.__name__ for c in app.registered_commands}  # the commands; `stack` is a group
+    if sys.argv[1:2] and sys.argv[1] in stages and "--debug" not in sys.argv and not os.environ.get("VAE_DEBUG"):
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     app()
 
